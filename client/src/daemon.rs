@@ -1,0 +1,1 @@
+//! The site daemon: joins the federation and works through tasks.

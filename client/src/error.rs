@@ -1,0 +1,48 @@
+//! Errors of the client library.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error("tensor error: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid model config {path}: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    #[error("missing weight {0:?} in the model files")]
+    MissingWeight(String),
+    #[error("tokenizer error: {0}")]
+    Tokenizer(String),
+    #[error("data error in {path} line {line}: {message}")]
+    Data {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("not enough data: {0}")]
+    NotEnoughData(String),
+    #[error(transparent)]
+    Adapter(#[from] fedlora_proto::adapter::AdapterError),
+    #[error("coordinator refused the call: {0}")]
+    Rpc(#[from] tonic::Status),
+    #[error("cannot reach the coordinator: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| Self::Io { path, source }
+    }
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;

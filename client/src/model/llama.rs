@@ -1,0 +1,390 @@
+//! A Llama-family decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, tied or untied
+//! embeddings) built only from candle ops that have a backward pass.
+//!
+//! Architecture invariant: no candle-nn fused op without a backward (`ops::rms_norm`,
+//! `ops::softmax_last_dim`, `rotary_emb::rope*`) appears here: they silently cut the gradient graph,
+//! so LoRA layers below them would learn nothing. `tests::every_lora_var_gets_a_gradient` guards it.
+
+use std::collections::HashMap;
+
+use candle_core::{D, DType, Device, Tensor, Var};
+use fedlora_proto::adapter::{Adapter, AdapterTensor, Factor, LoraSpec, peft_key};
+
+use super::config::LlamaConfig;
+use super::lora::{LoraFactors, LoraLinear, seeded_rng, to_adapter_tensor};
+use crate::error::{ClientError, Result};
+
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let inverse_rms = (mean_square + self.eps)?.sqrt()?.recip()?;
+        Ok(x.broadcast_mul(&inverse_rms)?.broadcast_mul(&self.weight)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: LoraLinear,
+    k_proj: LoraLinear,
+    v_proj: LoraLinear,
+    o_proj: LoraLinear,
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: LoraLinear,
+    up_proj: LoraLinear,
+    down_proj: LoraLinear,
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    input_layernorm: RmsNorm,
+    attention: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// Precomputed RoPE tables in Hugging Face's rotate-half layout, `[max_positions, head_dim]`.
+#[derive(Debug, Clone)]
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(config: &LlamaConfig, device: &Device) -> Result<Self> {
+        let head_dim = config.head_dim();
+        let positions = config.max_position_embeddings;
+        let inverse_frequencies: Vec<f32> = (0..head_dim / 2)
+            .map(|index| 1.0 / config.rope_theta.powf(2.0 * index as f64 / head_dim as f64) as f32)
+            .collect();
+        let inverse_frequencies = Tensor::from_vec(inverse_frequencies, (1, head_dim / 2), device)?;
+        let steps = Tensor::arange(0u32, positions as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((positions, 1))?;
+        let angles = steps.broadcast_mul(&inverse_frequencies)?;
+        let angles = Tensor::cat(&[&angles, &angles], D::Minus1)?;
+        Ok(Self {
+            cos: angles.cos()?,
+            sin: angles.sin()?,
+        })
+    }
+
+    /// `x` is `[batch, heads, seq, head_dim]`.
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, seq_len, head_dim) = x.dims4()?;
+        let cos = self.cos.narrow(0, 0, seq_len)?;
+        let sin = self.sin.narrow(0, 0, seq_len)?;
+        let half = head_dim / 2;
+        let first = x.narrow(D::Minus1, 0, half)?;
+        let second = x.narrow(D::Minus1, half, half)?;
+        let rotated = Tensor::cat(&[&second.neg()?, &first], D::Minus1)?;
+        Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+    }
+}
+
+/// A Llama-family causal language model with optional LoRA factors on chosen linear layers.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    config: LlamaConfig,
+    embed_tokens: Tensor,
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+    /// `None` when the embeddings are tied.
+    lm_head: Option<Tensor>,
+    rope: Rope,
+    device: Device,
+}
+
+impl Llama {
+    /// Builds the model from Hugging Face weight names (`model.layers.{i}.self_attn.q_proj.weight`…),
+    /// converting every weight to f32. The weights stay frozen: none becomes a `Var`.
+    pub fn from_weights(
+        config: LlamaConfig,
+        mut weights: HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut take = |name: String| -> Result<Tensor> {
+            let tensor = weights
+                .remove(&name)
+                .ok_or(ClientError::MissingWeight(name))?;
+            Ok(tensor.to_dtype(DType::F32)?.to_device(device)?)
+        };
+        let eps = config.rms_norm_eps;
+        let embed_tokens = take("model.embed_tokens.weight".into())?;
+        let mut blocks = Vec::with_capacity(config.num_hidden_layers);
+        for layer in 0..config.num_hidden_layers {
+            let prefix = format!("model.layers.{layer}");
+            let mut linear = |name: &str| -> Result<LoraLinear> {
+                Ok(LoraLinear::new(take(format!("{prefix}.{name}.weight"))?))
+            };
+            let attention = Attention {
+                q_proj: linear("self_attn.q_proj")?,
+                k_proj: linear("self_attn.k_proj")?,
+                v_proj: linear("self_attn.v_proj")?,
+                o_proj: linear("self_attn.o_proj")?,
+            };
+            let mlp = Mlp {
+                gate_proj: linear("mlp.gate_proj")?,
+                up_proj: linear("mlp.up_proj")?,
+                down_proj: linear("mlp.down_proj")?,
+            };
+            blocks.push(Block {
+                input_layernorm: RmsNorm {
+                    weight: take(format!("{prefix}.input_layernorm.weight"))?,
+                    eps,
+                },
+                attention,
+                post_attention_layernorm: RmsNorm {
+                    weight: take(format!("{prefix}.post_attention_layernorm.weight"))?,
+                    eps,
+                },
+                mlp,
+            });
+        }
+        let norm = RmsNorm {
+            weight: take("model.norm.weight".into())?,
+            eps,
+        };
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(take("lm_head.weight".into())?)
+        };
+        let rope = Rope::new(&config, device)?;
+        Ok(Self {
+            config,
+            embed_tokens,
+            blocks,
+            norm,
+            lm_head,
+            rope,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Attaches fresh PEFT-initialised LoRA factors to the modules of `lora` in every layer,
+    /// replacing any attached before.
+    pub fn attach_lora(&mut self, lora: &LoraSpec, seed: u64) -> Result<()> {
+        lora.validate()?;
+        let mut rng = seeded_rng(seed);
+        let scale = lora.scale();
+        let device = self.device.clone();
+        for block in &mut self.blocks {
+            for (name, linear) in block.linears_mut() {
+                linear.lora = if lora.target_modules.iter().any(|target| target == name) {
+                    let (in_features, out_features) = linear.in_out();
+                    Some(LoraFactors::peft_init(
+                        lora.rank,
+                        in_features,
+                        out_features,
+                        scale,
+                        &mut rng,
+                        &device,
+                    )?)
+                } else {
+                    None
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// The trainable variables, in a fixed order (layer, module, A then B).
+    pub fn lora_vars(&self) -> Vec<Var> {
+        self.blocks
+            .iter()
+            .flat_map(|block| block.linears())
+            .filter_map(|(_, linear)| linear.lora.as_ref())
+            .flat_map(|lora| [lora.a.clone(), lora.b.clone()])
+            .collect()
+    }
+
+    /// `(PEFT name, variable)` for every trainable factor.
+    pub fn named_lora_vars(&self) -> Result<Vec<(String, Var)>> {
+        let mut named = Vec::new();
+        for (layer, block) in self.blocks.iter().enumerate() {
+            for (module, linear) in block.linears() {
+                if let Some(lora) = &linear.lora {
+                    named.push((peft_key(layer, module, Factor::A)?, lora.a.clone()));
+                    named.push((peft_key(layer, module, Factor::B)?, lora.b.clone()));
+                }
+            }
+        }
+        Ok(named)
+    }
+
+    /// The current LoRA factors as an adapter in PEFT naming.
+    pub fn export_adapter(&self) -> Result<Adapter> {
+        let mut adapter = Adapter::default();
+        for (name, var) in self.named_lora_vars()? {
+            adapter
+                .tensors
+                .insert(name, to_adapter_tensor(var.as_tensor())?);
+        }
+        Ok(adapter)
+    }
+
+    /// Loads factor values from `adapter` into the attached LoRA variables. The adapter must hold
+    /// exactly the attached tensors with their shapes.
+    pub fn load_adapter(&mut self, adapter: &Adapter) -> Result<()> {
+        let named = self.named_lora_vars()?;
+        if named.len() != adapter.tensors.len() {
+            return Err(ClientError::Protocol(format!(
+                "adapter has {} tensors, the model has {} lora factors attached",
+                adapter.tensors.len(),
+                named.len()
+            )));
+        }
+        for (name, var) in named {
+            let AdapterTensor { shape, data } = adapter
+                .tensors
+                .get(&name)
+                .ok_or_else(|| fedlora_proto::adapter::AdapterError::MissingTensor(name.clone()))?;
+            if shape.as_slice() != var.dims() {
+                return Err(fedlora_proto::adapter::AdapterError::ShapeMismatch {
+                    name,
+                    expected: var.dims().to_vec(),
+                    got: shape.clone(),
+                }
+                .into());
+            }
+            var.set(&Tensor::from_slice(data, shape.as_slice(), &self.device)?)?;
+        }
+        Ok(())
+    }
+
+    /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`.
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (batch, seq_len) = input_ids.dims2()?;
+        if seq_len > self.config.max_position_embeddings {
+            return Err(ClientError::Unsupported(format!(
+                "sequence of {seq_len} tokens exceeds max_position_embeddings {}",
+                self.config.max_position_embeddings
+            )));
+        }
+        let mut hidden = self
+            .embed_tokens
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((batch, seq_len, self.config.hidden_size))?;
+        let mask = causal_mask(seq_len, &self.device)?;
+        for block in &self.blocks {
+            hidden = block.forward(&hidden, &mask, &self.rope, &self.config)?;
+        }
+        let hidden = self.norm.forward(&hidden)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        Ok(hidden.broadcast_matmul(&head.t()?)?)
+    }
+}
+
+impl Block {
+    fn linears(&self) -> [(&'static str, &LoraLinear); 7] {
+        [
+            ("q_proj", &self.attention.q_proj),
+            ("k_proj", &self.attention.k_proj),
+            ("v_proj", &self.attention.v_proj),
+            ("o_proj", &self.attention.o_proj),
+            ("gate_proj", &self.mlp.gate_proj),
+            ("up_proj", &self.mlp.up_proj),
+            ("down_proj", &self.mlp.down_proj),
+        ]
+    }
+
+    fn linears_mut(&mut self) -> [(&'static str, &mut LoraLinear); 7] {
+        [
+            ("q_proj", &mut self.attention.q_proj),
+            ("k_proj", &mut self.attention.k_proj),
+            ("v_proj", &mut self.attention.v_proj),
+            ("o_proj", &mut self.attention.o_proj),
+            ("gate_proj", &mut self.mlp.gate_proj),
+            ("up_proj", &mut self.mlp.up_proj),
+            ("down_proj", &mut self.mlp.down_proj),
+        ]
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        rope: &Rope,
+        config: &LlamaConfig,
+    ) -> Result<Tensor> {
+        let attended =
+            self.attention
+                .forward(&self.input_layernorm.forward(x)?, mask, rope, config)?;
+        let x = (x + attended)?;
+        let mlp = &self.mlp;
+        let normed = self.post_attention_layernorm.forward(&x)?;
+        let gated = (mlp.gate_proj.forward(&normed)?.silu()? * mlp.up_proj.forward(&normed)?)?;
+        Ok((x + mlp.down_proj.forward(&gated)?)?)
+    }
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        rope: &Rope,
+        config: &LlamaConfig,
+    ) -> Result<Tensor> {
+        let (batch, seq_len, _) = x.dims3()?;
+        let heads = config.num_attention_heads;
+        let kv_heads = config.num_kv_heads();
+        let head_dim = config.head_dim();
+        let split = |tensor: Tensor, n_heads: usize| -> Result<Tensor> {
+            Ok(tensor
+                .reshape((batch, seq_len, n_heads, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = rope.apply(&split(self.q_proj.forward(x)?, heads)?)?;
+        let k = rope.apply(&split(self.k_proj.forward(x)?, kv_heads)?)?;
+        let v = split(self.v_proj.forward(x)?, kv_heads)?;
+        let k = repeat_kv(k, heads / kv_heads)?;
+        let v = repeat_kv(v, heads / kv_heads)?;
+        let scores = (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?;
+        let scores = scores.broadcast_add(mask)?;
+        let weights = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let attended =
+            weights
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((batch, seq_len, heads * head_dim))?;
+        self.o_proj.forward(&attended)
+    }
+}
+
+/// Repeats each key/value head `n_rep` times: `[b, kv, t, d]` → `[b, kv·n_rep, t, d]`.
+fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x);
+    }
+    let (batch, kv_heads, seq_len, head_dim) = x.dims4()?;
+    Ok(Tensor::cat(&vec![&x; n_rep], 2)?.reshape((batch, kv_heads * n_rep, seq_len, head_dim))?)
+}
+
+/// `[t, t]` with 0 on and below the diagonal and −∞ above.
+fn causal_mask(seq_len: usize, device: &Device) -> Result<Tensor> {
+    let values: Vec<f32> = (0..seq_len)
+        .flat_map(|row| {
+            (0..seq_len).map(move |col| if col > row { f32::NEG_INFINITY } else { 0.0 })
+        })
+        .collect();
+    Ok(Tensor::from_vec(values, (seq_len, seq_len), device)?)
+}

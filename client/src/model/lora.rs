@@ -1,0 +1,87 @@
+//! The LoRA linear layer: a frozen weight W₀ plus trainable low-rank factors,
+//! `y = x·W₀ᵀ + s·(x·Aᵀ)·Bᵀ` with s = α/r.
+
+use candle_core::{DType, Device, Tensor, Var};
+use fedlora_proto::adapter::AdapterTensor;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+use crate::error::Result;
+
+/// Trainable factors of one adapted layer. Only these are `Var`s: the base stays frozen.
+#[derive(Debug, Clone)]
+pub struct LoraFactors {
+    /// `[r, in]`, PEFT's `lora_A.weight`.
+    pub a: Var,
+    /// `[out, r]`, PEFT's `lora_B.weight`.
+    pub b: Var,
+    pub scale: f64,
+}
+
+impl LoraFactors {
+    /// PEFT's initialisation: A kaiming-uniform (a = √5, so U(−1/√in, 1/√in)), B zero, so the
+    /// adapted model starts equal to the base.
+    pub fn peft_init(
+        rank: usize,
+        in_features: usize,
+        out_features: usize,
+        scale: f64,
+        rng: &mut StdRng,
+        device: &Device,
+    ) -> Result<Self> {
+        let bound = 1.0 / (in_features as f32).sqrt();
+        let values: Vec<f32> = (0..rank * in_features)
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
+        let a = Var::from_tensor(&Tensor::from_vec(values, (rank, in_features), device)?)?;
+        let b = Var::zeros((out_features, rank), DType::F32, device)?;
+        Ok(Self { a, b, scale })
+    }
+}
+
+/// A linear layer without bias whose weight is frozen, optionally with LoRA factors.
+#[derive(Debug, Clone)]
+pub struct LoraLinear {
+    /// `[out, in]`, as stored by Hugging Face.
+    weight: Tensor,
+    pub lora: Option<LoraFactors>,
+}
+
+impl LoraLinear {
+    pub fn new(weight: Tensor) -> Self {
+        Self { weight, lora: None }
+    }
+
+    pub fn in_out(&self) -> (usize, usize) {
+        let (out_features, in_features) = self.weight.dims2().unwrap_or((0, 0));
+        (in_features, out_features)
+    }
+
+    /// `x` is `[..., in]`; returns `[..., out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let base = x.broadcast_matmul(&self.weight.t()?)?;
+        match &self.lora {
+            None => Ok(base),
+            Some(lora) => {
+                let down = x.broadcast_matmul(&lora.a.as_tensor().t()?)?;
+                let up = down.broadcast_matmul(&lora.b.as_tensor().t()?)?;
+                Ok((base + (up * lora.scale)?)?)
+            }
+        }
+    }
+}
+
+/// Copies a candle tensor into the wire type.
+pub(crate) fn to_adapter_tensor(tensor: &Tensor) -> Result<AdapterTensor> {
+    Ok(AdapterTensor {
+        shape: tensor.dims().to_vec(),
+        data: tensor
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?,
+    })
+}
+
+/// A seeded generator for reproducible initialisation.
+pub(crate) fn seeded_rng(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed)
+}

@@ -1,0 +1,147 @@
+//! The federation's configuration: what every round asks of its clients.
+
+use fedlora_proto::adapter::LoraSpec;
+use serde::{Deserialize, Serialize};
+
+/// Hyper-parameters sent with every training task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingConfig {
+    pub local_steps: u32,
+    pub learning_rate: f32,
+    pub batch_size: u32,
+    pub seq_len: u32,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        Self {
+            local_steps: 20,
+            learning_rate: 5e-3,
+            batch_size: 8,
+            seq_len: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationConfig {
+    pub name: String,
+    /// Training rounds; one evaluation round follows the last.
+    pub rounds: u32,
+    /// A training round aggregates only with at least this many updates.
+    pub min_clients: u32,
+    /// At most this many clients get a task in a round; the round stops taking new participants
+    /// when it is reached and aggregates as soon as all of them have reported.
+    pub clients_per_round: u32,
+    /// After this long a round aggregates if `min_clients` updates arrived, else fails and is retried.
+    pub round_timeout_secs: u64,
+    pub strategy: String,
+    pub lora: LoraSpec,
+    pub training: TrainingConfig,
+    /// Keep individual updates after their round's aggregate is committed (default: delete them).
+    pub keep_updates: bool,
+    /// Largest accepted update, in bytes.
+    pub max_update_bytes: u64,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            name: "default".into(),
+            rounds: 3,
+            min_clients: 2,
+            clients_per_round: 2,
+            round_timeout_secs: 600,
+            strategy: "fedavg".into(),
+            lora: LoraSpec {
+                rank: 8,
+                alpha: 16.0,
+                target_modules: vec!["q_proj".into(), "v_proj".into()],
+            },
+            training: TrainingConfig::default(),
+            keep_updates: false,
+            max_update_bytes: 256 << 20,
+        }
+    }
+}
+
+/// A configuration problem, naming the field.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("invalid federation config: {field}: {message}")]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl FederationConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |field: &'static str, message: &str| {
+            Err(ConfigError {
+                field,
+                message: message.to_string(),
+            })
+        };
+        if self.name.trim().is_empty() {
+            return fail("name", "must not be empty");
+        }
+        if self.rounds == 0 {
+            return fail("rounds", "must be at least 1");
+        }
+        if self.min_clients == 0 {
+            return fail("min_clients", "must be at least 1");
+        }
+        if self.clients_per_round < self.min_clients {
+            return fail("clients_per_round", "must be at least min_clients");
+        }
+        if self.round_timeout_secs == 0 {
+            return fail("round_timeout_secs", "must be at least 1");
+        }
+        if self.strategy != "fedavg" {
+            return fail("strategy", "only \"fedavg\" is available");
+        }
+        if let Err(error) = self.lora.validate() {
+            return Err(ConfigError {
+                field: "lora",
+                message: error.to_string(),
+            });
+        }
+        let training = &self.training;
+        if training.local_steps == 0 || training.batch_size == 0 || training.seq_len < 2 {
+            return fail(
+                "training",
+                "local_steps and batch_size must be at least 1 and seq_len at least 2",
+            );
+        }
+        if !(training.learning_rate.is_finite() && training.learning_rate > 0.0) {
+            return fail("training.learning_rate", "must be a positive number");
+        }
+        if self.max_update_bytes == 0 {
+            return fail("max_update_bytes", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid_and_bad_fields_are_named() {
+        assert_eq!(FederationConfig::default().validate(), Ok(()));
+        let config = FederationConfig {
+            clients_per_round: 1,
+            min_clients: 2,
+            ..FederationConfig::default()
+        };
+        assert_eq!(
+            config.validate().map_err(|error| error.field),
+            Err("clients_per_round")
+        );
+        let mut config = FederationConfig::default();
+        config.lora.target_modules = vec!["wq".into()];
+        assert_eq!(config.validate().map_err(|error| error.field), Err("lora"));
+    }
+}

@@ -1,0 +1,413 @@
+//! The gRPC boundary: the `Federation` and `Admin` services. This is the only module that touches
+//! generated proto types; it converts them to domain types, calls the [`Coordinator`], and maps
+//! every [`CoordinatorError`] to a specific status with [`to_status`]. Every refused client call is
+//! also written to the audit log.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedlora_proto::CHUNK_BYTES;
+use fedlora_proto::adapter::ModelDims;
+use fedlora_proto::v1::admin_server::Admin;
+use fedlora_proto::v1::federation_server::Federation;
+use fedlora_proto::v1::{self as pb, next_task_response, submit_update_request};
+use tokio_stream::Stream;
+use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::error;
+
+use crate::rounds::{
+    Coordinator, CoordinatorError, JoinRequest, NextTask, RoundKind, RoundSummary, UpdateMetrics,
+    UpdateSubmission,
+};
+
+/// Longest a `NextTask` long poll is held open, whatever the client asks.
+const MAX_LONG_POLL: Duration = Duration::from_secs(30);
+/// An upload that sends nothing for this long is cut off.
+const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Maps a coordinator error to the gRPC status a client sees. Internal failures are not described
+/// to the caller (they are logged here).
+pub fn to_status(error: &CoordinatorError) -> Status {
+    use CoordinatorError as E;
+    let code = match error {
+        E::InvalidJoin(_) | E::InvalidUpdate(_) => Code::InvalidArgument,
+        E::UnknownClient(_) | E::UnknownTask(_) | E::NoSuchAdapter(_) => Code::NotFound,
+        E::NotYourTask(_) => Code::PermissionDenied,
+        E::ModelMismatch(_)
+        | E::StaleRound { .. }
+        | E::WrongTaskKind { .. }
+        | E::ConfigChanged { .. } => Code::FailedPrecondition,
+        E::AlreadySubmitted(_) => Code::AlreadyExists,
+        E::TooLarge { .. } => Code::ResourceExhausted,
+        E::Store(_) | E::Aggregate(_) | E::Corrupt(_) => {
+            error!(%error, "internal error");
+            return Status::internal("internal error; see the coordinator's log");
+        }
+    };
+    Status::new(code, error.to_string())
+}
+
+fn is_refusal(error: &CoordinatorError) -> bool {
+    !matches!(
+        error,
+        CoordinatorError::Store(_) | CoordinatorError::Aggregate(_) | CoordinatorError::Corrupt(_)
+    )
+}
+
+fn parse_client_id(client_id: &str) -> Result<i64, CoordinatorError> {
+    client_id
+        .parse()
+        .map_err(|_| CoordinatorError::UnknownClient(-1))
+}
+
+fn lora_to_pb(lora: &fedlora_proto::adapter::LoraSpec) -> pb::LoraConfig {
+    pb::LoraConfig {
+        rank: lora.rank as u32,
+        alpha: lora.alpha,
+        target_modules: lora.target_modules.clone(),
+    }
+}
+
+/// Clients' service.
+pub struct FederationService {
+    coordinator: Arc<Coordinator>,
+}
+
+impl FederationService {
+    pub fn new(coordinator: Arc<Coordinator>) -> Self {
+        Self { coordinator }
+    }
+
+    /// Audits a refusal and converts it to a status.
+    async fn refuse(&self, client_id: Option<i64>, rpc: &str, error: CoordinatorError) -> Status {
+        if is_refusal(&error) {
+            self.coordinator
+                .audit_rejection(client_id, rpc, &error)
+                .await;
+        }
+        to_status(&error)
+    }
+
+    async fn receive_update(
+        &self,
+        mut stream: Streaming<pb::SubmitUpdateRequest>,
+    ) -> Result<UpdateSubmission, Status> {
+        let limit = self.coordinator.config().max_update_bytes;
+        let header = match next_part(&mut stream).await? {
+            Some(submit_update_request::Part::Header(header)) => header,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of an upload must be its header",
+                ));
+            }
+        };
+        let client_id = parse_client_id(&header.client_id).map_err(|error| to_status(&error))?;
+        if header.total_bytes > limit {
+            return Err(to_status(&CoordinatorError::TooLarge {
+                size: header.total_bytes,
+                limit,
+            }));
+        }
+        let mut bytes = Vec::with_capacity(header.total_bytes as usize);
+        while let Some(part) = next_part(&mut stream).await? {
+            let submit_update_request::Part::Chunk(chunk) = part else {
+                return Err(Status::invalid_argument("a second header in one upload"));
+            };
+            if bytes.len() as u64 + chunk.len() as u64 > header.total_bytes {
+                return Err(Status::invalid_argument(
+                    "upload is longer than the total_bytes its header announced",
+                ));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        if bytes.len() as u64 != header.total_bytes {
+            return Err(Status::invalid_argument(format!(
+                "upload truncated: received {} of {} bytes",
+                bytes.len(),
+                header.total_bytes
+            )));
+        }
+        let metrics = header.metrics.unwrap_or_default();
+        Ok(UpdateSubmission {
+            client_id,
+            task_id: header.task_id,
+            num_examples: header.num_examples,
+            claimed_sha256: header.sha256,
+            bytes,
+            metrics: UpdateMetrics {
+                steps: metrics.steps,
+                tokens: metrics.tokens,
+                train_loss: metrics.train_loss,
+                eval_loss: metrics.eval_loss,
+                seconds: metrics.seconds,
+            },
+        })
+    }
+}
+
+async fn next_part(
+    stream: &mut Streaming<pb::SubmitUpdateRequest>,
+) -> Result<Option<submit_update_request::Part>, Status> {
+    match tokio::time::timeout(UPLOAD_IDLE_TIMEOUT, stream.message()).await {
+        Err(_) => Err(Status::deadline_exceeded(
+            "upload stalled: no data for 60 s",
+        )),
+        Ok(Err(status)) => Err(status),
+        Ok(Ok(None)) => Ok(None),
+        Ok(Ok(Some(message))) => message
+            .part
+            .map(Some)
+            .ok_or_else(|| Status::invalid_argument("an upload message without header or chunk")),
+    }
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::AdapterChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Federation for FederationService {
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        let request = request.into_inner();
+        let shape = request.model_shape.unwrap_or_default();
+        let join = JoinRequest {
+            client_name: request.client_name,
+            max_rank: request.max_rank as usize,
+            num_examples: request.num_examples,
+            base_model_fingerprint: request.base_model_fingerprint,
+            model_dims: ModelDims {
+                num_layers: shape.num_layers as usize,
+                hidden_size: shape.hidden_size as usize,
+                intermediate_size: shape.intermediate_size as usize,
+                num_attention_heads: shape.num_attention_heads as usize,
+                num_key_value_heads: shape.num_key_value_heads as usize,
+                head_dim: shape.head_dim as usize,
+            },
+        };
+        let client = match self.coordinator.join(&join).await {
+            Ok(client) => client,
+            Err(error) => return Err(self.refuse(None, "join", error).await),
+        };
+        let config = self.coordinator.config();
+        Ok(Response::new(pb::JoinResponse {
+            client_id: client.id.to_string(),
+            federation_name: config.name.clone(),
+            lora: Some(lora_to_pb(&config.lora)),
+            rounds_total: config.rounds,
+            strategy: config.strategy.clone(),
+        }))
+    }
+
+    async fn next_task(
+        &self,
+        request: Request<pb::NextTaskRequest>,
+    ) -> Result<Response<pb::NextTaskResponse>, Status> {
+        let request = request.into_inner();
+        let client_id = parse_client_id(&request.client_id).map_err(|error| to_status(&error))?;
+        let wait = Duration::from_millis(u64::from(request.wait_ms)).min(MAX_LONG_POLL);
+        let next = match self.coordinator.next_task(client_id, wait).await {
+            Ok(next) => next,
+            Err(error) => return Err(self.refuse(Some(client_id), "next_task", error).await),
+        };
+        let kind = match next {
+            NextTask::Task(task) => next_task_response::Kind::Task(pb::Task {
+                task_id: task.task_id,
+                round_id: task.round_id as u64,
+                kind: match task.kind {
+                    RoundKind::Train => pb::TaskKind::Train,
+                    RoundKind::Evaluate => pb::TaskKind::Evaluate,
+                } as i32,
+                lora: Some(lora_to_pb(&task.lora)),
+                global_adapter_round: task.base_round_id.map_or(0, |round| round as u64),
+                training: Some(pb::TrainingParams {
+                    local_steps: task.training.local_steps,
+                    learning_rate: task.training.learning_rate,
+                    batch_size: task.training.batch_size,
+                    seq_len: task.training.seq_len,
+                    seed: task.seed,
+                }),
+                deadline_unix_ms: task.deadline_ms,
+            }),
+            NextTask::Wait { retry_after_ms } => {
+                next_task_response::Kind::Wait(pb::Wait { retry_after_ms })
+            }
+            NextTask::Finished { reason } => {
+                next_task_response::Kind::Finished(pb::Finished { reason })
+            }
+        };
+        Ok(Response::new(pb::NextTaskResponse { kind: Some(kind) }))
+    }
+
+    type DownloadAdapterStream = ChunkStream;
+
+    async fn download_adapter(
+        &self,
+        request: Request<pb::DownloadAdapterRequest>,
+    ) -> Result<Response<Self::DownloadAdapterStream>, Status> {
+        let request = request.into_inner();
+        let client_id = parse_client_id(&request.client_id).map_err(|error| to_status(&error))?;
+        let round_id = i64::try_from(request.round_id)
+            .map_err(|_| to_status(&CoordinatorError::NoSuchAdapter(-1)))?;
+        let adapter = match self.coordinator.global_adapter(client_id, round_id).await {
+            Ok(adapter) => adapter,
+            Err(error) => {
+                return Err(self
+                    .refuse(Some(client_id), "download_adapter", error)
+                    .await);
+            }
+        };
+        let total_bytes = adapter.bytes.len() as u64;
+        let chunks: Vec<Result<pb::AdapterChunk, Status>> = adapter
+            .bytes
+            .chunks(CHUNK_BYTES)
+            .enumerate()
+            .map(|(index, chunk)| {
+                Ok(pb::AdapterChunk {
+                    data: chunk.to_vec(),
+                    total_bytes: if index == 0 { total_bytes } else { 0 },
+                    sha256: if index == 0 {
+                        adapter.sha256.clone()
+                    } else {
+                        String::new()
+                    },
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+
+    async fn submit_update(
+        &self,
+        request: Request<Streaming<pb::SubmitUpdateRequest>>,
+    ) -> Result<Response<pb::SubmitReceipt>, Status> {
+        let submission = match self.receive_update(request.into_inner()).await {
+            Ok(submission) => submission,
+            Err(status) => {
+                let refusal = CoordinatorError::InvalidUpdate(status.message().to_string());
+                self.coordinator
+                    .audit_rejection(None, "submit_update", &refusal)
+                    .await;
+                return Err(status);
+            }
+        };
+        let client_id = submission.client_id;
+        match self.coordinator.submit_update(submission).await {
+            Ok(receipt) => Ok(Response::new(pb::SubmitReceipt {
+                update_id: receipt.update_id.to_string(),
+                round_id: receipt.round_id as u64,
+                sha256: receipt.sha256,
+            })),
+            Err(error) => Err(self.refuse(Some(client_id), "submit_update", error).await),
+        }
+    }
+
+    async fn submit_evaluation(
+        &self,
+        request: Request<pb::SubmitEvaluationRequest>,
+    ) -> Result<Response<pb::SubmitEvaluationResponse>, Status> {
+        let request = request.into_inner();
+        let client_id = parse_client_id(&request.client_id).map_err(|error| to_status(&error))?;
+        match self
+            .coordinator
+            .submit_evaluation(
+                client_id,
+                &request.task_id,
+                request.eval_loss,
+                request.num_eval_tokens,
+            )
+            .await
+        {
+            Ok(()) => Ok(Response::new(pb::SubmitEvaluationResponse {})),
+            Err(error) => Err(self
+                .refuse(Some(client_id), "submit_evaluation", error)
+                .await),
+        }
+    }
+}
+
+/// Operators' service.
+pub struct AdminService {
+    coordinator: Arc<Coordinator>,
+}
+
+impl AdminService {
+    pub fn new(coordinator: Arc<Coordinator>) -> Self {
+        Self { coordinator }
+    }
+}
+
+fn round_to_pb(summary: RoundSummary) -> pb::RoundInfo {
+    let round = summary.round;
+    pb::RoundInfo {
+        round_id: round.id as u64,
+        kind: round.kind,
+        state: round.state,
+        tasks: summary.tasks,
+        updates: summary.updates,
+        examples: summary.examples,
+        mean_train_loss: summary.mean_train_loss,
+        mean_eval_loss: summary.mean_eval_loss,
+        created_unix_ms: round.created_ms,
+        closed_unix_ms: round.closed_ms.unwrap_or(0),
+        failure: round.failure.unwrap_or_default(),
+        clients: summary
+            .clients
+            .into_iter()
+            .map(|client| pb::ClientMetric {
+                client_name: client.client_name,
+                eval_loss: client.eval_loss,
+                train_loss: client.train_loss,
+                num_examples: client.num_examples,
+            })
+            .collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn get_status(
+        &self,
+        _request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let status = self
+            .coordinator
+            .status()
+            .await
+            .map_err(|error| to_status(&error))?;
+        let current = status.current_round.as_ref();
+        Ok(Response::new(pb::StatusResponse {
+            federation_name: status.federation.name,
+            state: status.federation.state,
+            strategy: status.config.strategy.clone(),
+            rounds_total: status.config.rounds,
+            rounds_closed: status.rounds_closed,
+            current_round: current.map_or(0, |round| round.id as u64),
+            current_round_state: current
+                .map(|round| format!("{} ({})", round.state, round.kind))
+                .unwrap_or_default(),
+            clients_joined: status.clients_joined,
+            min_clients: status.config.min_clients,
+            lora: Some(lora_to_pb(&status.config.lora)),
+        }))
+    }
+
+    async fn list_rounds(
+        &self,
+        request: Request<pb::ListRoundsRequest>,
+    ) -> Result<Response<pb::ListRoundsResponse>, Status> {
+        let limit = match request.into_inner().limit {
+            0 => 50,
+            limit => limit.min(1000),
+        };
+        let rounds = self
+            .coordinator
+            .rounds(limit)
+            .await
+            .map_err(|error| to_status(&error))?;
+        Ok(Response::new(pb::ListRoundsResponse {
+            rounds: rounds.into_iter().map(round_to_pb).collect(),
+        }))
+    }
+}

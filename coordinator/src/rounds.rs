@@ -1,0 +1,982 @@
+//! The round driver: assigns tasks, accepts updates and evaluations, closes rounds by quorum or
+//! deadline, aggregates, and starts the next round. All durable state lives in the [`Store`];
+//! this type holds only the configuration and an in-process lock, so a restarted coordinator
+//! resumes from the store (a round caught in `aggregating` is aggregated again: aggregation is a
+//! deterministic function of the stored updates).
+//!
+//! Round states: `open` (taking participants) → `collecting` (participants fixed, waiting for
+//! their reports) → `aggregating` → `closed`; or `failed` at the deadline without a quorum, after
+//! which a new round starts from the same global adapter. After `rounds` training rounds one
+//! `evaluate` round lets every participant measure the final global adapter; then the federation
+//! is `finished`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fedlora_proto::adapter::{Adapter, LoraSpec, ModelDims, TensorSpec, adapter_spec, sha256_hex};
+use tokio::sync::{Mutex, Notify};
+use tracing::{info, instrument, warn};
+
+use crate::aggregate::{AggregateError, FedAvg};
+use crate::config::{FederationConfig, TrainingConfig};
+use crate::store::{
+    ClientRow, EvaluationRow, FederationRow, GlobalAdapterRow, NewRound, NewUpdate, RoundRow,
+    Store, StoreError, TaskRow,
+};
+
+/// Everything that can refuse or break a coordinator call. The gRPC layer maps each to a status code.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CoordinatorError {
+    #[error("invalid join request: {0}")]
+    InvalidJoin(String),
+    #[error("unknown client {0}")]
+    UnknownClient(i64),
+    #[error("unknown task {0:?}")]
+    UnknownTask(String),
+    #[error("task {0:?} belongs to another client")]
+    NotYourTask(String),
+    #[error("base model mismatch: {0}")]
+    ModelMismatch(String),
+    #[error("round {round_id} is {state}: it takes no more reports")]
+    StaleRound { round_id: i64, state: String },
+    #[error("task {task_id:?} is a {kind} task: {message}")]
+    WrongTaskKind {
+        task_id: String,
+        kind: String,
+        message: &'static str,
+    },
+    #[error("task {0:?} already has a different update")]
+    AlreadySubmitted(String),
+    #[error("invalid update: {0}")]
+    InvalidUpdate(String),
+    #[error("update of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: u64, limit: u64 },
+    #[error("no global adapter for round {0}")]
+    NoSuchAdapter(i64),
+    #[error(
+        "federation {name:?} already exists with a different configuration; keep its settings or choose another federation name"
+    )]
+    ConfigChanged { name: String },
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("aggregation failed: {0}")]
+    Aggregate(#[from] AggregateError),
+    #[error("corrupt state: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = CoordinatorError> = std::result::Result<T, E>;
+
+/// What a client says about itself when it joins (counts and shapes, never data).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JoinRequest {
+    pub client_name: String,
+    pub max_rank: usize,
+    pub num_examples: u64,
+    pub base_model_fingerprint: String,
+    pub model_dims: ModelDims,
+}
+
+/// Kind of a round and of its tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoundKind {
+    Train,
+    Evaluate,
+}
+
+impl RoundKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Train => "train",
+            Self::Evaluate => "evaluate",
+        }
+    }
+}
+
+/// One client's work in one round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskAssignment {
+    pub task_id: String,
+    pub round_id: i64,
+    pub kind: RoundKind,
+    pub lora: LoraSpec,
+    pub training: TrainingConfig,
+    /// Round whose global adapter to start from; `None` = fresh initialisation.
+    pub base_round_id: Option<i64>,
+    pub seed: u64,
+    pub deadline_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum NextTask {
+    Task(TaskAssignment),
+    Wait { retry_after_ms: u32 },
+    Finished { reason: String },
+}
+
+/// Training metrics reported with an update.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct UpdateMetrics {
+    pub steps: u32,
+    pub tokens: u64,
+    pub train_loss: f32,
+    pub eval_loss: f32,
+    pub seconds: f32,
+}
+
+/// A complete uploaded update: the header's claims and the received bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpdateSubmission {
+    pub client_id: i64,
+    pub task_id: String,
+    pub num_examples: u64,
+    pub claimed_sha256: String,
+    pub bytes: Vec<u8>,
+    pub metrics: UpdateMetrics,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Receipt {
+    pub update_id: i64,
+    pub round_id: i64,
+    pub sha256: String,
+}
+
+/// The federation at a glance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Status {
+    pub federation: FederationRow,
+    pub config: FederationConfig,
+    pub rounds_closed: u32,
+    pub current_round: Option<RoundRow>,
+    pub clients_joined: u32,
+}
+
+/// One client's numbers in one round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientRoundMetric {
+    pub client_name: String,
+    /// Held-out loss of the global adapter the round started from; NaN if not reported.
+    pub eval_loss: f64,
+    /// Mean local training loss; NaN if no update.
+    pub train_loss: f64,
+    pub num_examples: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundSummary {
+    pub round: RoundRow,
+    pub tasks: u32,
+    pub updates: u32,
+    pub examples: u64,
+    pub mean_train_loss: f64,
+    pub mean_eval_loss: f64,
+    pub clients: Vec<ClientRoundMetric>,
+}
+
+/// The coordinator of one federation.
+pub struct Coordinator {
+    store: Arc<dyn Store>,
+    config: FederationConfig,
+    federation_id: i64,
+    /// Serialises task assignment and round transitions within this process.
+    lock: Mutex<()>,
+    /// Woken on every round transition, for long-polling `next_task` callers.
+    changed: Notify,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as i64)
+}
+
+const WAIT_RETRY_MS: u32 = 1_000;
+const MAX_CLIENT_NAME: usize = 64;
+
+impl Coordinator {
+    /// Opens (or creates) the federation in `store` and resumes it: a round caught in
+    /// `aggregating` is aggregated, a finished round is followed by the next, an empty federation
+    /// gets its first round.
+    pub async fn start(store: Arc<dyn Store>, config: FederationConfig) -> Result<Arc<Self>> {
+        config
+            .validate()
+            .map_err(|error| CoordinatorError::Corrupt(error.to_string()))?;
+        let config_json = serde_json::to_string(&config)
+            .map_err(|error| CoordinatorError::Corrupt(error.to_string()))?;
+        let federation = store
+            .create_or_get_federation(&config.name, &config_json, now_ms())
+            .await?;
+        let stored: FederationConfig =
+            serde_json::from_str(&federation.config_json).map_err(|error| {
+                CoordinatorError::Corrupt(format!("stored federation config: {error}"))
+            })?;
+        if stored != config {
+            return Err(CoordinatorError::ConfigChanged { name: config.name });
+        }
+        let coordinator = Arc::new(Self {
+            store,
+            config,
+            federation_id: federation.id,
+            lock: Mutex::new(()),
+            changed: Notify::new(),
+        });
+        coordinator.resume().await?;
+        Ok(coordinator)
+    }
+
+    async fn resume(&self) -> Result<()> {
+        let _guard = self.lock.lock().await;
+        let federation = self.federation().await?;
+        if federation.state == "finished" {
+            return Ok(());
+        }
+        match self.store.latest_round(self.federation_id).await? {
+            None => {
+                self.insert_round(RoundKind::Train, None).await?;
+            }
+            Some(round) if round.state == "aggregating" => {
+                info!(round_id = round.id, "resuming aggregation after restart");
+                self.aggregate_round(&round).await?;
+            }
+            Some(round) if round.state == "closed" || round.state == "failed" => {
+                self.start_next_round(&round).await?;
+            }
+            Some(_) => {}
+        }
+        Ok(())
+    }
+
+    pub fn config(&self) -> &FederationConfig {
+        &self.config
+    }
+
+    pub fn federation_id(&self) -> i64 {
+        self.federation_id
+    }
+
+    async fn federation(&self) -> Result<FederationRow> {
+        self.store
+            .get_federation(self.federation_id)
+            .await?
+            .ok_or_else(|| CoordinatorError::Corrupt("federation row vanished".into()))
+    }
+
+    async fn client(&self, client_id: i64) -> Result<ClientRow> {
+        let client = self
+            .store
+            .get_client(client_id)
+            .await?
+            .filter(|client| client.federation_id == self.federation_id)
+            .ok_or(CoordinatorError::UnknownClient(client_id))?;
+        self.store.touch_client(client_id, now_ms()).await?;
+        Ok(client)
+    }
+
+    /// Registers a client (or refreshes a returning one). The first client pins the base model's
+    /// fingerprint and dimensions; later clients must match them.
+    #[instrument(skip_all, fields(client_name = %request.client_name))]
+    pub async fn join(&self, request: &JoinRequest) -> Result<ClientRow> {
+        let name = &request.client_name;
+        let name_ok = !name.is_empty()
+            && name.len() <= MAX_CLIENT_NAME
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !name_ok {
+            return Err(CoordinatorError::InvalidJoin(format!(
+                "client name must be 1-{MAX_CLIENT_NAME} characters of a-z, 0-9, '-', '_', '.'"
+            )));
+        }
+        if request.max_rank < self.config.lora.rank {
+            return Err(CoordinatorError::InvalidJoin(format!(
+                "max rank {} is below the federation's rank {}",
+                request.max_rank, self.config.lora.rank
+            )));
+        }
+        if request.base_model_fingerprint.len() != 64
+            || !request
+                .base_model_fingerprint
+                .chars()
+                .all(|c| c.is_ascii_hexdigit())
+        {
+            return Err(CoordinatorError::InvalidJoin(
+                "base model fingerprint must be a hex sha256".into(),
+            ));
+        }
+        adapter_spec(&request.model_dims, &self.config.lora)
+            .map_err(|error| CoordinatorError::InvalidJoin(error.to_string()))?;
+        let dims_json = serde_json::to_string(&request.model_dims)
+            .map_err(|error| CoordinatorError::Corrupt(error.to_string()))?;
+        let federation = self
+            .store
+            .pin_base_model(
+                self.federation_id,
+                &request.base_model_fingerprint,
+                &dims_json,
+            )
+            .await?;
+        if federation.base_model_fingerprint.as_deref() != Some(&request.base_model_fingerprint) {
+            return Err(CoordinatorError::ModelMismatch(
+                "the client's base model fingerprint differs from the federation's".into(),
+            ));
+        }
+        if federation.model_dims_json.as_deref() != Some(&dims_json) {
+            return Err(CoordinatorError::ModelMismatch(
+                "the client's model dimensions differ from the federation's".into(),
+            ));
+        }
+        let client = self
+            .store
+            .upsert_client(
+                self.federation_id,
+                name,
+                request.max_rank as i64,
+                request.num_examples.min(i64::MAX as u64) as i64,
+                now_ms(),
+            )
+            .await?;
+        info!(client_id = client.id, "client joined");
+        Ok(client)
+    }
+
+    /// The next piece of work for `client_id`, waiting up to `wait` for one to appear.
+    pub async fn next_task(&self, client_id: i64, wait: Duration) -> Result<NextTask> {
+        self.client(client_id).await?;
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let next = self.try_next_task(client_id).await?;
+            if !matches!(next, NextTask::Wait { .. }) {
+                return Ok(next);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(next);
+            }
+        }
+    }
+
+    async fn try_next_task(&self, client_id: i64) -> Result<NextTask> {
+        let _guard = self.lock.lock().await;
+        let federation = self.federation().await?;
+        if federation.state == "finished" {
+            return Ok(NextTask::Finished {
+                reason: format!(
+                    "federation {:?} has finished all its rounds",
+                    federation.name
+                ),
+            });
+        }
+        let wait = NextTask::Wait {
+            retry_after_ms: WAIT_RETRY_MS,
+        };
+        let Some(round) = self.store.latest_round(self.federation_id).await? else {
+            return Ok(wait);
+        };
+        if let Some(task) = self.store.task_for_client(round.id, client_id).await? {
+            let reported = match round_kind(&round)? {
+                RoundKind::Train => self.store.update_for_task(&task.id).await?.is_some(),
+                RoundKind::Evaluate => self
+                    .store
+                    .list_evaluations(round.id)
+                    .await?
+                    .iter()
+                    .any(|evaluation| evaluation.task_id == task.id),
+            };
+            if reported || !matches!(round.state.as_str(), "open" | "collecting") {
+                return Ok(wait);
+            }
+            return Ok(NextTask::Task(self.assignment(&round, &task)?));
+        }
+        if round.state != "open" {
+            return Ok(wait);
+        }
+        let tasks = self.store.list_tasks(round.id).await?;
+        if tasks.len() >= self.config.clients_per_round as usize {
+            return Ok(wait);
+        }
+        let task = TaskRow {
+            id: new_task_id(round.id, client_id),
+            round_id: round.id,
+            client_id,
+            rank: self.config.lora.rank as i64,
+            created_ms: now_ms(),
+        };
+        self.store.insert_task(&task).await?;
+        info!(round_id = round.id, client_id, task_id = %task.id, "task assigned");
+        if tasks.len() + 1 >= self.config.clients_per_round as usize {
+            self.store
+                .transition_round(round.id, "open", "collecting", None, now_ms())
+                .await?;
+            self.changed.notify_waiters();
+        }
+        Ok(NextTask::Task(self.assignment(&round, &task)?))
+    }
+
+    fn assignment(&self, round: &RoundRow, task: &TaskRow) -> Result<TaskAssignment> {
+        let lora: LoraSpec = parse_json(&round.lora_json, "round lora")?;
+        let training: TrainingConfig = parse_json(&round.training_json, "round training")?;
+        Ok(TaskAssignment {
+            task_id: task.id.clone(),
+            round_id: round.id,
+            kind: round_kind(round)?,
+            lora,
+            training,
+            base_round_id: round.base_round_id,
+            seed: (round.id as u64)
+                .wrapping_mul(1_000_003)
+                .wrapping_add(task.client_id as u64),
+            deadline_ms: round.deadline_ms,
+        })
+    }
+
+    /// The layout every update of `round` must have.
+    async fn round_spec(&self, round: &RoundRow) -> Result<Vec<TensorSpec>> {
+        let federation = self.federation().await?;
+        let dims: ModelDims = parse_json(
+            federation
+                .model_dims_json
+                .as_deref()
+                .ok_or_else(|| CoordinatorError::Corrupt("no model dims pinned".into()))?,
+            "model dims",
+        )?;
+        let lora: LoraSpec = parse_json(&round.lora_json, "round lora")?;
+        adapter_spec(&dims, &lora).map_err(|error| CoordinatorError::Corrupt(error.to_string()))
+    }
+
+    async fn owned_task(&self, client_id: i64, task_id: &str) -> Result<(TaskRow, RoundRow)> {
+        let task = self
+            .store
+            .get_task(task_id)
+            .await?
+            .ok_or_else(|| CoordinatorError::UnknownTask(task_id.to_string()))?;
+        if task.client_id != client_id {
+            return Err(CoordinatorError::NotYourTask(task_id.to_string()));
+        }
+        let round = self.store.get_round(task.round_id).await?.ok_or_else(|| {
+            CoordinatorError::Corrupt(format!("round of task {task_id} vanished"))
+        })?;
+        Ok((task, round))
+    }
+
+    /// Validates and stores an update, then closes the round if it was the last one awaited.
+    /// A retry of the same bytes for the same task gets the same receipt.
+    #[instrument(skip_all, fields(client_id = submission.client_id, task_id = %submission.task_id))]
+    pub async fn submit_update(&self, submission: UpdateSubmission) -> Result<Receipt> {
+        self.client(submission.client_id).await?;
+        let (task, round) = self
+            .owned_task(submission.client_id, &submission.task_id)
+            .await?;
+        if round_kind(&round)? != RoundKind::Train {
+            return Err(CoordinatorError::WrongTaskKind {
+                task_id: task.id,
+                kind: round.kind,
+                message: "it takes an evaluation, not an update",
+            });
+        }
+        let size = submission.bytes.len() as u64;
+        if size > self.config.max_update_bytes {
+            return Err(CoordinatorError::TooLarge {
+                size,
+                limit: self.config.max_update_bytes,
+            });
+        }
+        let sha256 = sha256_hex(&submission.bytes);
+        if let Some(existing) = self.store.update_for_task(&task.id).await? {
+            return if existing.sha256 == sha256 {
+                Ok(receipt(&existing.id, round.id, existing.sha256))
+            } else {
+                Err(CoordinatorError::AlreadySubmitted(task.id))
+            };
+        }
+        if !matches!(round.state.as_str(), "open" | "collecting") {
+            return Err(CoordinatorError::StaleRound {
+                round_id: round.id,
+                state: round.state,
+            });
+        }
+        if !submission.claimed_sha256.eq_ignore_ascii_case(&sha256) {
+            return Err(CoordinatorError::InvalidUpdate(
+                "sha256 of the received bytes does not match the header".into(),
+            ));
+        }
+        if submission.num_examples == 0 {
+            return Err(CoordinatorError::InvalidUpdate(
+                "num_examples must be at least 1".into(),
+            ));
+        }
+        let metrics = submission.metrics;
+        if ![metrics.train_loss, metrics.eval_loss, metrics.seconds]
+            .iter()
+            .all(|value| value.is_finite())
+        {
+            return Err(CoordinatorError::InvalidUpdate(
+                "metrics must be finite numbers".into(),
+            ));
+        }
+        let spec = self.round_spec(&round).await?;
+        let bytes = submission.bytes;
+        let bytes = tokio::task::spawn_blocking(move || {
+            let adapter = Adapter::from_safetensors(&bytes)?;
+            adapter.validate(&spec)?;
+            Ok::<_, fedlora_proto::adapter::AdapterError>(bytes)
+        })
+        .await
+        .map_err(|error| CoordinatorError::Corrupt(format!("validation task: {error}")))?
+        .map_err(|error| CoordinatorError::InvalidUpdate(error.to_string()))?;
+
+        let _guard = self.lock.lock().await;
+        let round = self
+            .store
+            .get_round(round.id)
+            .await?
+            .ok_or_else(|| CoordinatorError::Corrupt("round vanished".into()))?;
+        if !matches!(round.state.as_str(), "open" | "collecting") {
+            return Err(CoordinatorError::StaleRound {
+                round_id: round.id,
+                state: round.state,
+            });
+        }
+        let new_update = NewUpdate {
+            task_id: task.id.clone(),
+            round_id: round.id,
+            client_id: submission.client_id,
+            num_examples: submission.num_examples.min(i64::MAX as u64) as i64,
+            sha256: sha256.clone(),
+            bytes,
+            train_loss: f64::from(metrics.train_loss),
+            local_eval_loss: f64::from(metrics.eval_loss),
+            steps: i64::from(metrics.steps),
+            tokens: metrics.tokens.min(i64::MAX as u64) as i64,
+            train_seconds: f64::from(metrics.seconds),
+            now_ms: now_ms(),
+        };
+        let stored = match self.store.insert_update(&new_update).await {
+            Ok(stored) => stored,
+            Err(StoreError::Conflict(_)) => {
+                return Err(CoordinatorError::AlreadySubmitted(task.id));
+            }
+            Err(error) => return Err(error.into()),
+        };
+        info!(
+            round_id = round.id,
+            update_id = stored.id,
+            bytes = stored.size_bytes,
+            "update accepted"
+        );
+        self.complete_if_ready(&round).await?;
+        self.changed.notify_waiters();
+        Ok(receipt(&stored.id, round.id, sha256))
+    }
+
+    /// Records the held-out loss a client measured for the global adapter its task started from.
+    #[instrument(skip(self))]
+    pub async fn submit_evaluation(
+        &self,
+        client_id: i64,
+        task_id: &str,
+        eval_loss: f32,
+        num_tokens: u64,
+    ) -> Result<()> {
+        self.client(client_id).await?;
+        let (task, round) = self.owned_task(client_id, task_id).await?;
+        if !(eval_loss.is_finite() && eval_loss >= 0.0) {
+            return Err(CoordinatorError::InvalidUpdate(
+                "eval_loss must be a finite non-negative number".into(),
+            ));
+        }
+        if !matches!(round.state.as_str(), "open" | "collecting") {
+            return Err(CoordinatorError::StaleRound {
+                round_id: round.id,
+                state: round.state,
+            });
+        }
+        let _guard = self.lock.lock().await;
+        let evaluation = EvaluationRow {
+            task_id: task.id,
+            round_id: round.id,
+            client_id,
+            adapter_round_id: round.base_round_id,
+            eval_loss: f64::from(eval_loss),
+            num_tokens: num_tokens.min(i64::MAX as u64) as i64,
+            created_ms: now_ms(),
+        };
+        match self.store.insert_evaluation(&evaluation).await {
+            Ok(()) | Err(StoreError::Conflict(_)) => {}
+            Err(error) => return Err(error.into()),
+        }
+        if round_kind(&round)? == RoundKind::Evaluate {
+            self.complete_if_ready(&round).await?;
+        }
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// With the lock held: closes `round` when every participant has reported and no more can join.
+    async fn complete_if_ready(&self, round: &RoundRow) -> Result<()> {
+        let round = self
+            .store
+            .get_round(round.id)
+            .await?
+            .ok_or_else(|| CoordinatorError::Corrupt("round vanished".into()))?;
+        if round.state != "collecting" {
+            return Ok(());
+        }
+        let tasks = self.store.list_tasks(round.id).await?.len();
+        let reports = self.reports(&round).await?;
+        if reports >= tasks {
+            self.finish_round(&round).await?;
+        }
+        Ok(())
+    }
+
+    async fn reports(&self, round: &RoundRow) -> Result<usize> {
+        Ok(match round_kind(round)? {
+            RoundKind::Train => self.store.list_updates(round.id).await?.len(),
+            RoundKind::Evaluate => self.store.list_evaluations(round.id).await?.len(),
+        })
+    }
+
+    async fn finish_round(&self, round: &RoundRow) -> Result<()> {
+        match round_kind(round)? {
+            RoundKind::Train => self.aggregate_round(round).await,
+            RoundKind::Evaluate => {
+                if self
+                    .store
+                    .transition_round(round.id, &round.state, "closed", None, now_ms())
+                    .await?
+                {
+                    info!(round_id = round.id, "evaluation round closed");
+                    let closed = self.reload(round.id).await?;
+                    self.start_next_round(&closed).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn reload(&self, round_id: i64) -> Result<RoundRow> {
+        self.store
+            .get_round(round_id)
+            .await?
+            .ok_or_else(|| CoordinatorError::Corrupt("round vanished".into()))
+    }
+
+    /// With the lock held: `round` → aggregating → closed with its FedAvg global adapter, then the
+    /// next round. Streams the updates one at a time, so memory stays at about two adapters.
+    #[instrument(skip_all, fields(round_id = round.id))]
+    async fn aggregate_round(&self, round: &RoundRow) -> Result<()> {
+        if round.state != "aggregating"
+            && !self
+                .store
+                .transition_round(round.id, &round.state, "aggregating", None, now_ms())
+                .await?
+        {
+            return Ok(());
+        }
+        let spec = self.round_spec(round).await?;
+        let updates = self.store.list_updates(round.id).await?;
+        let mut accumulator = FedAvg::new(&spec);
+        let mut examples = 0i64;
+        for update in &updates {
+            let bytes = self.store.update_bytes(update.id).await?.ok_or_else(|| {
+                CoordinatorError::Corrupt(format!(
+                    "bytes of update {} are gone before aggregation",
+                    update.id
+                ))
+            })?;
+            let weight = update.num_examples as f64;
+            accumulator = tokio::task::spawn_blocking(move || {
+                let adapter = Adapter::from_safetensors(&bytes).map_err(AggregateError::Layout)?;
+                accumulator.add(&adapter, weight)?;
+                Ok::<_, AggregateError>(accumulator)
+            })
+            .await
+            .map_err(|error| CoordinatorError::Corrupt(format!("aggregation task: {error}")))??;
+            examples += update.num_examples;
+        }
+        let global = accumulator.finish()?;
+        let metadata = HashMap::from([
+            ("format".to_string(), "pt".to_string()),
+            ("fedlora.round_id".to_string(), round.id.to_string()),
+            ("fedlora.strategy".to_string(), round.strategy.clone()),
+        ]);
+        let bytes = global
+            .to_safetensors(Some(metadata))
+            .map_err(AggregateError::Layout)?;
+        let row = GlobalAdapterRow {
+            round_id: round.id,
+            sha256: sha256_hex(&bytes),
+            bytes,
+            num_updates: updates.len() as i64,
+            num_examples: examples,
+            created_ms: now_ms(),
+        };
+        self.store
+            .commit_aggregate(&row, self.config.keep_updates)
+            .await?;
+        info!(updates = updates.len(), examples, sha256 = %row.sha256, "round aggregated and closed");
+        let closed = self.reload(round.id).await?;
+        self.start_next_round(&closed).await?;
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// With the lock held: what follows a closed or failed round.
+    async fn start_next_round(&self, previous: &RoundRow) -> Result<()> {
+        let kind = round_kind(previous)?;
+        if previous.state == "failed" {
+            self.insert_round(kind, previous.base_round_id).await?;
+            return Ok(());
+        }
+        match kind {
+            RoundKind::Train => {
+                let closed_train = self.closed_train_rounds().await?;
+                let next = if closed_train < self.config.rounds {
+                    RoundKind::Train
+                } else {
+                    RoundKind::Evaluate
+                };
+                self.insert_round(next, Some(previous.id)).await?;
+            }
+            RoundKind::Evaluate => {
+                self.store
+                    .set_federation_state(self.federation_id, "finished")
+                    .await?;
+                info!("federation finished");
+            }
+        }
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    async fn closed_train_rounds(&self) -> Result<u32> {
+        Ok(self
+            .store
+            .list_rounds(self.federation_id, i64::MAX)
+            .await?
+            .iter()
+            .filter(|round| round.kind == "train" && round.state == "closed")
+            .count() as u32)
+    }
+
+    async fn insert_round(&self, kind: RoundKind, base_round_id: Option<i64>) -> Result<RoundRow> {
+        let now = now_ms();
+        let round = self
+            .store
+            .insert_round(&NewRound {
+                federation_id: self.federation_id,
+                kind: kind.as_str().into(),
+                base_round_id,
+                lora_json: to_json(&self.config.lora)?,
+                training_json: to_json(&self.config.training)?,
+                strategy: self.config.strategy.clone(),
+                deadline_ms: now + (self.config.round_timeout_secs as i64) * 1000,
+                now_ms: now,
+            })
+            .await?;
+        info!(
+            round_id = round.id,
+            kind = kind.as_str(),
+            base_round_id,
+            "round opened"
+        );
+        Ok(round)
+    }
+
+    /// Enforces the current round's deadline: aggregate with a quorum, else fail and retry.
+    pub async fn tick(&self) -> Result<()> {
+        let _guard = self.lock.lock().await;
+        let Some(round) = self.store.latest_round(self.federation_id).await? else {
+            return Ok(());
+        };
+        if !matches!(round.state.as_str(), "open" | "collecting") || now_ms() < round.deadline_ms {
+            return Ok(());
+        }
+        let reports = self.reports(&round).await?;
+        let quorum = match round_kind(&round)? {
+            RoundKind::Train => self.config.min_clients as usize,
+            RoundKind::Evaluate => 1,
+        };
+        if reports >= quorum {
+            info!(
+                round_id = round.id,
+                reports, "deadline reached with a quorum"
+            );
+            self.finish_round(&round).await
+        } else {
+            let failure = format!("deadline passed with {reports} of {quorum} required reports");
+            warn!(round_id = round.id, %failure, "round failed");
+            if self
+                .store
+                .transition_round(round.id, &round.state, "failed", Some(&failure), now_ms())
+                .await?
+            {
+                let failed = self.reload(round.id).await?;
+                self.start_next_round(&failed).await?;
+            }
+            Ok(())
+        }
+    }
+
+    /// The global adapter produced by `round_id`, for a known client.
+    pub async fn global_adapter(&self, client_id: i64, round_id: i64) -> Result<GlobalAdapterRow> {
+        self.client(client_id).await?;
+        self.store
+            .global_adapter(round_id)
+            .await?
+            .ok_or(CoordinatorError::NoSuchAdapter(round_id))
+    }
+
+    /// Records a refused call in the audit log (best effort: a failing audit write is logged).
+    pub async fn audit_rejection(
+        &self,
+        client_id: Option<i64>,
+        rpc: &str,
+        error: &CoordinatorError,
+    ) {
+        warn!(client_id, rpc, %error, "request refused");
+        let detail = format!("{rpc}: {error}");
+        let known_client = match client_id {
+            Some(id) => self
+                .store
+                .get_client(id)
+                .await
+                .ok()
+                .flatten()
+                .map(|client| client.id),
+            None => None,
+        };
+        if let Err(store_error) = self
+            .store
+            .record_audit(
+                Some(self.federation_id),
+                known_client,
+                "request_refused",
+                &detail,
+                now_ms(),
+            )
+            .await
+        {
+            warn!(%store_error, "could not record audit event");
+        }
+    }
+
+    pub async fn status(&self) -> Result<Status> {
+        let federation = self.federation().await?;
+        Ok(Status {
+            rounds_closed: self.closed_train_rounds().await?,
+            current_round: self.store.latest_round(self.federation_id).await?,
+            clients_joined: self.store.list_clients(self.federation_id).await?.len() as u32,
+            federation,
+            config: self.config.clone(),
+        })
+    }
+
+    /// The newest `limit` rounds with their participants' metrics.
+    pub async fn rounds(&self, limit: u32) -> Result<Vec<RoundSummary>> {
+        let names: HashMap<i64, String> = self
+            .store
+            .list_clients(self.federation_id)
+            .await?
+            .into_iter()
+            .map(|client| (client.id, client.name))
+            .collect();
+        let mut summaries = Vec::new();
+        for round in self
+            .store
+            .list_rounds(self.federation_id, i64::from(limit.max(1)))
+            .await?
+        {
+            let tasks = self.store.list_tasks(round.id).await?;
+            let updates = self.store.list_updates(round.id).await?;
+            let evaluations = self.store.list_evaluations(round.id).await?;
+            let examples: i64 = updates.iter().map(|update| update.num_examples).sum();
+            let mean_train_loss = weighted_mean(
+                updates
+                    .iter()
+                    .map(|update| (update.train_loss, update.num_examples as f64)),
+            );
+            let mean_eval_loss = weighted_mean(
+                evaluations
+                    .iter()
+                    .map(|evaluation| (evaluation.eval_loss, evaluation.num_tokens as f64)),
+            );
+            let clients = tasks
+                .iter()
+                .map(|task| {
+                    let update = updates.iter().find(|update| update.task_id == task.id);
+                    ClientRoundMetric {
+                        client_name: names.get(&task.client_id).cloned().unwrap_or_default(),
+                        eval_loss: evaluations
+                            .iter()
+                            .find(|evaluation| evaluation.task_id == task.id)
+                            .map_or(f64::NAN, |evaluation| evaluation.eval_loss),
+                        train_loss: update.map_or(f64::NAN, |update| update.train_loss),
+                        num_examples: update.map_or(0, |update| update.num_examples as u64),
+                    }
+                })
+                .collect();
+            summaries.push(RoundSummary {
+                tasks: tasks.len() as u32,
+                updates: updates.len() as u32,
+                examples: examples as u64,
+                mean_train_loss,
+                mean_eval_loss,
+                clients,
+                round,
+            });
+        }
+        Ok(summaries)
+    }
+}
+
+fn receipt(update_id: &i64, round_id: i64, sha256: String) -> Receipt {
+    Receipt {
+        update_id: *update_id,
+        round_id,
+        sha256,
+    }
+}
+
+fn weighted_mean(values: impl Iterator<Item = (f64, f64)>) -> f64 {
+    let (sum, weight) = values.fold((0.0, 0.0), |(sum, weight), (value, w)| {
+        (sum + value * w, weight + w)
+    });
+    if weight > 0.0 { sum / weight } else { f64::NAN }
+}
+
+fn round_kind(round: &RoundRow) -> Result<RoundKind> {
+    match round.kind.as_str() {
+        "train" => Ok(RoundKind::Train),
+        "evaluate" => Ok(RoundKind::Evaluate),
+        other => Err(CoordinatorError::Corrupt(format!(
+            "round {} has kind {other:?}",
+            round.id
+        ))),
+    }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(json: &str, what: &str) -> Result<T> {
+    serde_json::from_str(json)
+        .map_err(|error| CoordinatorError::Corrupt(format!("{what}: {error}")))
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(|error| CoordinatorError::Corrupt(error.to_string()))
+}
+
+/// A task id that is unique and unguessable enough to be an idempotency key: round, client and
+/// 64 bits from the OS-seeded hasher and the clock.
+fn new_task_id(round_id: i64, client_id: i64) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_i64(now_ms());
+    hasher.write_i64(round_id);
+    hasher.write_i64(client_id);
+    format!("r{round_id}-c{client_id}-{:016x}", hasher.finish())
+}
