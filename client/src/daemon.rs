@@ -1,1 +1,502 @@
-//! The site daemon: joins the federation and works through tasks.
+//! The site daemon: loads the base model and the local data, joins the federation, and works
+//! through tasks until the coordinator says the federation is finished.
+//!
+//! For each task it downloads the global adapter the round starts from, measures its held-out loss
+//! (reported with `SubmitEvaluation`), trains locally (train tasks), keeps a copy of exactly what
+//! it sends under `state_dir/round-N/` in PEFT format, and uploads the adapter in chunks.
+//!
+//! Architecture invariant: the messages built here carry only adapter tensors, counts (examples,
+//! tokens, steps) and loss values. Text and token ids never leave [`run`]'s process.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedlora_proto::CHUNK_BYTES;
+use fedlora_proto::adapter::{Adapter, LoraSpec, adapter_spec, peft_adapter_config, sha256_hex};
+use fedlora_proto::v1::federation_client::FederationClient;
+use fedlora_proto::v1::{self as pb, next_task_response, submit_update_request};
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{info, instrument, warn};
+
+use crate::error::{ClientError, Result};
+use crate::model::{BaseModel, Llama, fingerprint};
+use crate::train::data::{SiteData, pack_windows};
+use crate::train::{TrainConfig, evaluate, train};
+
+/// How the daemon reaches the coordinator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClientTransport {
+    /// Plaintext HTTP/2; only when chosen explicitly (`--insecure`).
+    Insecure,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DaemonConfig {
+    /// `http://host:port` of the coordinator.
+    pub coordinator: String,
+    pub transport: ClientTransport,
+    pub client_name: String,
+    pub model_dir: PathBuf,
+    /// JSONL file with a `text` field per line.
+    pub data_path: PathBuf,
+    /// Where copies of every uploaded adapter are kept (`round-N/adapter_model.safetensors`).
+    pub state_dir: PathBuf,
+    /// Largest LoRA rank this site will train.
+    pub max_rank: usize,
+    /// Held-out windows evaluated per task, at most.
+    pub max_eval_windows: usize,
+}
+
+/// Progress the daemon reports to whoever runs it (a progress bar, a log).
+#[derive(Debug, Clone, PartialEq)]
+pub enum DaemonEvent {
+    Joined {
+        client_id: String,
+        num_examples: usize,
+    },
+    TaskStarted {
+        round_id: u64,
+        kind: &'static str,
+        local_steps: u32,
+    },
+    /// Held-out loss of the global adapter of `adapter_round` (0 = the base model).
+    Evaluated {
+        round_id: u64,
+        adapter_round: u64,
+        loss: f32,
+    },
+    Step {
+        round_id: u64,
+        step: usize,
+        loss: f32,
+    },
+    Uploaded {
+        round_id: u64,
+        bytes: usize,
+        sha256: String,
+    },
+    Retrying {
+        error: String,
+        after_ms: u64,
+    },
+    Finished {
+        reason: String,
+    },
+}
+
+/// A callback for [`DaemonEvent`]s; must be cheap.
+pub type Observer = Arc<dyn Fn(&DaemonEvent) + Send + Sync>;
+
+/// What a finished daemon did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DaemonSummary {
+    pub client_id: String,
+    pub rounds_trained: u32,
+    /// Held-out loss of the last global adapter evaluated.
+    pub last_eval_loss: Option<f32>,
+}
+
+struct Site {
+    model: Llama,
+    data: Arc<SiteData>,
+    eos: u32,
+    fingerprint: String,
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Runs the daemon until the federation finishes or `shutdown` resolves.
+pub async fn run(
+    config: DaemonConfig,
+    observer: Observer,
+    shutdown: impl Future<Output = ()>,
+) -> Result<DaemonSummary> {
+    tokio::pin!(shutdown);
+    let site = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || load_site(&config))
+            .await
+            .map_err(|error| ClientError::Protocol(format!("loader task: {error}")))??
+    };
+    let mut summary = DaemonSummary {
+        client_id: String::new(),
+        rounds_trained: 0,
+        last_eval_loss: None,
+    };
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let attempt = session(&config, &site, &observer, &mut summary);
+        let outcome = tokio::select! {
+            outcome = attempt => outcome,
+            () = &mut shutdown => {
+                info!("daemon stopping on request");
+                return Ok(summary);
+            }
+        };
+        match outcome {
+            Ok(reason) => {
+                observer(&DaemonEvent::Finished { reason });
+                return Ok(summary);
+            }
+            Err(error) if is_transient(&error) => {
+                observer(&DaemonEvent::Retrying {
+                    error: error.to_string(),
+                    after_ms: backoff.as_millis() as u64,
+                });
+                warn!(%error, ?backoff, "coordinator call failed; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = &mut shutdown => return Ok(summary),
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// Errors worth retrying: the coordinator is away or restarting, or forgot us.
+fn is_transient(error: &ClientError) -> bool {
+    match error {
+        ClientError::Transport(_) => true,
+        ClientError::Rpc(status) => matches!(
+            status.code(),
+            Code::Unavailable
+                | Code::Unknown
+                | Code::Internal
+                | Code::DeadlineExceeded
+                | Code::NotFound
+        ),
+        _ => false,
+    }
+}
+
+fn load_site(config: &DaemonConfig) -> Result<Site> {
+    let device = crate::model::default_device();
+    let base = BaseModel::load(&config.model_dir, &device)?;
+    let data = SiteData::from_jsonl(&config.data_path, &base.tokenizer)?;
+    if data.train.is_empty() || data.heldout.is_empty() {
+        return Err(ClientError::NotEnoughData(format!(
+            "{} has {} documents; at least 10 are needed (every tenth is held out)",
+            config.data_path.display(),
+            data.train.len() + data.heldout.len()
+        )));
+    }
+    Ok(Site {
+        fingerprint: fingerprint(&config.model_dir)?,
+        model: base.model,
+        data: Arc::new(data),
+        eos: base.eos_token_id,
+    })
+}
+
+async fn connect(config: &DaemonConfig) -> Result<FederationClient<Channel>> {
+    let endpoint = Endpoint::from_shared(config.coordinator.clone())
+        .map_err(|error| ClientError::Protocol(format!("coordinator address: {error}")))?
+        .connect_timeout(Duration::from_secs(10));
+    let channel = match config.transport {
+        ClientTransport::Insecure => endpoint.connect().await?,
+    };
+    Ok(FederationClient::new(channel))
+}
+
+/// One connected session: join, then tasks until finished. Returns the finish reason.
+async fn session(
+    config: &DaemonConfig,
+    site: &Site,
+    observer: &Observer,
+    summary: &mut DaemonSummary,
+) -> Result<String> {
+    let mut client = connect(config).await?;
+    let config_dims = site.model.config().dims();
+    let joined = client
+        .join(pb::JoinRequest {
+            client_name: config.client_name.clone(),
+            max_rank: config.max_rank as u32,
+            num_examples: site.data.num_examples() as u64,
+            base_model_fingerprint: site.fingerprint.clone(),
+            model_shape: Some(pb::ModelShape {
+                num_layers: config_dims.num_layers as u32,
+                hidden_size: config_dims.hidden_size as u32,
+                intermediate_size: config_dims.intermediate_size as u32,
+                num_attention_heads: config_dims.num_attention_heads as u32,
+                num_key_value_heads: config_dims.num_key_value_heads as u32,
+                head_dim: config_dims.head_dim as u32,
+            }),
+            client_version: env!("CARGO_PKG_VERSION").into(),
+            device: format!("{:?}", site.model.device()),
+        })
+        .await?
+        .into_inner();
+    summary.client_id = joined.client_id.clone();
+    info!(client_id = %joined.client_id, federation = %joined.federation_name, "joined");
+    observer(&DaemonEvent::Joined {
+        client_id: joined.client_id.clone(),
+        num_examples: site.data.num_examples(),
+    });
+    loop {
+        let next = client
+            .next_task(pb::NextTaskRequest {
+                client_id: joined.client_id.clone(),
+                wait_ms: 10_000,
+            })
+            .await?
+            .into_inner();
+        match next.kind {
+            Some(next_task_response::Kind::Task(task)) => {
+                match run_task(
+                    config,
+                    site,
+                    &mut client,
+                    &joined.client_id,
+                    &task,
+                    observer,
+                    summary,
+                )
+                .await
+                {
+                    Ok(()) => {}
+                    Err(ClientError::Rpc(status))
+                        if matches!(
+                            status.code(),
+                            Code::FailedPrecondition | Code::AlreadyExists
+                        ) =>
+                    {
+                        warn!(round_id = task.round_id, %status, "task no longer wanted; moving on");
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+            Some(next_task_response::Kind::Wait(wait)) => {
+                tokio::time::sleep(Duration::from_millis(u64::from(
+                    wait.retry_after_ms.max(50),
+                )))
+                .await;
+            }
+            Some(next_task_response::Kind::Finished(finished)) => return Ok(finished.reason),
+            None => return Err(ClientError::Protocol("empty next_task response".into())),
+        }
+    }
+}
+
+#[instrument(skip_all, fields(round_id = task.round_id, client_id = %client_id))]
+async fn run_task(
+    config: &DaemonConfig,
+    site: &Site,
+    client: &mut FederationClient<Channel>,
+    client_id: &str,
+    task: &pb::Task,
+    observer: &Observer,
+    summary: &mut DaemonSummary,
+) -> Result<()> {
+    let lora_pb = task
+        .lora
+        .clone()
+        .ok_or_else(|| ClientError::Protocol("task without lora config".into()))?;
+    let params = task
+        .training
+        .ok_or_else(|| ClientError::Protocol("task without training parameters".into()))?;
+    let lora = LoraSpec {
+        rank: lora_pb.rank as usize,
+        alpha: lora_pb.alpha,
+        target_modules: lora_pb.target_modules,
+    };
+    if lora.rank > config.max_rank {
+        return Err(ClientError::Protocol(format!(
+            "task asks for rank {} above this site's max rank {}",
+            lora.rank, config.max_rank
+        )));
+    }
+    let is_train = task.kind == pb::TaskKind::Train as i32;
+    observer(&DaemonEvent::TaskStarted {
+        round_id: task.round_id,
+        kind: if is_train { "train" } else { "evaluate" },
+        local_steps: if is_train { params.local_steps } else { 0 },
+    });
+    let mut model = site.model.clone();
+    model.attach_lora(&lora, params.seed)?;
+    if task.global_adapter_round > 0 {
+        let adapter = download(client, client_id, task.global_adapter_round).await?;
+        adapter.validate(&adapter_spec(&model.config().dims(), &lora)?)?;
+        model.load_adapter(&adapter)?;
+    }
+
+    let seq_len = params.seq_len.max(2) as usize;
+    let batch_size = params.batch_size.max(1) as usize;
+    let heldout = pack_windows(&site.data.heldout, site.eos, seq_len);
+    let max_eval_windows = config.max_eval_windows;
+    let eval = {
+        let model = model.clone();
+        tokio::task::spawn_blocking(move || {
+            evaluate(&model, &heldout, batch_size, max_eval_windows)
+        })
+        .await
+        .map_err(|error| ClientError::Protocol(format!("evaluation task: {error}")))??
+    };
+    summary.last_eval_loss = Some(eval.loss);
+    observer(&DaemonEvent::Evaluated {
+        round_id: task.round_id,
+        adapter_round: task.global_adapter_round,
+        loss: eval.loss,
+    });
+    client
+        .submit_evaluation(pb::SubmitEvaluationRequest {
+            client_id: client_id.to_string(),
+            task_id: task.task_id.clone(),
+            eval_loss: eval.loss,
+            num_eval_tokens: eval.tokens,
+        })
+        .await?;
+    if !is_train {
+        return Ok(());
+    }
+
+    let train_config = TrainConfig {
+        local_steps: params.local_steps as usize,
+        learning_rate: f64::from(params.learning_rate),
+        batch_size,
+        seq_len,
+        seed: params.seed,
+    };
+    let windows = pack_windows(&site.data.train, site.eos, seq_len);
+    let round_id = task.round_id;
+    let step_observer = observer.clone();
+    let (model, report) = tokio::task::spawn_blocking(move || {
+        let report = train(&model, &windows, &train_config, &mut |step, loss| {
+            step_observer(&DaemonEvent::Step {
+                round_id,
+                step,
+                loss,
+            });
+        })?;
+        Ok::<_, ClientError>((model, report))
+    })
+    .await
+    .map_err(|error| ClientError::Protocol(format!("training task: {error}")))??;
+    let heldout = pack_windows(&site.data.heldout, site.eos, seq_len);
+    let (adapter, local_eval) = tokio::task::spawn_blocking(move || {
+        let local_eval = evaluate(&model, &heldout, batch_size, max_eval_windows)?;
+        Ok::<_, ClientError>((model.export_adapter()?, local_eval))
+    })
+    .await
+    .map_err(|error| ClientError::Protocol(format!("export task: {error}")))??;
+
+    let bytes = adapter.to_safetensors(Some(
+        [("format".to_string(), "pt".to_string())]
+            .into_iter()
+            .collect(),
+    ))?;
+    save_copy(
+        &config.state_dir,
+        task.round_id,
+        &bytes,
+        &lora,
+        &config.model_dir,
+    )?;
+    let sha256 = sha256_hex(&bytes);
+    let header = pb::UpdateHeader {
+        client_id: client_id.to_string(),
+        task_id: task.task_id.clone(),
+        num_examples: site.data.num_examples() as u64,
+        total_bytes: bytes.len() as u64,
+        sha256: sha256.clone(),
+        metrics: Some(pb::TrainMetrics {
+            steps: report.steps as u32,
+            tokens: report.tokens,
+            train_loss: report.mean_loss,
+            eval_loss: local_eval.loss,
+            seconds: report.seconds,
+        }),
+    };
+    let mut messages = vec![pb::SubmitUpdateRequest {
+        part: Some(submit_update_request::Part::Header(header)),
+    }];
+    messages.extend(
+        bytes
+            .chunks(CHUNK_BYTES)
+            .map(|chunk| pb::SubmitUpdateRequest {
+                part: Some(submit_update_request::Part::Chunk(chunk.to_vec())),
+            }),
+    );
+    let receipt = client
+        .submit_update(tokio_stream::iter(messages))
+        .await?
+        .into_inner();
+    if receipt.sha256 != sha256 {
+        return Err(ClientError::Protocol(format!(
+            "receipt sha256 {} does not match the upload {sha256}",
+            receipt.sha256
+        )));
+    }
+    summary.rounds_trained += 1;
+    info!(update_id = %receipt.update_id, bytes = bytes.len(), train_loss = report.mean_loss, "update accepted");
+    observer(&DaemonEvent::Uploaded {
+        round_id: task.round_id,
+        bytes: bytes.len(),
+        sha256,
+    });
+    Ok(())
+}
+
+/// Streams a round's global adapter and checks its length and sha256.
+async fn download(
+    client: &mut FederationClient<Channel>,
+    client_id: &str,
+    round_id: u64,
+) -> Result<Adapter> {
+    let mut stream = client
+        .download_adapter(pb::DownloadAdapterRequest {
+            client_id: client_id.to_string(),
+            round_id,
+        })
+        .await?
+        .into_inner();
+    let mut bytes = Vec::new();
+    let mut expected: Option<(u64, String)> = None;
+    while let Some(chunk) = stream.message().await? {
+        if expected.is_none() {
+            expected = Some((chunk.total_bytes, chunk.sha256.clone()));
+            bytes.reserve(chunk.total_bytes.min(1 << 30) as usize);
+        }
+        bytes.extend_from_slice(&chunk.data);
+    }
+    let (total, sha256) = expected.ok_or_else(|| {
+        ClientError::Protocol(format!("global adapter of round {round_id} is empty"))
+    })?;
+    if bytes.len() as u64 != total || sha256_hex(&bytes) != sha256 {
+        return Err(ClientError::Protocol(format!(
+            "global adapter of round {round_id} arrived corrupt ({} of {total} bytes, sha256 mismatch or truncation)",
+            bytes.len()
+        )));
+    }
+    Ok(Adapter::from_safetensors(&bytes)?)
+}
+
+/// Keeps the exact bytes sent for `round_id`, in PEFT layout, so the site can audit what left it.
+fn save_copy(
+    state_dir: &Path,
+    round_id: u64,
+    bytes: &[u8],
+    lora: &LoraSpec,
+    model_dir: &Path,
+) -> Result<()> {
+    let dir = sent_adapter_dir(state_dir, round_id);
+    std::fs::create_dir_all(&dir).map_err(ClientError::io(&dir))?;
+    let weights = dir.join("adapter_model.safetensors");
+    std::fs::write(&weights, bytes).map_err(ClientError::io(&weights))?;
+    let config_path = dir.join("adapter_config.json");
+    let adapter_config = peft_adapter_config(lora, &model_dir.display().to_string());
+    let json = serde_json::to_string_pretty(&adapter_config)
+        .map_err(|error| ClientError::Protocol(error.to_string()))?;
+    std::fs::write(&config_path, json).map_err(ClientError::io(&config_path))?;
+    Ok(())
+}
+
+/// Directory holding the copy of the adapter sent in `round_id`.
+pub fn sent_adapter_dir(state_dir: &Path, round_id: u64) -> PathBuf {
+    state_dir.join(format!("round-{round_id}"))
+}
