@@ -352,6 +352,7 @@ fn round_to_pb(summary: RoundSummary) -> pb::RoundInfo {
         created_unix_ms: round.created_ms,
         closed_unix_ms: round.closed_ms.unwrap_or(0),
         failure: round.failure.unwrap_or_default(),
+        base_round_id: round.base_round_id.map_or(0, |base| base as u64),
         clients: summary
             .clients
             .into_iter()

@@ -1,9 +1,9 @@
 //! fedlora coordinator: runs federated rounds, aggregates LoRA adapters and keeps every round,
 //! participant, metric and global adapter in a [`store::Store`].
 
-pub mod store;
 pub mod aggregate;
 pub mod config;
 pub mod grpc;
 pub mod rounds;
 pub mod server;
+pub mod store;

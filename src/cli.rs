@@ -1,0 +1,457 @@
+//! Command-line interface: argument parsing and the thin glue from each command to the libraries.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use fedlora_client::daemon::{self, ClientTransport, DaemonConfig, DaemonEvent};
+use fedlora_client::tiny::{TinyModelSpec, write_tiny_model};
+use fedlora_coordinator::config::{FederationConfig, TrainingConfig};
+use fedlora_coordinator::rounds::Coordinator;
+use fedlora_coordinator::server::{self, ServerTransport};
+use fedlora_proto::adapter::LoraSpec;
+use fedlora_proto::v1::admin_client::AdminClient;
+use fedlora_proto::v1::{GetStatusRequest, ListRoundsRequest};
+use tracing::info;
+
+use crate::{admin, demo};
+
+/// Federated, privacy-preserving LoRA fine-tuning.
+///
+/// Sites keep their data; only low-rank adapter updates travel. Run `fedlora demo` to watch a
+/// whole federation on this machine, or `fedlora serve` and `fedlora client` for a real one.
+#[derive(Debug, Parser)]
+#[command(name = "fedlora", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the coordinator: rounds, aggregation and storage, served over gRPC.
+    Serve(ServeArgs),
+    /// Run a site's client daemon: join, train on local data, upload adapters, until finished.
+    Client(ClientArgs),
+    /// Show the federation's state (over gRPC).
+    Status(AdminArgs),
+    /// List rounds with their participants and losses (over gRPC).
+    Rounds(RoundsArgs),
+    /// Write a small random Llama model in Hugging Face layout (for tests and trials).
+    InitTinyModel(InitTinyModelArgs),
+    /// Run a whole federation on this machine: a coordinator and three sites over loopback gRPC.
+    Demo(DemoArgs),
+}
+
+/// Transport security choice shared by every networked command.
+#[derive(Debug, Args)]
+pub struct TransportArgs {
+    /// Use plaintext gRPC. Required until mutual TLS lands; use only on loopback or a trusted network.
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+impl TransportArgs {
+    fn require_insecure(&self) -> Result<()> {
+        if !self.insecure {
+            bail!(
+                "transport security (mutual tls) is not available in this version; pass --insecure to \
+                 use plaintext grpc, only on loopback or a network you trust"
+            );
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Where state lives: postgres://user@host/db, or sqlite://FILE for the embedded store.
+    #[arg(
+        long,
+        env = "FEDLORA_DATABASE_URL",
+        default_value = "sqlite://fedlora-coordinator.db"
+    )]
+    pub database_url: String,
+    /// Federation name; restarting with the same name and settings resumes it.
+    #[arg(long, default_value = "default")]
+    pub federation: String,
+    /// Training rounds (an evaluation round follows the last).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
+    /// Updates a round needs before it may aggregate.
+    #[arg(long, default_value_t = 2)]
+    pub min_clients: u32,
+    /// Participants per round; the round aggregates as soon as all have reported [default: min-clients].
+    #[arg(long)]
+    pub clients_per_round: Option<u32>,
+    /// Seconds before a round aggregates with a quorum, or fails and restarts without one.
+    #[arg(long, default_value_t = 600)]
+    pub round_timeout: u64,
+    /// LoRA rank r.
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// LoRA alpha (the update is scaled by alpha/r).
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f32,
+    /// Modules to adapt, comma separated (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
+    pub target_modules: Vec<String>,
+    /// Local optimizer steps per round.
+    #[arg(long, default_value_t = 20)]
+    pub local_steps: u32,
+    /// AdamW learning rate for local training.
+    #[arg(long, default_value_t = 5e-3)]
+    pub learning_rate: f32,
+    /// Sequences per local step.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: u32,
+    /// Tokens per training sequence.
+    #[arg(long, default_value_t = 64)]
+    pub seq_len: u32,
+    /// Keep individual updates after aggregation (default: delete them once the round closes).
+    #[arg(long)]
+    pub keep_updates: bool,
+    #[command(flatten)]
+    pub transport: TransportArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// Coordinator address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub coordinator: String,
+    /// This site's name in the federation (letters, digits, '-', '_', '.').
+    #[arg(long)]
+    pub name: String,
+    /// Base model directory in Hugging Face layout (config.json, *.safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Local training data: JSONL with a "text" field per line. It never leaves this machine.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Where copies of every adapter sent are kept [default: ./fedlora-client-NAME].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Largest LoRA rank this site accepts.
+    #[arg(long, default_value_t = 64)]
+    pub max_rank: usize,
+    /// Held-out windows evaluated per task, at most.
+    #[arg(long, default_value_t = 64)]
+    pub max_eval_windows: usize,
+    #[command(flatten)]
+    pub transport: TransportArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// Coordinator address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub coordinator: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub transport: TransportArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RoundsArgs {
+    #[command(flatten)]
+    pub admin: AdminArgs,
+    /// Newest rounds to list.
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+    /// Also print each site's held-out loss per global adapter.
+    #[arg(long)]
+    pub losses: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InitTinyModelArgs {
+    /// Directory to write config.json, model.safetensors and tokenizer.json into.
+    pub dir: PathBuf,
+    #[arg(long, default_value_t = 64)]
+    pub hidden_size: usize,
+    #[arg(long, default_value_t = 176)]
+    pub intermediate_size: usize,
+    #[arg(long, default_value_t = 2)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 4)]
+    pub heads: usize,
+    #[arg(long, default_value_t = 2)]
+    pub kv_heads: usize,
+    #[arg(long)]
+    pub tie_embeddings: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Keep the model, data, database and sent adapters in this directory (must not hold a
+    /// previous demo's database).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Training rounds.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
+    /// Local steps per round.
+    #[arg(long, default_value_t = 40)]
+    pub local_steps: u32,
+    /// Print the rounds as JSON at the end instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Client(args) => client(args).await,
+        Command::Status(args) => status(args).await,
+        Command::Rounds(args) => rounds(args).await,
+        Command::InitTinyModel(args) => init_tiny_model(&args),
+        Command::Demo(args) => run_demo(args).await,
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => {
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+    info!("shutdown requested");
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    args.transport.require_insecure()?;
+    let config = FederationConfig {
+        name: args.federation,
+        rounds: args.rounds,
+        min_clients: args.min_clients,
+        clients_per_round: args.clients_per_round.unwrap_or(args.min_clients),
+        round_timeout_secs: args.round_timeout,
+        lora: LoraSpec {
+            rank: args.rank,
+            alpha: args.alpha,
+            target_modules: args.target_modules,
+        },
+        training: TrainingConfig {
+            local_steps: args.local_steps,
+            learning_rate: args.learning_rate,
+            batch_size: args.batch_size,
+            seq_len: args.seq_len,
+        },
+        keep_updates: args.keep_updates,
+        ..FederationConfig::default()
+    };
+    config.validate()?;
+    let store = fedlora_coordinator::store::connect(&args.database_url)
+        .await
+        .with_context(|| format!("opening the store at {}", redact(&args.database_url)))?;
+    let coordinator = Coordinator::start(store, config).await?;
+    let (listener, address) = server::bind(args.listen).await?;
+    eprintln!(
+        "fedlora coordinator listening on {address} (store: {})",
+        redact(&args.database_url)
+    );
+    server::serve(
+        coordinator,
+        listener,
+        ServerTransport::Insecure,
+        shutdown_signal(),
+    )
+    .await?;
+    Ok(())
+}
+
+/// A database URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &credentials[..colon],
+                    &url[at..]
+                ),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+async fn client(args: ClientArgs) -> Result<()> {
+    args.transport.require_insecure()?;
+    let state_dir = args
+        .state_dir
+        .unwrap_or_else(|| PathBuf::from(format!("fedlora-client-{}", args.name)));
+    let config = DaemonConfig {
+        coordinator: args.coordinator,
+        transport: ClientTransport::Insecure,
+        client_name: args.name,
+        model_dir: args.model,
+        data_path: args.data,
+        state_dir,
+        max_rank: args.max_rank,
+        max_eval_windows: args.max_eval_windows,
+    };
+    let observer: daemon::Observer = Arc::new(|event: &DaemonEvent| match event {
+        DaemonEvent::Step {
+            round_id,
+            step,
+            loss,
+        } if step % 10 == 0 => {
+            info!(round_id, step, loss, "training");
+        }
+        DaemonEvent::Evaluated {
+            round_id,
+            adapter_round,
+            loss,
+        } => {
+            info!(
+                round_id,
+                adapter_round, loss, "held-out loss of the global adapter"
+            );
+        }
+        DaemonEvent::Finished { reason } => info!(%reason, "federation finished"),
+        _ => {}
+    });
+    let summary = daemon::run(config, observer, shutdown_signal()).await?;
+    eprintln!(
+        "client {} trained {} rounds; last held-out loss {}",
+        summary.client_id,
+        summary.rounds_trained,
+        summary
+            .last_eval_loss
+            .map_or("-".into(), |loss| format!("{loss:.4}"))
+    );
+    Ok(())
+}
+
+async fn admin_client(args: &AdminArgs) -> Result<AdminClient<tonic::transport::Channel>> {
+    args.transport.require_insecure()?;
+    AdminClient::connect(args.coordinator.clone())
+        .await
+        .with_context(|| format!("connecting to the coordinator at {}", args.coordinator))
+}
+
+async fn status(args: AdminArgs) -> Result<()> {
+    let status = admin_client(&args)
+        .await?
+        .get_status(GetStatusRequest {})
+        .await?
+        .into_inner();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&admin::status_json(&status))?
+        );
+    } else {
+        print!("{}", admin::render_status(&status));
+    }
+    Ok(())
+}
+
+async fn rounds(args: RoundsArgs) -> Result<()> {
+    let rounds = admin_client(&args.admin)
+        .await?
+        .list_rounds(ListRoundsRequest { limit: args.limit })
+        .await?
+        .into_inner()
+        .rounds;
+    if args.admin.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&admin::rounds_json(&rounds))?
+        );
+    } else {
+        print!("{}", admin::render_rounds(&rounds));
+        if args.losses {
+            println!();
+            print!("{}", admin::render_loss_table(&rounds));
+        }
+    }
+    Ok(())
+}
+
+fn init_tiny_model(args: &InitTinyModelArgs) -> Result<()> {
+    let spec = TinyModelSpec {
+        hidden_size: args.hidden_size,
+        intermediate_size: args.intermediate_size,
+        num_layers: args.layers,
+        num_attention_heads: args.heads,
+        num_key_value_heads: args.kv_heads,
+        tie_word_embeddings: args.tie_embeddings,
+        seed: args.seed,
+        ..TinyModelSpec::default()
+    };
+    let config = write_tiny_model(&args.dir, &spec)?;
+    eprintln!(
+        "wrote a random llama ({} layers, hidden {}, vocab {}) to {}",
+        config.num_hidden_layers,
+        config.hidden_size,
+        config.vocab_size,
+        args.dir.display()
+    );
+    Ok(())
+}
+
+async fn run_demo(args: DemoArgs) -> Result<()> {
+    let mut options = demo::DemoOptions {
+        dir: args.dir,
+        rounds: args.rounds,
+        ..demo::DemoOptions::default()
+    };
+    options.training.local_steps = args.local_steps;
+    eprintln!(
+        "fedlora demo: a coordinator (embedded store) and {} sites ({}) over gRPC on 127.0.0.1, {} rounds",
+        options.sites,
+        crate::sites::SITE_NAMES.join(", "),
+        options.rounds
+    );
+    let report = demo::run(options).await?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&admin::rounds_json(&report.rounds))?
+        );
+        return Ok(());
+    }
+    println!();
+    print!("{}", admin::render_rounds(&report.rounds));
+    println!();
+    print!("{}", admin::render_loss_table(&report.rounds));
+    println!();
+    println!("finished in {:.1} s", report.elapsed.as_secs_f64());
+    match &report.dir {
+        Some(dir) => println!(
+            "model, data, database and each site's sent adapters are in {}",
+            dir.display()
+        ),
+        None => println!("run with --dir DIR to keep the model, data, database and sent adapters"),
+    }
+    Ok(())
+}

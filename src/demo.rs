@@ -1,0 +1,216 @@
+//! `fedlora demo`: a whole federation on one machine. A coordinator on the embedded store and one
+//! client daemon per site talk real gRPC over loopback; each site trains on its own synthetic
+//! text; the held-out loss of every global adapter is printed per site at the end.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use fedlora_client::daemon::{self, ClientTransport, DaemonConfig, DaemonEvent};
+use fedlora_client::tiny::{TinyModelSpec, write_tiny_model};
+use fedlora_coordinator::config::{FederationConfig, TrainingConfig};
+use fedlora_coordinator::rounds::Coordinator;
+use fedlora_coordinator::server::{self, ServerTransport};
+use fedlora_proto::adapter::LoraSpec;
+use fedlora_proto::v1::admin_client::AdminClient;
+use fedlora_proto::v1::{ListRoundsRequest, RoundInfo};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::sites::{SITE_NAMES, write_site_jsonl};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DemoOptions {
+    /// Working directory (model, data, database, sent adapters); a fresh temporary one if `None`.
+    pub dir: Option<PathBuf>,
+    pub rounds: u32,
+    pub sites: usize,
+    pub documents_per_site: usize,
+    pub model: TinyModelSpec,
+    pub lora: LoraSpec,
+    pub training: TrainingConfig,
+    pub show_progress: bool,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            rounds: 3,
+            sites: 3,
+            documents_per_site: 400,
+            model: TinyModelSpec {
+                hidden_size: 128,
+                intermediate_size: 352,
+                num_layers: 4,
+                num_attention_heads: 4,
+                num_key_value_heads: 2,
+                max_position_embeddings: 256,
+                tie_word_embeddings: false,
+                seed: 42,
+            },
+            lora: LoraSpec {
+                rank: 8,
+                alpha: 16.0,
+                target_modules: vec!["q_proj".into(), "v_proj".into()],
+            },
+            training: TrainingConfig {
+                local_steps: 40,
+                learning_rate: 1e-2,
+                batch_size: 8,
+                seq_len: 64,
+            },
+            show_progress: true,
+        }
+    }
+}
+
+pub struct DemoReport {
+    /// The working directory, when the caller chose one (a temporary one is deleted).
+    pub dir: Option<PathBuf>,
+    /// Rounds as the Admin service lists them, newest first.
+    pub rounds: Vec<RoundInfo>,
+    pub elapsed: Duration,
+}
+
+/// Runs the demo federation to completion.
+pub async fn run(options: DemoOptions) -> Result<DemoReport> {
+    let started = Instant::now();
+    if options.sites == 0 || options.sites > SITE_NAMES.len() {
+        bail!("the demo has 1 to {} sites", SITE_NAMES.len());
+    }
+    let (temp, dir) = match &options.dir {
+        Some(dir) => (None, dir.clone()),
+        None => {
+            let temp = tempfile::tempdir().context("creating a temporary directory")?;
+            let path = temp.path().to_path_buf();
+            (Some(temp), path)
+        }
+    };
+    let model_dir = dir.join("model");
+    write_tiny_model(&model_dir, &options.model).context("writing the demo model")?;
+    let database = dir.join("coordinator.db");
+    if database.exists() {
+        bail!(
+            "{} already exists: the demo needs a fresh directory",
+            database.display()
+        );
+    }
+    let database_url = format!("sqlite://{}", database.display());
+    let store = fedlora_coordinator::store::connect(&database_url).await?;
+    let config = FederationConfig {
+        name: "demo".into(),
+        rounds: options.rounds,
+        min_clients: options.sites as u32,
+        clients_per_round: options.sites as u32,
+        round_timeout_secs: 600,
+        lora: options.lora.clone(),
+        training: options.training.clone(),
+        ..FederationConfig::default()
+    };
+    let coordinator = Coordinator::start(store, config).await?;
+    let (listener, address) = server::bind(([127, 0, 0, 1], 0).into()).await?;
+    let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(server::serve(
+        coordinator,
+        listener,
+        ServerTransport::Insecure,
+        async move {
+            let _ = server_stopped.await;
+        },
+    ));
+    let url = format!("http://{address}");
+
+    let bars = MultiProgress::with_draw_target(if options.show_progress {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+    let style =
+        ProgressStyle::with_template("{prefix:>8} {bar:24.cyan/blue} {pos:>3}/{len:3} {msg}")
+            .context("progress style")?
+            .progress_chars("=> ");
+    let mut daemons = Vec::new();
+    for (site_index, site) in SITE_NAMES.iter().take(options.sites).enumerate() {
+        let data_path = dir.join(format!("{site}.jsonl"));
+        write_site_jsonl(&data_path, site_index, options.documents_per_site, 7)
+            .with_context(|| format!("writing {}", data_path.display()))?;
+        let bar = bars.add(ProgressBar::new(u64::from(options.training.local_steps)));
+        bar.set_style(style.clone());
+        bar.set_prefix(site.to_string());
+        bar.set_message("loading model and data");
+        let observer: daemon::Observer = Arc::new(move |event: &DaemonEvent| show(&bar, event));
+        let config = DaemonConfig {
+            coordinator: url.clone(),
+            transport: ClientTransport::Insecure,
+            client_name: site.to_string(),
+            model_dir: model_dir.clone(),
+            data_path,
+            state_dir: dir.join("sites").join(site),
+            max_rank: 64,
+            max_eval_windows: 64,
+        };
+        daemons.push(tokio::spawn(daemon::run(
+            config,
+            observer,
+            std::future::pending(),
+        )));
+    }
+    for daemon in daemons {
+        daemon.await.context("client task panicked")??;
+    }
+    let mut admin = AdminClient::connect(url).await?;
+    let rounds = admin
+        .list_rounds(ListRoundsRequest { limit: 1000 })
+        .await?
+        .into_inner()
+        .rounds;
+    let _ = stop_server.send(());
+    server.await.context("server task panicked")??;
+    drop(temp);
+    Ok(DemoReport {
+        dir: options.dir,
+        rounds,
+        elapsed: started.elapsed(),
+    })
+}
+
+fn show(bar: &ProgressBar, event: &DaemonEvent) {
+    match event {
+        DaemonEvent::Joined { num_examples, .. } => {
+            bar.set_message(format!("joined with {num_examples} local examples"));
+        }
+        DaemonEvent::TaskStarted {
+            round_id,
+            kind,
+            local_steps,
+        } => {
+            bar.set_length(u64::from(*local_steps).max(1));
+            bar.set_position(0);
+            bar.set_message(format!("round {round_id}: {kind}"));
+        }
+        DaemonEvent::Evaluated { round_id, loss, .. } => {
+            bar.set_message(format!(
+                "round {round_id}: global adapter held-out loss {loss:.3}"
+            ));
+        }
+        DaemonEvent::Step {
+            round_id,
+            step,
+            loss,
+        } => {
+            bar.set_position(*step as u64);
+            bar.set_message(format!("round {round_id}: training, loss {loss:.3}"));
+        }
+        DaemonEvent::Uploaded {
+            round_id, bytes, ..
+        } => {
+            bar.set_message(format!(
+                "round {round_id}: sent {} KiB adapter, waiting",
+                bytes / 1024
+            ));
+        }
+        DaemonEvent::Retrying { error, .. } => bar.set_message(format!("retrying: {error}")),
+        DaemonEvent::Finished { .. } => bar.finish_with_message("done"),
+    }
+}
