@@ -107,6 +107,7 @@ struct Site {
     fingerprint: String,
 }
 
+const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Runs the daemon until the federation finishes or `shutdown` resolves.
@@ -127,9 +128,9 @@ pub async fn run(
         rounds_trained: 0,
         last_eval_loss: None,
     };
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = INITIAL_BACKOFF;
     loop {
-        let attempt = session(&config, &site, &observer, &mut summary);
+        let attempt = session(&config, &site, &observer, &mut summary, &mut backoff);
         let outcome = tokio::select! {
             outcome = attempt => outcome,
             () = &mut shutdown => {
@@ -197,7 +198,13 @@ fn load_site(config: &DaemonConfig) -> Result<Site> {
 async fn connect(config: &DaemonConfig) -> Result<FederationClient<Channel>> {
     let endpoint = Endpoint::from_shared(config.coordinator.clone())
         .map_err(|error| ClientError::Protocol(format!("coordinator address: {error}")))?
-        .connect_timeout(Duration::from_secs(10));
+        .connect_timeout(Duration::from_secs(10))
+        // Notice a coordinator that vanished without closing the connection.
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+        // No call may hang forever: long polls last seconds, uploads of large adapters minutes.
+        .timeout(Duration::from_secs(600));
     let channel = match config.transport {
         ClientTransport::Insecure => endpoint.connect().await?,
     };
@@ -210,6 +217,7 @@ async fn session(
     site: &Site,
     observer: &Observer,
     summary: &mut DaemonSummary,
+    backoff: &mut Duration,
 ) -> Result<String> {
     let mut client = connect(config).await?;
     let config_dims = site.model.config().dims();
@@ -233,6 +241,7 @@ async fn session(
         .await?
         .into_inner();
     summary.client_id = joined.client_id.clone();
+    *backoff = INITIAL_BACKOFF;
     info!(client_id = %joined.client_id, federation = %joined.federation_name, "joined");
     observer(&DaemonEvent::Joined {
         client_id: joined.client_id.clone(),
@@ -360,7 +369,8 @@ async fn run_task(
         learning_rate: f64::from(params.learning_rate),
         batch_size,
         seq_len,
-        seed: params.seed,
+        // The task's seed is shared by the round (same LoRA init everywhere); batches differ per site.
+        seed: params.seed ^ site_seed(client_id),
     };
     let windows = pack_windows(&site.data.train, site.eos, seq_len);
     let round_id = task.round_id;
@@ -440,6 +450,14 @@ async fn run_task(
         sha256,
     });
     Ok(())
+}
+
+fn site_seed(client_id: &str) -> u64 {
+    client_id
+        .bytes()
+        .fold(0xCBF2_9CE4_8422_2325u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x100_0000_01B3)
+        })
 }
 
 /// Streams a round's global adapter and checks its length and sha256.

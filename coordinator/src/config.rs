@@ -44,6 +44,8 @@ pub struct FederationConfig {
     pub keep_updates: bool,
     /// Largest accepted update, in bytes.
     pub max_update_bytes: u64,
+    /// Cap on the example count a single update is weighted by.
+    pub max_example_weight: u64,
 }
 
 impl Default for FederationConfig {
@@ -63,6 +65,7 @@ impl Default for FederationConfig {
             training: TrainingConfig::default(),
             keep_updates: false,
             max_update_bytes: 256 << 20,
+            max_example_weight: 1_000_000,
         }
     }
 }
@@ -116,6 +119,9 @@ impl FederationConfig {
         }
         if !(training.learning_rate.is_finite() && training.learning_rate > 0.0) {
             return fail("training.learning_rate", "must be a positive number");
+        }
+        if self.max_example_weight == 0 {
+            return fail("max_example_weight", "must be at least 1");
         }
         if self.max_update_bytes == 0 {
             return fail("max_update_bytes", "must be at least 1");

@@ -25,6 +25,8 @@ use crate::rounds::{
 const MAX_LONG_POLL: Duration = Duration::from_secs(30);
 /// An upload that sends nothing for this long is cut off.
 const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// An upload must complete within this long after its header.
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Maps a coordinator error to the gRPC status a client sees. Internal failures are not described
 /// to the caller (they are logged here).
@@ -89,45 +91,79 @@ impl FederationService {
         to_status(&error)
     }
 
+    /// Reads an upload: the header, an early permission check, then at most `total_bytes` of
+    /// chunks within [`UPLOAD_TIMEOUT`]. Refusals come back as `(client_id if known, error)`.
     async fn receive_update(
         &self,
         mut stream: Streaming<pb::SubmitUpdateRequest>,
-    ) -> Result<UpdateSubmission, Status> {
+    ) -> Result<UpdateSubmission, (Option<i64>, CoordinatorError, Status)> {
         let limit = self.coordinator.config().max_update_bytes;
-        let header = match next_part(&mut stream).await? {
+        let plain = |status: Status| {
+            let error = CoordinatorError::InvalidUpdate(status.message().to_string());
+            (None, error, status)
+        };
+        let header = match next_part(&mut stream).await.map_err(plain)? {
             Some(submit_update_request::Part::Header(header)) => header,
             _ => {
-                return Err(Status::invalid_argument(
+                return Err(plain(Status::invalid_argument(
                     "the first message of an upload must be its header",
-                ));
+                )));
             }
         };
-        let client_id = parse_client_id(&header.client_id).map_err(|error| to_status(&error))?;
+        let client_id = parse_client_id(&header.client_id).map_err(|error| {
+            let status = to_status(&error);
+            (None, error, status)
+        })?;
+        let refuse = |error: CoordinatorError| {
+            let status = to_status(&error);
+            (Some(client_id), error, status)
+        };
         if header.total_bytes > limit {
-            return Err(to_status(&CoordinatorError::TooLarge {
+            return Err(refuse(CoordinatorError::TooLarge {
                 size: header.total_bytes,
                 limit,
             }));
         }
-        let mut bytes = Vec::with_capacity(header.total_bytes as usize);
-        while let Some(part) = next_part(&mut stream).await? {
-            let submit_update_request::Part::Chunk(chunk) = part else {
-                return Err(Status::invalid_argument("a second header in one upload"));
-            };
-            if bytes.len() as u64 + chunk.len() as u64 > header.total_bytes {
-                return Err(Status::invalid_argument(
-                    "upload is longer than the total_bytes its header announced",
-                ));
+        self.coordinator
+            .check_upload(client_id, &header.task_id)
+            .await
+            .map_err(refuse)?;
+        let total = header.total_bytes;
+        let body = async {
+            // Grow with the bytes that actually arrive, never with what the header claims.
+            let mut bytes = Vec::with_capacity(total.min(4 * CHUNK_BYTES as u64) as usize);
+            while let Some(part) = next_part(&mut stream).await? {
+                let submit_update_request::Part::Chunk(chunk) = part else {
+                    return Err(Status::invalid_argument("a second header in one upload"));
+                };
+                if bytes.len() as u64 + chunk.len() as u64 > total {
+                    return Err(Status::invalid_argument(
+                        "upload is longer than the total_bytes its header announced",
+                    ));
+                }
+                bytes.extend_from_slice(&chunk);
             }
-            bytes.extend_from_slice(&chunk);
-        }
-        if bytes.len() as u64 != header.total_bytes {
-            return Err(Status::invalid_argument(format!(
-                "upload truncated: received {} of {} bytes",
-                bytes.len(),
-                header.total_bytes
-            )));
-        }
+            if bytes.len() as u64 != total {
+                return Err(Status::invalid_argument(format!(
+                    "upload truncated: received {} of {total} bytes",
+                    bytes.len()
+                )));
+            }
+            Ok(bytes)
+        };
+        let bytes = match tokio::time::timeout(UPLOAD_TIMEOUT, body).await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(status)) => {
+                let error = CoordinatorError::InvalidUpdate(status.message().to_string());
+                return Err((Some(client_id), error, status));
+            }
+            Err(_) => {
+                let status =
+                    Status::deadline_exceeded("upload did not complete within its deadline");
+                let error = CoordinatorError::InvalidUpdate(status.message().to_string());
+                return Err((Some(client_id), error, status));
+            }
+        };
         let metrics = header.metrics.unwrap_or_default();
         Ok(UpdateSubmission {
             client_id,
@@ -284,11 +320,12 @@ impl Federation for FederationService {
     ) -> Result<Response<pb::SubmitReceipt>, Status> {
         let submission = match self.receive_update(request.into_inner()).await {
             Ok(submission) => submission,
-            Err(status) => {
-                let refusal = CoordinatorError::InvalidUpdate(status.message().to_string());
-                self.coordinator
-                    .audit_rejection(None, "submit_update", &refusal)
-                    .await;
+            Err((client_id, error, status)) => {
+                if is_refusal(&error) {
+                    self.coordinator
+                        .audit_rejection(client_id, "submit_update", &error)
+                        .await;
+                }
                 return Err(status);
             }
         };

@@ -195,6 +195,8 @@ pub fn now_ms() -> i64 {
 
 const WAIT_RETRY_MS: u32 = 1_000;
 const MAX_CLIENT_NAME: usize = 64;
+const MAX_TASK_ID: usize = 96;
+const MAX_AUDIT_DETAIL: usize = 512;
 
 impl Coordinator {
     /// Opens (or creates) the federation in `store` and resumes it: a round caught in
@@ -229,6 +231,13 @@ impl Coordinator {
 
     async fn resume(&self) -> Result<()> {
         let _guard = self.lock.lock().await;
+        self.repair().await
+    }
+
+    /// With the lock held: finishes whatever an interrupted call or a crash left half done. A
+    /// round caught in `aggregating` is aggregated again; a closed or failed latest round gets its
+    /// successor; an empty federation gets its first round.
+    async fn repair(&self) -> Result<()> {
         let federation = self.federation().await?;
         if federation.state == "finished" {
             return Ok(());
@@ -236,9 +245,10 @@ impl Coordinator {
         match self.store.latest_round(self.federation_id).await? {
             None => {
                 self.insert_round(RoundKind::Train, None).await?;
+                self.changed.notify_waiters();
             }
             Some(round) if round.state == "aggregating" => {
-                info!(round_id = round.id, "resuming aggregation after restart");
+                info!(round_id = round.id, "resuming an interrupted aggregation");
                 self.aggregate_round(&round).await?;
             }
             Some(round) if round.state == "closed" || round.state == "failed" => {
@@ -449,6 +459,11 @@ impl Coordinator {
     }
 
     async fn owned_task(&self, client_id: i64, task_id: &str) -> Result<(TaskRow, RoundRow)> {
+        if task_id.len() > MAX_TASK_ID {
+            return Err(CoordinatorError::InvalidUpdate(format!(
+                "task id longer than {MAX_TASK_ID} characters"
+            )));
+        }
         let task = self
             .store
             .get_task(task_id)
@@ -461,6 +476,21 @@ impl Coordinator {
             CoordinatorError::Corrupt(format!("round of task {task_id} vanished"))
         })?;
         Ok((task, round))
+    }
+
+    /// Checks, from an upload's header alone, that the client may upload for this task at all, so
+    /// that a stranger's stream is refused before its bytes are read.
+    pub async fn check_upload(&self, client_id: i64, task_id: &str) -> Result<()> {
+        self.client(client_id).await?;
+        let (task, round) = self.owned_task(client_id, task_id).await?;
+        if round_kind(&round)? != RoundKind::Train {
+            return Err(CoordinatorError::WrongTaskKind {
+                task_id: task.id,
+                kind: round.kind,
+                message: "it takes an evaluation, not an update",
+            });
+        }
+        Ok(())
     }
 
     /// Validates and stores an update, then closes the round if it was the last one awaited.
@@ -509,6 +539,9 @@ impl Coordinator {
                 "num_examples must be at least 1".into(),
             ));
         }
+        // The aggregation weight is the example count, capped so that no site can outweigh the
+        // rest by claiming a huge count.
+        let num_examples = submission.num_examples.min(self.config.max_example_weight);
         let metrics = submission.metrics;
         if ![metrics.train_loss, metrics.eval_loss, metrics.seconds]
             .iter()
@@ -545,7 +578,7 @@ impl Coordinator {
             task_id: task.id.clone(),
             round_id: round.id,
             client_id: submission.client_id,
-            num_examples: submission.num_examples.min(i64::MAX as u64) as i64,
+            num_examples: num_examples as i64,
             sha256: sha256.clone(),
             bytes,
             train_loss: f64::from(metrics.train_loss),
@@ -558,7 +591,13 @@ impl Coordinator {
         let stored = match self.store.insert_update(&new_update).await {
             Ok(stored) => stored,
             Err(StoreError::Conflict(_)) => {
-                return Err(CoordinatorError::AlreadySubmitted(task.id));
+                // A concurrent retry got there first: same bytes, same receipt.
+                return match self.store.update_for_task(&task.id).await? {
+                    Some(existing) if existing.sha256 == sha256 => {
+                        Ok(receipt(&existing.id, round.id, existing.sha256))
+                    }
+                    _ => Err(CoordinatorError::AlreadySubmitted(task.id)),
+                };
             }
             Err(error) => return Err(error.into()),
         };
@@ -589,13 +628,14 @@ impl Coordinator {
                 "eval_loss must be a finite non-negative number".into(),
             ));
         }
+        let _guard = self.lock.lock().await;
+        let round = self.reload(round.id).await?;
         if !matches!(round.state.as_str(), "open" | "collecting") {
             return Err(CoordinatorError::StaleRound {
                 round_id: round.id,
                 state: round.state,
             });
         }
-        let _guard = self.lock.lock().await;
         let evaluation = EvaluationRow {
             task_id: task.id,
             round_id: round.id,
@@ -697,7 +737,7 @@ impl Coordinator {
             })
             .await
             .map_err(|error| CoordinatorError::Corrupt(format!("aggregation task: {error}")))??;
-            examples += update.num_examples;
+            examples = examples.saturating_add(update.num_examples);
         }
         let global = accumulator.finish()?;
         let metadata = HashMap::from([
@@ -731,6 +771,7 @@ impl Coordinator {
         let kind = round_kind(previous)?;
         if previous.state == "failed" {
             self.insert_round(kind, previous.base_round_id).await?;
+            self.changed.notify_waiters();
             return Ok(());
         }
         match kind {
@@ -791,6 +832,7 @@ impl Coordinator {
     /// Enforces the current round's deadline: aggregate with a quorum, else fail and retry.
     pub async fn tick(&self) -> Result<()> {
         let _guard = self.lock.lock().await;
+        self.repair().await?;
         let Some(round) = self.store.latest_round(self.federation_id).await? else {
             return Ok(());
         };
@@ -840,7 +882,14 @@ impl Coordinator {
         error: &CoordinatorError,
     ) {
         warn!(client_id, rpc, %error, "request refused");
-        let detail = format!("{rpc}: {error}");
+        let mut detail = format!("{rpc}: {error}");
+        if detail.len() > MAX_AUDIT_DETAIL {
+            let mut end = MAX_AUDIT_DETAIL;
+            while !detail.is_char_boundary(end) {
+                end -= 1;
+            }
+            detail.truncate(end);
+        }
         let known_client = match client_id {
             Some(id) => self
                 .store

@@ -70,14 +70,19 @@ impl SiteData {
 }
 
 /// Packs documents (each followed by `eos`) into one stream and cuts windows of `seq_len + 1`
-/// tokens that overlap by one, so every token after the first is a target exactly once.
+/// tokens that overlap by one, so every token after the first is a target exactly once. A stream
+/// shorter than one window becomes a single shorter window (if it has at least two tokens), so a
+/// site with little data still trains and evaluates.
 pub fn pack_windows(documents: &[Vec<u32>], eos: u32, seq_len: usize) -> Vec<Vec<u32>> {
     let stream: Vec<u32> = documents
         .iter()
         .flat_map(|document| document.iter().copied().chain(std::iter::once(eos)))
         .collect();
-    if seq_len == 0 || stream.len() < seq_len + 1 {
+    if seq_len == 0 || stream.len() < 2 {
         return Vec::new();
+    }
+    if stream.len() < seq_len + 1 {
+        return vec![stream];
     }
     (0..=(stream.len() - seq_len - 1) / seq_len)
         .map(|window| stream[window * seq_len..window * seq_len + seq_len + 1].to_vec())
@@ -97,7 +102,11 @@ mod tests {
             windows,
             vec![vec![10, 11, 12, 99, 20], vec![20, 21, 99, 30, 31]]
         );
-        assert!(pack_windows(&documents, 99, 64).is_empty());
+        assert_eq!(
+            pack_windows(&documents, 99, 64),
+            vec![vec![10, 11, 12, 99, 20, 21, 99, 30, 31, 32, 33, 99]]
+        );
+        assert!(pack_windows(&[], 99, 4).is_empty());
     }
 
     #[test]

@@ -1,0 +1,371 @@
+//! The round driver against the embedded store, without gRPC or models: task assignment, quorum,
+//! aggregation, idempotency, deadlines and resumption after a crash.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedlora_coordinator::aggregate::fedavg;
+use fedlora_coordinator::config::FederationConfig;
+use fedlora_coordinator::rounds::{
+    Coordinator, CoordinatorError, JoinRequest, NextTask, RoundKind, TaskAssignment, UpdateMetrics,
+    UpdateSubmission,
+};
+use fedlora_coordinator::store::{SqliteStore, Store};
+use fedlora_proto::adapter::{Adapter, ModelDims, TensorSpec, adapter_spec, sha256_hex};
+
+const FINGERPRINT: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+fn dims() -> ModelDims {
+    ModelDims {
+        num_layers: 2,
+        hidden_size: 8,
+        intermediate_size: 16,
+        num_attention_heads: 2,
+        num_key_value_heads: 1,
+        head_dim: 4,
+    }
+}
+
+fn config(rounds: u32, clients_per_round: u32) -> FederationConfig {
+    FederationConfig {
+        name: "unit".into(),
+        rounds,
+        min_clients: 2,
+        clients_per_round,
+        ..FederationConfig::default()
+    }
+}
+
+async fn store(dir: &tempfile::TempDir) -> Arc<dyn Store> {
+    let url = format!("sqlite://{}", dir.path().join("state.db").display());
+    Arc::new(SqliteStore::connect(&url).await.unwrap())
+}
+
+fn join_request(name: &str) -> JoinRequest {
+    JoinRequest {
+        client_name: name.into(),
+        max_rank: 16,
+        num_examples: 10,
+        base_model_fingerprint: FINGERPRINT.into(),
+        model_dims: dims(),
+    }
+}
+
+fn spec(config: &FederationConfig) -> Vec<TensorSpec> {
+    adapter_spec(&dims(), &config.lora).unwrap()
+}
+
+fn adapter(config: &FederationConfig, seed: f32) -> Adapter {
+    let mut adapter = Adapter::zeros(&spec(config));
+    for (offset, tensor) in adapter.tensors.values_mut().enumerate() {
+        for (index, value) in tensor.data.iter_mut().enumerate() {
+            *value = seed * ((index + offset) % 5) as f32 - 0.1;
+        }
+    }
+    adapter
+}
+
+async fn task(coordinator: &Coordinator, client_id: i64) -> TaskAssignment {
+    match coordinator
+        .next_task(client_id, Duration::ZERO)
+        .await
+        .unwrap()
+    {
+        NextTask::Task(task) => task,
+        other => panic!("expected a task, got {other:?}"),
+    }
+}
+
+fn submission(
+    client_id: i64,
+    task: &TaskAssignment,
+    adapter: &Adapter,
+    examples: u64,
+) -> UpdateSubmission {
+    let bytes = adapter.to_safetensors(None).unwrap();
+    UpdateSubmission {
+        client_id,
+        task_id: task.task_id.clone(),
+        num_examples: examples,
+        claimed_sha256: sha256_hex(&bytes),
+        bytes,
+        metrics: UpdateMetrics {
+            steps: 1,
+            tokens: 8,
+            train_loss: 2.0,
+            eval_loss: 2.5,
+            seconds: 0.1,
+        },
+    }
+}
+
+#[tokio::test]
+async fn join_pins_the_base_model_and_checks_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(store(&dir).await, config(1, 2))
+        .await
+        .unwrap();
+    let first = coordinator.join(&join_request("site-a")).await.unwrap();
+    let again = coordinator.join(&join_request("site-a")).await.unwrap();
+    assert_eq!(first.id, again.id, "a returning site keeps its id");
+
+    let other_model = JoinRequest {
+        base_model_fingerprint: "f".repeat(64),
+        ..join_request("site-b")
+    };
+    assert!(matches!(
+        coordinator.join(&other_model).await,
+        Err(CoordinatorError::ModelMismatch(_))
+    ));
+    let other_dims = JoinRequest {
+        model_dims: ModelDims {
+            hidden_size: 16,
+            ..dims()
+        },
+        ..join_request("site-b")
+    };
+    assert!(matches!(
+        coordinator.join(&other_dims).await,
+        Err(CoordinatorError::ModelMismatch(_))
+    ));
+    let bad_name = join_request("site b; drop table");
+    assert!(matches!(
+        coordinator.join(&bad_name).await,
+        Err(CoordinatorError::InvalidJoin(_))
+    ));
+    let low_rank = JoinRequest {
+        max_rank: 2,
+        ..join_request("site-c")
+    };
+    assert!(matches!(
+        coordinator.join(&low_rank).await,
+        Err(CoordinatorError::InvalidJoin(_))
+    ));
+    assert!(matches!(
+        coordinator.next_task(999, Duration::ZERO).await,
+        Err(CoordinatorError::UnknownClient(999))
+    ));
+}
+
+#[tokio::test]
+async fn a_full_federation_aggregates_each_round_and_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let config = config(2, 2);
+    let coordinator = Coordinator::start(store.clone(), config.clone())
+        .await
+        .unwrap();
+    let a = coordinator.join(&join_request("a")).await.unwrap().id;
+    let b = coordinator.join(&join_request("b")).await.unwrap().id;
+    let c = coordinator.join(&join_request("c")).await.unwrap().id;
+
+    let mut base = None;
+    for (round_index, seed) in [(0, 1.0f32), (1, -0.5)] {
+        let task_a = task(&coordinator, a).await;
+        assert_eq!(task_a.kind, RoundKind::Train);
+        assert_eq!(task_a.base_round_id, base);
+        let task_b = task(&coordinator, b).await;
+        assert_eq!(task_b.round_id, task_a.round_id);
+        assert!(
+            matches!(
+                coordinator.next_task(c, Duration::ZERO).await.unwrap(),
+                NextTask::Wait { .. }
+            ),
+            "the round is full"
+        );
+        // Asking again returns the same unfinished task.
+        assert_eq!(task(&coordinator, a).await, task_a);
+
+        let (update_a, update_b) = (adapter(&config, seed), adapter(&config, seed * 3.0));
+        let receipt = coordinator
+            .submit_update(submission(a, &task_a, &update_a, 30))
+            .await
+            .unwrap();
+        let retry = coordinator
+            .submit_update(submission(a, &task_a, &update_a, 30))
+            .await
+            .unwrap();
+        assert_eq!(
+            receipt, retry,
+            "a retry of the same bytes gets the same receipt"
+        );
+        assert!(matches!(
+            coordinator
+                .submit_update(submission(a, &task_a, &update_b, 30))
+                .await,
+            Err(CoordinatorError::AlreadySubmitted(_))
+        ));
+        assert!(matches!(
+            coordinator
+                .submit_update(submission(a, &task_b, &update_a, 30))
+                .await,
+            Err(CoordinatorError::NotYourTask(_))
+        ));
+        coordinator
+            .submit_update(submission(b, &task_b, &update_b, 10))
+            .await
+            .unwrap();
+
+        let round = store.get_round(task_a.round_id).await.unwrap().unwrap();
+        assert_eq!(round.state, "closed", "round {round_index}");
+        let global = store.global_adapter(round.id).await.unwrap().unwrap();
+        let expected = fedavg(&spec(&config), &[(30.0, &update_a), (10.0, &update_b)]).unwrap();
+        assert_eq!(Adapter::from_safetensors(&global.bytes).unwrap(), expected);
+        for update in store.list_updates(round.id).await.unwrap() {
+            assert_eq!(
+                store.update_bytes(update.id).await.unwrap(),
+                None,
+                "retention deletes update bytes"
+            );
+        }
+        base = Some(round.id);
+    }
+
+    let eval_a = task(&coordinator, a).await;
+    assert_eq!(
+        (eval_a.kind, eval_a.base_round_id),
+        (RoundKind::Evaluate, base)
+    );
+    let eval_b = task(&coordinator, b).await;
+    assert!(matches!(
+        coordinator
+            .submit_update(submission(a, &eval_a, &adapter(&config, 1.0), 1))
+            .await,
+        Err(CoordinatorError::WrongTaskKind { .. })
+    ));
+    coordinator
+        .submit_evaluation(a, &eval_a.task_id, 1.5, 100)
+        .await
+        .unwrap();
+    coordinator
+        .submit_evaluation(b, &eval_b.task_id, 2.5, 300)
+        .await
+        .unwrap();
+    assert!(matches!(
+        coordinator.next_task(a, Duration::ZERO).await.unwrap(),
+        NextTask::Finished { .. }
+    ));
+    let summaries = coordinator.rounds(10).await.unwrap();
+    assert_eq!(summaries.len(), 3);
+    assert!(
+        (summaries[0].mean_eval_loss - 2.25).abs() < 1e-9,
+        "token-weighted mean"
+    );
+    assert_eq!(summaries[1].updates, 2);
+    assert_eq!(summaries[1].examples, 40);
+    let status = coordinator.status().await.unwrap();
+    assert_eq!(
+        (status.federation.state.as_str(), status.rounds_closed),
+        ("finished", 2)
+    );
+}
+
+#[tokio::test]
+async fn a_round_without_quorum_fails_at_its_deadline_and_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let config = FederationConfig {
+        round_timeout_secs: 1,
+        ..config(1, 2)
+    };
+    let coordinator = Coordinator::start(store.clone(), config.clone())
+        .await
+        .unwrap();
+    let a = coordinator.join(&join_request("a")).await.unwrap().id;
+    let b = coordinator.join(&join_request("b")).await.unwrap().id;
+    let task_a = task(&coordinator, a).await;
+    let _task_b = task(&coordinator, b).await;
+    coordinator
+        .submit_update(submission(a, &task_a, &adapter(&config, 1.0), 5))
+        .await
+        .unwrap();
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    coordinator.tick().await.unwrap();
+    let failed = store.get_round(task_a.round_id).await.unwrap().unwrap();
+    assert_eq!(failed.state, "failed");
+    assert!(failed.failure.unwrap().contains("1 of 2"));
+    let retry = task(&coordinator, a).await;
+    assert_ne!(retry.round_id, task_a.round_id);
+    assert_eq!((retry.kind, retry.base_round_id), (RoundKind::Train, None));
+    // A late update for the failed round is refused.
+    let late = coordinator
+        .submit_update(submission(b, &_task_b, &adapter(&config, 1.0), 5))
+        .await;
+    assert!(
+        matches!(late, Err(CoordinatorError::StaleRound { .. })),
+        "{late:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_restarted_coordinator_finishes_an_interrupted_aggregation() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let config = config(1, 2);
+    let (task_a, task_b, update_a, update_b);
+    {
+        let coordinator = Coordinator::start(store.clone(), config.clone())
+            .await
+            .unwrap();
+        let a = coordinator.join(&join_request("a")).await.unwrap().id;
+        let b = coordinator.join(&join_request("b")).await.unwrap().id;
+        task_a = task(&coordinator, a).await;
+        task_b = task(&coordinator, b).await;
+        update_a = adapter(&config, 0.25);
+        update_b = adapter(&config, 4.0);
+        coordinator
+            .submit_update(submission(a, &task_a, &update_a, 3))
+            .await
+            .unwrap();
+        // The coordinator "crashes" after moving the round to aggregating with both updates durable.
+        assert!(
+            store
+                .transition_round(task_a.round_id, "collecting", "aggregating", None, 0)
+                .await
+                .unwrap()
+        );
+        let bytes = update_b.to_safetensors(None).unwrap();
+        store
+            .insert_update(&fedlora_coordinator::store::NewUpdate {
+                task_id: task_b.task_id.clone(),
+                round_id: task_b.round_id,
+                client_id: b,
+                num_examples: 1,
+                sha256: sha256_hex(&bytes),
+                bytes,
+                train_loss: 1.0,
+                local_eval_loss: 1.0,
+                steps: 1,
+                tokens: 1,
+                train_seconds: 0.0,
+                now_ms: 0,
+            })
+            .await
+            .unwrap();
+    }
+    let restarted = Coordinator::start(store.clone(), config.clone())
+        .await
+        .unwrap();
+    let round = store.get_round(task_a.round_id).await.unwrap().unwrap();
+    assert_eq!(round.state, "closed");
+    let global =
+        Adapter::from_safetensors(&store.global_adapter(round.id).await.unwrap().unwrap().bytes)
+            .unwrap();
+    assert_eq!(
+        global,
+        fedavg(&spec(&config), &[(3.0, &update_a), (1.0, &update_b)]).unwrap()
+    );
+    let status = restarted.status().await.unwrap();
+    assert_eq!(status.current_round.unwrap().kind, "evaluate");
+
+    let changed = FederationConfig {
+        rounds: 5,
+        ..config
+    };
+    assert!(matches!(
+        Coordinator::start(store, changed).await,
+        Err(CoordinatorError::ConfigChanged { .. })
+    ));
+}

@@ -1,0 +1,563 @@
+//! End-to-end federations over real gRPC on TCP loopback, with real client daemons training the
+//! tiny Llama. The PostgreSQL tests get a fresh migrated database each from `DATABASE_URL`.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedlora::sites::write_site_jsonl;
+use fedlora_client::daemon::{self, ClientTransport, DaemonConfig, sent_adapter_dir};
+use fedlora_client::model::{LlamaConfig, fingerprint};
+use fedlora_client::tiny::{TinyModelSpec, write_tiny_model};
+use fedlora_coordinator::config::{FederationConfig, TrainingConfig};
+use fedlora_coordinator::rounds::Coordinator;
+use fedlora_coordinator::server::{self, ServerTransport};
+use fedlora_coordinator::store::{PgStore, RoundRow, Store};
+use fedlora_proto::adapter::{Adapter, LoraSpec, adapter_spec, sha256_hex};
+use fedlora_proto::v1::federation_client::FederationClient;
+use fedlora_proto::v1::{self as pb, next_task_response, submit_update_request};
+use tokio::task::JoinHandle;
+use tonic::Code;
+
+struct Running {
+    url: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: JoinHandle<Result<(), server::ServeError>>,
+}
+
+async fn start_coordinator(store: Arc<dyn Store>, config: FederationConfig) -> Running {
+    let coordinator = Coordinator::start(store, config).await.unwrap();
+    let (listener, address) = server::bind(([127, 0, 0, 1], 0).into()).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(server::serve(
+        coordinator,
+        listener,
+        ServerTransport::Insecure,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Running {
+        url: format!("http://{address}"),
+        stop,
+        server,
+    }
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.server.await.unwrap().unwrap();
+    }
+}
+
+fn small_config(rounds: u32, clients_per_round: u32) -> FederationConfig {
+    FederationConfig {
+        name: "test".into(),
+        rounds,
+        min_clients: 2,
+        clients_per_round,
+        lora: LoraSpec {
+            rank: 4,
+            alpha: 8.0,
+            target_modules: vec!["q_proj".into(), "v_proj".into()],
+        },
+        training: TrainingConfig {
+            local_steps: 6,
+            learning_rate: 1e-2,
+            batch_size: 4,
+            seq_len: 32,
+        },
+        ..FederationConfig::default()
+    }
+}
+
+struct Site {
+    name: &'static str,
+    documents: usize,
+    state_dir: PathBuf,
+    data: PathBuf,
+}
+
+impl Site {
+    /// Training examples: every tenth document is held out.
+    fn num_examples(&self) -> u64 {
+        (self.documents - self.documents / 10) as u64
+    }
+}
+
+fn make_sites(dir: &Path, specs: &[(&'static str, usize)]) -> Vec<Site> {
+    specs
+        .iter()
+        .enumerate()
+        .map(|(index, (name, documents))| {
+            let data = dir.join(format!("{name}.jsonl"));
+            write_site_jsonl(&data, index, *documents, 3).unwrap();
+            Site {
+                name,
+                documents: *documents,
+                state_dir: dir.join("state").join(name),
+                data,
+            }
+        })
+        .collect()
+}
+
+fn spawn_daemon(
+    url: &str,
+    model_dir: &Path,
+    site: &Site,
+) -> JoinHandle<fedlora_client::error::Result<daemon::DaemonSummary>> {
+    let config = DaemonConfig {
+        coordinator: url.to_string(),
+        transport: ClientTransport::Insecure,
+        client_name: site.name.to_string(),
+        model_dir: model_dir.to_path_buf(),
+        data_path: site.data.clone(),
+        state_dir: site.state_dir.clone(),
+        max_rank: 16,
+        max_eval_windows: 16,
+    };
+    tokio::spawn(daemon::run(
+        config,
+        Arc::new(|_: &daemon::DaemonEvent| {}),
+        std::future::pending(),
+    ))
+}
+
+async fn wait_all(daemons: Vec<JoinHandle<fedlora_client::error::Result<daemon::DaemonSummary>>>) {
+    for daemon in daemons {
+        tokio::time::timeout(Duration::from_secs(300), daemon)
+            .await
+            .expect("daemon finished in time")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+fn read_adapter(path: &Path) -> (Adapter, String) {
+    let bytes = std::fs::read(path).unwrap();
+    (
+        Adapter::from_safetensors(&bytes).unwrap(),
+        sha256_hex(&bytes),
+    )
+}
+
+/// Asserts `global` equals Σ wₖ·adapterₖ / Σ wₖ, tensor by tensor, element by element.
+fn assert_weighted_mean(global: &Adapter, parts: &[(f64, &Adapter)]) {
+    let total: f64 = parts.iter().map(|(weight, _)| weight).sum();
+    assert_eq!(global.tensors.len(), parts[0].1.tensors.len());
+    for (name, tensor) in &global.tensors {
+        for (index, value) in tensor.data.iter().enumerate() {
+            let expected: f64 = parts
+                .iter()
+                .map(|(weight, adapter)| weight * f64::from(adapter.tensors[name].data[index]))
+                .sum::<f64>()
+                / total;
+            let tolerance = 1e-6 * expected.abs().max(1e-3);
+            assert!(
+                (f64::from(*value) - expected).abs() <= tolerance,
+                "{name}[{index}]: global {value} vs recomputed {expected}"
+            );
+        }
+    }
+}
+
+async fn rounds_oldest_first(store: &dyn Store, federation_id: i64) -> Vec<RoundRow> {
+    let mut rounds = store.list_rounds(federation_id, 100).await.unwrap();
+    rounds.reverse();
+    rounds
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn two_clients_two_rounds_on_postgres(pool: sqlx::PgPool) {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("model");
+    write_tiny_model(&model_dir, &TinyModelSpec::default()).unwrap();
+    let sites = make_sites(dir.path(), &[("clinic", 150), ("bank", 250)]);
+    let store: Arc<dyn Store> = Arc::new(PgStore::from_pool(pool));
+    let running = start_coordinator(store.clone(), small_config(2, 2)).await;
+    let daemons = sites
+        .iter()
+        .map(|site| spawn_daemon(&running.url, &model_dir, site))
+        .collect();
+    wait_all(daemons).await;
+    running.stop().await;
+
+    let federation = store.create_or_get_federation("test", "", 0).await.unwrap();
+    assert_eq!(federation.state, "finished");
+    let rounds = rounds_oldest_first(store.as_ref(), federation.id).await;
+    let kinds: Vec<(&str, &str)> = rounds
+        .iter()
+        .map(|round| (round.kind.as_str(), round.state.as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("train", "closed"),
+            ("train", "closed"),
+            ("evaluate", "closed")
+        ]
+    );
+    assert_eq!(rounds[1].base_round_id, Some(rounds[0].id));
+
+    for round in &rounds[..2] {
+        let global_row = store
+            .global_adapter(round.id)
+            .await
+            .unwrap()
+            .expect("global adapter stored");
+        let global = Adapter::from_safetensors(&global_row.bytes).unwrap();
+        assert_eq!(global_row.sha256, sha256_hex(&global_row.bytes));
+        assert_eq!(global_row.num_updates, 2);
+        let updates = store.list_updates(round.id).await.unwrap();
+        let mut parts = Vec::new();
+        for site in &sites {
+            let path = sent_adapter_dir(&site.state_dir, round.id as u64)
+                .join("adapter_model.safetensors");
+            let (adapter, sha256) = read_adapter(&path);
+            let update = updates
+                .iter()
+                .find(|update| update.sha256 == sha256)
+                .expect("stored update is the site's copy");
+            assert_eq!(update.num_examples as u64, site.num_examples());
+            assert!(
+                store.update_bytes(update.id).await.unwrap().is_none(),
+                "update bytes deleted after aggregation"
+            );
+            parts.push((site.num_examples() as f64, adapter));
+        }
+        let parts: Vec<(f64, &Adapter)> = parts
+            .iter()
+            .map(|(weight, adapter)| (*weight, adapter))
+            .collect();
+        assert_weighted_mean(&global, &parts);
+        let config: LlamaConfig =
+            serde_json::from_str(&std::fs::read_to_string(model_dir.join("config.json")).unwrap())
+                .unwrap();
+        global
+            .validate(&adapter_spec(&config.dims(), &small_config(2, 2).lora).unwrap())
+            .unwrap();
+    }
+    // The second round started from the first round's global adapter: its B factors are non-zero.
+    let first = Adapter::from_safetensors(
+        &store
+            .global_adapter(rounds[0].id)
+            .await
+            .unwrap()
+            .unwrap()
+            .bytes,
+    )
+    .unwrap();
+    assert!(
+        first
+            .tensors
+            .iter()
+            .any(|(name, t)| name.contains("lora_B") && t.data.iter().any(|v| *v != 0.0))
+    );
+}
+
+async fn join_raw(
+    url: &str,
+    name: &str,
+    model_dir: &Path,
+) -> (FederationClient<tonic::transport::Channel>, String) {
+    let config = LlamaConfig::from_file(&model_dir.join("config.json")).unwrap();
+    let dims = config.dims();
+    let mut client = FederationClient::connect(url.to_string()).await.unwrap();
+    let joined = client
+        .join(pb::JoinRequest {
+            client_name: name.into(),
+            max_rank: 16,
+            num_examples: 50,
+            base_model_fingerprint: fingerprint(model_dir).unwrap(),
+            model_shape: Some(pb::ModelShape {
+                num_layers: dims.num_layers as u32,
+                hidden_size: dims.hidden_size as u32,
+                intermediate_size: dims.intermediate_size as u32,
+                num_attention_heads: dims.num_attention_heads as u32,
+                num_key_value_heads: dims.num_key_value_heads as u32,
+                head_dim: dims.head_dim as u32,
+            }),
+            client_version: "test".into(),
+            device: "cpu".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (client, joined.client_id)
+}
+
+async fn next_task(
+    client: &mut FederationClient<tonic::transport::Channel>,
+    client_id: &str,
+) -> Option<pb::Task> {
+    let response = client
+        .next_task(pb::NextTaskRequest {
+            client_id: client_id.into(),
+            wait_ms: 5_000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match response.kind {
+        Some(next_task_response::Kind::Task(task)) => Some(task),
+        _ => None,
+    }
+}
+
+async fn upload(
+    client: &mut FederationClient<tonic::transport::Channel>,
+    client_id: &str,
+    task_id: &str,
+    bytes: &[u8],
+    claimed_sha256: &str,
+) -> Result<pb::SubmitReceipt, tonic::Status> {
+    let header = pb::UpdateHeader {
+        client_id: client_id.into(),
+        task_id: task_id.into(),
+        num_examples: 50,
+        total_bytes: bytes.len() as u64,
+        sha256: claimed_sha256.into(),
+        metrics: Some(pb::TrainMetrics {
+            steps: 1,
+            tokens: 10,
+            train_loss: 1.0,
+            eval_loss: 1.0,
+            seconds: 0.1,
+        }),
+    };
+    let mut messages = vec![pb::SubmitUpdateRequest {
+        part: Some(submit_update_request::Part::Header(header)),
+    }];
+    messages.push(pb::SubmitUpdateRequest {
+        part: Some(submit_update_request::Part::Chunk(bytes.to_vec())),
+    });
+    client
+        .submit_update(tokio_stream::iter(messages))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// A participant sends malformed updates; each is refused with INVALID_ARGUMENT (or NOT_FOUND for
+/// an unknown task) and audited, and the round still closes with the exact weighted mean of the
+/// accepted updates.
+#[sqlx::test(migrations = "./migrations")]
+async fn malformed_updates_are_refused_and_the_round_goes_on(pool: sqlx::PgPool) {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("model");
+    write_tiny_model(&model_dir, &TinyModelSpec::default()).unwrap();
+    let sites = make_sites(dir.path(), &[("clinic", 120), ("bank", 160)]);
+    let store: Arc<dyn Store> = Arc::new(PgStore::from_pool(pool));
+    let config = small_config(1, 3);
+    let running = start_coordinator(store.clone(), config.clone()).await;
+
+    let (mut mallory, mallory_id) = join_raw(&running.url, "mallory", &model_dir).await;
+    let task = next_task(&mut mallory, &mallory_id)
+        .await
+        .expect("a task for mallory");
+    let model_config = LlamaConfig::from_file(&model_dir.join("config.json")).unwrap();
+    let spec = adapter_spec(&model_config.dims(), &config.lora).unwrap();
+    let mut good = Adapter::zeros(&spec);
+    for (offset, tensor) in good.tensors.values_mut().enumerate() {
+        for (index, value) in tensor.data.iter_mut().enumerate() {
+            *value = ((index + offset) % 7) as f32 * 0.01;
+        }
+    }
+
+    let mut renamed = good.clone();
+    let first = renamed.tensors.keys().next().unwrap().clone();
+    let tensor = renamed.tensors.remove(&first).unwrap();
+    renamed
+        .tensors
+        .insert(first.replace("q_proj", "k_proj"), tensor);
+    let mut reshaped = good.clone();
+    let tensor = reshaped.tensors.values_mut().next().unwrap();
+    tensor.shape = vec![tensor.shape[1], tensor.shape[0]];
+    let mut poisoned = good.clone();
+    poisoned.tensors.values_mut().last().unwrap().data[0] = f32::NAN;
+
+    for (case, adapter) in [
+        ("renamed tensor", &renamed),
+        ("wrong shape", &reshaped),
+        ("nan value", &poisoned),
+    ] {
+        let bytes = adapter.to_safetensors(None).unwrap();
+        let status = upload(
+            &mut mallory,
+            &mallory_id,
+            &task.task_id,
+            &bytes,
+            &sha256_hex(&bytes),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{case}: {status:?}");
+    }
+    let bytes = good.to_safetensors(None).unwrap();
+    let status = upload(
+        &mut mallory,
+        &mallory_id,
+        &task.task_id,
+        &bytes,
+        &sha256_hex(b"other"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::InvalidArgument,
+        "sha256 mismatch: {status:?}"
+    );
+    assert!(status.message().contains("sha256"), "{}", status.message());
+    let status = upload(
+        &mut mallory,
+        &mallory_id,
+        "r1-c1-forged",
+        &bytes,
+        &sha256_hex(&bytes),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "unknown task: {status:?}");
+
+    let refused = store.list_audit(100).await.unwrap();
+    assert_eq!(
+        refused
+            .iter()
+            .filter(|event| event.kind == "request_refused")
+            .count(),
+        5,
+        "{refused:?}"
+    );
+    assert!(
+        refused
+            .iter()
+            .any(|event| event.detail.contains("non-finite"))
+    );
+
+    // The round went on: mallory's valid update is accepted, twice with the same receipt.
+    let receipt = upload(
+        &mut mallory,
+        &mallory_id,
+        &task.task_id,
+        &bytes,
+        &sha256_hex(&bytes),
+    )
+    .await
+    .unwrap();
+    let again = upload(
+        &mut mallory,
+        &mallory_id,
+        &task.task_id,
+        &bytes,
+        &sha256_hex(&bytes),
+    )
+    .await
+    .unwrap();
+    assert_eq!(receipt, again);
+    let daemons = sites
+        .iter()
+        .map(|site| spawn_daemon(&running.url, &model_dir, site))
+        .collect();
+    // Mallory also answers the final evaluation round so that it can close.
+    loop {
+        if let Some(task) = next_task(&mut mallory, &mallory_id).await {
+            assert_eq!(task.kind, pb::TaskKind::Evaluate as i32);
+            mallory
+                .submit_evaluation(pb::SubmitEvaluationRequest {
+                    client_id: mallory_id.clone(),
+                    task_id: task.task_id,
+                    eval_loss: 5.0,
+                    num_eval_tokens: 10,
+                })
+                .await
+                .unwrap();
+            break;
+        }
+    }
+    wait_all(daemons).await;
+    running.stop().await;
+
+    let federation = store.create_or_get_federation("test", "", 0).await.unwrap();
+    let rounds = rounds_oldest_first(store.as_ref(), federation.id).await;
+    assert_eq!(rounds[0].state, "closed");
+    let global = Adapter::from_safetensors(
+        &store
+            .global_adapter(rounds[0].id)
+            .await
+            .unwrap()
+            .unwrap()
+            .bytes,
+    )
+    .unwrap();
+    let honest: Vec<(f64, Adapter)> = sites
+        .iter()
+        .map(|site| {
+            let path = sent_adapter_dir(&site.state_dir, rounds[0].id as u64)
+                .join("adapter_model.safetensors");
+            (site.num_examples() as f64, read_adapter(&path).0)
+        })
+        .collect();
+    let mut parts: Vec<(f64, &Adapter)> = honest
+        .iter()
+        .map(|(weight, adapter)| (*weight, adapter))
+        .collect();
+    parts.push((50.0, &good));
+    assert_weighted_mean(&global, &parts);
+}
+
+/// The demo's federation (embedded SQLite store): after two rounds every site's held-out loss is
+/// below the untrained base model's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_site_beats_the_base_model_after_two_rounds() {
+    let options = fedlora::demo::DemoOptions {
+        rounds: 2,
+        documents_per_site: 200,
+        model: TinyModelSpec::default(),
+        training: TrainingConfig {
+            local_steps: 15,
+            learning_rate: 1e-2,
+            batch_size: 8,
+            seq_len: 48,
+        },
+        show_progress: false,
+        ..fedlora::demo::DemoOptions::default()
+    };
+    let report = fedlora::demo::run(options).await.unwrap();
+    let base = report
+        .rounds
+        .iter()
+        .find(|round| round.kind == "train" && round.base_round_id == 0)
+        .unwrap();
+    let last = report
+        .rounds
+        .iter()
+        .find(|round| round.kind == "evaluate")
+        .unwrap();
+    assert_eq!(last.state, "closed");
+    assert_eq!(
+        report
+            .rounds
+            .iter()
+            .filter(|round| round.kind == "train" && round.state == "closed")
+            .count(),
+        2
+    );
+    assert_eq!(base.clients.len(), 3);
+    for site in &base.clients {
+        let after = last
+            .clients
+            .iter()
+            .find(|client| client.client_name == site.client_name)
+            .unwrap();
+        assert!(
+            after.eval_loss < site.eval_loss - 0.2,
+            "{}: held-out loss {} with the base model, {} after round 2",
+            site.client_name,
+            site.eval_loss,
+            after.eval_loss
+        );
+    }
+}
