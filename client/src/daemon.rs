@@ -370,7 +370,7 @@ async fn run_task(
         batch_size,
         seq_len,
         // The task's seed is shared by the round (same LoRA init everywhere); batches differ per site.
-        seed: params.seed ^ site_seed(client_id),
+        seed: params.seed ^ site_seed(&config.client_name),
     };
     let windows = pack_windows(&site.data.train, site.eos, seq_len);
     let round_id = task.round_id;
@@ -452,8 +452,9 @@ async fn run_task(
     Ok(())
 }
 
-fn site_seed(client_id: &str) -> u64 {
-    client_id
+fn site_seed(client_name: &str) -> u64 {
+    // FNV-1a of the site name: stable across runs and restarts.
+    client_name
         .bytes()
         .fold(0xCBF2_9CE4_8422_2325u64, |hash, byte| {
             (hash ^ u64::from(byte)).wrapping_mul(0x100_0000_01B3)

@@ -437,9 +437,10 @@ impl Coordinator {
             lora,
             training,
             base_round_id: round.base_round_id,
-            seed: (round.id as u64)
-                .wrapping_mul(1_000_003)
-                .wrapping_add(task.client_id as u64),
+            // One seed per round: every client initialises the same LoRA A in a fresh round, so
+            // that averaging A and B separately does not mix unrelated subspaces. Clients mix in
+            // their own name for batch sampling.
+            seed: (round.id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             deadline_ms: round.deadline_ms,
         })
     }

@@ -56,6 +56,9 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let local = listener.local_addr().ok();
     match transport {
+        ServerTransport::Insecure if local.is_some_and(|addr| addr.ip().is_loopback()) => {
+            info!(addr = ?local, "serving plaintext grpc on loopback (--insecure)");
+        }
         ServerTransport::Insecure => {
             warn!(addr = ?local, "serving plaintext grpc (--insecure): no transport security");
         }

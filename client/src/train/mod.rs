@@ -320,4 +320,38 @@ mod tests {
             .unwrap();
         assert_eq!(ours, theirs);
     }
+
+    /// Same seed, same adapter: sequentially and with several trainings running at once (as in
+    /// the demo), so runs and their aggregates are reproducible.
+    #[test]
+    fn training_is_reproducible_even_concurrently() {
+        let (_dir, base) = tiny();
+        let windows = sample_windows(32);
+        let lora = LoraSpec {
+            rank: 4,
+            alpha: 8.0,
+            target_modules: vec!["q_proj".into(), "v_proj".into()],
+        };
+        let config = TrainConfig {
+            local_steps: 8,
+            learning_rate: 1e-2,
+            batch_size: 4,
+            seq_len: 32,
+            seed: 5,
+        };
+        let run = |model: &Llama| {
+            let mut model = model.clone();
+            model.attach_lora(&lora, 1).unwrap();
+            train(&model, &windows, &config, &mut |_, _| {}).unwrap();
+            model.export_adapter().unwrap()
+        };
+        let reference = run(&base.model);
+        assert_eq!(run(&base.model), reference);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..3).map(|_| scope.spawn(|| run(&base.model))).collect();
+            for handle in handles {
+                assert_eq!(handle.join().unwrap(), reference);
+            }
+        });
+    }
 }
