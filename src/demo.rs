@@ -109,17 +109,13 @@ pub async fn run(options: DemoOptions) -> Result<DemoReport> {
         ..FederationConfig::default()
     };
     let coordinator = Coordinator::start(store, config).await?;
-    let (listener, address) = server::bind(([127, 0, 0, 1], 0).into()).await?;
-    let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(server::serve(
+    let server = server::spawn(
         coordinator,
-        listener,
+        ([127, 0, 0, 1], 0).into(),
         ServerTransport::Insecure,
-        async move {
-            let _ = server_stopped.await;
-        },
-    ));
-    let url = format!("http://{address}");
+    )
+    .await?;
+    let url = server.url();
 
     let bars = MultiProgress::with_draw_target(if options.show_progress {
         ProgressDrawTarget::stderr()
@@ -165,8 +161,7 @@ pub async fn run(options: DemoOptions) -> Result<DemoReport> {
         .await?
         .into_inner()
         .rounds;
-    let _ = stop_server.send(());
-    server.await.context("server task panicked")??;
+    server.stop().await?;
     drop(temp);
     Ok(DemoReport {
         dir: options.dir,

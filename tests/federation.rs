@@ -12,7 +12,7 @@ use fedlora_client::model::{LlamaConfig, fingerprint};
 use fedlora_client::tiny::{TinyModelSpec, write_tiny_model};
 use fedlora_coordinator::config::{FederationConfig, TrainingConfig};
 use fedlora_coordinator::rounds::Coordinator;
-use fedlora_coordinator::server::{self, ServerTransport};
+use fedlora_coordinator::server::{self, RunningServer, ServerTransport};
 use fedlora_coordinator::store::{PgStore, RoundRow, Store};
 use fedlora_proto::adapter::{Adapter, LoraSpec, adapter_spec, sha256_hex};
 use fedlora_proto::v1::federation_client::FederationClient;
@@ -20,36 +20,25 @@ use fedlora_proto::v1::{self as pb, next_task_response, submit_update_request};
 use tokio::task::JoinHandle;
 use tonic::Code;
 
-struct Running {
-    url: String,
-    stop: tokio::sync::oneshot::Sender<()>,
-    server: JoinHandle<Result<(), server::ServeError>>,
-}
-
-async fn start_coordinator(store: Arc<dyn Store>, config: FederationConfig) -> Running {
+async fn start_coordinator(store: Arc<dyn Store>, config: FederationConfig) -> RunningServer {
     let coordinator = Coordinator::start(store, config).await.unwrap();
-    let (listener, address) = server::bind(([127, 0, 0, 1], 0).into()).await.unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(server::serve(
+    server::spawn(
         coordinator,
-        listener,
+        ([127, 0, 0, 1], 0).into(),
         ServerTransport::Insecure,
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    Running {
-        url: format!("http://{address}"),
-        stop,
-        server,
-    }
+    )
+    .await
+    .unwrap()
 }
 
-impl Running {
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.server.await.unwrap().unwrap();
-    }
+/// The global adapter a round committed.
+async fn global_adapter(store: &dyn Store, round_id: i64) -> Adapter {
+    let row = store
+        .global_adapter(round_id)
+        .await
+        .unwrap()
+        .expect("global adapter stored");
+    Adapter::from_safetensors(&row.bytes).unwrap()
 }
 
 fn small_config(rounds: u32, clients_per_round: u32) -> FederationConfig {
@@ -180,10 +169,10 @@ async fn two_clients_two_rounds_on_postgres(pool: sqlx::PgPool) {
     let running = start_coordinator(store.clone(), small_config(2, 2)).await;
     let daemons = sites
         .iter()
-        .map(|site| spawn_daemon(&running.url, &model_dir, site))
+        .map(|site| spawn_daemon(&running.url(), &model_dir, site))
         .collect();
     wait_all(daemons).await;
-    running.stop().await;
+    running.stop().await.unwrap();
 
     let federation = store.create_or_get_federation("test", "", 0).await.unwrap();
     assert_eq!(federation.state, "finished");
@@ -241,15 +230,7 @@ async fn two_clients_two_rounds_on_postgres(pool: sqlx::PgPool) {
             .unwrap();
     }
     // The second round started from the first round's global adapter: its B factors are non-zero.
-    let first = Adapter::from_safetensors(
-        &store
-            .global_adapter(rounds[0].id)
-            .await
-            .unwrap()
-            .unwrap()
-            .bytes,
-    )
-    .unwrap();
+    let first = global_adapter(store.as_ref(), rounds[0].id).await;
     assert!(
         first
             .tensors
@@ -272,14 +253,7 @@ async fn join_raw(
             max_rank: 16,
             num_examples: 50,
             base_model_fingerprint: fingerprint(model_dir).unwrap(),
-            model_shape: Some(pb::ModelShape {
-                num_layers: dims.num_layers as u32,
-                hidden_size: dims.hidden_size as u32,
-                intermediate_size: dims.intermediate_size as u32,
-                num_attention_heads: dims.num_attention_heads as u32,
-                num_key_value_heads: dims.num_key_value_heads as u32,
-                head_dim: dims.head_dim as u32,
-            }),
+            model_shape: Some(dims.into()),
             client_version: "test".into(),
             device: "cpu".into(),
         })
@@ -353,7 +327,7 @@ async fn malformed_updates_are_refused_and_the_round_goes_on(pool: sqlx::PgPool)
     let config = small_config(1, 3);
     let running = start_coordinator(store.clone(), config.clone()).await;
 
-    let (mut mallory, mallory_id) = join_raw(&running.url, "mallory", &model_dir).await;
+    let (mut mallory, mallory_id) = join_raw(&running.url(), "mallory", &model_dir).await;
     let task = next_task(&mut mallory, &mallory_id)
         .await
         .expect("a task for mallory");
@@ -459,7 +433,7 @@ async fn malformed_updates_are_refused_and_the_round_goes_on(pool: sqlx::PgPool)
     assert_eq!(receipt, again);
     let daemons = sites
         .iter()
-        .map(|site| spawn_daemon(&running.url, &model_dir, site))
+        .map(|site| spawn_daemon(&running.url(), &model_dir, site))
         .collect();
     // Mallory also answers the final evaluation round so that it can close.
     loop {
@@ -478,20 +452,12 @@ async fn malformed_updates_are_refused_and_the_round_goes_on(pool: sqlx::PgPool)
         }
     }
     wait_all(daemons).await;
-    running.stop().await;
+    running.stop().await.unwrap();
 
     let federation = store.create_or_get_federation("test", "", 0).await.unwrap();
     let rounds = rounds_oldest_first(store.as_ref(), federation.id).await;
     assert_eq!(rounds[0].state, "closed");
-    let global = Adapter::from_safetensors(
-        &store
-            .global_adapter(rounds[0].id)
-            .await
-            .unwrap()
-            .unwrap()
-            .bytes,
-    )
-    .unwrap();
+    let global = global_adapter(store.as_ref(), rounds[0].id).await;
     let honest: Vec<(f64, Adapter)> = sites
         .iter()
         .map(|site| {

@@ -227,14 +227,7 @@ async fn session(
             max_rank: config.max_rank as u32,
             num_examples: site.data.num_examples() as u64,
             base_model_fingerprint: site.fingerprint.clone(),
-            model_shape: Some(pb::ModelShape {
-                num_layers: config_dims.num_layers as u32,
-                hidden_size: config_dims.hidden_size as u32,
-                intermediate_size: config_dims.intermediate_size as u32,
-                num_attention_heads: config_dims.num_attention_heads as u32,
-                num_key_value_heads: config_dims.num_key_value_heads as u32,
-                head_dim: config_dims.head_dim as u32,
-            }),
+            model_shape: Some(config_dims.into()),
             client_version: env!("CARGO_PKG_VERSION").into(),
             device: format!("{:?}", site.model.device()),
         })

@@ -213,14 +213,7 @@ impl Federation for FederationService {
             max_rank: request.max_rank as usize,
             num_examples: request.num_examples,
             base_model_fingerprint: request.base_model_fingerprint,
-            model_dims: ModelDims {
-                num_layers: shape.num_layers as usize,
-                hidden_size: shape.hidden_size as usize,
-                intermediate_size: shape.intermediate_size as usize,
-                num_attention_heads: shape.num_attention_heads as usize,
-                num_key_value_heads: shape.num_key_value_heads as usize,
-                head_dim: shape.head_dim as usize,
-            },
+            model_dims: ModelDims::from(shape),
         };
         let client = match self.coordinator.join(&join).await {
             Ok(client) => client,

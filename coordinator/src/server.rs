@@ -33,6 +33,8 @@ pub enum ServeError {
     },
     #[error("grpc server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("server task failed: {0}")]
+    Task(String),
 }
 
 /// Binds `addr` (port 0 picks a free port) and returns the listener and its actual address.
@@ -86,4 +88,40 @@ pub async fn serve(
     ticker.abort();
     info!("coordinator stopped");
     Ok(result?)
+}
+
+/// A coordinator serving on a background task, for embedding (the demo, tests).
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), ServeError>>,
+}
+
+impl RunningServer {
+    /// `http://ADDR`, for clients.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting calls, drains the ones in flight, and waits for the server to end.
+    pub async fn stop(self) -> Result<(), ServeError> {
+        let _ = self.stop.send(());
+        self.task
+            .await
+            .map_err(|error| ServeError::Task(error.to_string()))?
+    }
+}
+
+/// Binds `addr` and serves on a background task until [`RunningServer::stop`].
+pub async fn spawn(
+    coordinator: Arc<Coordinator>,
+    addr: SocketAddr,
+    transport: ServerTransport,
+) -> Result<RunningServer, ServeError> {
+    let (listener, addr) = bind(addr).await?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(serve(coordinator, listener, transport, async move {
+        let _ = stopped.await;
+    }));
+    Ok(RunningServer { addr, stop, task })
 }

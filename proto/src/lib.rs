@@ -14,3 +14,30 @@ pub mod v1 {
 
 /// Size of one chunk of adapter bytes on the wire (uploads and downloads).
 pub const CHUNK_BYTES: usize = 1 << 20;
+
+impl From<adapter::ModelDims> for v1::ModelShape {
+    fn from(dims: adapter::ModelDims) -> Self {
+        let narrow = |value: usize| u32::try_from(value).unwrap_or(u32::MAX);
+        Self {
+            num_layers: narrow(dims.num_layers),
+            hidden_size: narrow(dims.hidden_size),
+            intermediate_size: narrow(dims.intermediate_size),
+            num_attention_heads: narrow(dims.num_attention_heads),
+            num_key_value_heads: narrow(dims.num_key_value_heads),
+            head_dim: narrow(dims.head_dim),
+        }
+    }
+}
+
+impl From<v1::ModelShape> for adapter::ModelDims {
+    fn from(shape: v1::ModelShape) -> Self {
+        Self {
+            num_layers: shape.num_layers as usize,
+            hidden_size: shape.hidden_size as usize,
+            intermediate_size: shape.intermediate_size as usize,
+            num_attention_heads: shape.num_attention_heads as usize,
+            num_key_value_heads: shape.num_key_value_heads as usize,
+            head_dim: shape.head_dim as usize,
+        }
+    }
+}
