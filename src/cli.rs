@@ -43,6 +43,28 @@ pub enum Command {
     InitTinyModel(InitTinyModelArgs),
     /// Run a whole federation on this machine: a coordinator and three sites over loopback gRPC.
     Demo(DemoArgs),
+    /// Measure local LoRA training throughput (tokens/s) on a random model of fixed dimensions.
+    BenchTrain(BenchTrainArgs),
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum BenchPreset {
+    /// Llama hidden 512, 8 layers, vocab 32000; LoRA r=16 on q,k,v,o; batch 8 x 128.
+    Reference,
+    /// SmolLM2-135M dimensions; LoRA r=8 on q,v; batch 4 x 64.
+    Smollm2,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchTrainArgs {
+    #[arg(long, value_enum, default_value = "reference")]
+    pub preset: BenchPreset,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
 }
 
 /// Transport security choice shared by every networked command.
@@ -216,6 +238,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Rounds(args) => rounds(args).await,
         Command::InitTinyModel(args) => init_tiny_model(&args),
         Command::Demo(args) => run_demo(args).await,
+        Command::BenchTrain(args) => bench_train(&args),
     }
 }
 
@@ -453,5 +476,27 @@ async fn run_demo(args: DemoArgs) -> Result<()> {
         ),
         None => println!("run with --dir DIR to keep the model, data, database and sent adapters"),
     }
+    Ok(())
+}
+
+fn bench_train(args: &BenchTrainArgs) -> Result<()> {
+    use fedlora_client::bench::{TrainBench, run_train_bench};
+    let bench = match args.preset {
+        BenchPreset::Reference => TrainBench::reference(),
+        BenchPreset::Smollm2 => TrainBench::smollm2(),
+    };
+    let report = run_train_bench(&bench, args.warmup, args.steps)?;
+    println!(
+        "{}: {:.1} tokens/s ({:.3} s/step over {} steps, batch {} x {}), peak rss {}",
+        bench.name,
+        report.tokens_per_second,
+        report.seconds_per_step,
+        report.steps,
+        bench.batch_size,
+        bench.seq_len,
+        report
+            .peak_rss_bytes
+            .map_or("unknown".into(), |bytes| format!("{} MiB", bytes >> 20))
+    );
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! tensors, example/token counts and loss metrics (see [`daemon`]); text, tokens and per-example
 //! values never do.
 
+pub mod bench;
 pub mod daemon;
 pub mod error;
 pub mod model;

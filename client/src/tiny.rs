@@ -93,7 +93,7 @@ pub fn write_tiny_model(dir: &Path, spec: &TinyModelSpec) -> Result<LlamaConfig>
     Ok(config)
 }
 
-fn random_weights(config: &LlamaConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
+pub(crate) fn random_weights(config: &LlamaConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
     let mut rng = seeded_rng(seed);
     let device = Device::Cpu;
     let mut matrix = |rows: usize, cols: usize| -> Result<Tensor> {

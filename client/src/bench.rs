@@ -1,0 +1,145 @@
+//! Training-throughput benchmark: LoRA steps per second on a random Llama of given dimensions.
+//! Used by `fedlora bench-train`; numbers go in the README with the command that made them.
+
+use std::time::Instant;
+
+use candle_core::Device;
+use fedlora_proto::adapter::LoraSpec;
+use rand::Rng;
+
+use crate::error::Result;
+use crate::model::lora::seeded_rng;
+use crate::model::{Llama, LlamaConfig};
+use crate::tiny::random_weights;
+use crate::train::{TrainConfig, train};
+
+/// A benchmark configuration: model dimensions, LoRA and batch shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainBench {
+    pub name: &'static str,
+    pub config: LlamaConfig,
+    pub lora: LoraSpec,
+    pub batch_size: usize,
+    pub seq_len: usize,
+}
+
+fn llama(
+    hidden: usize,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    intermediate: usize,
+    vocab: usize,
+    tied: bool,
+) -> LlamaConfig {
+    LlamaConfig {
+        architectures: vec!["LlamaForCausalLM".into()],
+        model_type: "llama".into(),
+        hidden_size: hidden,
+        intermediate_size: intermediate,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        num_key_value_heads: Some(kv_heads),
+        head_dim: None,
+        vocab_size: vocab,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        rope_scaling: None,
+        max_position_embeddings: 2048,
+        tie_word_embeddings: tied,
+        hidden_act: "silu".into(),
+        attention_bias: false,
+        bos_token_id: Some(1),
+        eos_token_id: Some(serde_json::json!(2)),
+    }
+}
+
+impl TrainBench {
+    /// The engine issue's reference: Llama hidden 512, 8 layers, 8 heads, intermediate 1408,
+    /// vocab 32000 untied; LoRA r=16 α=32 on q,k,v,o; batch 8 × 128.
+    pub fn reference() -> Self {
+        Self {
+            name: "reference",
+            config: llama(512, 8, 8, 8, 1408, 32_000, false),
+            lora: LoraSpec {
+                rank: 16,
+                alpha: 32.0,
+                target_modules: ["q_proj", "k_proj", "v_proj", "o_proj"]
+                    .map(String::from)
+                    .to_vec(),
+            },
+            batch_size: 8,
+            seq_len: 128,
+        }
+    }
+
+    /// SmolLM2-135M dimensions (30 layers, hidden 576, 9/3 heads, vocab 49152, tied); LoRA r=8 on
+    /// q,v; batch 4 × 64.
+    pub fn smollm2() -> Self {
+        Self {
+            name: "smollm2",
+            config: llama(576, 30, 9, 3, 1536, 49_152, true),
+            lora: LoraSpec {
+                rank: 8,
+                alpha: 16.0,
+                target_modules: vec!["q_proj".into(), "v_proj".into()],
+            },
+            batch_size: 4,
+            seq_len: 64,
+        }
+    }
+}
+
+/// What a benchmark run measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BenchReport {
+    pub steps: usize,
+    pub tokens_per_second: f64,
+    pub seconds_per_step: f64,
+    /// Peak resident memory of the process, when the OS reports it.
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// Runs `warmup` untimed then `steps` timed AdamW steps on random tokens.
+pub fn run_train_bench(bench: &TrainBench, warmup: usize, steps: usize) -> Result<BenchReport> {
+    let device = Device::Cpu;
+    let weights = random_weights(&bench.config, 1)?;
+    let mut model = Llama::from_weights(bench.config.clone(), weights, &device)?;
+    model.attach_lora(&bench.lora, 2)?;
+    let mut rng = seeded_rng(3);
+    let vocab = bench.config.vocab_size as u32;
+    let windows: Vec<Vec<u32>> = (0..bench.batch_size * 4)
+        .map(|_| {
+            (0..=bench.seq_len)
+                .map(|_| rng.random_range(0..vocab))
+                .collect()
+        })
+        .collect();
+    let config = |local_steps| TrainConfig {
+        local_steps,
+        learning_rate: 1e-4,
+        batch_size: bench.batch_size,
+        seq_len: bench.seq_len,
+        seed: 4,
+    };
+    if warmup > 0 {
+        train(&model, &windows, &config(warmup), &mut |_, _| {})?;
+    }
+    let started = Instant::now();
+    let report = train(&model, &windows, &config(steps.max(1)), &mut |_, _| {})?;
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(BenchReport {
+        steps: report.steps,
+        tokens_per_second: report.tokens as f64 / seconds,
+        seconds_per_step: seconds / report.steps as f64,
+        peak_rss_bytes: peak_rss_bytes(),
+    })
+}
+
+/// `VmHWM` from `/proc/self/status` (Linux), in bytes.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
