@@ -288,7 +288,7 @@ impl Llama {
         }
         let hidden = self.norm.forward(&hidden)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        Ok(hidden.broadcast_matmul(&head.t()?)?)
+        super::frozen::frozen_matmul_t(&hidden, head)
     }
 }
 

@@ -58,7 +58,7 @@ impl LoraLinear {
 
     /// `x` is `[..., in]`; returns `[..., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let base = x.broadcast_matmul(&self.weight.t()?)?;
+        let base = super::frozen::frozen_matmul_t(x, &self.weight)?;
         match &self.lora {
             None => Ok(base),
             Some(lora) => {

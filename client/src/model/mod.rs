@@ -2,6 +2,7 @@
 //! or shards listed in `model.safetensors.index.json`, `tokenizer.json`), and its fingerprint.
 
 pub mod config;
+pub mod frozen;
 pub mod llama;
 pub mod lora;
 

@@ -1,0 +1,112 @@
+//! `x·Wᵀ` for a frozen weight W whose backward pass computes only ∂L/∂x.
+//!
+//! candle's matmul backward always computes the gradients of both operands, so every frozen
+//! projection (and the vocabulary-sized `lm_head`) would cost a full weight-gradient product per
+//! step that nobody reads. Here the product is computed without a graph and passed through a
+//! custom op whose backward is `∂L/∂x = ∂L/∂y · W`. On devices other than the CPU, and when `x`
+//! needs no gradient, the plain matmul is used.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+
+use crate::error::Result;
+
+struct InputGradOnly {
+    /// `[out, in]`.
+    weight: Tensor,
+}
+
+impl CustomOp2 for InputGradOnly {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    /// Passes the precomputed product (the second argument) through.
+    fn cpu_fwd(
+        &self,
+        _input: &CpuStorage,
+        _input_layout: &Layout,
+        product: &CpuStorage,
+        product_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(values) = product else {
+            candle_core::bail!("frozen-matmul expects an f32 product");
+        };
+        let Some((start, end)) = product_layout.contiguous_offsets() else {
+            candle_core::bail!("frozen-matmul expects a contiguous product");
+        };
+        Ok((
+            CpuStorage::F32(values[start..end].to_vec()),
+            product_layout.shape().clone(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        _input: &Tensor,
+        _product: &Tensor,
+        _result: &Tensor,
+        grad_result: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad_result.broadcast_matmul(&self.weight)?), None))
+    }
+}
+
+/// `x·Wᵀ` with `x` `[..., in]` and a frozen `weight` `[out, in]`.
+pub fn frozen_matmul_t(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let plain = || x.broadcast_matmul(&weight.t()?);
+    if !x.track_op() || !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+        return Ok(plain()?);
+    }
+    let weight = weight.detach();
+    let product = x.detach().broadcast_matmul(&weight.t()?)?.contiguous()?;
+    Ok(x.apply_op2(&product, InputGradOnly { weight })?)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use candle_core::{Device, Var};
+
+    use super::*;
+
+    #[test]
+    fn same_values_and_input_gradient_as_matmul_and_no_weight_gradient() {
+        let device = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 5), &device).unwrap()).unwrap();
+        let weight = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 5), &device).unwrap()).unwrap();
+        let target = Tensor::randn(0f32, 1.0, (2, 3, 4), &device).unwrap();
+
+        let plain = x
+            .broadcast_matmul(&weight.as_tensor().t().unwrap())
+            .unwrap();
+        let frozen = frozen_matmul_t(x.as_tensor(), weight.as_tensor()).unwrap();
+        assert_eq!(
+            plain.to_vec3::<f32>().unwrap(),
+            frozen.to_vec3::<f32>().unwrap()
+        );
+
+        let loss = |y: &Tensor| (y * &target).unwrap().sum_all().unwrap();
+        let plain_grads = loss(&plain).backward().unwrap();
+        let frozen_grads = loss(&frozen).backward().unwrap();
+        let expected = plain_grads
+            .get(x.as_tensor())
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap();
+        let got = frozen_grads
+            .get(x.as_tensor())
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap();
+        for (row_expected, row_got) in expected.iter().flatten().zip(got.iter().flatten()) {
+            for (e, g) in row_expected.iter().zip(row_got) {
+                assert!((e - g).abs() < 1e-5, "{e} vs {g}");
+            }
+        }
+        assert!(plain_grads.get(weight.as_tensor()).is_some());
+        assert!(
+            frozen_grads.get(weight.as_tensor()).is_none(),
+            "the frozen weight gets no gradient"
+        );
+    }
+}
