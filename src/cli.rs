@@ -45,6 +45,34 @@ pub enum Command {
     Demo(DemoArgs),
     /// Measure local LoRA training throughput (tokens/s) on a random model of fixed dimensions.
     BenchTrain(BenchTrainArgs),
+    /// Generate text with a base model (HF directory or .gguf file) and an optional LoRA adapter.
+    Generate(GenerateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Base model: a Hugging Face directory or a Llama .gguf file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// The prompt. Wrapped in the ChatML template when the tokenizer has <|im_start|>, unless --raw.
+    #[arg(long)]
+    pub prompt: String,
+    /// Use the prompt as is, without a chat template.
+    #[arg(long)]
+    pub raw: bool,
+    #[arg(long, default_value_t = 48)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 decodes greedily.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling mass.
+    #[arg(long, default_value_t = 0.9)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -239,6 +267,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::InitTinyModel(args) => init_tiny_model(&args),
         Command::Demo(args) => run_demo(args).await,
         Command::BenchTrain(args) => bench_train(&args),
+        Command::Generate(args) => generate(&args),
     }
 }
 
@@ -497,6 +526,53 @@ fn bench_train(args: &BenchTrainArgs) -> Result<()> {
         report
             .peak_rss_bytes
             .map_or("unknown".into(), |bytes| format!("{} MiB", bytes >> 20))
+    );
+    Ok(())
+}
+
+fn generate(args: &GenerateArgs) -> Result<()> {
+    use fedlora_client::generate::{GenerateConfig, generate};
+    use fedlora_client::model::{BaseModel, default_device, peft::read_peft_adapter};
+    let mut base = BaseModel::load(&args.model, &default_device())
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    if let Some(dir) = &args.adapter {
+        let (lora, adapter) = read_peft_adapter(dir)?;
+        base.model.attach_lora(&lora, 0)?;
+        base.model
+            .load_adapter(&adapter)
+            .with_context(|| format!("applying the adapter in {}", dir.display()))?;
+    }
+    let chat_start = base.tokenizer.token_to_id("<|im_start|>");
+    let text = match chat_start {
+        Some(_) if !args.raw => format!(
+            "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
+            args.prompt
+        ),
+        _ => args.prompt.clone(),
+    };
+    let encoding = base
+        .tokenizer
+        .encode(text, false)
+        .map_err(|error| anyhow::anyhow!("tokenizing the prompt: {error}"))?;
+    let mut stop = vec![base.eos_token_id];
+    stop.extend(base.tokenizer.token_to_id("<|im_end|>"));
+    let config = GenerateConfig {
+        max_new_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    let started = std::time::Instant::now();
+    let tokens = generate(&base.model, encoding.get_ids(), &stop, &config)?;
+    let output = base
+        .tokenizer
+        .decode(&tokens, true)
+        .map_err(|error| anyhow::anyhow!("decoding: {error}"))?;
+    println!("{output}");
+    eprintln!(
+        "{} tokens in {:.1} s",
+        tokens.len(),
+        started.elapsed().as_secs_f64()
     );
     Ok(())
 }

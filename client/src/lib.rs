@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod daemon;
 pub mod error;
+pub mod generate;
 pub mod model;
 pub mod tiny;
 pub mod train;

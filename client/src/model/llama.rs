@@ -271,10 +271,28 @@ impl Llama {
 
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`.
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let hidden = self.hidden_states(input_ids)?;
+        self.head(&hidden)
+    }
+
+    /// Logits `[batch, vocab]` of the last position only (generation).
+    pub fn last_logits(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let hidden = self.hidden_states(input_ids)?;
+        let seq_len = hidden.dim(1)?;
+        Ok(self.head(&hidden.narrow(1, seq_len - 1, 1)?)?.squeeze(1)?)
+    }
+
+    fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        super::frozen::frozen_matmul_t(hidden, head)
+    }
+
+    /// Final-norm hidden states `[batch, seq, hidden]`.
+    fn hidden_states(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (batch, seq_len) = input_ids.dims2()?;
-        if seq_len > self.config.max_position_embeddings {
+        if seq_len == 0 || seq_len > self.config.max_position_embeddings {
             return Err(ClientError::Unsupported(format!(
-                "sequence of {seq_len} tokens exceeds max_position_embeddings {}",
+                "sequence of {seq_len} tokens (1 to max_position_embeddings {} allowed)",
                 self.config.max_position_embeddings
             )));
         }
@@ -286,9 +304,7 @@ impl Llama {
         for block in &self.blocks {
             hidden = block.forward(&hidden, &mask, &self.rope, &self.config)?;
         }
-        let hidden = self.norm.forward(&hidden)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        super::frozen::frozen_matmul_t(&hidden, head)
+        self.norm.forward(&hidden)
     }
 }
 

@@ -3,8 +3,10 @@
 
 pub mod config;
 pub mod frozen;
+pub mod gguf;
 pub mod llama;
 pub mod lora;
+pub mod peft;
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Read;
@@ -29,8 +31,12 @@ pub struct BaseModel {
 }
 
 impl BaseModel {
-    /// Loads `config.json`, the safetensors weights and `tokenizer.json` from `dir`.
+    /// Loads a model: a Hugging Face directory (`config.json`, safetensors weights,
+    /// `tokenizer.json`) or a Llama `.gguf` file.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        if is_gguf(dir) {
+            return gguf::load_gguf(dir, device);
+        }
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
         let mut weights = HashMap::new();
         for file in weight_files(dir)? {
@@ -55,6 +61,13 @@ impl BaseModel {
             eos_token_id,
         })
     }
+}
+
+fn is_gguf(path: &Path) -> bool {
+    path.is_file()
+        && path
+            .extension()
+            .is_some_and(|extension| extension == "gguf")
 }
 
 /// The safetensors files of a model directory: the shards named by `model.safetensors.index.json`
@@ -91,12 +104,17 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
 }
 
-/// sha256 over `config.json` and the weight files, in order: two sites hold the same base model
+/// sha256 over `config.json` and the weight files (or the one `.gguf` file), in order: two sites hold the same base model
 /// exactly when their fingerprints agree.
 pub fn fingerprint(dir: &Path) -> Result<String> {
     let mut hasher = Sha256::new();
-    let mut files = vec![dir.join("config.json")];
-    files.extend(weight_files(dir)?);
+    let files = if is_gguf(dir) {
+        vec![dir.to_path_buf()]
+    } else {
+        let mut files = vec![dir.join("config.json")];
+        files.extend(weight_files(dir)?);
+        files
+    };
     let mut buffer = vec![0u8; 1 << 20];
     for path in files {
         let mut file = std::fs::File::open(&path).map_err(ClientError::io(&path))?;

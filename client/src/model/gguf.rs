@@ -1,0 +1,390 @@
+//! Llama-architecture GGUF files (llama.cpp's format): configuration and tokenizer from the
+//! metadata, weights dequantized to f32 under Hugging Face names.
+//!
+//! llama.cpp's converter permutes the rows of `q_proj`/`k_proj` for its interleaved RoPE; they are
+//! un-permuted here so the same rotate-half RoPE as for Hugging Face weights applies. A missing
+//! `output.weight` means tied embeddings.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{Device, Tensor};
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::{AddedToken, Tokenizer};
+
+use super::{BaseModel, Llama, LlamaConfig};
+use crate::error::{ClientError, Result};
+
+fn meta<'a>(content: &'a Content, key: &str) -> Result<&'a Value> {
+    content
+        .metadata
+        .get(key)
+        .ok_or_else(|| ClientError::Unsupported(format!("gguf metadata has no {key:?}")))
+}
+
+fn meta_usize(content: &Content, key: &str) -> Result<usize> {
+    Ok(meta(content, key)?.to_u32()? as usize)
+}
+
+/// The Llama configuration described by GGUF metadata.
+pub fn gguf_config(content: &Content) -> Result<LlamaConfig> {
+    let architecture = meta(content, "general.architecture")?.to_string()?;
+    if architecture != "llama" {
+        return Err(ClientError::Unsupported(format!(
+            "gguf architecture {architecture:?} (llama only)"
+        )));
+    }
+    let hidden = meta_usize(content, "llama.embedding_length")?;
+    let heads = meta_usize(content, "llama.attention.head_count")?;
+    let kv_heads = meta_usize(content, "llama.attention.head_count_kv").unwrap_or(heads);
+    let vocab = meta(content, "tokenizer.ggml.tokens")?.to_vec()?.len();
+    let rope_theta = content
+        .metadata
+        .get("llama.rope.freq_base")
+        .map(|value| value.to_f32())
+        .transpose()?
+        .unwrap_or(10_000.0);
+    let eps = content
+        .metadata
+        .get("llama.attention.layer_norm_rms_epsilon")
+        .map(|value| value.to_f32())
+        .transpose()?
+        .unwrap_or(1e-5);
+    let config = LlamaConfig {
+        architectures: vec!["LlamaForCausalLM".into()],
+        model_type: "llama".into(),
+        hidden_size: hidden,
+        intermediate_size: meta_usize(content, "llama.feed_forward_length")?,
+        num_hidden_layers: meta_usize(content, "llama.block_count")?,
+        num_attention_heads: heads,
+        num_key_value_heads: Some(kv_heads),
+        head_dim: None,
+        vocab_size: vocab,
+        rms_norm_eps: f64::from(eps),
+        rope_theta: f64::from(rope_theta),
+        rope_scaling: None,
+        max_position_embeddings: meta_usize(content, "llama.context_length").unwrap_or(2048),
+        tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+        hidden_act: "silu".into(),
+        attention_bias: false,
+        bos_token_id: meta(content, "tokenizer.ggml.bos_token_id")
+            .and_then(|value| Ok(value.to_u32()?))
+            .ok(),
+        eos_token_id: meta(content, "tokenizer.ggml.eos_token_id")
+            .and_then(|value| Ok(value.to_u32()?))
+            .ok()
+            .map(|id| serde_json::json!(id)),
+    };
+    config.validate().map_err(ClientError::Unsupported)?;
+    Ok(config)
+}
+
+/// Hugging Face name of a GGUF tensor, and whether its rows need un-permuting with that many heads.
+fn hf_name(gguf: &str, config: &LlamaConfig) -> Option<(String, Option<usize>)> {
+    let plain = |name: &str| Some((name.to_string(), None));
+    match gguf {
+        "token_embd.weight" => return plain("model.embed_tokens.weight"),
+        "output_norm.weight" => return plain("model.norm.weight"),
+        "output.weight" => return plain("lm_head.weight"),
+        _ => {}
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, tensor) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, permute_heads) = match tensor {
+        "attn_q.weight" => ("self_attn.q_proj", Some(config.num_attention_heads)),
+        "attn_k.weight" => ("self_attn.k_proj", Some(config.num_kv_heads())),
+        "attn_v.weight" => ("self_attn.v_proj", None),
+        "attn_output.weight" => ("self_attn.o_proj", None),
+        "ffn_gate.weight" => ("mlp.gate_proj", None),
+        "ffn_up.weight" => ("mlp.up_proj", None),
+        "ffn_down.weight" => ("mlp.down_proj", None),
+        "attn_norm.weight" => ("input_layernorm", None),
+        "ffn_norm.weight" => ("post_attention_layernorm", None),
+        _ => return None,
+    };
+    Some((
+        format!("model.layers.{layer}.{module}.weight"),
+        permute_heads,
+    ))
+}
+
+/// llama.cpp's permutation of q/k rows (Hugging Face → GGUF), for `[out, in]` weights.
+pub fn permute_for_gguf(weight: &Tensor, heads: usize) -> Result<Tensor> {
+    let (out, input) = weight.dims2()?;
+    Ok(weight
+        .reshape((heads, 2, out / heads / 2, input))?
+        .transpose(1, 2)?
+        .reshape((out, input))?)
+}
+
+/// The inverse of [`permute_for_gguf`].
+pub fn unpermute_from_gguf(weight: &Tensor, heads: usize) -> Result<Tensor> {
+    let (out, input) = weight.dims2()?;
+    Ok(weight
+        .reshape((heads, out / heads / 2, 2, input))?
+        .transpose(1, 2)?
+        .reshape((out, input))?)
+}
+
+/// A byte-level BPE tokenizer rebuilt from GGUF metadata (`tokenizer.ggml.*`). Digits are split
+/// one by one before byte-level splitting, as SmolLM's pre-tokenizer does.
+pub fn gguf_tokenizer(content: &Content) -> Result<Tokenizer> {
+    let model = meta(content, "tokenizer.ggml.model")?.to_string()?;
+    if model != "gpt2" {
+        return Err(ClientError::Unsupported(format!(
+            "gguf tokenizer model {model:?} (byte-level bpe \"gpt2\" only)"
+        )));
+    }
+    let tokens: Vec<String> = meta(content, "tokenizer.ggml.tokens")?
+        .to_vec()?
+        .iter()
+        .map(|value| value.to_string().cloned())
+        .collect::<candle_core::Result<_>>()?;
+    let merges: Vec<(String, String)> = meta(content, "tokenizer.ggml.merges")?
+        .to_vec()?
+        .iter()
+        .filter_map(|value| value.to_string().ok())
+        .filter_map(|merge| {
+            merge
+                .split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+        })
+        .collect();
+    let token_types: Vec<i32> = content
+        .metadata
+        .get("tokenizer.ggml.token_type")
+        .and_then(|value| value.to_vec().ok())
+        .map(|values| {
+            values
+                .iter()
+                .filter_map(|value| value.to_i32().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, token)| (token.clone(), id as u32))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|error| ClientError::Tokenizer(error.to_string()))?;
+    let mut tokenizer = Tokenizer::new(bpe);
+    tokenizer.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(Sequence::new(vec![
+        PreTokenizerWrapper::Digits(Digits::new(true)),
+        PreTokenizerWrapper::ByteLevel(ByteLevel::default().add_prefix_space(false)),
+    ]))));
+    tokenizer.with_decoder(Some(ByteLevel::default()));
+    // Control tokens (type 3) such as <|im_start|> are matched whole, never split.
+    let specials: Vec<AddedToken> = tokens
+        .iter()
+        .zip(token_types.iter().chain(std::iter::repeat(&1)))
+        .filter(|(_, kind)| **kind == 3)
+        .map(|(token, _)| AddedToken::from(token.clone(), true))
+        .collect();
+    tokenizer
+        .add_special_tokens(specials)
+        .map_err(|error| ClientError::Tokenizer(error.to_string()))?;
+    Ok(tokenizer)
+}
+
+/// Loads a Llama GGUF file: weights dequantized to f32 (frozen), tokenizer from the metadata.
+pub fn load_gguf(path: &Path, device: &Device) -> Result<BaseModel> {
+    let mut file = std::fs::File::open(path).map_err(ClientError::io(path))?;
+    let content = Content::read(&mut file)?;
+    let config = gguf_config(&content)?;
+    let tokenizer = gguf_tokenizer(&content)?;
+    let mut weights = HashMap::new();
+    for name in content.tensor_infos.keys() {
+        let Some((hf, permute_heads)) = hf_name(name, &config) else {
+            continue;
+        };
+        let tensor = content
+            .tensor(&mut file, name, device)?
+            .dequantize(device)?;
+        let tensor = match permute_heads {
+            Some(heads) => unpermute_from_gguf(&tensor, heads)?,
+            None => tensor,
+        };
+        weights.insert(hf, tensor);
+    }
+    let eos_token_id = config
+        .eos_token_id()
+        .ok_or_else(|| ClientError::Tokenizer("gguf metadata has no eos token id".into()))?;
+    Ok(BaseModel {
+        dir: path.to_path_buf(),
+        model: Llama::from_weights(config, weights, device)?,
+        tokenizer,
+        eos_token_id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+
+    use super::*;
+    use crate::tiny::{TinyModelSpec, write_tiny_model};
+
+    /// Writes the tiny HF model as a llama.cpp-style GGUF (q/k permuted, llama.cpp tensor names,
+    /// tokenizer in the metadata) and checks that loading it gives the same logits and tokens.
+    #[test]
+    fn gguf_of_the_tiny_model_matches_its_hugging_face_form() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = TinyModelSpec {
+            tie_word_embeddings: true,
+            ..TinyModelSpec::default()
+        };
+        let config = write_tiny_model(dir.path(), &spec).unwrap();
+        let hf = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
+        let weights =
+            candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu)
+                .unwrap();
+
+        let mut tensors: Vec<(String, QTensor)> = Vec::new();
+        for (gguf_name, _) in [("token_embd.weight", ()), ("output_norm.weight", ())] {
+            let hf_name = hf_name(gguf_name, &config).unwrap().0;
+            tensors.push((
+                gguf_name.into(),
+                QTensor::quantize(&weights[&hf_name], GgmlDType::F32).unwrap(),
+            ));
+        }
+        for layer in 0..config.num_hidden_layers {
+            for suffix in [
+                "attn_q",
+                "attn_k",
+                "attn_v",
+                "attn_output",
+                "ffn_gate",
+                "ffn_up",
+                "ffn_down",
+                "attn_norm",
+                "ffn_norm",
+            ] {
+                let gguf_name = format!("blk.{layer}.{suffix}.weight");
+                let (hf_name, heads) = hf_name(&gguf_name, &config).unwrap();
+                let tensor = match heads {
+                    Some(heads) => permute_for_gguf(&weights[&hf_name], heads).unwrap(),
+                    None => weights[&hf_name].clone(),
+                };
+                tensors.push((
+                    gguf_name,
+                    QTensor::quantize(&tensor, GgmlDType::F32).unwrap(),
+                ));
+            }
+        }
+        let vocab_size = hf.tokenizer.get_vocab_size(true);
+        let tokens: Vec<Value> = (0..vocab_size as u32)
+            .map(|id| Value::String(hf.tokenizer.id_to_token(id).unwrap()))
+            .collect();
+        let token_types: Vec<Value> = (0..vocab_size)
+            .map(|id| Value::I32(if id < 3 { 3 } else { 1 }))
+            .collect();
+        let u32_value = |value: usize| Value::U32(value as u32);
+        let metadata: Vec<(&str, Value)> = vec![
+            ("general.architecture", Value::String("llama".into())),
+            ("llama.embedding_length", u32_value(config.hidden_size)),
+            (
+                "llama.feed_forward_length",
+                u32_value(config.intermediate_size),
+            ),
+            ("llama.block_count", u32_value(config.num_hidden_layers)),
+            (
+                "llama.attention.head_count",
+                u32_value(config.num_attention_heads),
+            ),
+            (
+                "llama.attention.head_count_kv",
+                u32_value(config.num_kv_heads()),
+            ),
+            (
+                "llama.attention.layer_norm_rms_epsilon",
+                Value::F32(config.rms_norm_eps as f32),
+            ),
+            ("llama.rope.freq_base", Value::F32(config.rope_theta as f32)),
+            (
+                "llama.context_length",
+                u32_value(config.max_position_embeddings),
+            ),
+            ("tokenizer.ggml.model", Value::String("gpt2".into())),
+            ("tokenizer.ggml.tokens", Value::Array(tokens)),
+            ("tokenizer.ggml.merges", Value::Array(Vec::new())),
+            ("tokenizer.ggml.token_type", Value::Array(token_types)),
+            ("tokenizer.ggml.bos_token_id", Value::U32(1)),
+            ("tokenizer.ggml.eos_token_id", Value::U32(2)),
+        ];
+        let path = dir.path().join("tiny.gguf");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let metadata_refs: Vec<(&str, &Value)> =
+            metadata.iter().map(|(key, value)| (*key, value)).collect();
+        let tensor_refs: Vec<(&str, &QTensor)> = tensors
+            .iter()
+            .map(|(name, tensor)| (name.as_str(), tensor))
+            .collect();
+        gguf_file::write(&mut file, &metadata_refs, &tensor_refs).unwrap();
+        drop(file);
+
+        let gguf = BaseModel::load(&path, &Device::Cpu).unwrap();
+        assert_eq!(gguf.model.config().dims(), config.dims());
+        assert!(gguf.model.config().tie_word_embeddings);
+        assert_eq!(gguf.eos_token_id, 2);
+        let text = "Transfer of 12.50 EUR on 2026-03-04";
+        let ids = hf.tokenizer.encode(text, false).unwrap().get_ids().to_vec();
+        let gguf_ids = gguf
+            .tokenizer
+            .encode(text, false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        assert_eq!(gguf_ids, ids);
+        let input = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).unwrap();
+        let expected = hf
+            .model
+            .forward(&input)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let got = gguf
+            .model
+            .forward(&input)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let max_difference = expected
+            .iter()
+            .zip(&got)
+            .map(|(e, g)| (e - g).abs())
+            .fold(0.0f32, f32::max);
+        assert!(max_difference < 1e-4, "logits differ by {max_difference}");
+    }
+
+    #[test]
+    fn permutation_round_trips() {
+        let weight = Tensor::arange(0f32, 48.0, &Device::Cpu)
+            .unwrap()
+            .reshape((8, 6))
+            .unwrap();
+        let permuted = permute_for_gguf(&weight, 2).unwrap();
+        assert_ne!(
+            permuted.to_vec2::<f32>().unwrap(),
+            weight.to_vec2::<f32>().unwrap()
+        );
+        let back = unpermute_from_gguf(&permuted, 2).unwrap();
+        assert_eq!(
+            back.to_vec2::<f32>().unwrap(),
+            weight.to_vec2::<f32>().unwrap()
+        );
+    }
+}
