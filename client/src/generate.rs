@@ -28,7 +28,7 @@ pub fn generate(
     let mut rng = seeded_rng(config.seed);
     let mut tokens = prompt.to_vec();
     let mut generated = Vec::new();
-    let window = model.config().max_position_embeddings;
+    let window = model.config().max_position_embeddings.min(4096);
     for _ in 0..config.max_new_tokens {
         let context = &tokens[tokens.len().saturating_sub(window)..];
         let input = Tensor::from_slice(context, (1, context.len()), model.device())?;

@@ -45,6 +45,36 @@ pub struct LlamaConfig {
     pub eos_token_id: Option<serde_json::Value>,
 }
 
+/// Llama 3's `rope_scaling` (`rope_type: "llama3"`): long wavelengths are stretched by
+/// `factor`, short ones kept, and the band between interpolated.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Llama3RopeScaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: usize,
+}
+
+impl Llama3RopeScaling {
+    /// Applies the scaling to one inverse frequency, as Hugging Face's
+    /// `_compute_llama3_parameters` does.
+    pub fn scale(&self, inverse_frequency: f64) -> f64 {
+        let original = self.original_max_position_embeddings as f64;
+        let low_freq_wavelen = original / self.low_freq_factor;
+        let high_freq_wavelen = original / self.high_freq_factor;
+        let wavelen = 2.0 * std::f64::consts::PI / inverse_frequency;
+        if wavelen < high_freq_wavelen {
+            inverse_frequency
+        } else if wavelen > low_freq_wavelen {
+            inverse_frequency / self.factor
+        } else {
+            let smooth = (original / wavelen - self.low_freq_factor)
+                / (self.high_freq_factor - self.low_freq_factor);
+            (1.0 - smooth) * inverse_frequency / self.factor + smooth * inverse_frequency
+        }
+    }
+}
+
 fn default_model_type() -> String {
     "llama".into()
 }
@@ -107,6 +137,28 @@ impl LlamaConfig {
         }
     }
 
+    /// Llama 3's RoPE frequency scaling, when `rope_scaling` asks for it. `None` for no scaling
+    /// (absent, null, or type "default"); an error for scaling types this engine does not run.
+    pub fn llama3_rope_scaling(&self) -> std::result::Result<Option<Llama3RopeScaling>, String> {
+        let Some(value) = self.rope_scaling.as_ref().filter(|value| !value.is_null()) else {
+            return Ok(None);
+        };
+        let kind = value
+            .get("rope_type")
+            .or_else(|| value.get("type"))
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("default");
+        match kind {
+            "default" => Ok(None),
+            "llama3" => serde_json::from_value(value.clone())
+                .map(Some)
+                .map_err(|error| format!("rope_scaling of type llama3: {error}")),
+            other => Err(format!(
+                "rope_scaling of type {other:?} is not supported yet"
+            )),
+        }
+    }
+
     /// Names the first thing this engine cannot run, as a lowercase message.
     pub fn validate(&self) -> std::result::Result<(), String> {
         const FAMILY: [&str; 4] = ["llama", "mistral", "qwen2", "smollm"];
@@ -125,13 +177,7 @@ impl LlamaConfig {
         if self.attention_bias || self.model_type == "qwen2" {
             return Err("attention biases (qwen2) are not supported yet".into());
         }
-        if self
-            .rope_scaling
-            .as_ref()
-            .is_some_and(|value| !value.is_null())
-        {
-            return Err("rope_scaling is not supported yet".into());
-        }
+        self.llama3_rope_scaling()?;
         if self.num_attention_heads == 0 || self.num_kv_heads() == 0 {
             return Err("attention heads must be at least 1".into());
         }
@@ -170,6 +216,28 @@ mod tests {
         assert_eq!(config.eos_token_id(), Some(2));
         assert_eq!(config.rope_theta, 100_000.0);
         assert!(config.tie_word_embeddings);
+    }
+
+    #[test]
+    fn llama3_rope_scaling_keeps_short_and_stretches_long_wavelengths() {
+        let json = r#"{"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2,
+            "vocab_size":10,"rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,
+            "high_freq_factor":4.0,"original_max_position_embeddings":8192}}"#;
+        let config: LlamaConfig = serde_json::from_str(json).unwrap();
+        config.validate().unwrap();
+        let scaling = config.llama3_rope_scaling().unwrap().unwrap();
+        // Wavelength 2π ≪ 8192/4: unchanged.
+        assert_eq!(scaling.scale(1.0), 1.0);
+        // Wavelength 2π/1e-4 ≈ 62832 > 8192: divided by the factor.
+        assert!((scaling.scale(1e-4) - 1e-4 / 8.0).abs() < 1e-15);
+        // Wavelength 4096 (between 2048 and 8192): interpolated with smooth = (2 - 1) / 3.
+        let frequency = 2.0 * std::f64::consts::PI / 4096.0;
+        let expected = (2.0 / 3.0) * frequency / 8.0 + (1.0 / 3.0) * frequency;
+        assert!((scaling.scale(frequency) - expected).abs() < 1e-15);
+
+        let yarn = json.replace("llama3", "yarn");
+        let config: LlamaConfig = serde_json::from_str(&yarn).unwrap();
+        assert!(config.validate().unwrap_err().contains("yarn"));
     }
 
     #[test]

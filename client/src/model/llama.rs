@@ -51,6 +51,10 @@ struct Block {
     mlp: Mlp,
 }
 
+/// Longest sequence the RoPE tables cover (configs with 128k contexts would otherwise spend
+/// hundreds of MB on tables that local fine-tuning never reaches).
+const ROPE_TABLE_MAX: usize = 16_384;
+
 /// Precomputed RoPE tables in Hugging Face's rotate-half layout, `[max_positions, head_dim]`.
 #[derive(Debug, Clone)]
 struct Rope {
@@ -61,9 +65,15 @@ struct Rope {
 impl Rope {
     fn new(config: &LlamaConfig, device: &Device) -> Result<Self> {
         let head_dim = config.head_dim();
-        let positions = config.max_position_embeddings;
+        let positions = config.max_position_embeddings.min(ROPE_TABLE_MAX);
+        let scaling = config
+            .llama3_rope_scaling()
+            .map_err(ClientError::Unsupported)?;
         let inverse_frequencies: Vec<f32> = (0..head_dim / 2)
-            .map(|index| 1.0 / config.rope_theta.powf(2.0 * index as f64 / head_dim as f64) as f32)
+            .map(|index| {
+                let frequency = 1.0 / config.rope_theta.powf(2.0 * index as f64 / head_dim as f64);
+                scaling.map_or(frequency, |scaling| scaling.scale(frequency)) as f32
+            })
             .collect();
         let inverse_frequencies = Tensor::from_vec(inverse_frequencies, (1, head_dim / 2), device)?;
         let steps = Tensor::arange(0u32, positions as u32, device)?
@@ -290,10 +300,10 @@ impl Llama {
     /// Final-norm hidden states `[batch, seq, hidden]`.
     fn hidden_states(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (batch, seq_len) = input_ids.dims2()?;
-        if seq_len == 0 || seq_len > self.config.max_position_embeddings {
+        let max_len = self.config.max_position_embeddings.min(ROPE_TABLE_MAX);
+        if seq_len == 0 || seq_len > max_len {
             return Err(ClientError::Unsupported(format!(
-                "sequence of {seq_len} tokens (1 to max_position_embeddings {} allowed)",
-                self.config.max_position_embeddings
+                "sequence of {seq_len} tokens (1 to {max_len} allowed)"
             )));
         }
         let mut hidden = self
