@@ -224,4 +224,62 @@ mod tests {
         assert_eq!(alphabet[usize::from(b'A')], 'A');
         assert_eq!(alphabet[usize::from(b' ')], 'Ġ');
     }
+
+    /// A Qwen2 config needs q/k/v biases; zero biases reproduce the Llama logits, others change them.
+    #[test]
+    fn qwen2_biases_are_required_and_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_tiny_model(dir.path(), &TinyModelSpec::default()).unwrap();
+        let llama = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
+        let input = Tensor::new(&[[5u32, 80, 81, 3]], &Device::Cpu).unwrap();
+        let logits = |base: &BaseModel| {
+            base.model
+                .forward(&input)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let qwen = LlamaConfig {
+            model_type: "qwen2".into(),
+            ..config.clone()
+        };
+        std::fs::write(
+            dir.path().join("config.json"),
+            serde_json::to_string(&qwen).unwrap(),
+        )
+        .unwrap();
+        assert!(matches!(
+            BaseModel::load(dir.path(), &Device::Cpu),
+            Err(ClientError::MissingWeight(name)) if name.ends_with("q_proj.bias")
+        ));
+
+        let weights_path = dir.path().join("model.safetensors");
+        let mut weights = candle_core::safetensors::load(&weights_path, &Device::Cpu).unwrap();
+        let kv_out = config.num_kv_heads() * config.head_dim();
+        for layer in 0..config.num_hidden_layers {
+            for (module, out) in [
+                ("q_proj", config.hidden_size),
+                ("k_proj", kv_out),
+                ("v_proj", kv_out),
+            ] {
+                weights.insert(
+                    format!("model.layers.{layer}.self_attn.{module}.bias"),
+                    Tensor::zeros(out, candle_core::DType::F32, &Device::Cpu).unwrap(),
+                );
+            }
+        }
+        candle_core::safetensors::save(&weights, &weights_path).unwrap();
+        let zero_bias = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
+        assert_eq!(logits(&zero_bias), logits(&llama));
+
+        weights.insert(
+            "model.layers.0.self_attn.v_proj.bias".into(),
+            Tensor::ones(kv_out, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
+        candle_core::safetensors::save(&weights, &weights_path).unwrap();
+        let biased = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
+        assert_ne!(logits(&biased), logits(&llama));
+    }
 }

@@ -174,9 +174,6 @@ impl LlamaConfig {
                 self.hidden_act
             ));
         }
-        if self.attention_bias || self.model_type == "qwen2" {
-            return Err("attention biases (qwen2) are not supported yet".into());
-        }
         self.llama3_rope_scaling()?;
         if self.num_attention_heads == 0 || self.num_kv_heads() == 0 {
             return Err("attention heads must be at least 1".into());

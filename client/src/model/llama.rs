@@ -128,12 +128,36 @@ impl Llama {
             Ok(tensor.to_dtype(DType::F32)?.to_device(device)?)
         };
         let eps = config.rms_norm_eps;
+        // Qwen2 has biases on q/k/v; Llama's `attention_bias` puts them on q/k/v/o.
+        let required_biases: &[&str] = if config.attention_bias {
+            &[
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+            ]
+        } else if config.model_type == "qwen2" {
+            &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+        } else {
+            &[]
+        };
         let embed_tokens = take("model.embed_tokens.weight".into())?;
         let mut blocks = Vec::with_capacity(config.num_hidden_layers);
         for layer in 0..config.num_hidden_layers {
             let prefix = format!("model.layers.{layer}");
             let mut linear = |name: &str| -> Result<LoraLinear> {
-                Ok(LoraLinear::new(take(format!("{prefix}.{name}.weight"))?))
+                let bias_name = format!("{prefix}.{name}.bias");
+                let bias = match take(bias_name.clone()) {
+                    Ok(bias) => Some(bias),
+                    Err(_) if required_biases.contains(&name) => {
+                        return Err(ClientError::MissingWeight(bias_name));
+                    }
+                    Err(_) => None,
+                };
+                Ok(LoraLinear::new(
+                    take(format!("{prefix}.{name}.weight"))?,
+                    bias,
+                ))
             };
             let attention = Attention {
                 q_proj: linear("self_attn.q_proj")?,

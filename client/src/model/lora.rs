@@ -38,17 +38,23 @@ impl LoraFactors {
     }
 }
 
-/// A linear layer without bias whose weight is frozen, optionally with LoRA factors.
+/// A linear layer whose weight (and optional bias) is frozen, optionally with LoRA factors.
 #[derive(Debug, Clone)]
 pub struct LoraLinear {
     /// `[out, in]`, as stored by Hugging Face.
     weight: Tensor,
+    /// `[out]` (Qwen2's q/k/v projections have one).
+    bias: Option<Tensor>,
     pub lora: Option<LoraFactors>,
 }
 
 impl LoraLinear {
-    pub fn new(weight: Tensor) -> Self {
-        Self { weight, lora: None }
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight,
+            bias,
+            lora: None,
+        }
     }
 
     pub fn in_out(&self) -> (usize, usize) {
@@ -58,7 +64,10 @@ impl LoraLinear {
 
     /// `x` is `[..., in]`; returns `[..., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let base = super::frozen::frozen_matmul_t(x, &self.weight)?;
+        let mut base = super::frozen::frozen_matmul_t(x, &self.weight)?;
+        if let Some(bias) = &self.bias {
+            base = base.broadcast_add(bias)?;
+        }
         match &self.lora {
             None => Ok(base),
             Some(lora) => {
@@ -84,4 +93,31 @@ pub(crate) fn to_adapter_tensor(tensor: &Tensor) -> Result<AdapterTensor> {
 /// A seeded generator for reproducible initialisation.
 pub(crate) fn seeded_rng(seed: u64) -> StdRng {
     StdRng::seed_from_u64(seed)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    #[test]
+    fn forward_is_base_plus_bias_plus_scaled_low_rank_update() {
+        let device = Device::Cpu;
+        let weight = Tensor::new(&[[1f32, 2.0], [0.0, -1.0], [3.0, 1.0]], &device).unwrap();
+        let bias = Tensor::new(&[0.5f32, -0.5, 1.0], &device).unwrap();
+        let mut linear = LoraLinear::new(weight, Some(bias));
+        let a = Var::from_tensor(&Tensor::new(&[[1f32, 1.0]], &device).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::new(&[[1f32], [0.0], [2.0]], &device).unwrap()).unwrap();
+        linear.lora = Some(LoraFactors { a, b, scale: 0.5 });
+        let x = Tensor::new(&[[[1f32, 3.0]]], &device).unwrap();
+        // W0·x = [7, -3, 6]; + bias = [7.5, -3.5, 7]; A·x = 4; 0.5·B·4 = [2, 0, 4].
+        let y = linear
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(y, vec![9.5, -3.5, 11.0]);
+    }
 }
