@@ -163,6 +163,18 @@ pub struct ServeArgs {
     /// Tokens per training sequence.
     #[arg(long, default_value_t = 64)]
     pub seq_len: u32,
+    /// Steps of linear learning-rate warm-up at the start of each local run.
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: u32,
+    /// Decay the learning rate to 0 along a half cosine after warm-up (default: constant).
+    #[arg(long)]
+    pub cosine_decay: bool,
+    /// Clip the global L2 norm of the LoRA gradients (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub max_grad_norm: f32,
+    /// Micro-batches accumulated into each optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accumulation: u32,
     /// Keep individual updates after aggregation (default: delete them once the round closes).
     #[arg(long)]
     pub keep_updates: bool,
@@ -312,6 +324,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
             learning_rate: args.learning_rate,
             batch_size: args.batch_size,
             seq_len: args.seq_len,
+            warmup_steps: args.warmup_steps,
+            cosine_decay: args.cosine_decay,
+            max_grad_norm: args.max_grad_norm,
+            grad_accumulation: args.grad_accumulation,
         },
         keep_updates: args.keep_updates,
         ..FederationConfig::default()

@@ -59,6 +59,7 @@ impl Default for DemoOptions {
                 learning_rate: 1e-2,
                 batch_size: 8,
                 seq_len: 64,
+                ..TrainingConfig::default()
             },
             show_progress: true,
         }

@@ -57,6 +57,7 @@ fn small_config(rounds: u32, clients_per_round: u32) -> FederationConfig {
             learning_rate: 1e-2,
             batch_size: 4,
             seq_len: 32,
+            ..TrainingConfig::default()
         },
         ..FederationConfig::default()
     }
@@ -487,6 +488,7 @@ async fn every_site_beats_the_base_model_after_two_rounds() {
             learning_rate: 1e-2,
             batch_size: 8,
             seq_len: 48,
+            ..TrainingConfig::default()
         },
         show_progress: false,
         ..fedlora::demo::DemoOptions::default()

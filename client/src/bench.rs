@@ -115,13 +115,8 @@ pub fn run_train_bench(bench: &TrainBench, warmup: usize, steps: usize) -> Resul
                 .collect()
         })
         .collect();
-    let config = |local_steps| TrainConfig {
-        local_steps,
-        learning_rate: 1e-4,
-        batch_size: bench.batch_size,
-        seq_len: bench.seq_len,
-        seed: 4,
-    };
+    let config =
+        |local_steps| TrainConfig::simple(local_steps, 1e-4, bench.batch_size, bench.seq_len, 4);
     if warmup > 0 {
         train(&model, &windows, &config(warmup), &mut |_, _| {})?;
     }

@@ -364,6 +364,10 @@ async fn run_task(
         seq_len,
         // The task's seed is shared by the round (same LoRA init everywhere); batches differ per site.
         seed: params.seed ^ site_seed(&config.client_name),
+        warmup_steps: (params.warmup_steps as usize).min(params.local_steps as usize),
+        cosine_decay: params.cosine_decay,
+        max_grad_norm: (params.max_grad_norm > 0.0).then_some(f64::from(params.max_grad_norm)),
+        grad_accumulation: (params.grad_accumulation as usize).max(1),
     };
     let windows = pack_windows(&site.data.train, site.eos, seq_len);
     let round_id = task.round_id;

@@ -11,6 +11,19 @@ pub struct TrainingConfig {
     pub learning_rate: f32,
     pub batch_size: u32,
     pub seq_len: u32,
+    #[serde(default)]
+    pub warmup_steps: u32,
+    #[serde(default)]
+    pub cosine_decay: bool,
+    /// 0 = no gradient clipping.
+    #[serde(default)]
+    pub max_grad_norm: f32,
+    #[serde(default = "one")]
+    pub grad_accumulation: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl Default for TrainingConfig {
@@ -20,6 +33,10 @@ impl Default for TrainingConfig {
             learning_rate: 5e-3,
             batch_size: 8,
             seq_len: 64,
+            warmup_steps: 0,
+            cosine_decay: false,
+            max_grad_norm: 0.0,
+            grad_accumulation: 1,
         }
     }
 }
@@ -115,6 +132,18 @@ impl FederationConfig {
             return fail(
                 "training",
                 "local_steps and batch_size must be at least 1 and seq_len at least 2",
+            );
+        }
+        if training.grad_accumulation == 0 || training.warmup_steps > training.local_steps {
+            return fail(
+                "training",
+                "grad_accumulation must be at least 1 and warmup_steps at most local_steps",
+            );
+        }
+        if !(training.max_grad_norm.is_finite() && training.max_grad_norm >= 0.0) {
+            return fail(
+                "training.max_grad_norm",
+                "must be 0 (off) or a positive number",
             );
         }
         if !(training.learning_rate.is_finite() && training.learning_rate > 0.0) {

@@ -5,7 +5,8 @@ pub mod data;
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::Rng;
 
@@ -21,6 +22,50 @@ pub struct TrainConfig {
     pub batch_size: usize,
     pub seq_len: usize,
     pub seed: u64,
+    /// Steps of linear warm-up from 0 to `learning_rate`.
+    pub warmup_steps: usize,
+    /// After warm-up, decay the learning rate to 0 along a half cosine (else keep it constant).
+    pub cosine_decay: bool,
+    /// Clip the global L2 norm of the LoRA gradients to this value.
+    pub max_grad_norm: Option<f64>,
+    /// Micro-batches of `batch_size` accumulated into each optimizer step.
+    pub grad_accumulation: usize,
+}
+
+impl TrainConfig {
+    /// A constant learning rate, no clipping, no accumulation.
+    pub fn simple(
+        local_steps: usize,
+        learning_rate: f64,
+        batch_size: usize,
+        seq_len: usize,
+        seed: u64,
+    ) -> Self {
+        Self {
+            local_steps,
+            learning_rate,
+            batch_size,
+            seq_len,
+            seed,
+            warmup_steps: 0,
+            cosine_decay: false,
+            max_grad_norm: None,
+            grad_accumulation: 1,
+        }
+    }
+
+    /// The learning rate of optimizer step `step` (0-based).
+    pub fn learning_rate_at(&self, step: usize) -> f64 {
+        if step < self.warmup_steps {
+            return self.learning_rate * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        if !self.cosine_decay {
+            return self.learning_rate;
+        }
+        let decay_steps = self.local_steps.saturating_sub(self.warmup_steps).max(1);
+        let progress = (step - self.warmup_steps) as f64 / decay_steps as f64;
+        self.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
+    }
 }
 
 /// What a training run reports: aggregates only, never per-example values.
@@ -93,7 +138,7 @@ pub fn train(
         ));
     }
     let mut optimizer = AdamW::new(
-        vars,
+        vars.clone(),
         ParamsAdamW {
             lr: config.learning_rate,
             weight_decay: 0.0,
@@ -104,24 +149,53 @@ pub fn train(
     let started = Instant::now();
     let mut loss_sum = 0.0f64;
     let mut tokens = 0u64;
+    let micro_batches = config.grad_accumulation.max(1);
     for step in 0..config.local_steps {
-        let batch: Vec<&[u32]> = (0..config.batch_size.max(1))
-            .map(|_| windows[rng.random_range(0..windows.len())].as_slice())
-            .collect();
-        let loss = batch_loss(model, &batch)?;
-        optimizer.backward_step(&loss)?;
-        let value = loss.to_scalar::<f32>()?;
-        if !value.is_finite() {
-            return Err(ClientError::Protocol(format!(
-                "training diverged at step {step}: loss is {value}"
-            )));
+        optimizer.set_learning_rate(config.learning_rate_at(step));
+        let mut gradients: Option<GradStore> = None;
+        let mut step_loss = 0.0f64;
+        for _ in 0..micro_batches {
+            let batch: Vec<&[u32]> = (0..config.batch_size.max(1))
+                .map(|_| windows[rng.random_range(0..windows.len())].as_slice())
+                .collect();
+            let loss = batch_loss(model, &batch)?;
+            let value = loss.to_scalar::<f32>()?;
+            if !value.is_finite() {
+                return Err(ClientError::Protocol(format!(
+                    "training diverged at step {step}: loss is {value}"
+                )));
+            }
+            step_loss += f64::from(value) / micro_batches as f64;
+            tokens += batch
+                .iter()
+                .map(|window| window.len() as u64 - 1)
+                .sum::<u64>();
+            let micro = (loss / micro_batches as f64)?.backward()?;
+            gradients = Some(match gradients {
+                None => micro,
+                Some(mut sum) => {
+                    for var in &vars {
+                        if let Some(gradient) = micro.get(var.as_tensor()) {
+                            let total = match sum.get(var.as_tensor()) {
+                                Some(previous) => (previous + gradient)?,
+                                None => gradient.clone(),
+                            };
+                            sum.insert(var.as_tensor(), total);
+                        }
+                    }
+                    sum
+                }
+            });
         }
-        loss_sum += f64::from(value);
-        tokens += batch
-            .iter()
-            .map(|window| window.len() as u64 - 1)
-            .sum::<u64>();
-        on_step(step + 1, value);
+        let Some(mut gradients) = gradients else {
+            continue;
+        };
+        if let Some(max_norm) = config.max_grad_norm {
+            clip_gradients(&mut gradients, &vars, max_norm)?;
+        }
+        optimizer.step(&gradients)?;
+        loss_sum += step_loss;
+        on_step(step + 1, step_loss as f32);
     }
     Ok(TrainReport {
         steps: config.local_steps,
@@ -129,6 +203,26 @@ pub fn train(
         mean_loss: (loss_sum / config.local_steps.max(1) as f64) as f32,
         seconds: started.elapsed().as_secs_f32(),
     })
+}
+
+/// Scales the gradients of `vars` so that their global L2 norm is at most `max_norm`.
+fn clip_gradients(gradients: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<()> {
+    let mut squared = 0.0f64;
+    for var in vars {
+        if let Some(gradient) = gradients.get(var.as_tensor()) {
+            squared += f64::from(gradient.sqr()?.sum_all()?.to_scalar::<f32>()?);
+        }
+    }
+    let norm = squared.sqrt();
+    if norm > max_norm && norm.is_finite() {
+        let factor = max_norm / norm;
+        for var in vars {
+            if let Some(gradient) = gradients.remove(var.as_tensor()) {
+                gradients.insert(var.as_tensor(), (gradient * factor)?);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Token-weighted mean loss over at most `max_windows` held-out windows, in batches of `batch_size`.
@@ -263,13 +357,7 @@ mod tests {
             .unwrap();
         assert_eq!(before, attached, "B = 0 means the adapter is a no-op");
 
-        let config = TrainConfig {
-            local_steps: 30,
-            learning_rate: 1e-2,
-            batch_size: 4,
-            seq_len: 32,
-            seed: 5,
-        };
+        let config = TrainConfig::simple(30, 1e-2, 4, 32, 5);
         let mut steps_seen = 0;
         let report = train(&base.model, &windows, &config, &mut |step, _| {
             steps_seen = step
@@ -292,13 +380,7 @@ mod tests {
         };
         base.model.attach_lora(&lora, 11).unwrap();
         let windows = sample_windows(8);
-        let config = TrainConfig {
-            local_steps: 3,
-            learning_rate: 1e-2,
-            batch_size: 2,
-            seq_len: 8,
-            seed: 1,
-        };
+        let config = TrainConfig::simple(3, 1e-2, 2, 8, 1);
         train(&base.model, &windows, &config, &mut |_, _| {}).unwrap();
         let adapter = base.model.export_adapter().unwrap();
         let spec =
@@ -332,13 +414,7 @@ mod tests {
             alpha: 8.0,
             target_modules: vec!["q_proj".into(), "v_proj".into()],
         };
-        let config = TrainConfig {
-            local_steps: 8,
-            learning_rate: 1e-2,
-            batch_size: 4,
-            seq_len: 32,
-            seed: 5,
-        };
+        let config = TrainConfig::simple(8, 1e-2, 4, 32, 5);
         let run = |model: &Llama| {
             let mut model = model.clone();
             model.attach_lora(&lora, 1).unwrap();
@@ -353,5 +429,96 @@ mod tests {
                 assert_eq!(handle.join().unwrap(), reference);
             }
         });
+    }
+
+    #[test]
+    fn warmup_then_cosine_schedule() {
+        let config = TrainConfig {
+            warmup_steps: 2,
+            cosine_decay: true,
+            ..TrainConfig::simple(6, 1.0, 1, 8, 0)
+        };
+        let rates: Vec<f64> = (0..6).map(|step| config.learning_rate_at(step)).collect();
+        assert_eq!(rates[0], 0.5);
+        assert_eq!(rates[1], 1.0);
+        assert!((rates[2] - 1.0).abs() < 1e-12, "decay starts at the peak");
+        assert!(
+            (rates[4] - 0.5).abs() < 1e-12,
+            "half way down at the middle of the decay"
+        );
+        assert!(rates.windows(2).skip(1).all(|pair| pair[1] <= pair[0]));
+        let constant = TrainConfig::simple(6, 0.3, 1, 8, 0);
+        assert!((0..6).all(|step| constant.learning_rate_at(step) == 0.3));
+    }
+
+    #[test]
+    fn clipping_bounds_the_global_gradient_norm() {
+        let (_dir, mut base) = tiny();
+        let lora = LoraSpec {
+            rank: 2,
+            alpha: 4.0,
+            target_modules: vec!["v_proj".into()],
+        };
+        base.model.attach_lora(&lora, 3).unwrap();
+        let vars = base.model.lora_vars();
+        let windows = sample_windows(16);
+        let batch: Vec<&[u32]> = windows.iter().map(Vec::as_slice).collect();
+        let mut gradients = batch_loss(&base.model, &batch).unwrap().backward().unwrap();
+        let norm = |gradients: &GradStore| -> f64 {
+            vars.iter()
+                .filter_map(|var| gradients.get(var.as_tensor()))
+                .map(|g| {
+                    f64::from(
+                        g.sqr()
+                            .unwrap()
+                            .sum_all()
+                            .unwrap()
+                            .to_scalar::<f32>()
+                            .unwrap(),
+                    )
+                })
+                .sum::<f64>()
+                .sqrt()
+        };
+        let before = norm(&gradients);
+        assert!(before > 1e-3);
+        clip_gradients(&mut gradients, &vars, before / 4.0).unwrap();
+        assert!((norm(&gradients) - before / 4.0).abs() < 1e-4 * before);
+        clip_gradients(&mut gradients, &vars, before).unwrap();
+        assert!(
+            (norm(&gradients) - before / 4.0).abs() < 1e-4 * before,
+            "below the bound: unchanged"
+        );
+    }
+
+    #[test]
+    fn accumulation_and_clipping_train_and_count_every_micro_batch() {
+        let (_dir, mut base) = tiny();
+        let lora = LoraSpec {
+            rank: 4,
+            alpha: 8.0,
+            target_modules: vec!["q_proj".into(), "v_proj".into()],
+        };
+        base.model.attach_lora(&lora, 1).unwrap();
+        let windows = sample_windows(32);
+        let batch: Vec<&[u32]> = windows.iter().map(Vec::as_slice).collect();
+        let before = batch_loss(&base.model, &batch)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let config = TrainConfig {
+            warmup_steps: 3,
+            cosine_decay: true,
+            max_grad_norm: Some(1.0),
+            grad_accumulation: 2,
+            ..TrainConfig::simple(20, 1e-2, 2, 32, 5)
+        };
+        let report = train(&base.model, &windows, &config, &mut |_, _| {}).unwrap();
+        assert_eq!(report.tokens, 20 * 2 * 2 * 32);
+        let after = batch_loss(&base.model, &batch)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(after < before - 0.3, "loss {before} -> {after}");
     }
 }
