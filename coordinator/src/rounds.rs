@@ -720,7 +720,10 @@ impl Coordinator {
             return Ok(());
         }
         let spec = self.round_spec(round).await?;
-        let updates = self.store.list_updates(round.id).await?;
+        let mut updates = self.store.list_updates(round.id).await?;
+        // A canonical order (by client, not by arrival) makes the floating-point sums, and so the
+        // global adapter, independent of which update happened to arrive first.
+        updates.sort_by_key(|update| update.client_id);
         let mut accumulator = FedAvg::new(&spec);
         let mut examples = 0i64;
         for update in &updates {
