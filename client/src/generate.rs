@@ -1,5 +1,5 @@
 //! Text generation with a base model and optional LoRA adapter: greedy or temperature/top-p
-//! sampling. Each step re-runs the whole sequence (no KV cache yet), so it suits short checks.
+//! sampling, with a key/value cache so each new token costs one position.
 
 use candle_core::{D, Tensor};
 use rand::Rng;
@@ -26,13 +26,15 @@ pub fn generate(
     config: &GenerateConfig,
 ) -> Result<Vec<u32>> {
     let mut rng = seeded_rng(config.seed);
-    let mut tokens = prompt.to_vec();
     let mut generated = Vec::new();
-    let window = model.config().max_position_embeddings.min(4096);
+    let mut cache = model.new_cache();
+    let mut input = prompt.to_vec();
     for _ in 0..config.max_new_tokens {
-        let context = &tokens[tokens.len().saturating_sub(window)..];
-        let input = Tensor::from_slice(context, (1, context.len()), model.device())?;
-        let logits = model.last_logits(&input)?.squeeze(0)?;
+        if cache.len() + input.len() > model.max_sequence_len() {
+            break;
+        }
+        let tensor = Tensor::from_slice(&input, (1, input.len()), model.device())?;
+        let logits = model.last_logits_cached(&tensor, &mut cache)?.squeeze(0)?;
         let next = if config.temperature <= 0.0 {
             logits.argmax(D::Minus1)?.to_scalar::<u32>()?
         } else {
@@ -41,8 +43,8 @@ pub fn generate(
         if stop.contains(&next) {
             break;
         }
-        tokens.push(next);
         generated.push(next);
+        input = vec![next];
     }
     Ok(generated)
 }

@@ -87,11 +87,11 @@ impl Rope {
         })
     }
 
-    /// `x` is `[batch, heads, seq, head_dim]`.
-    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x` is `[batch, heads, seq, head_dim]` at positions `offset..offset + seq`.
+    fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let (_, _, seq_len, head_dim) = x.dims4()?;
-        let cos = self.cos.narrow(0, 0, seq_len)?;
-        let sin = self.sin.narrow(0, 0, seq_len)?;
+        let cos = self.cos.narrow(0, offset, seq_len)?;
+        let sin = self.sin.narrow(0, offset, seq_len)?;
         let half = head_dim / 2;
         let first = x.narrow(D::Minus1, 0, half)?;
         let second = x.narrow(D::Minus1, half, half)?;
@@ -305,13 +305,37 @@ impl Llama {
 
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`.
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
-        let hidden = self.hidden_states(input_ids)?;
+        let hidden = self.hidden_states(input_ids, None)?;
         self.head(&hidden)
     }
 
-    /// Logits `[batch, vocab]` of the last position only (generation).
+    /// Logits `[batch, vocab]` of the last position only.
     pub fn last_logits(&self, input_ids: &Tensor) -> Result<Tensor> {
-        let hidden = self.hidden_states(input_ids)?;
+        let hidden = self.hidden_states(input_ids, None)?;
+        self.last_position_logits(&hidden)
+    }
+
+    /// An empty key/value cache for incremental decoding with [`Llama::last_logits_cached`].
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: vec![None; self.blocks.len()],
+            len: 0,
+        }
+    }
+
+    /// Logits `[batch, vocab]` after the new tokens `input_ids`, which continue the sequence held
+    /// in `cache`; their keys and values are appended to it. For generation (no gradients).
+    pub fn last_logits_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let hidden = self.hidden_states(input_ids, Some(cache))?;
+        self.last_position_logits(&hidden)
+    }
+
+    /// Longest sequence (prompt and generated tokens together) the model runs.
+    pub fn max_sequence_len(&self) -> usize {
+        self.config.max_position_embeddings.min(ROPE_TABLE_MAX)
+    }
+
+    fn last_position_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let seq_len = hidden.dim(1)?;
         Ok(self.head(&hidden.narrow(1, seq_len - 1, 1)?)?.squeeze(1)?)
     }
@@ -321,22 +345,36 @@ impl Llama {
         super::frozen::frozen_matmul_t(hidden, head)
     }
 
-    /// Final-norm hidden states `[batch, seq, hidden]`.
-    fn hidden_states(&self, input_ids: &Tensor) -> Result<Tensor> {
+    /// Final-norm hidden states `[batch, seq, hidden]`, continuing `cache` when given.
+    fn hidden_states(&self, input_ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (batch, seq_len) = input_ids.dims2()?;
-        let max_len = self.config.max_position_embeddings.min(ROPE_TABLE_MAX);
-        if seq_len == 0 || seq_len > max_len {
+        let offset = cache.as_ref().map_or(0, |cache| cache.len);
+        let max_len = self.max_sequence_len();
+        if seq_len == 0 || offset + seq_len > max_len {
             return Err(ClientError::Unsupported(format!(
-                "sequence of {seq_len} tokens (1 to {max_len} allowed)"
+                "sequence of {} tokens (1 to {max_len} allowed)",
+                offset + seq_len
             )));
         }
         let mut hidden = self
             .embed_tokens
             .index_select(&input_ids.flatten_all()?, 0)?
             .reshape((batch, seq_len, self.config.hidden_size))?;
-        let mask = causal_mask(seq_len, &self.device)?;
-        for block in &self.blocks {
-            hidden = block.forward(&hidden, &mask, &self.rope, &self.config)?;
+        let mask = causal_mask(seq_len, offset, &self.device)?;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let slot = cache
+                .as_deref_mut()
+                .and_then(|cache| cache.layers.get_mut(layer));
+            let position = Position {
+                offset,
+                rope: &self.rope,
+                mask: &mask,
+                cache: slot,
+            };
+            hidden = block.forward(&hidden, position, &self.config)?;
+        }
+        if let Some(cache) = cache {
+            cache.len += seq_len;
         }
         self.norm.forward(&hidden)
     }
@@ -367,16 +405,10 @@ impl Block {
         ]
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        mask: &Tensor,
-        rope: &Rope,
-        config: &LlamaConfig,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, position: Position<'_>, config: &LlamaConfig) -> Result<Tensor> {
         let attended =
             self.attention
-                .forward(&self.input_layernorm.forward(x)?, mask, rope, config)?;
+                .forward(&self.input_layernorm.forward(x)?, position, config)?;
         let x = (x + attended)?;
         let mlp = &self.mlp;
         let normed = self.post_attention_layernorm.forward(&x)?;
@@ -386,13 +418,13 @@ impl Block {
 }
 
 impl Attention {
-    fn forward(
-        &self,
-        x: &Tensor,
-        mask: &Tensor,
-        rope: &Rope,
-        config: &LlamaConfig,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, position: Position<'_>, config: &LlamaConfig) -> Result<Tensor> {
+        let Position {
+            offset,
+            rope,
+            mask,
+            cache,
+        } = position;
         let (batch, seq_len, _) = x.dims3()?;
         let heads = config.num_attention_heads;
         let kv_heads = config.num_kv_heads();
@@ -403,9 +435,23 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = rope.apply(&split(self.q_proj.forward(x)?, heads)?)?;
-        let k = rope.apply(&split(self.k_proj.forward(x)?, kv_heads)?)?;
+        let q = rope.apply(&split(self.q_proj.forward(x)?, heads)?, offset)?;
+        let k = rope.apply(&split(self.k_proj.forward(x)?, kv_heads)?, offset)?;
         let v = split(self.v_proj.forward(x)?, kv_heads)?;
+        let (k, v) = match cache {
+            None => (k, v),
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((past_k, past_v)) => (
+                        Tensor::cat(&[&past_k, &k], 2)?,
+                        Tensor::cat(&[&past_v, &v], 2)?,
+                    ),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+        };
         let k = repeat_kv(k, heads / kv_heads)?;
         let v = repeat_kv(v, heads / kv_heads)?;
         let scores = (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?;
@@ -429,12 +475,94 @@ fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
     Ok(Tensor::cat(&vec![&x; n_rep], 2)?.reshape((batch, kv_heads * n_rep, seq_len, head_dim))?)
 }
 
-/// `[t, t]` with 0 on and below the diagonal and −∞ above.
-fn causal_mask(seq_len: usize, device: &Device) -> Result<Tensor> {
+/// `[t, offset + t]`: query `i` (at position `offset + i`) sees keys up to its own position; −∞
+/// elsewhere.
+fn causal_mask(seq_len: usize, offset: usize, device: &Device) -> Result<Tensor> {
+    let total = offset + seq_len;
     let values: Vec<f32> = (0..seq_len)
         .flat_map(|row| {
-            (0..seq_len).map(move |col| if col > row { f32::NEG_INFINITY } else { 0.0 })
+            (0..total).map(move |col| {
+                if col > offset + row {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
         })
         .collect();
-    Ok(Tensor::from_vec(values, (seq_len, seq_len), device)?)
+    Ok(Tensor::from_vec(values, (seq_len, total), device)?)
+}
+
+/// Keys and values of every layer for the positions seen so far: `[batch, kv_heads, len, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Where a block's input sits in the sequence: RoPE offset, mask, and this layer's cache slot.
+struct Position<'a> {
+    offset: usize,
+    rope: &'a Rope,
+    mask: &'a Tensor,
+    cache: Option<&'a mut Option<(Tensor, Tensor)>>,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use crate::model::BaseModel;
+    use crate::tiny::{TinyModelSpec, write_tiny_model};
+
+    use super::*;
+
+    /// Incremental decoding with the cache gives the logits of re-running the whole sequence.
+    #[test]
+    fn cached_decoding_matches_full_recomputation() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_model(dir.path(), &TinyModelSpec::default()).unwrap();
+        let base = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
+        let tokens: Vec<u32> = vec![40, 41, 7, 99, 150, 3, 12, 200, 201];
+        let mut cache = base.model.new_cache();
+        let prompt = Tensor::from_slice(&tokens[..4], (1, 4), &Device::Cpu).unwrap();
+        let mut cached = vec![base.model.last_logits_cached(&prompt, &mut cache).unwrap()];
+        for token in &tokens[4..] {
+            let step = Tensor::from_slice(&[*token], (1, 1), &Device::Cpu).unwrap();
+            cached.push(base.model.last_logits_cached(&step, &mut cache).unwrap());
+        }
+        assert_eq!(cache.len(), tokens.len());
+        for (index, logits) in cached.iter().enumerate() {
+            let end = 4 + index;
+            let full = Tensor::from_slice(&tokens[..end], (1, end), &Device::Cpu).unwrap();
+            let expected = base
+                .model
+                .last_logits(&full)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let got = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let difference = expected
+                .iter()
+                .zip(&got)
+                .map(|(e, g)| (e - g).abs())
+                .fold(0.0f32, f32::max);
+            assert!(
+                difference < 1e-4,
+                "position {end}: logits differ by {difference}"
+            );
+        }
+    }
 }
