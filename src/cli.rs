@@ -47,6 +47,21 @@ pub enum Command {
     BenchTrain(BenchTrainArgs),
     /// Generate text with a base model (HF directory or .gguf file) and an optional LoRA adapter.
     Generate(GenerateArgs),
+    /// Fold a PEFT adapter into its base model and write a plain Hugging Face checkpoint.
+    Merge(MergeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// Base model: a Hugging Face directory or a Llama .gguf file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Output directory for config.json, model.safetensors (f32) and tokenizer.json.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -280,6 +295,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Demo(args) => run_demo(args).await,
         Command::BenchTrain(args) => bench_train(&args),
         Command::Generate(args) => generate(&args),
+        Command::Merge(args) => merge(&args),
     }
 }
 
@@ -548,16 +564,7 @@ fn bench_train(args: &BenchTrainArgs) -> Result<()> {
 
 fn generate(args: &GenerateArgs) -> Result<()> {
     use fedlora_client::generate::{GenerateConfig, generate};
-    use fedlora_client::model::{BaseModel, default_device, peft::read_peft_adapter};
-    let mut base = BaseModel::load(&args.model, &default_device())
-        .with_context(|| format!("loading {}", args.model.display()))?;
-    if let Some(dir) = &args.adapter {
-        let (lora, adapter) = read_peft_adapter(dir)?;
-        base.model.attach_lora(&lora, 0)?;
-        base.model
-            .load_adapter(&adapter)
-            .with_context(|| format!("applying the adapter in {}", dir.display()))?;
-    }
+    let base = load_with_adapter(&args.model, args.adapter.as_deref())?;
     let chat_start = base.tokenizer.token_to_id("<|im_start|>");
     let text = match chat_start {
         Some(_) if !args.raw => format!(
@@ -589,6 +596,36 @@ fn generate(args: &GenerateArgs) -> Result<()> {
         "{} tokens in {:.1} s",
         tokens.len(),
         started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Loads a base model and, when given, applies a PEFT adapter directory to it.
+fn load_with_adapter(
+    model: &std::path::Path,
+    adapter: Option<&std::path::Path>,
+) -> Result<fedlora_client::model::BaseModel> {
+    use fedlora_client::model::{BaseModel, default_device, peft::read_peft_adapter};
+    let mut base = BaseModel::load(model, &default_device())
+        .with_context(|| format!("loading {}", model.display()))?;
+    if let Some(dir) = adapter {
+        let (lora, weights) = read_peft_adapter(dir)?;
+        base.model.attach_lora(&lora, 0)?;
+        base.model
+            .load_adapter(&weights)
+            .with_context(|| format!("applying the adapter in {}", dir.display()))?;
+    }
+    Ok(base)
+}
+
+fn merge(args: &MergeArgs) -> Result<()> {
+    let base = load_with_adapter(&args.model, Some(&args.adapter))?;
+    fedlora_client::model::export_merged(&base, &args.out)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!(
+        "wrote {} with the adapter from {} merged in",
+        args.out.display(),
+        args.adapter.display()
     );
     Ok(())
 }

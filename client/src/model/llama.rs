@@ -315,6 +315,44 @@ impl Llama {
         self.last_position_logits(&hidden)
     }
 
+    /// Every weight under its Hugging Face name, with the attached LoRA factors merged into the
+    /// adapted projections (W₀ + s·B·A): the model as a plain checkpoint that needs no adapter.
+    pub fn merged_weights(&self) -> Result<HashMap<String, Tensor>> {
+        let mut weights = HashMap::new();
+        weights.insert(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.clone(),
+        );
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let prefix = format!("model.layers.{layer}");
+            for (module, linear) in block.linears() {
+                let block_name = if is_attention(module) {
+                    "self_attn"
+                } else {
+                    "mlp"
+                };
+                let name = format!("{prefix}.{block_name}.{module}");
+                weights.insert(format!("{name}.weight"), linear.merged_weight()?);
+                if let Some(bias) = linear.bias() {
+                    weights.insert(format!("{name}.bias"), bias.clone());
+                }
+            }
+            weights.insert(
+                format!("{prefix}.input_layernorm.weight"),
+                block.input_layernorm.weight.clone(),
+            );
+            weights.insert(
+                format!("{prefix}.post_attention_layernorm.weight"),
+                block.post_attention_layernorm.weight.clone(),
+            );
+        }
+        weights.insert("model.norm.weight".to_string(), self.norm.weight.clone());
+        if let Some(lm_head) = &self.lm_head {
+            weights.insert("lm_head.weight".to_string(), lm_head.clone());
+        }
+        Ok(weights)
+    }
+
     /// An empty key/value cache for incremental decoding with [`Llama::last_logits_cached`].
     pub fn new_cache(&self) -> KvCache {
         KvCache {
@@ -378,6 +416,10 @@ impl Llama {
         }
         self.norm.forward(&hidden)
     }
+}
+
+fn is_attention(module: &str) -> bool {
+    matches!(module, "q_proj" | "k_proj" | "v_proj" | "o_proj")
 }
 
 impl Block {

@@ -62,6 +62,21 @@ impl LoraLinear {
         (in_features, out_features)
     }
 
+    /// The frozen weight with the LoRA update folded in, W₀ + s·B·A (W₀ without factors).
+    pub fn merged_weight(&self) -> Result<Tensor> {
+        match &self.lora {
+            None => Ok(self.weight.clone()),
+            Some(lora) => {
+                let update = lora.b.as_tensor().matmul(lora.a.as_tensor())?;
+                Ok((&self.weight + (update * lora.scale)?)?)
+            }
+        }
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     /// `x` is `[..., in]`; returns `[..., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut base = super::frozen::frozen_matmul_t(x, &self.weight)?;

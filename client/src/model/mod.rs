@@ -63,6 +63,25 @@ impl BaseModel {
     }
 }
 
+/// Writes `base` with its attached LoRA factors merged into the weights as a Hugging Face
+/// directory (`config.json`, `model.safetensors`, `tokenizer.json`) that loads and runs without
+/// any adapter.
+pub fn export_merged(base: &BaseModel, out_dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(out_dir).map_err(ClientError::io(out_dir))?;
+    let config_path = out_dir.join("config.json");
+    let config = serde_json::to_string_pretty(base.model.config())
+        .map_err(|error| ClientError::Unsupported(error.to_string()))?;
+    std::fs::write(&config_path, config).map_err(ClientError::io(&config_path))?;
+    candle_core::safetensors::save(
+        &base.model.merged_weights()?,
+        out_dir.join("model.safetensors"),
+    )?;
+    base.tokenizer
+        .save(out_dir.join("tokenizer.json"), false)
+        .map_err(|error| ClientError::Tokenizer(error.to_string()))?;
+    Ok(())
+}
+
 fn is_gguf(path: &Path) -> bool {
     path.is_file()
         && path
@@ -137,4 +156,81 @@ pub fn default_device() -> Device {
         return device;
     }
     Device::Cpu
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use candle_core::Tensor;
+    use fedlora_proto::adapter::LoraSpec;
+    use rand::Rng;
+
+    use super::*;
+    use crate::tiny::{TinyModelSpec, write_tiny_model};
+
+    /// The merged checkpoint, loaded with no adapter, computes what base + adapter computes.
+    #[test]
+    fn merged_export_matches_base_plus_adapter() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_model(&dir.path().join("base"), &TinyModelSpec::default()).unwrap();
+        let mut base = BaseModel::load(&dir.path().join("base"), &Device::Cpu).unwrap();
+        let lora = LoraSpec {
+            rank: 4,
+            alpha: 8.0,
+            target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+        };
+        base.model.attach_lora(&lora, 5).unwrap();
+        let mut rng = lora::seeded_rng(9);
+        for (name, var) in base.model.named_lora_vars().unwrap() {
+            if name.contains("lora_B") {
+                let values: Vec<f32> = (0..var.elem_count())
+                    .map(|_| rng.random_range(-0.2..0.2))
+                    .collect();
+                var.set(&Tensor::from_vec(values, var.dims(), &Device::Cpu).unwrap())
+                    .unwrap();
+            }
+        }
+        export_merged(&base, &dir.path().join("merged")).unwrap();
+        let merged = BaseModel::load(&dir.path().join("merged"), &Device::Cpu).unwrap();
+        assert!(merged.model.lora_vars().is_empty());
+        let input = Tensor::new(&[[5u32, 70, 71, 72, 3, 90]], &Device::Cpu).unwrap();
+        let expected = base
+            .model
+            .forward(&input)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let got = merged
+            .model
+            .forward(&input)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let difference = expected
+            .iter()
+            .zip(&got)
+            .map(|(e, g)| (e - g).abs())
+            .fold(0.0f32, f32::max);
+        assert!(difference < 1e-4, "logits differ by {difference}");
+        let plain = BaseModel::load(&dir.path().join("base"), &Device::Cpu).unwrap();
+        let unadapted = plain
+            .model
+            .forward(&input)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(
+            unadapted
+                .iter()
+                .zip(&got)
+                .any(|(a, b)| (a - b).abs() > 1e-3),
+            "the adapter changed the model"
+        );
+    }
 }
