@@ -108,6 +108,9 @@ pub struct BenchTrainArgs {
     /// Timed steps.
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
+    /// QLoRA: quantize the frozen projections to Q8_0.
+    #[arg(long)]
+    pub quantize_base: bool,
 }
 
 /// Transport security choice shared by every networked command.
@@ -220,6 +223,10 @@ pub struct ClientArgs {
     /// Held-out windows evaluated per task, at most.
     #[arg(long, default_value_t = 64)]
     pub max_eval_windows: usize,
+    /// QLoRA: keep the frozen base model quantized to Q8_0 (about a quarter of f32's memory;
+    /// projection widths must be multiples of 32).
+    #[arg(long)]
+    pub quantize_base: bool,
     #[command(flatten)]
     pub transport: TransportArgs,
 }
@@ -401,6 +408,7 @@ async fn client(args: ClientArgs) -> Result<()> {
         state_dir,
         max_rank: args.max_rank,
         max_eval_windows: args.max_eval_windows,
+        quantize_base: args.quantize_base,
     };
     let observer: daemon::Observer = Arc::new(|event: &DaemonEvent| match event {
         DaemonEvent::Step {
@@ -546,10 +554,15 @@ fn bench_train(args: &BenchTrainArgs) -> Result<()> {
         BenchPreset::Reference => TrainBench::reference(),
         BenchPreset::Smollm2 => TrainBench::smollm2(),
     };
-    let report = run_train_bench(&bench, args.warmup, args.steps)?;
+    let report = run_train_bench(&bench, args.warmup, args.steps, args.quantize_base)?;
     println!(
-        "{}: {:.1} tokens/s ({:.3} s/step over {} steps, batch {} x {}), peak rss {}",
+        "{}{}: {:.1} tokens/s ({:.3} s/step over {} steps, batch {} x {}), peak rss {}",
         bench.name,
+        if args.quantize_base {
+            " (q8_0 base)"
+        } else {
+            ""
+        },
         report.tokens_per_second,
         report.seconds_per_step,
         report.steps,

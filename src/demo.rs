@@ -146,6 +146,7 @@ pub async fn run(options: DemoOptions) -> Result<DemoReport> {
             state_dir: dir.join("sites").join(site),
             max_rank: 64,
             max_eval_windows: 64,
+            quantize_base: false,
         };
         daemons.push(tokio::spawn(daemon::run(
             config,

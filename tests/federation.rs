@@ -108,6 +108,7 @@ fn spawn_daemon(
         state_dir: site.state_dir.clone(),
         max_rank: 16,
         max_eval_windows: 16,
+        quantize_base: false,
     };
     tokio::spawn(daemon::run(
         config,

@@ -101,10 +101,19 @@ pub struct BenchReport {
 }
 
 /// Runs `warmup` untimed then `steps` timed AdamW steps on random tokens.
-pub fn run_train_bench(bench: &TrainBench, warmup: usize, steps: usize) -> Result<BenchReport> {
+/// With `quantize_base`, the frozen projections are kept as Q8_0 (QLoRA).
+pub fn run_train_bench(
+    bench: &TrainBench,
+    warmup: usize,
+    steps: usize,
+    quantize_base: bool,
+) -> Result<BenchReport> {
     let device = Device::Cpu;
     let weights = random_weights(&bench.config, 1)?;
     let mut model = Llama::from_weights(bench.config.clone(), weights, &device)?;
+    if quantize_base {
+        model.quantize_base(candle_core::quantized::GgmlDType::Q8_0)?;
+    }
     model.attach_lora(&bench.lora, 2)?;
     let mut rng = seeded_rng(3);
     let vocab = bench.config.vocab_size as u32;

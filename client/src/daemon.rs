@@ -49,6 +49,8 @@ pub struct DaemonConfig {
     pub max_rank: usize,
     /// Held-out windows evaluated per task, at most.
     pub max_eval_windows: usize,
+    /// Keep the frozen base quantized to Q8_0 (QLoRA): about a quarter of f32's memory.
+    pub quantize_base: bool,
 }
 
 /// Progress the daemon reports to whoever runs it (a progress bar, a log).
@@ -178,7 +180,11 @@ fn is_transient(error: &ClientError) -> bool {
 
 fn load_site(config: &DaemonConfig) -> Result<Site> {
     let device = crate::model::default_device();
-    let base = BaseModel::load(&config.model_dir, &device)?;
+    let mut base = BaseModel::load(&config.model_dir, &device)?;
+    if config.quantize_base {
+        base.model
+            .quantize_base(candle_core::quantized::GgmlDType::Q8_0)?;
+    }
     let data = SiteData::from_jsonl(&config.data_path, &base.tokenizer)?;
     if data.train.is_empty() || data.heldout.is_empty() {
         return Err(ClientError::NotEnoughData(format!(

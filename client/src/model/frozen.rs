@@ -1,4 +1,6 @@
-//! `x·Wᵀ` for a frozen weight W whose backward pass computes only ∂L/∂x.
+//! `x·Wᵀ` for a frozen weight W whose backward pass computes only ∂L/∂x. W is dense f32 or
+//! quantized (QLoRA: GGUF block types such as Q8_0, dequantized only inside the backward pass;
+//! candle's own quantized matmul passes no gradient to its input at all).
 //!
 //! candle's matmul backward always computes the gradients of both operands, so every frozen
 //! projection (and the vocabulary-sized `lm_head`) would cost a full weight-gradient product per
@@ -6,13 +8,54 @@
 //! custom op whose backward is `∂L/∂x = ∂L/∂y · W`. On devices other than the CPU, and when `x`
 //! needs no gradient, the plain matmul is used.
 
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
 use crate::error::Result;
 
+/// A frozen `[out, in]` weight.
+#[derive(Debug, Clone)]
+pub enum FrozenWeight {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>),
+}
+
+impl From<Tensor> for FrozenWeight {
+    fn from(tensor: Tensor) -> Self {
+        Self::Dense(tensor)
+    }
+}
+
+impl FrozenWeight {
+    /// `(out, in)`.
+    pub fn dims2(&self) -> Result<(usize, usize)> {
+        Ok(match self {
+            Self::Dense(tensor) => tensor.dims2()?,
+            Self::Quantized(tensor) => tensor.shape().dims2()?,
+        })
+    }
+
+    /// The weight as a dense f32 tensor.
+    pub fn dequantize(&self) -> Result<Tensor> {
+        Ok(match self {
+            Self::Dense(tensor) => tensor.clone(),
+            Self::Quantized(tensor) => tensor.dequantize(&tensor.device())?,
+        })
+    }
+
+    /// The weight quantized to `dtype` (a dense weight is quantized; a quantized one is kept).
+    pub fn quantized(&self, dtype: GgmlDType) -> Result<Self> {
+        Ok(match self {
+            Self::Dense(tensor) => Self::Quantized(Arc::new(QTensor::quantize(tensor, dtype)?)),
+            Self::Quantized(_) => self.clone(),
+        })
+    }
+}
+
 struct InputGradOnly {
-    /// `[out, in]`.
-    weight: Tensor,
+    weight: FrozenWeight,
 }
 
 impl CustomOp2 for InputGradOnly {
@@ -47,19 +90,39 @@ impl CustomOp2 for InputGradOnly {
         _result: &Tensor,
         grad_result: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad_result.broadcast_matmul(&self.weight)?), None))
+        let weight = self
+            .weight
+            .dequantize()
+            .map_err(|error| candle_core::Error::Msg(error.to_string()))?;
+        Ok((Some(grad_result.broadcast_matmul(&weight)?), None))
     }
 }
 
 /// `x·Wᵀ` with `x` `[..., in]` and a frozen `weight` `[out, in]`.
-pub fn frozen_matmul_t(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    let plain = || x.broadcast_matmul(&weight.t()?);
-    if !x.track_op() || !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
-        return Ok(plain()?);
-    }
-    let weight = weight.detach();
-    let product = x.detach().broadcast_matmul(&weight.t()?)?.contiguous()?;
-    Ok(x.apply_op2(&product, InputGradOnly { weight })?)
+pub fn frozen_matmul_t(x: &Tensor, weight: &FrozenWeight) -> Result<Tensor> {
+    let product = match weight {
+        FrozenWeight::Dense(dense) => {
+            if !x.track_op() || !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+                return Ok(x.broadcast_matmul(&dense.t()?)?);
+            }
+            x.detach().broadcast_matmul(&dense.detach().t()?)?
+        }
+        FrozenWeight::Quantized(quantized) => {
+            let product = x
+                .detach()
+                .contiguous()?
+                .apply_op1_no_bwd(quantized.as_ref())?;
+            if !x.track_op() {
+                return Ok(product);
+            }
+            product
+        }
+    };
+    let weight = match weight {
+        FrozenWeight::Dense(dense) => FrozenWeight::Dense(dense.detach()),
+        quantized => quantized.clone(),
+    };
+    Ok(x.apply_op2(&product.contiguous()?, InputGradOnly { weight })?)
 }
 
 #[cfg(test)]
@@ -79,7 +142,11 @@ mod tests {
         let plain = x
             .broadcast_matmul(&weight.as_tensor().t().unwrap())
             .unwrap();
-        let frozen = frozen_matmul_t(x.as_tensor(), weight.as_tensor()).unwrap();
+        let frozen = frozen_matmul_t(
+            x.as_tensor(),
+            &FrozenWeight::Dense(weight.as_tensor().clone()),
+        )
+        .unwrap();
         assert_eq!(
             plain.to_vec3::<f32>().unwrap(),
             frozen.to_vec3::<f32>().unwrap()

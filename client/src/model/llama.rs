@@ -315,6 +315,18 @@ impl Llama {
         self.last_position_logits(&hidden)
     }
 
+    /// QLoRA: keeps every projection's frozen weight quantized to `dtype` (e.g. Q8_0), about a
+    /// quarter of f32's memory. Embeddings, norms and the output head stay f32. Gradients still
+    /// reach the LoRA factors below quantized layers (see `frozen.rs`).
+    pub fn quantize_base(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<()> {
+        for block in &mut self.blocks {
+            for (_, linear) in block.linears_mut() {
+                linear.quantize_weight(dtype)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Every weight under its Hugging Face name, with the attached LoRA factors merged into the
     /// adapted projections (W₀ + s·B·A): the model as a plain checkpoint that needs no adapter.
     pub fn merged_weights(&self) -> Result<HashMap<String, Tensor>> {
@@ -380,7 +392,7 @@ impl Llama {
 
     fn head(&self, hidden: &Tensor) -> Result<Tensor> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        super::frozen::frozen_matmul_t(hidden, head)
+        super::frozen::frozen_matmul_t(hidden, &head.clone().into())
     }
 
     /// Final-norm hidden states `[batch, seq, hidden]`, continuing `cache` when given.

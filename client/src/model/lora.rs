@@ -5,6 +5,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use fedlora_proto::adapter::AdapterTensor;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
+use candle_core::quantized::GgmlDType;
+
+use super::frozen::FrozenWeight;
 use crate::error::Result;
 
 /// Trainable factors of one adapted layer. Only these are `Var`s: the base stays frozen.
@@ -41,17 +44,17 @@ impl LoraFactors {
 /// A linear layer whose weight (and optional bias) is frozen, optionally with LoRA factors.
 #[derive(Debug, Clone)]
 pub struct LoraLinear {
-    /// `[out, in]`, as stored by Hugging Face.
-    weight: Tensor,
+    /// `[out, in]`, as stored by Hugging Face (dense or quantized).
+    weight: FrozenWeight,
     /// `[out]` (Qwen2's q/k/v projections have one).
     bias: Option<Tensor>,
     pub lora: Option<LoraFactors>,
 }
 
 impl LoraLinear {
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+    pub fn new(weight: impl Into<FrozenWeight>, bias: Option<Tensor>) -> Self {
         Self {
-            weight,
+            weight: weight.into(),
             bias,
             lora: None,
         }
@@ -65,12 +68,18 @@ impl LoraLinear {
     /// The frozen weight with the LoRA update folded in, W₀ + s·B·A (W₀ without factors).
     pub fn merged_weight(&self) -> Result<Tensor> {
         match &self.lora {
-            None => Ok(self.weight.clone()),
+            None => self.weight.dequantize(),
             Some(lora) => {
                 let update = lora.b.as_tensor().matmul(lora.a.as_tensor())?;
-                Ok((&self.weight + (update * lora.scale)?)?)
+                Ok((self.weight.dequantize()? + (update * lora.scale)?)?)
             }
         }
+    }
+
+    /// Keeps the frozen weight quantized to `dtype` from now on (QLoRA).
+    pub fn quantize_weight(&mut self, dtype: GgmlDType) -> Result<()> {
+        self.weight = self.weight.quantized(dtype)?;
+        Ok(())
     }
 
     pub fn bias(&self) -> Option<&Tensor> {

@@ -521,4 +521,86 @@ mod tests {
             .unwrap();
         assert!(after < before - 0.3, "loss {before} -> {after}");
     }
+
+    /// QLoRA: with the base quantized to Q8_0, every LoRA factor still gets a gradient, and it
+    /// matches the f32 model's within quantization error.
+    #[test]
+    fn quantized_base_passes_gradients_close_to_the_f32_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = TinyModelSpec {
+            intermediate_size: 192,
+            ..TinyModelSpec::default()
+        };
+        write_tiny_model(dir.path(), &spec).unwrap();
+        let mut dense = BaseModel::load(dir.path(), &Device::Cpu).unwrap().model;
+        let mut quantized = dense.clone();
+        quantized
+            .quantize_base(candle_core::quantized::GgmlDType::Q8_0)
+            .unwrap();
+        let lora = all_modules();
+        dense.attach_lora(&lora, 7).unwrap();
+        quantized.attach_lora(&lora, 7).unwrap();
+        let mut rng = seeded_rng(3);
+        for ((name, a), (_, b)) in dense
+            .named_lora_vars()
+            .unwrap()
+            .into_iter()
+            .zip(quantized.named_lora_vars().unwrap())
+        {
+            if name.contains("lora_B") {
+                let values: Vec<f32> = (0..a.elem_count())
+                    .map(|_| rng.random_range(-0.1..0.1))
+                    .collect();
+                let tensor = Tensor::from_vec(values, a.dims(), &Device::Cpu).unwrap();
+                a.set(&tensor).unwrap();
+                b.set(&tensor).unwrap();
+            }
+        }
+        let windows = sample_windows(16);
+        let batch: Vec<&[u32]> = windows.iter().map(Vec::as_slice).collect();
+        let dense_loss = batch_loss(&dense, &batch).unwrap();
+        let quantized_loss = batch_loss(&quantized, &batch).unwrap();
+        let (l1, l2) = (
+            dense_loss.to_scalar::<f32>().unwrap(),
+            quantized_loss.to_scalar::<f32>().unwrap(),
+        );
+        assert!(
+            (l1 - l2).abs() < 0.01 * l1,
+            "loss {l1} (f32) vs {l2} (q8_0)"
+        );
+        let dense_grads = dense_loss.backward().unwrap();
+        let quantized_grads = quantized_loss.backward().unwrap();
+        for ((name, a), (_, b)) in dense
+            .named_lora_vars()
+            .unwrap()
+            .into_iter()
+            .zip(quantized.named_lora_vars().unwrap())
+        {
+            let ga = dense_grads.get(a.as_tensor()).unwrap();
+            let gb = quantized_grads
+                .get(b.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient through the quantized base"));
+            let norm = ga
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt();
+            let error = (ga - gb)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt();
+            assert!(
+                norm > 0.0 && error < 0.05 * norm,
+                "{name}: gradient error {error} vs norm {norm}"
+            );
+        }
+    }
 }
