@@ -107,6 +107,11 @@ pub fn frozen_matmul_t(x: &Tensor, weight: &FrozenWeight) -> Result<Tensor> {
             }
             x.detach().broadcast_matmul(&dense.detach().t()?)?
         }
+        FrozenWeight::Quantized(quantized) if !x.device().is_cpu() => {
+            // The pass-through op exists for the CPU only: elsewhere use the dequantized weight.
+            let dense = quantized.dequantize(x.device())?;
+            return Ok(x.broadcast_matmul(&dense.t()?)?);
+        }
         FrozenWeight::Quantized(quantized) => {
             let product = x
                 .detach()

@@ -39,6 +39,14 @@ pub fn gguf_config(content: &Content) -> Result<LlamaConfig> {
             "gguf architecture {architecture:?} (llama only)"
         )));
     }
+    if content.tensor_infos.contains_key("rope_freqs.weight")
+        || content.metadata.contains_key("llama.rope.scaling.type")
+    {
+        return Err(ClientError::Unsupported(
+            "gguf with rope scaling (rope_freqs.weight, e.g. llama 3.1+) is not supported yet"
+                .into(),
+        ));
+    }
     let hidden = meta_usize(content, "llama.embedding_length")?;
     let heads = meta_usize(content, "llama.attention.head_count")?;
     let kv_heads = meta_usize(content, "llama.attention.head_count_kv").unwrap_or(heads);
@@ -63,7 +71,11 @@ pub fn gguf_config(content: &Content) -> Result<LlamaConfig> {
         num_hidden_layers: meta_usize(content, "llama.block_count")?,
         num_attention_heads: heads,
         num_key_value_heads: Some(kv_heads),
-        head_dim: None,
+        head_dim: content
+            .metadata
+            .get("llama.attention.key_length")
+            .map(|value| value.to_u32().map(|length| length as usize))
+            .transpose()?,
         vocab_size: vocab,
         rms_norm_eps: f64::from(eps),
         rope_theta: f64::from(rope_theta),
@@ -141,6 +153,23 @@ pub fn gguf_tokenizer(content: &Content) -> Result<Tokenizer> {
             "gguf tokenizer model {model:?} (byte-level bpe \"gpt2\" only)"
         )));
     }
+    // Pre-tokenizers by llama.cpp's name: SmolLM splits digits singly before GPT-2's byte-level
+    // split; plain GPT-2 does only the latter. Others (llama-bpe, qwen2, ...) differ in their regex.
+    let split_digits = match content
+        .metadata
+        .get("tokenizer.ggml.pre")
+        .map(|value| value.to_string().cloned())
+        .transpose()?
+        .as_deref()
+    {
+        Some("smollm") => true,
+        None | Some("default" | "gpt-2" | "gpt2") => false,
+        Some(other) => {
+            return Err(ClientError::Unsupported(format!(
+                "gguf pre-tokenizer {other:?} (smollm and gpt-2 only)"
+            )));
+        }
+    };
     let tokens: Vec<String> = meta(content, "tokenizer.ggml.tokens")?
         .to_vec()?
         .iter()
@@ -177,10 +206,15 @@ pub fn gguf_tokenizer(content: &Content) -> Result<Tokenizer> {
         .build()
         .map_err(|error| ClientError::Tokenizer(error.to_string()))?;
     let mut tokenizer = Tokenizer::new(bpe);
-    tokenizer.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(Sequence::new(vec![
-        PreTokenizerWrapper::Digits(Digits::new(true)),
-        PreTokenizerWrapper::ByteLevel(ByteLevel::default().add_prefix_space(false)),
-    ]))));
+    let byte_level = PreTokenizerWrapper::ByteLevel(ByteLevel::default().add_prefix_space(false));
+    if split_digits {
+        tokenizer.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(Sequence::new(vec![
+            PreTokenizerWrapper::Digits(Digits::new(true)),
+            byte_level,
+        ]))));
+    } else {
+        tokenizer.with_pre_tokenizer(Some(byte_level));
+    }
     tokenizer.with_decoder(Some(ByteLevel::default()));
     // Control tokens (type 3) such as <|im_start|> are matched whole, never split.
     let specials: Vec<AddedToken> = tokens

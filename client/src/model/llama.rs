@@ -502,7 +502,9 @@ impl Attention {
                     ),
                     None => (k, v),
                 };
-                *slot = Some((k.clone(), v.clone()));
+                // Detached: with trainable LoRA factors attached, a cached k/v would otherwise
+                // keep every earlier step's graph alive.
+                *slot = Some((k.detach(), v.detach()));
                 (k, v)
             }
         };

@@ -171,21 +171,19 @@ pub fn train(
                 .map(|window| window.len() as u64 - 1)
                 .sum::<u64>();
             let micro = (loss / micro_batches as f64)?.backward()?;
-            gradients = Some(match gradients {
-                None => micro,
-                Some(mut sum) => {
-                    for var in &vars {
-                        if let Some(gradient) = micro.get(var.as_tensor()) {
-                            let total = match sum.get(var.as_tensor()) {
-                                Some(previous) => (previous + gradient)?,
-                                None => gradient.clone(),
-                            };
-                            sum.insert(var.as_tensor(), total);
-                        }
-                    }
-                    sum
+            // Keep detached gradients only: a Var's gradient links back to this micro-batch's
+            // activations, which must be freed before the next one runs.
+            let sum = gradients.get_or_insert_with(GradStore::default);
+            for var in &vars {
+                if let Some(gradient) = micro.get(var.as_tensor()) {
+                    let gradient = gradient.detach();
+                    let total = match sum.get(var.as_tensor()) {
+                        Some(previous) => (previous + gradient)?,
+                        None => gradient,
+                    };
+                    sum.insert(var.as_tensor(), total);
                 }
-            });
+            }
         }
         let Some(mut gradients) = gradients else {
             continue;
