@@ -410,13 +410,37 @@ async fn client(args: ClientArgs) -> Result<()> {
         max_eval_windows: args.max_eval_windows,
         quantize_base: args.quantize_base,
     };
-    let observer: daemon::Observer = Arc::new(|event: &DaemonEvent| match event {
+    // A progress bar on a terminal (hidden when stderr is not one, e.g. under systemd), and a
+    // log line every 10 steps.
+    let bar = indicatif::ProgressBar::new(1);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30.cyan/blue} {pos:>4}/{len:4} {msg}")
+            .context("progress style")?
+            .progress_chars("=> "),
+    );
+    let observer: daemon::Observer = Arc::new(move |event: &DaemonEvent| match event {
+        DaemonEvent::TaskStarted {
+            round_id,
+            kind,
+            local_steps,
+        } => {
+            bar.set_length(u64::from(*local_steps).max(1));
+            bar.set_position(0);
+            bar.set_message(format!("round {round_id}: {kind}"));
+        }
         DaemonEvent::Step {
             round_id,
             step,
             loss,
-        } if step % 10 == 0 => {
-            info!(round_id, step, loss, "training");
+            tokens_per_second,
+        } => {
+            bar.set_position(*step as u64);
+            bar.set_message(format!(
+                "round {round_id}: loss {loss:.3}, {tokens_per_second:.0} tokens/s"
+            ));
+            if step % 10 == 0 {
+                info!(round_id, step, loss, tokens_per_second, "training");
+            }
         }
         DaemonEvent::Evaluated {
             round_id,
@@ -428,7 +452,10 @@ async fn client(args: ClientArgs) -> Result<()> {
                 adapter_round, loss, "held-out loss of the global adapter"
             );
         }
-        DaemonEvent::Finished { reason } => info!(%reason, "federation finished"),
+        DaemonEvent::Finished { reason } => {
+            bar.finish_and_clear();
+            info!(%reason, "federation finished");
+        }
         _ => {}
     });
     let summary = daemon::run(config, observer, shutdown_signal()).await?;

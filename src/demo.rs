@@ -195,9 +195,12 @@ fn show(bar: &ProgressBar, event: &DaemonEvent) {
             round_id,
             step,
             loss,
+            tokens_per_second,
         } => {
             bar.set_position(*step as u64);
-            bar.set_message(format!("round {round_id}: training, loss {loss:.3}"));
+            bar.set_message(format!(
+                "round {round_id}: training, loss {loss:.3}, {tokens_per_second:.0} tokens/s"
+            ));
         }
         DaemonEvent::Uploaded {
             round_id, bytes, ..

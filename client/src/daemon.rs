@@ -75,6 +75,8 @@ pub enum DaemonEvent {
         round_id: u64,
         step: usize,
         loss: f32,
+        /// Training throughput so far in this task.
+        tokens_per_second: f32,
     },
     Uploaded {
         round_id: u64,
@@ -378,12 +380,17 @@ async fn run_task(
     let windows = pack_windows(&site.data.train, site.eos, seq_len);
     let round_id = task.round_id;
     let step_observer = observer.clone();
+    let tokens_per_step =
+        (train_config.batch_size * train_config.seq_len * train_config.grad_accumulation) as f64;
     let (model, report) = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
         let report = train(&model, &windows, &train_config, &mut |step, loss| {
+            let seconds = started.elapsed().as_secs_f64().max(1e-9);
             step_observer(&DaemonEvent::Step {
                 round_id,
                 step,
                 loss,
+                tokens_per_second: (step as f64 * tokens_per_step / seconds) as f32,
             });
         })?;
         Ok::<_, ClientError>((model, report))
