@@ -166,6 +166,9 @@ pub struct ServeArgs {
     /// LoRA alpha (the update is scaled by alpha/r).
     #[arg(long, default_value_t = 16.0)]
     pub alpha: f32,
+    /// rsLoRA: scale the update by alpha/sqrt(r) instead of alpha/r.
+    #[arg(long)]
+    pub rslora: bool,
     /// Modules to adapt, comma separated (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).
     #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
     pub target_modules: Vec<String>,
@@ -338,6 +341,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         clients_per_round: args.clients_per_round.unwrap_or(args.min_clients),
         round_timeout_secs: args.round_timeout,
         lora: LoraSpec {
+            use_rslora: args.rslora,
             rank: args.rank,
             alpha: args.alpha,
             target_modules: args.target_modules,

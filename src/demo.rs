@@ -50,6 +50,7 @@ impl Default for DemoOptions {
                 seed: 42,
             },
             lora: LoraSpec {
+                use_rslora: false,
                 rank: 8,
                 alpha: 16.0,
                 target_modules: vec!["q_proj".into(), "v_proj".into()],

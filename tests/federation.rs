@@ -48,6 +48,7 @@ fn small_config(rounds: u32, clients_per_round: u32) -> FederationConfig {
         min_clients: 2,
         clients_per_round,
         lora: LoraSpec {
+            use_rslora: false,
             rank: 4,
             alpha: 8.0,
             target_modules: vec!["q_proj".into(), "v_proj".into()],

@@ -62,6 +62,7 @@ impl TrainBench {
             name: "reference",
             config: llama(512, 8, 8, 8, 1408, 32_000, false),
             lora: LoraSpec {
+                use_rslora: false,
                 rank: 16,
                 alpha: 32.0,
                 target_modules: ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -80,6 +81,7 @@ impl TrainBench {
             name: "smollm2",
             config: llama(576, 30, 9, 3, 1536, 49_152, true),
             lora: LoraSpec {
+                use_rslora: false,
                 rank: 8,
                 alpha: 16.0,
                 target_modules: vec!["q_proj".into(), "v_proj".into()],

@@ -311,6 +311,7 @@ async fn run_task(
         .training
         .ok_or_else(|| ClientError::Protocol("task without training parameters".into()))?;
     let lora = LoraSpec {
+        use_rslora: lora_pb.use_rslora,
         rank: lora_pb.rank as usize,
         alpha: lora_pb.alpha,
         target_modules: lora_pb.target_modules,

@@ -125,6 +125,7 @@ mod tests {
             head_dim: 2,
         };
         let lora = LoraSpec {
+            use_rslora: false,
             rank: 2,
             alpha: 4.0,
             target_modules: vec!["q_proj".into(), "v_proj".into()],

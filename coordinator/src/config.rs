@@ -75,6 +75,7 @@ impl Default for FederationConfig {
             round_timeout_secs: 600,
             strategy: "fedavg".into(),
             lora: LoraSpec {
+                use_rslora: false,
                 rank: 8,
                 alpha: 16.0,
                 target_modules: vec!["q_proj".into(), "v_proj".into()],

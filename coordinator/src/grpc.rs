@@ -68,6 +68,7 @@ fn lora_to_pb(lora: &fedlora_proto::adapter::LoraSpec) -> pb::LoraConfig {
         rank: lora.rank as u32,
         alpha: lora.alpha,
         target_modules: lora.target_modules.clone(),
+        use_rslora: lora.use_rslora,
     }
 }
 

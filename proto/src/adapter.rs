@@ -93,12 +93,16 @@ pub struct LoraSpec {
     pub rank: usize,
     pub alpha: f32,
     pub target_modules: Vec<String>,
+    /// rsLoRA: scale by α/√r instead of α/r, so the update's size does not shrink with the rank.
+    #[serde(default)]
+    pub use_rslora: bool,
 }
 
 impl LoraSpec {
-    /// The scale s = α/r applied to B·A.
+    /// The scale applied to B·A: α/r, or α/√r with rsLoRA.
     pub fn scale(&self) -> f64 {
-        f64::from(self.alpha) / self.rank as f64
+        let rank = self.rank as f64;
+        f64::from(self.alpha) / if self.use_rslora { rank.sqrt() } else { rank }
     }
 
     /// Checks the rank is positive, alpha finite and positive, and every target known and listed once.
@@ -344,7 +348,7 @@ pub fn peft_adapter_config(lora: &LoraSpec, base_model: &str) -> serde_json::Val
         "target_modules": lora.target_modules,
         "bias": "none",
         "fan_in_fan_out": false,
-        "use_rslora": false,
+        "use_rslora": lora.use_rslora,
         "use_dora": false,
         "inference_mode": true,
     })
@@ -377,6 +381,7 @@ mod tests {
 
     fn lora() -> LoraSpec {
         LoraSpec {
+            use_rslora: false,
             rank: 2,
             alpha: 4.0,
             target_modules: vec!["q_proj".into(), "v_proj".into()],
@@ -488,6 +493,25 @@ mod tests {
     }
 
     #[test]
+    fn rslora_scales_by_the_square_root_of_the_rank() {
+        let plain = LoraSpec {
+            rank: 16,
+            alpha: 32.0,
+            ..lora()
+        };
+        assert_eq!(plain.scale(), 2.0);
+        let rslora = LoraSpec {
+            use_rslora: true,
+            ..plain
+        };
+        assert_eq!(rslora.scale(), 8.0);
+        assert_eq!(
+            peft_adapter_config(&rslora, "m")["use_rslora"],
+            serde_json::json!(true)
+        );
+    }
+
+    #[test]
     fn lora_config_is_checked() {
         let mut bad = lora();
         bad.target_modules.push("embed_tokens".into());
@@ -495,7 +519,11 @@ mod tests {
             adapter_spec(&dims(), &bad),
             Err(AdapterError::UnknownModule("embed_tokens".into()))
         );
-        let zero_rank = LoraSpec { rank: 0, ..lora() };
+        let zero_rank = LoraSpec {
+            use_rslora: false,
+            rank: 0,
+            ..lora()
+        };
         assert!(matches!(
             zero_rank.validate(),
             Err(AdapterError::InvalidConfig(_))

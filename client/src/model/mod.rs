@@ -175,6 +175,7 @@ mod tests {
         write_tiny_model(&dir.path().join("base"), &TinyModelSpec::default()).unwrap();
         let mut base = BaseModel::load(&dir.path().join("base"), &Device::Cpu).unwrap();
         let lora = LoraSpec {
+            use_rslora: false,
             rank: 4,
             alpha: 8.0,
             target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],

@@ -269,6 +269,7 @@ mod tests {
 
     fn all_modules() -> LoraSpec {
         LoraSpec {
+            use_rslora: false,
             rank: 4,
             alpha: 8.0,
             target_modules: [
@@ -344,6 +345,7 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         let lora = LoraSpec {
+            use_rslora: false,
             rank: 8,
             alpha: 16.0,
             target_modules: vec!["q_proj".into(), "v_proj".into()],
@@ -372,6 +374,7 @@ mod tests {
     fn exported_adapter_loads_back_into_a_fresh_model() {
         let (_dir, mut base) = tiny();
         let lora = LoraSpec {
+            use_rslora: false,
             rank: 2,
             alpha: 4.0,
             target_modules: vec!["v_proj".into(), "down_proj".into()],
@@ -408,6 +411,7 @@ mod tests {
         let (_dir, base) = tiny();
         let windows = sample_windows(32);
         let lora = LoraSpec {
+            use_rslora: false,
             rank: 4,
             alpha: 8.0,
             target_modules: vec!["q_proj".into(), "v_proj".into()],
@@ -453,6 +457,7 @@ mod tests {
     fn clipping_bounds_the_global_gradient_norm() {
         let (_dir, mut base) = tiny();
         let lora = LoraSpec {
+            use_rslora: false,
             rank: 2,
             alpha: 4.0,
             target_modules: vec!["v_proj".into()],
@@ -493,6 +498,7 @@ mod tests {
     fn accumulation_and_clipping_train_and_count_every_micro_batch() {
         let (_dir, mut base) = tiny();
         let lora = LoraSpec {
+            use_rslora: false,
             rank: 4,
             alpha: 8.0,
             target_modules: vec!["q_proj".into(), "v_proj".into()],
