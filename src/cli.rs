@@ -422,45 +422,30 @@ async fn client(args: ClientArgs) -> Result<()> {
             .context("progress style")?
             .progress_chars("=> "),
     );
-    let observer: daemon::Observer = Arc::new(move |event: &DaemonEvent| match event {
-        DaemonEvent::TaskStarted {
-            round_id,
-            kind,
-            local_steps,
-        } => {
-            bar.set_length(u64::from(*local_steps).max(1));
-            bar.set_position(0);
-            bar.set_message(format!("round {round_id}: {kind}"));
-        }
-        DaemonEvent::Step {
-            round_id,
-            step,
-            loss,
-            tokens_per_second,
-        } => {
-            bar.set_position(*step as u64);
-            bar.set_message(format!(
-                "round {round_id}: loss {loss:.3}, {tokens_per_second:.0} tokens/s"
-            ));
-            if step % 10 == 0 {
+    let observer: daemon::Observer = Arc::new(move |event: &DaemonEvent| {
+        demo::show(&bar, event);
+        match event {
+            DaemonEvent::Step {
+                round_id,
+                step,
+                loss,
+                tokens_per_second,
+            } if step % 10 == 0 => {
                 info!(round_id, step, loss, tokens_per_second, "training");
             }
-        }
-        DaemonEvent::Evaluated {
-            round_id,
-            adapter_round,
-            loss,
-        } => {
-            info!(
+            DaemonEvent::Evaluated {
                 round_id,
-                adapter_round, loss, "held-out loss of the global adapter"
-            );
+                adapter_round,
+                loss,
+            } => {
+                info!(
+                    round_id,
+                    adapter_round, loss, "held-out loss of the global adapter"
+                );
+            }
+            DaemonEvent::Finished { reason } => info!(%reason, "federation finished"),
+            _ => {}
         }
-        DaemonEvent::Finished { reason } => {
-            bar.finish_and_clear();
-            info!(%reason, "federation finished");
-        }
-        _ => {}
     });
     let summary = daemon::run(config, observer, shutdown_signal()).await?;
     eprintln!(

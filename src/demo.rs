@@ -173,7 +173,8 @@ pub async fn run(options: DemoOptions) -> Result<DemoReport> {
     })
 }
 
-fn show(bar: &ProgressBar, event: &DaemonEvent) {
+/// Reflects a daemon event on a site's progress bar (shared by the demo and `fedlora client`).
+pub fn show(bar: &ProgressBar, event: &DaemonEvent) {
     match event {
         DaemonEvent::Joined { num_examples, .. } => {
             bar.set_message(format!("joined with {num_examples} local examples"));

@@ -338,10 +338,11 @@ async fn run_task(
 
     let seq_len = params.seq_len.max(2) as usize;
     let batch_size = params.batch_size.max(1) as usize;
-    let heldout = pack_windows(&site.data.heldout, site.eos, seq_len);
+    let heldout = Arc::new(pack_windows(&site.data.heldout, site.eos, seq_len));
     let max_eval_windows = config.max_eval_windows;
     let eval = {
         let model = model.clone();
+        let heldout = heldout.clone();
         tokio::task::spawn_blocking(move || {
             evaluate(&model, &heldout, batch_size, max_eval_windows)
         })
@@ -398,7 +399,6 @@ async fn run_task(
     })
     .await
     .map_err(|error| ClientError::Protocol(format!("training task: {error}")))??;
-    let heldout = pack_windows(&site.data.heldout, site.eos, seq_len);
     let (adapter, local_eval) = tokio::task::spawn_blocking(move || {
         let local_eval = evaluate(&model, &heldout, batch_size, max_eval_windows)?;
         Ok::<_, ClientError>((model.export_adapter()?, local_eval))

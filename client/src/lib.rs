@@ -10,6 +10,8 @@ pub mod daemon;
 pub mod error;
 pub mod generate;
 pub mod model;
+#[cfg(test)]
+mod testing;
 pub mod tiny;
 pub mod train;
 

@@ -266,6 +266,7 @@ mod tests {
     use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 
     use super::*;
+    use crate::testing::{logits, max_abs_difference};
     use crate::tiny::{TinyModelSpec, write_tiny_model};
 
     /// Writes the tiny HF model as a llama.cpp-style GGUF (q/k permuted, llama.cpp tensor names,
@@ -380,27 +381,8 @@ mod tests {
             .to_vec();
         assert_eq!(gguf_ids, ids);
         let input = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).unwrap();
-        let expected = hf
-            .model
-            .forward(&input)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let got = gguf
-            .model
-            .forward(&input)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let max_difference = expected
-            .iter()
-            .zip(&got)
-            .map(|(e, g)| (e - g).abs())
-            .fold(0.0f32, f32::max);
+        let max_difference =
+            max_abs_difference(&logits(&hf.model, &input), &logits(&gguf.model, &input));
         assert!(max_difference < 1e-4, "logits differ by {max_difference}");
     }
 

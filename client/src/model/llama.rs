@@ -579,6 +579,7 @@ struct Position<'a> {
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use crate::model::BaseModel;
+    use crate::testing::{flat, max_abs_difference};
     use crate::tiny::{TinyModelSpec, write_tiny_model};
 
     use super::*;
@@ -601,20 +602,8 @@ mod tests {
         for (index, logits) in cached.iter().enumerate() {
             let end = 4 + index;
             let full = Tensor::from_slice(&tokens[..end], (1, end), &Device::Cpu).unwrap();
-            let expected = base
-                .model
-                .last_logits(&full)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let got = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let difference = expected
-                .iter()
-                .zip(&got)
-                .map(|(e, g)| (e - g).abs())
-                .fold(0.0f32, f32::max);
+            let expected = flat(&base.model.last_logits(&full).unwrap());
+            let difference = max_abs_difference(&expected, &flat(logits));
             assert!(
                 difference < 1e-4,
                 "position {end}: logits differ by {difference}"

@@ -161,9 +161,9 @@ pub fn default_device() -> Device {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
+    use crate::testing::{logits, max_abs_difference};
     use candle_core::Tensor;
     use fedlora_proto::adapter::LoraSpec;
-    use rand::Rng;
 
     use super::*;
     use crate::tiny::{TinyModelSpec, write_tiny_model};
@@ -181,51 +181,17 @@ mod tests {
             target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
         };
         base.model.attach_lora(&lora, 5).unwrap();
-        let mut rng = lora::seeded_rng(9);
-        for (name, var) in base.model.named_lora_vars().unwrap() {
-            if name.contains("lora_B") {
-                let values: Vec<f32> = (0..var.elem_count())
-                    .map(|_| rng.random_range(-0.2..0.2))
-                    .collect();
-                var.set(&Tensor::from_vec(values, var.dims(), &Device::Cpu).unwrap())
-                    .unwrap();
-            }
-        }
+        crate::testing::randomize_lora_b(&base.model, 0.2, 9);
         export_merged(&base, &dir.path().join("merged")).unwrap();
         let merged = BaseModel::load(&dir.path().join("merged"), &Device::Cpu).unwrap();
         assert!(merged.model.lora_vars().is_empty());
         let input = Tensor::new(&[[5u32, 70, 71, 72, 3, 90]], &Device::Cpu).unwrap();
-        let expected = base
-            .model
-            .forward(&input)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let got = merged
-            .model
-            .forward(&input)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let difference = expected
-            .iter()
-            .zip(&got)
-            .map(|(e, g)| (e - g).abs())
-            .fold(0.0f32, f32::max);
+        let expected = logits(&base.model, &input);
+        let got = logits(&merged.model, &input);
+        let difference = max_abs_difference(&expected, &got);
         assert!(difference < 1e-4, "logits differ by {difference}");
         let plain = BaseModel::load(&dir.path().join("base"), &Device::Cpu).unwrap();
-        let unadapted = plain
-            .model
-            .forward(&input)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let unadapted = logits(&plain.model, &input);
         assert!(
             unadapted
                 .iter()

@@ -302,15 +302,7 @@ mod tests {
     fn every_lora_var_gets_a_gradient() {
         let (_dir, mut base) = tiny();
         base.model.attach_lora(&all_modules(), 7).unwrap();
-        let mut rng = seeded_rng(3);
-        for (name, var) in base.model.named_lora_vars().unwrap() {
-            if name.contains("lora_B") {
-                let count = var.elem_count();
-                let values: Vec<f32> = (0..count).map(|_| rng.random_range(-0.1..0.1)).collect();
-                var.set(&Tensor::from_vec(values, var.dims(), &Device::Cpu).unwrap())
-                    .unwrap();
-            }
-        }
+        crate::testing::randomize_lora_b(&base.model, 0.1, 3);
         let windows = sample_windows(16);
         let batch: Vec<&[u32]> = windows.iter().map(Vec::as_slice).collect();
         let loss = batch_loss(&base.model, &batch).unwrap();

@@ -1,0 +1,43 @@
+//! Helpers shared by the crate's unit tests.
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use candle_core::{Device, Tensor};
+use rand::Rng;
+
+use crate::model::Llama;
+use crate::model::lora::seeded_rng;
+
+/// All logits of `model` for `input`, flattened.
+pub fn logits(model: &Llama, input: &Tensor) -> Vec<f32> {
+    flat(&model.forward(input).unwrap())
+}
+
+/// A tensor's values, flattened to f32.
+pub fn flat(tensor: &Tensor) -> Vec<f32> {
+    tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// Largest element-wise absolute difference.
+pub fn max_abs_difference(expected: &[f32], got: &[f32]) -> f32 {
+    assert_eq!(expected.len(), got.len());
+    expected
+        .iter()
+        .zip(got)
+        .map(|(e, g)| (e - g).abs())
+        .fold(0.0f32, f32::max)
+}
+
+/// Sets every attached `lora_B` to U(−bound, bound): PEFT's B = 0 makes the adapter a no-op and
+/// ∂L/∂A exactly zero, which tests of adapted models must avoid.
+pub fn randomize_lora_b(model: &Llama, bound: f32, seed: u64) {
+    let mut rng = seeded_rng(seed);
+    for (name, var) in model.named_lora_vars().unwrap() {
+        if name.contains("lora_B") {
+            let values: Vec<f32> = (0..var.elem_count())
+                .map(|_| rng.random_range(-bound..bound))
+                .collect();
+            var.set(&Tensor::from_vec(values, var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+}
