@@ -169,6 +169,20 @@ pub struct ServeArgs {
     /// rsLoRA: scale the update by alpha/sqrt(r) instead of alpha/r.
     #[arg(long)]
     pub rslora: bool,
+    /// DoRA: also train a magnitude per output row of each adapted layer (PEFT's use_dora).
+    #[arg(long)]
+    pub dora: bool,
+    /// Dropout on the LoRA path's input while training (PEFT's lora_dropout).
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f32,
+    /// Per-module rank, PEFT's rank_pattern: PATTERN=RANK, comma separated, first match wins;
+    /// a pattern is a regex matched against a dotted suffix of the module's name, e.g.
+    /// "q_proj=16,layers.0.self_attn.v_proj=4".
+    #[arg(long, value_delimiter = ',', value_parser = parse_pattern::<usize>)]
+    pub rank_pattern: Vec<(String, usize)>,
+    /// Per-module alpha, PEFT's alpha_pattern, written like --rank-pattern.
+    #[arg(long, value_delimiter = ',', value_parser = parse_pattern::<f32>)]
+    pub alpha_pattern: Vec<(String, f32)>,
     /// Modules to adapt, comma separated (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).
     #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
     pub target_modules: Vec<String>,
@@ -342,6 +356,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
         round_timeout_secs: args.round_timeout,
         lora: LoraSpec {
             use_rslora: args.rslora,
+            use_dora: args.dora,
+            dropout: args.lora_dropout,
+            rank_pattern: args.rank_pattern,
+            alpha_pattern: args.alpha_pattern,
             rank: args.rank,
             alpha: args.alpha,
             target_modules: args.target_modules,
@@ -657,4 +675,18 @@ fn merge(args: &MergeArgs) -> Result<()> {
         args.adapter.display()
     );
     Ok(())
+}
+
+/// Parses `PATTERN=VALUE` for `--rank-pattern` and `--alpha-pattern`.
+fn parse_pattern<T: std::str::FromStr>(text: &str) -> std::result::Result<(String, T), String>
+where
+    T::Err: std::fmt::Display,
+{
+    let (pattern, value) = text
+        .rsplit_once('=')
+        .ok_or_else(|| format!("{text:?} is not PATTERN=VALUE"))?;
+    let value = value
+        .parse()
+        .map_err(|error| format!("{value:?} in {text:?}: {error}"))?;
+    Ok((pattern.to_string(), value))
 }

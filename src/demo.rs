@@ -49,12 +49,7 @@ impl Default for DemoOptions {
                 tie_word_embeddings: false,
                 seed: 42,
             },
-            lora: LoraSpec {
-                use_rslora: false,
-                rank: 8,
-                alpha: 16.0,
-                target_modules: vec!["q_proj".into(), "v_proj".into()],
-            },
+            lora: LoraSpec::new(8, 16.0, &["q_proj", "v_proj"]),
             training: TrainingConfig {
                 local_steps: 40,
                 learning_rate: 1e-2,

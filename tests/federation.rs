@@ -47,12 +47,7 @@ fn small_config(rounds: u32, clients_per_round: u32) -> FederationConfig {
         rounds,
         min_clients: 2,
         clients_per_round,
-        lora: LoraSpec {
-            use_rslora: false,
-            rank: 4,
-            alpha: 8.0,
-            target_modules: vec!["q_proj".into(), "v_proj".into()],
-        },
+        lora: LoraSpec::new(4, 8.0, &["q_proj", "v_proj"]),
         training: TrainingConfig {
             local_steps: 6,
             learning_rate: 1e-2,

@@ -45,6 +45,10 @@ fn llama(
         rms_norm_eps: 1e-5,
         rope_theta: 10_000.0,
         rope_scaling: None,
+        rope_parameters: None,
+        sliding_window: None,
+        use_sliding_window: None,
+        mlp_bias: false,
         max_position_embeddings: 2048,
         tie_word_embeddings: tied,
         hidden_act: "silu".into(),
@@ -61,14 +65,7 @@ impl TrainBench {
         Self {
             name: "reference",
             config: llama(512, 8, 8, 8, 1408, 32_000, false),
-            lora: LoraSpec {
-                use_rslora: false,
-                rank: 16,
-                alpha: 32.0,
-                target_modules: ["q_proj", "k_proj", "v_proj", "o_proj"]
-                    .map(String::from)
-                    .to_vec(),
-            },
+            lora: LoraSpec::new(16, 32.0, &["q_proj", "k_proj", "v_proj", "o_proj"]),
             batch_size: 8,
             seq_len: 128,
         }
@@ -80,12 +77,7 @@ impl TrainBench {
         Self {
             name: "smollm2",
             config: llama(576, 30, 9, 3, 1536, 49_152, true),
-            lora: LoraSpec {
-                use_rslora: false,
-                rank: 8,
-                alpha: 16.0,
-                target_modules: vec!["q_proj".into(), "v_proj".into()],
-            },
+            lora: LoraSpec::new(8, 16.0, &["q_proj", "v_proj"]),
             batch_size: 4,
             seq_len: 64,
         }

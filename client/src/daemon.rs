@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedlora_proto::CHUNK_BYTES;
-use fedlora_proto::adapter::{Adapter, LoraSpec, adapter_spec, peft_adapter_config, sha256_hex};
+use fedlora_proto::adapter::{Adapter, LoraSpec, adapter_spec, sha256_hex};
 use fedlora_proto::v1::federation_client::FederationClient;
 use fedlora_proto::v1::{self as pb, next_task_response, submit_update_request};
 use tonic::Code;
@@ -22,6 +22,7 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{info, instrument, warn};
 
 use crate::error::{ClientError, Result};
+use crate::model::peft::write_peft_adapter;
 use crate::model::{BaseModel, Llama, fingerprint};
 use crate::train::data::{SiteData, pack_windows};
 use crate::train::{TrainConfig, evaluate, train};
@@ -310,16 +311,13 @@ async fn run_task(
     let params = task
         .training
         .ok_or_else(|| ClientError::Protocol("task without training parameters".into()))?;
-    let lora = LoraSpec {
-        use_rslora: lora_pb.use_rslora,
-        rank: lora_pb.rank as usize,
-        alpha: lora_pb.alpha,
-        target_modules: lora_pb.target_modules,
-    };
-    if lora.rank > config.max_rank {
+    let lora = LoraSpec::from(lora_pb);
+    lora.validate()?;
+    if lora.max_rank() > config.max_rank {
         return Err(ClientError::Protocol(format!(
             "task asks for rank {} above this site's max rank {}",
-            lora.rank, config.max_rank
+            lora.max_rank(),
+            config.max_rank
         )));
     }
     let is_train = task.kind == pb::TaskKind::Train as i32;
@@ -515,15 +513,7 @@ fn save_copy(
     model_dir: &Path,
 ) -> Result<()> {
     let dir = sent_adapter_dir(state_dir, round_id);
-    std::fs::create_dir_all(&dir).map_err(ClientError::io(&dir))?;
-    let weights = dir.join("adapter_model.safetensors");
-    std::fs::write(&weights, bytes).map_err(ClientError::io(&weights))?;
-    let config_path = dir.join("adapter_config.json");
-    let adapter_config = peft_adapter_config(lora, &model_dir.display().to_string());
-    let json = serde_json::to_string_pretty(&adapter_config)
-        .map_err(|error| ClientError::Protocol(error.to_string()))?;
-    std::fs::write(&config_path, json).map_err(ClientError::io(&config_path))?;
-    Ok(())
+    write_peft_adapter(&dir, lora, &model_dir.display().to_string(), bytes)
 }
 
 /// Directory holding the copy of the adapter sent in `round_id`.

@@ -78,10 +78,10 @@ impl FedAvg {
         if self.total_weight <= 0.0 {
             return Err(AggregateError::NothingToAggregate);
         }
-        let shapes: BTreeMap<&str, [usize; 2]> = self
+        let shapes: BTreeMap<&str, &[usize]> = self
             .spec
             .iter()
-            .map(|tensor| (tensor.name.as_str(), tensor.shape))
+            .map(|tensor| (tensor.name.as_str(), tensor.shape.as_slice()))
             .collect();
         let total = self.total_weight;
         let tensors = self
@@ -124,12 +124,7 @@ mod tests {
             num_key_value_heads: 1,
             head_dim: 2,
         };
-        let lora = LoraSpec {
-            use_rslora: false,
-            rank: 2,
-            alpha: 4.0,
-            target_modules: vec!["q_proj".into(), "v_proj".into()],
-        };
+        let lora = LoraSpec::new(2, 4.0, &["q_proj", "v_proj"]);
         adapter_spec(&dims, &lora).unwrap()
     }
 

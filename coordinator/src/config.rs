@@ -74,12 +74,7 @@ impl Default for FederationConfig {
             clients_per_round: 2,
             round_timeout_secs: 600,
             strategy: "fedavg".into(),
-            lora: LoraSpec {
-                use_rslora: false,
-                rank: 8,
-                alpha: 16.0,
-                target_modules: vec!["q_proj".into(), "v_proj".into()],
-            },
+            lora: LoraSpec::new(8, 16.0, &["q_proj", "v_proj"]),
             training: TrainingConfig::default(),
             keep_updates: false,
             max_update_bytes: 256 << 20,

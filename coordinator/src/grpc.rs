@@ -64,12 +64,7 @@ fn parse_client_id(client_id: &str) -> Result<i64, CoordinatorError> {
 }
 
 fn lora_to_pb(lora: &fedlora_proto::adapter::LoraSpec) -> pb::LoraConfig {
-    pb::LoraConfig {
-        rank: lora.rank as u32,
-        alpha: lora.alpha,
-        target_modules: lora.target_modules.clone(),
-        use_rslora: lora.use_rslora,
-    }
+    lora.into()
 }
 
 /// Clients' service.

@@ -51,13 +51,15 @@ pub enum AdapterError {
     NonFinite { name: String, index: usize },
 }
 
-/// The two low-rank factors of a LoRA layer.
+/// The trained tensors of a LoRA layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Factor {
     /// `lora_A`, shape `[r, in]`.
     A,
     /// `lora_B`, shape `[out, r]`.
     B,
+    /// DoRA's `lora_magnitude_vector`, shape `[out]`.
+    Magnitude,
 }
 
 /// Base-model dimensions that decide the shapes of the LoRA factors.
@@ -87,7 +89,7 @@ impl ModelDims {
     }
 }
 
-/// LoRA hyper-parameters shared by every client of a round.
+/// LoRA hyper-parameters shared by every client of a round, with PEFT's meaning.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LoraSpec {
     pub rank: usize,
@@ -96,60 +98,159 @@ pub struct LoraSpec {
     /// rsLoRA: scale by α/√r instead of α/r, so the update's size does not shrink with the rank.
     #[serde(default)]
     pub use_rslora: bool,
+    /// DoRA: each adapted layer also learns a magnitude per output row,
+    /// `W' = m ⊙ (W₀ + s·B·A) / ‖W₀ + s·B·A‖_row` (the norm held constant in the backward pass).
+    #[serde(default)]
+    pub use_dora: bool,
+    /// PEFT's `lora_dropout`: the probability of zeroing an input of the low-rank path while
+    /// training (never at inference).
+    #[serde(default)]
+    pub dropout: f32,
+    /// PEFT's `rank_pattern`: `(pattern, rank)`, tried in order against the module's full name
+    /// (`model.layers.3.self_attn.q_proj`); the first whose regex matches a dot-separated suffix wins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rank_pattern: Vec<(String, usize)>,
+    /// PEFT's `alpha_pattern`, matched like `rank_pattern`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alpha_pattern: Vec<(String, f32)>,
 }
 
 impl LoraSpec {
-    /// The scale applied to B·A: α/r, or α/√r with rsLoRA.
-    pub fn scale(&self) -> f64 {
-        let rank = self.rank as f64;
-        f64::from(self.alpha) / if self.use_rslora { rank.sqrt() } else { rank }
+    /// Plain LoRA (no rsLoRA, DoRA, dropout or per-module patterns).
+    pub fn new(rank: usize, alpha: f32, target_modules: &[&str]) -> Self {
+        Self {
+            rank,
+            alpha,
+            target_modules: target_modules
+                .iter()
+                .map(|module| module.to_string())
+                .collect(),
+            use_rslora: false,
+            use_dora: false,
+            dropout: 0.0,
+            rank_pattern: Vec::new(),
+            alpha_pattern: Vec::new(),
+        }
     }
 
-    /// Checks the rank is positive, alpha finite and positive, and every target known and listed once.
+    /// The scale applied to B·A for the default rank and alpha: α/r, or α/√r with rsLoRA.
+    pub fn scale(&self) -> f64 {
+        self.scale_of(self.rank, self.alpha)
+    }
+
+    fn scale_of(&self, rank: usize, alpha: f32) -> f64 {
+        let rank = rank as f64;
+        f64::from(alpha) / if self.use_rslora { rank.sqrt() } else { rank }
+    }
+
+    /// The rank of `module` in `layer` after `rank_pattern`.
+    pub fn rank_for(&self, layer: usize, module: &str) -> usize {
+        let name = module_path(layer, module);
+        first_match(&self.rank_pattern, &name).unwrap_or(self.rank)
+    }
+
+    /// The alpha of `module` in `layer` after `alpha_pattern`.
+    pub fn alpha_for(&self, layer: usize, module: &str) -> f32 {
+        let name = module_path(layer, module);
+        first_match(&self.alpha_pattern, &name).unwrap_or(self.alpha)
+    }
+
+    /// The scale of `module` in `layer`, from its own rank and alpha.
+    pub fn scale_for(&self, layer: usize, module: &str) -> f64 {
+        self.scale_of(self.rank_for(layer, module), self.alpha_for(layer, module))
+    }
+
+    /// The largest rank any module gets: what a client must be able to train.
+    pub fn max_rank(&self) -> usize {
+        self.rank_pattern
+            .iter()
+            .map(|(_, rank)| *rank)
+            .fold(self.rank, usize::max)
+    }
+
+    /// Checks ranks are positive, alphas finite and positive, the dropout in [0, 1), every
+    /// pattern a valid regex, and every target known and listed once.
     pub fn validate(&self) -> Result<(), AdapterError> {
+        let invalid = |message: String| Err(AdapterError::InvalidConfig(message));
         if self.rank == 0 {
-            return Err(AdapterError::InvalidConfig(
-                "rank must be at least 1".into(),
-            ));
+            return invalid("rank must be at least 1".into());
         }
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
-            return Err(AdapterError::InvalidConfig(format!(
+            return invalid(format!(
                 "alpha must be a positive number, got {}",
                 self.alpha
-            )));
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return invalid(format!("dropout must be in [0, 1), got {}", self.dropout));
+        }
+        for (pattern, rank) in &self.rank_pattern {
+            pattern_regex(pattern)?;
+            if *rank == 0 {
+                return invalid(format!("rank_pattern {pattern:?} gives rank 0"));
+            }
+        }
+        for (pattern, alpha) in &self.alpha_pattern {
+            pattern_regex(pattern)?;
+            if !(alpha.is_finite() && *alpha > 0.0) {
+                return invalid(format!("alpha_pattern {pattern:?} gives alpha {alpha}"));
+            }
         }
         if self.target_modules.is_empty() {
-            return Err(AdapterError::InvalidConfig(
-                "at least one target module is needed".into(),
-            ));
+            return invalid("at least one target module is needed".into());
         }
         for (index, module) in self.target_modules.iter().enumerate() {
             if !LORA_MODULES.contains(&module.as_str()) {
                 return Err(AdapterError::UnknownModule(module.clone()));
             }
             if self.target_modules[..index].contains(module) {
-                return Err(AdapterError::InvalidConfig(format!(
-                    "target module {module:?} listed twice"
-                )));
+                return invalid(format!("target module {module:?} listed twice"));
             }
         }
         Ok(())
     }
 }
 
-/// The PEFT tensor name of one LoRA factor.
+/// PEFT's `get_pattern_key`: `re.match(rf"(.*\.)?({key})$", name)`, i.e. the pattern must
+/// match a whole dot-separated suffix of the module's name.
+fn pattern_regex(pattern: &str) -> Result<regex::Regex, AdapterError> {
+    regex::Regex::new(&format!(r"^(?:.*\.)?(?:{pattern})$")).map_err(|error| {
+        AdapterError::InvalidConfig(format!("pattern {pattern:?} is not a valid regex: {error}"))
+    })
+}
+
+fn first_match<T: Copy>(patterns: &[(String, T)], name: &str) -> Option<T> {
+    patterns
+        .iter()
+        .find(|(pattern, _)| pattern_regex(pattern).is_ok_and(|regex| regex.is_match(name)))
+        .map(|(_, value)| *value)
+}
+
+fn block_of(module: &str) -> Result<&'static str, AdapterError> {
+    match module {
+        "q_proj" | "k_proj" | "v_proj" | "o_proj" => Ok("self_attn"),
+        "gate_proj" | "up_proj" | "down_proj" => Ok("mlp"),
+        other => Err(AdapterError::UnknownModule(other.to_string())),
+    }
+}
+
+/// The module's name inside a Hugging Face Llama (`model.layers.3.self_attn.q_proj`), the name
+/// PEFT matches `rank_pattern` against.
+pub fn module_path(layer: usize, module: &str) -> String {
+    let block = block_of(module).unwrap_or("unknown");
+    format!("model.layers.{layer}.{block}.{module}")
+}
+
+/// The PEFT tensor name of one LoRA factor (or DoRA magnitude).
 pub fn peft_key(layer: usize, module: &str, factor: Factor) -> Result<String, AdapterError> {
-    let block = match module {
-        "q_proj" | "k_proj" | "v_proj" | "o_proj" => "self_attn",
-        "gate_proj" | "up_proj" | "down_proj" => "mlp",
-        other => return Err(AdapterError::UnknownModule(other.to_string())),
-    };
-    let factor = match factor {
-        Factor::A => "A",
-        Factor::B => "B",
+    let block = block_of(module)?;
+    let suffix = match factor {
+        Factor::A => "lora_A.weight",
+        Factor::B => "lora_B.weight",
+        Factor::Magnitude => "lora_magnitude_vector",
     };
     Ok(format!(
-        "base_model.model.model.layers.{layer}.{block}.{module}.lora_{factor}.weight"
+        "base_model.model.model.layers.{layer}.{block}.{module}.{suffix}"
     ))
 }
 
@@ -157,24 +258,33 @@ pub fn peft_key(layer: usize, module: &str, factor: Factor) -> Result<String, Ad
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorSpec {
     pub name: String,
-    pub shape: [usize; 2],
+    pub shape: Vec<usize>,
 }
 
-/// The exact tensor layout (names and shapes, sorted by name) of an adapter for `dims` and `lora`.
+/// The exact tensor layout (names and shapes, sorted by name) of an adapter for `dims` and `lora`:
+/// A `[r, in]` and B `[out, r]` per adapted layer, with each layer's rank after `rank_pattern`,
+/// and DoRA's magnitude `[out]`.
 pub fn adapter_spec(dims: &ModelDims, lora: &LoraSpec) -> Result<Vec<TensorSpec>, AdapterError> {
     lora.validate()?;
-    let mut spec = Vec::with_capacity(dims.num_layers * lora.target_modules.len() * 2);
+    let mut spec = Vec::with_capacity(dims.num_layers * lora.target_modules.len() * 3);
     for layer in 0..dims.num_layers {
         for module in &lora.target_modules {
             let (in_features, out_features) = dims.module_in_out(module)?;
+            let rank = lora.rank_for(layer, module);
             spec.push(TensorSpec {
                 name: peft_key(layer, module, Factor::A)?,
-                shape: [lora.rank, in_features],
+                shape: vec![rank, in_features],
             });
             spec.push(TensorSpec {
                 name: peft_key(layer, module, Factor::B)?,
-                shape: [out_features, lora.rank],
+                shape: vec![out_features, rank],
             });
+            if lora.use_dora {
+                spec.push(TensorSpec {
+                    name: peft_key(layer, module, Factor::Magnitude)?,
+                    shape: vec![out_features],
+                });
+            }
         }
     }
     spec.sort_by(|left, right| left.name.cmp(&right.name));
@@ -338,20 +448,126 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// PEFT's `adapter_config.json` for an adapter trained with `lora` on the model at `base_model`.
 pub fn peft_adapter_config(lora: &LoraSpec, base_model: &str) -> serde_json::Value {
+    let rank_pattern: serde_json::Map<String, serde_json::Value> = lora
+        .rank_pattern
+        .iter()
+        .map(|(pattern, rank)| (pattern.clone(), (*rank).into()))
+        .collect();
+    let alpha_pattern: serde_json::Map<String, serde_json::Value> = lora
+        .alpha_pattern
+        .iter()
+        .map(|(pattern, alpha)| (pattern.clone(), f64::from(*alpha).into()))
+        .collect();
     serde_json::json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "r": lora.rank,
         "lora_alpha": lora.alpha,
-        "lora_dropout": 0.0,
+        "lora_dropout": lora.dropout,
         "target_modules": lora.target_modules,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
         "bias": "none",
         "fan_in_fan_out": false,
         "use_rslora": lora.use_rslora,
-        "use_dora": false,
+        "use_dora": lora.use_dora,
         "inference_mode": true,
     })
+}
+
+/// Reads PEFT's `adapter_config.json` (as JSON) into a spec. Options this engine cannot honour
+/// (other PEFT types, LoRA on layers other than the seven projections, `fan_in_fan_out`, trained
+/// biases) are refused by name rather than silently ignored.
+pub fn parse_peft_adapter_config(config: &serde_json::Value) -> Result<LoraSpec, AdapterError> {
+    let bad = |message: String| AdapterError::InvalidConfig(message);
+    let field = |name: &str| config.get(name).filter(|value| !value.is_null());
+    if let Some(peft_type) = field("peft_type").and_then(serde_json::Value::as_str)
+        && peft_type != "LORA"
+    {
+        return Err(bad(format!("peft_type {peft_type:?} is not LORA")));
+    }
+    if field("fan_in_fan_out").and_then(serde_json::Value::as_bool) == Some(true) {
+        return Err(bad(
+            "fan_in_fan_out adapters (GPT-2 style Conv1D) are not supported".into(),
+        ));
+    }
+    if let Some(bias) = field("bias").and_then(serde_json::Value::as_str)
+        && bias != "none"
+    {
+        return Err(bad(format!(
+            "bias {bias:?} is not supported (only \"none\")"
+        )));
+    }
+    let flag = |name: &str| field(name).and_then(serde_json::Value::as_bool) == Some(true);
+    let rank = field("r")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| bad("no integer \"r\"".into()))? as usize;
+    let alpha = field("lora_alpha")
+        .and_then(serde_json::Value::as_f64)
+        .ok_or_else(|| bad("no number \"lora_alpha\"".into()))? as f32;
+    let target_modules: Vec<String> = match field("target_modules") {
+        Some(serde_json::Value::Array(modules)) => modules
+            .iter()
+            .map(|module| {
+                module
+                    .as_str()
+                    .map(String::from)
+                    .ok_or_else(|| bad(format!("target module {module} is not a string")))
+            })
+            .collect::<Result<_, _>>()?,
+        Some(serde_json::Value::String(regex)) => {
+            return Err(bad(format!(
+                "target_modules as a regex ({regex:?}) is not supported; list the modules"
+            )));
+        }
+        _ => return Err(bad("no list \"target_modules\"".into())),
+    };
+    let pattern = |name: &str| -> Result<Vec<(String, f64)>, AdapterError> {
+        match field(name) {
+            None => Ok(Vec::new()),
+            Some(serde_json::Value::Object(map)) => map
+                .iter()
+                .map(|(pattern, value)| {
+                    value
+                        .as_f64()
+                        .map(|value| (pattern.clone(), value))
+                        .ok_or_else(|| bad(format!("{name} {pattern:?} is not a number")))
+                })
+                .collect(),
+            Some(_) => Err(bad(format!("{name} is not an object"))),
+        }
+    };
+    let rank_pattern = pattern("rank_pattern")?
+        .into_iter()
+        .map(|(pattern, rank)| {
+            if rank >= 1.0 && rank.fract() == 0.0 {
+                Ok((pattern, rank as usize))
+            } else {
+                Err(bad(format!(
+                    "rank_pattern {pattern:?} is not a positive integer"
+                )))
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    let alpha_pattern = pattern("alpha_pattern")?
+        .into_iter()
+        .map(|(pattern, alpha)| (pattern, alpha as f32))
+        .collect();
+    let spec = LoraSpec {
+        rank,
+        alpha,
+        target_modules,
+        use_rslora: flag("use_rslora"),
+        use_dora: flag("use_dora"),
+        dropout: field("lora_dropout")
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(0.0) as f32,
+        rank_pattern,
+        alpha_pattern,
+    };
+    spec.validate()?;
+    Ok(spec)
 }
 
 impl fmt::Display for Factor {
@@ -359,6 +575,7 @@ impl fmt::Display for Factor {
         formatter.write_str(match self {
             Factor::A => "lora_A",
             Factor::B => "lora_B",
+            Factor::Magnitude => "lora_magnitude_vector",
         })
     }
 }
@@ -380,12 +597,7 @@ mod tests {
     }
 
     fn lora() -> LoraSpec {
-        LoraSpec {
-            use_rslora: false,
-            rank: 2,
-            alpha: 4.0,
-            target_modules: vec!["q_proj".into(), "v_proj".into()],
-        }
+        LoraSpec::new(2, 4.0, &["q_proj", "v_proj"])
     }
 
     fn filled(spec: &[TensorSpec]) -> Adapter {
@@ -519,14 +731,125 @@ mod tests {
             adapter_spec(&dims(), &bad),
             Err(AdapterError::UnknownModule("embed_tokens".into()))
         );
-        let zero_rank = LoraSpec {
-            use_rslora: false,
-            rank: 0,
-            ..lora()
-        };
+        let zero_rank = LoraSpec { rank: 0, ..lora() };
         assert!(matches!(
             zero_rank.validate(),
             Err(AdapterError::InvalidConfig(_))
         ));
+    }
+
+    #[test]
+    fn rank_and_alpha_patterns_match_like_peft() {
+        let spec = LoraSpec {
+            rank_pattern: vec![
+                ("layers.1.self_attn.q_proj".into(), 6),
+                ("q_proj".into(), 3),
+                (r"layers\.[0-9]+\.mlp\.(up|down)_proj".into(), 5),
+            ],
+            alpha_pattern: vec![("v_proj".into(), 1.5)],
+            ..LoraSpec::new(
+                2,
+                4.0,
+                &["q_proj", "v_proj", "up_proj", "down_proj", "gate_proj"],
+            )
+        };
+        spec.validate().unwrap();
+        // First matching pattern in order wins; a pattern must match a whole dotted suffix.
+        assert_eq!(spec.rank_for(1, "q_proj"), 6);
+        assert_eq!(spec.rank_for(0, "q_proj"), 3);
+        assert_eq!(spec.rank_for(0, "down_proj"), 5);
+        assert_eq!(spec.rank_for(0, "gate_proj"), 2);
+        assert_eq!(spec.rank_for(0, "v_proj"), 2);
+        assert_eq!(spec.max_rank(), 6);
+        assert_eq!(spec.alpha_for(0, "v_proj"), 1.5);
+        assert_eq!(spec.scale_for(0, "v_proj"), 0.75);
+        assert_eq!(spec.scale_for(0, "q_proj"), 4.0 / 3.0);
+        // "proj" is not a whole suffix of "q_proj".
+        let partial = LoraSpec {
+            rank_pattern: vec![("proj".into(), 7)],
+            ..lora()
+        };
+        assert_eq!(partial.rank_for(0, "q_proj"), 2);
+
+        let shapes = adapter_spec(&dims(), &spec).unwrap();
+        let shape = |name: &str| {
+            shapes
+                .iter()
+                .find(|t| t.name == name)
+                .unwrap()
+                .shape
+                .clone()
+        };
+        assert_eq!(
+            shape("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"),
+            [6, 8]
+        );
+        assert_eq!(
+            shape("base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"),
+            [8, 5]
+        );
+
+        let broken = LoraSpec {
+            rank_pattern: vec![("q_proj(".into(), 4)],
+            ..lora()
+        };
+        assert!(matches!(
+            broken.validate(),
+            Err(AdapterError::InvalidConfig(message)) if message.contains("regex")
+        ));
+    }
+
+    #[test]
+    fn dora_adds_one_magnitude_per_output_row() {
+        let dora = LoraSpec {
+            use_dora: true,
+            ..lora()
+        };
+        let spec = adapter_spec(&dims(), &dora).unwrap();
+        assert_eq!(spec.len(), 12);
+        let magnitude = spec
+            .iter()
+            .find(|t| {
+                t.name == "base_model.model.model.layers.1.self_attn.v_proj.lora_magnitude_vector"
+            })
+            .unwrap();
+        assert_eq!(magnitude.shape, [4]);
+    }
+
+    #[test]
+    fn peft_config_round_trips_every_option_and_refuses_what_it_cannot_apply() {
+        let full = LoraSpec {
+            use_rslora: true,
+            use_dora: true,
+            dropout: 0.05,
+            rank_pattern: vec![("v_proj".into(), 4), ("q_proj".into(), 1)],
+            alpha_pattern: vec![("q_proj".into(), 2.0)],
+            ..lora()
+        };
+        let config = peft_adapter_config(&full, "base");
+        assert_eq!(parse_peft_adapter_config(&config).unwrap(), full);
+        // Pattern order is PEFT's precedence, so it must survive the JSON text.
+        let text = config.to_string();
+        assert!(text.find("\"v_proj\":4").unwrap() < text.find("\"q_proj\":1").unwrap());
+
+        for (field, value, needle) in [
+            ("peft_type", serde_json::json!("IA3"), "peft_type"),
+            ("fan_in_fan_out", serde_json::json!(true), "fan_in_fan_out"),
+            ("bias", serde_json::json!("all"), "bias"),
+            ("target_modules", serde_json::json!(".*proj"), "regex"),
+            ("target_modules", serde_json::json!(["lm_head"]), "lm_head"),
+            ("r", serde_json::json!(0), "rank"),
+            (
+                "rank_pattern",
+                serde_json::json!({"q_proj": 1.5}),
+                "rank_pattern",
+            ),
+            ("lora_dropout", serde_json::json!(1.0), "dropout"),
+        ] {
+            let mut bad = config.clone();
+            bad[field] = value;
+            let error = parse_peft_adapter_config(&bad).unwrap_err().to_string();
+            assert!(error.contains(needle), "{field}: {error}");
+        }
     }
 }

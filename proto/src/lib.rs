@@ -41,3 +41,57 @@ impl From<v1::ModelShape> for adapter::ModelDims {
         }
     }
 }
+
+impl From<&adapter::LoraSpec> for v1::LoraConfig {
+    fn from(lora: &adapter::LoraSpec) -> Self {
+        let narrow = |value: usize| u32::try_from(value).unwrap_or(u32::MAX);
+        Self {
+            rank: narrow(lora.rank),
+            alpha: lora.alpha,
+            target_modules: lora.target_modules.clone(),
+            use_rslora: lora.use_rslora,
+            use_dora: lora.use_dora,
+            dropout: lora.dropout,
+            rank_pattern: lora
+                .rank_pattern
+                .iter()
+                .map(|(pattern, rank)| v1::RankOverride {
+                    pattern: pattern.clone(),
+                    rank: narrow(*rank),
+                })
+                .collect(),
+            alpha_pattern: lora
+                .alpha_pattern
+                .iter()
+                .map(|(pattern, alpha)| v1::AlphaOverride {
+                    pattern: pattern.clone(),
+                    alpha: *alpha,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The spec a task carries; the receiver validates it (`LoraSpec::validate`) before use.
+impl From<v1::LoraConfig> for adapter::LoraSpec {
+    fn from(config: v1::LoraConfig) -> Self {
+        Self {
+            rank: config.rank as usize,
+            alpha: config.alpha,
+            target_modules: config.target_modules,
+            use_rslora: config.use_rslora,
+            use_dora: config.use_dora,
+            dropout: config.dropout,
+            rank_pattern: config
+                .rank_pattern
+                .into_iter()
+                .map(|entry| (entry.pattern, entry.rank as usize))
+                .collect(),
+            alpha_pattern: config
+                .alpha_pattern
+                .into_iter()
+                .map(|entry| (entry.pattern, entry.alpha))
+                .collect(),
+        }
+    }
+}

@@ -30,6 +30,17 @@ pub struct LlamaConfig {
     pub rope_theta: f64,
     #[serde(default)]
     pub rope_scaling: Option<serde_json::Value>,
+    /// transformers ≥ 5 writes `rope_theta` and the scaling here instead (see [`LlamaConfig::normalize`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<serde_json::Value>,
+    /// Mistral's (and Qwen2's, with `use_sliding_window`) attention window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_sliding_window: Option<bool>,
+    /// Biases on the MLP projections (not supported: refused).
+    #[serde(default)]
+    pub mlp_bias: bool,
     #[serde(default = "default_max_positions")]
     pub max_position_embeddings: usize,
     #[serde(default)]
@@ -94,15 +105,56 @@ fn default_hidden_act() -> String {
 impl LlamaConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(ClientError::io(path))?;
-        let config: Self = serde_json::from_str(&text).map_err(|error| ClientError::Config {
-            path: path.to_path_buf(),
-            message: error.to_string(),
-        })?;
+        let mut config: Self =
+            serde_json::from_str(&text).map_err(|error| ClientError::Config {
+                path: path.to_path_buf(),
+                message: error.to_string(),
+            })?;
+        config.normalize();
         config.validate().map_err(|message| ClientError::Config {
             path: path.to_path_buf(),
             message,
         })?;
         Ok(config)
+    }
+
+    /// Folds transformers 5's `rope_parameters` into `rope_theta` and `rope_scaling`, the
+    /// fields the rest of the engine reads.
+    pub fn normalize(&mut self) {
+        let Some(parameters) = self
+            .rope_parameters
+            .as_ref()
+            .filter(|value| value.is_object())
+        else {
+            return;
+        };
+        if let Some(theta) = parameters
+            .get("rope_theta")
+            .and_then(serde_json::Value::as_f64)
+        {
+            self.rope_theta = theta;
+        }
+        let kind = parameters
+            .get("rope_type")
+            .and_then(serde_json::Value::as_str);
+        if self
+            .rope_scaling
+            .as_ref()
+            .is_none_or(serde_json::Value::is_null)
+            && kind.is_some_and(|kind| kind != "default")
+        {
+            self.rope_scaling = Some(parameters.clone());
+        }
+    }
+
+    /// The attention window, when the model uses one: sequences are limited to it, since the
+    /// engine runs full causal attention.
+    pub fn attention_window(&self) -> Option<usize> {
+        match self.model_type.as_str() {
+            "mistral" => self.sliding_window,
+            "qwen2" if self.use_sliding_window == Some(true) => self.sliding_window,
+            _ => None,
+        }
     }
 
     pub fn num_kv_heads(&self) -> usize {
@@ -175,6 +227,9 @@ impl LlamaConfig {
             ));
         }
         self.llama3_rope_scaling()?;
+        if self.mlp_bias {
+            return Err("mlp_bias is not supported".into());
+        }
         if self.num_attention_heads == 0 || self.num_kv_heads() == 0 {
             return Err("attention heads must be at least 1".into());
         }

@@ -213,43 +213,51 @@ impl Llama {
     }
 
     /// Attaches fresh PEFT-initialised LoRA factors to the modules of `lora` in every layer,
-    /// replacing any attached before.
+    /// replacing any attached before: each module's rank and alpha after `rank_pattern` and
+    /// `alpha_pattern`, with DoRA magnitudes and dropout as `lora` asks.
     pub fn attach_lora(&mut self, lora: &LoraSpec, seed: u64) -> Result<()> {
         lora.validate()?;
         let mut rng = seeded_rng(seed);
-        let scale = lora.scale();
         let device = self.device.clone();
-        for block in &mut self.blocks {
+        for (layer, block) in self.blocks.iter_mut().enumerate() {
             for (name, linear) in block.linears_mut() {
-                linear.lora = if lora.target_modules.iter().any(|target| target == name) {
+                linear.lora = None;
+                if lora.target_modules.iter().any(|target| target == name) {
                     let (in_features, out_features) = linear.in_out();
-                    Some(LoraFactors::peft_init(
-                        lora.rank,
+                    let mut factors = LoraFactors::peft_init(
+                        lora.rank_for(layer, name),
                         in_features,
                         out_features,
-                        scale,
+                        lora.scale_for(layer, name),
                         &mut rng,
                         &device,
-                    )?)
-                } else {
-                    None
-                };
+                    )?;
+                    factors.dropout = lora.dropout;
+                    linear.attach(factors, lora.use_dora)?;
+                }
             }
         }
         Ok(())
     }
 
-    /// The trainable variables, in a fixed order (layer, module, A then B).
+    /// The trainable variables, in a fixed order (layer, module, A, B, then DoRA's magnitude).
     pub fn lora_vars(&self) -> Vec<Var> {
         self.blocks
             .iter()
             .flat_map(|block| block.linears())
             .filter_map(|(_, linear)| linear.lora.as_ref())
-            .flat_map(|lora| [lora.a.clone(), lora.b.clone()])
+            .flat_map(|lora| {
+                [
+                    Some(lora.a.clone()),
+                    Some(lora.b.clone()),
+                    lora.magnitude.clone(),
+                ]
+            })
+            .flatten()
             .collect()
     }
 
-    /// `(PEFT name, variable)` for every trainable factor.
+    /// `(PEFT name, variable)` for every trainable tensor.
     pub fn named_lora_vars(&self) -> Result<Vec<(String, Var)>> {
         let mut named = Vec::new();
         for (layer, block) in self.blocks.iter().enumerate() {
@@ -257,6 +265,12 @@ impl Llama {
                 if let Some(lora) = &linear.lora {
                     named.push((peft_key(layer, module, Factor::A)?, lora.a.clone()));
                     named.push((peft_key(layer, module, Factor::B)?, lora.b.clone()));
+                    if let Some(magnitude) = &lora.magnitude {
+                        named.push((
+                            peft_key(layer, module, Factor::Magnitude)?,
+                            magnitude.clone(),
+                        ));
+                    }
                 }
             }
         }
@@ -305,13 +319,19 @@ impl Llama {
 
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`.
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
-        let hidden = self.hidden_states(input_ids, None)?;
+        self.forward_train(input_ids, None)
+    }
+
+    /// As [`Llama::forward`]; with `dropout_seed`, LoRA dropout is applied with masks drawn from
+    /// it (pass a new seed for every training step).
+    pub fn forward_train(&self, input_ids: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+        let hidden = self.hidden_states(input_ids, None, dropout_seed)?;
         self.head(&hidden)
     }
 
     /// Logits `[batch, vocab]` of the last position only.
     pub fn last_logits(&self, input_ids: &Tensor) -> Result<Tensor> {
-        let hidden = self.hidden_states(input_ids, None)?;
+        let hidden = self.hidden_states(input_ids, None, None)?;
         self.last_position_logits(&hidden)
     }
 
@@ -376,13 +396,16 @@ impl Llama {
     /// Logits `[batch, vocab]` after the new tokens `input_ids`, which continue the sequence held
     /// in `cache`; their keys and values are appended to it. For generation (no gradients).
     pub fn last_logits_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let hidden = self.hidden_states(input_ids, Some(cache))?;
+        let hidden = self.hidden_states(input_ids, Some(cache), None)?;
         self.last_position_logits(&hidden)
     }
 
     /// Longest sequence (prompt and generated tokens together) the model runs.
     pub fn max_sequence_len(&self) -> usize {
-        self.config.max_position_embeddings.min(ROPE_TABLE_MAX)
+        let limit = self.config.max_position_embeddings.min(ROPE_TABLE_MAX);
+        self.config
+            .attention_window()
+            .map_or(limit, |window| limit.min(window.max(1)))
     }
 
     fn last_position_logits(&self, hidden: &Tensor) -> Result<Tensor> {
@@ -396,7 +419,12 @@ impl Llama {
     }
 
     /// Final-norm hidden states `[batch, seq, hidden]`, continuing `cache` when given.
-    fn hidden_states(&self, input_ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        dropout_seed: Option<u64>,
+    ) -> Result<Tensor> {
         let (batch, seq_len) = input_ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |cache| cache.len);
         let max_len = self.max_sequence_len();
@@ -420,6 +448,7 @@ impl Llama {
                 rope: &self.rope,
                 mask: &mask,
                 cache: slot,
+                dropout_seed: dropout_seed.map(|seed| mix_seed(seed, layer as u64)),
             };
             hidden = block.forward(&hidden, position, &self.config)?;
         }
@@ -460,14 +489,17 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, position: Position<'_>, config: &LlamaConfig) -> Result<Tensor> {
+        let seed = position.dropout_seed;
         let attended =
             self.attention
                 .forward(&self.input_layernorm.forward(x)?, position, config)?;
         let x = (x + attended)?;
         let mlp = &self.mlp;
         let normed = self.post_attention_layernorm.forward(&x)?;
-        let gated = (mlp.gate_proj.forward(&normed)?.silu()? * mlp.up_proj.forward(&normed)?)?;
-        Ok((x + mlp.down_proj.forward(&gated)?)?)
+        let gate = mlp.gate_proj.forward_train(&normed, module_seed(seed, 4))?;
+        let up = mlp.up_proj.forward_train(&normed, module_seed(seed, 5))?;
+        let gated = (gate.silu()? * up)?;
+        Ok((x + mlp.down_proj.forward_train(&gated, module_seed(seed, 6))?)?)
     }
 }
 
@@ -478,6 +510,7 @@ impl Attention {
             rope,
             mask,
             cache,
+            dropout_seed: seed,
         } = position;
         let (batch, seq_len, _) = x.dims3()?;
         let heads = config.num_attention_heads;
@@ -489,9 +522,12 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = rope.apply(&split(self.q_proj.forward(x)?, heads)?, offset)?;
-        let k = rope.apply(&split(self.k_proj.forward(x)?, kv_heads)?, offset)?;
-        let v = split(self.v_proj.forward(x)?, kv_heads)?;
+        let q = self.q_proj.forward_train(x, module_seed(seed, 0))?;
+        let k = self.k_proj.forward_train(x, module_seed(seed, 1))?;
+        let v = self.v_proj.forward_train(x, module_seed(seed, 2))?;
+        let q = rope.apply(&split(q, heads)?, offset)?;
+        let k = rope.apply(&split(k, kv_heads)?, offset)?;
+        let v = split(v, kv_heads)?;
         let (k, v) = match cache {
             None => (k, v),
             Some(slot) => {
@@ -518,7 +554,7 @@ impl Attention {
                 .matmul(&v)?
                 .transpose(1, 2)?
                 .reshape((batch, seq_len, heads * head_dim))?;
-        self.o_proj.forward(&attended)
+        self.o_proj.forward_train(&attended, module_seed(seed, 3))
     }
 }
 
@@ -573,6 +609,21 @@ struct Position<'a> {
     rope: &'a Rope,
     mask: &'a Tensor,
     cache: Option<&'a mut Option<(Tensor, Tensor)>>,
+    /// Seed of this layer's LoRA dropout masks; `None` outside training.
+    dropout_seed: Option<u64>,
+}
+
+/// Mixes a sub-stream id into a seed (SplitMix64's finaliser), so every layer and module of every
+/// step draws an independent dropout mask.
+fn mix_seed(seed: u64, stream: u64) -> u64 {
+    let mut z = seed ^ stream.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn module_seed(layer_seed: Option<u64>, module: u64) -> Option<u64> {
+    layer_seed.map(|seed| mix_seed(seed, module))
 }
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
 //! The LoRA linear layer: a frozen weight W₀ plus trainable low-rank factors,
-//! `y = x·W₀ᵀ + s·(x·Aᵀ)·Bᵀ` with s = α/r.
+//! `y = x·W₀ᵀ + s·(x·Aᵀ)·Bᵀ` with s = α/r (α/√r with rsLoRA), and DoRA's variant
+//! `y = (m / ‖W₀ + s·B·A‖_row) ⊙ (x·W₀ᵀ + s·(x·Aᵀ)·Bᵀ)`, the norm held constant in the backward
+//! pass, as PEFT computes both.
 
 use candle_core::{DType, Device, Tensor, Var};
 use fedlora_proto::adapter::AdapterTensor;
@@ -18,6 +20,10 @@ pub struct LoraFactors {
     /// `[out, r]`, PEFT's `lora_B.weight`.
     pub b: Var,
     pub scale: f64,
+    /// DoRA's magnitude `[out]`, PEFT's `lora_magnitude_vector`.
+    pub magnitude: Option<Var>,
+    /// Probability of zeroing an input of the low-rank path in training.
+    pub dropout: f32,
 }
 
 impl LoraFactors {
@@ -37,7 +43,13 @@ impl LoraFactors {
             .collect();
         let a = Var::from_tensor(&Tensor::from_vec(values, (rank, in_features), device)?)?;
         let b = Var::zeros((out_features, rank), DType::F32, device)?;
-        Ok(Self { a, b, scale })
+        Ok(Self {
+            a,
+            b,
+            scale,
+            magnitude: None,
+            dropout: 0.0,
+        })
     }
 }
 
@@ -65,13 +77,40 @@ impl LoraLinear {
         (in_features, out_features)
     }
 
-    /// The frozen weight with the LoRA update folded in, W₀ + s·B·A (W₀ without factors).
+    /// Attaches `factors`; with `dora`, adds a magnitude initialised to the row norms of
+    /// W₀ + s·B·A, so that the layer starts equal to plain LoRA (PEFT's initialisation).
+    pub fn attach(&mut self, mut factors: LoraFactors, dora: bool) -> Result<()> {
+        factors.magnitude = None;
+        if dora {
+            let norm = self.row_norms(&factors)?;
+            factors.magnitude = Some(Var::from_tensor(&norm)?);
+        }
+        self.lora = Some(factors);
+        Ok(())
+    }
+
+    /// ‖W₀ + s·B·A‖ over each output row, `[out]`, detached from the graph.
+    fn row_norms(&self, lora: &LoraFactors) -> Result<Tensor> {
+        let update = lora.b.as_tensor().matmul(lora.a.as_tensor())?;
+        let weight = (self.weight.dequantize()? + (update * lora.scale)?)?;
+        Ok(weight.detach().sqr()?.sum(1)?.sqrt()?)
+    }
+
+    /// The frozen weight with the LoRA update folded in, W₀ + s·B·A (W₀ without factors), and
+    /// with DoRA each row rescaled to its magnitude.
     pub fn merged_weight(&self) -> Result<Tensor> {
         match &self.lora {
             None => self.weight.dequantize(),
             Some(lora) => {
                 let update = lora.b.as_tensor().matmul(lora.a.as_tensor())?;
-                Ok((self.weight.dequantize()? + (update * lora.scale)?)?)
+                let merged = (self.weight.dequantize()? + (update * lora.scale)?)?;
+                match &lora.magnitude {
+                    None => Ok(merged),
+                    Some(magnitude) => {
+                        let factor = (magnitude.as_tensor() / self.row_norms(lora)?)?;
+                        Ok(merged.broadcast_mul(&factor.unsqueeze(1)?)?)
+                    }
+                }
             }
         }
     }
@@ -86,21 +125,61 @@ impl LoraLinear {
         self.bias.as_ref()
     }
 
-    /// `x` is `[..., in]`; returns `[..., out]`.
+    /// `x` is `[..., in]`; returns `[..., out]`. No dropout: inference and evaluation.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut base = super::frozen::frozen_matmul_t(x, &self.weight)?;
-        if let Some(bias) = &self.bias {
-            base = base.broadcast_add(bias)?;
-        }
-        match &self.lora {
-            None => Ok(base),
-            Some(lora) => {
-                let down = x.broadcast_matmul(&lora.a.as_tensor().t()?)?;
-                let up = down.broadcast_matmul(&lora.b.as_tensor().t()?)?;
-                Ok((base + (up * lora.scale)?)?)
+        self.forward_train(x, None)
+    }
+
+    /// As [`LoraLinear::forward`]; with `dropout_seed`, the low-rank path's input goes through
+    /// dropout drawn from that seed (training).
+    pub fn forward_train(&self, x: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+        let base = super::frozen::frozen_matmul_t(x, &self.weight)?;
+        let Some(lora) = &self.lora else {
+            return self.add_bias(base);
+        };
+        let dropped = match dropout_seed {
+            Some(seed) if lora.dropout > 0.0 => Some(dropout(x, lora.dropout, seed)?),
+            _ => None,
+        };
+        let lora_input = dropped.as_ref().unwrap_or(x);
+        let down = lora_input.broadcast_matmul(&lora.a.as_tensor().t()?)?;
+        let up = (down.broadcast_matmul(&lora.b.as_tensor().t()?)? * lora.scale)?;
+        let out = match &lora.magnitude {
+            None => (base + up)?,
+            Some(magnitude) => {
+                // PEFT: base + (m/‖·‖ − 1)·W₀·x̃ + (m/‖·‖)·s·B·A·x̃, x̃ the dropped-out input.
+                let factor = (magnitude.as_tensor() / self.row_norms(lora)?)?;
+                match &dropped {
+                    None => (base + up)?.broadcast_mul(&factor)?,
+                    Some(dropped) => {
+                        let dropped_base = super::frozen::frozen_matmul_t(dropped, &self.weight)?;
+                        let correction = dropped_base.broadcast_mul(&(&factor - 1.0)?)?;
+                        ((base + correction)? + up.broadcast_mul(&factor)?)?
+                    }
+                }
             }
+        };
+        self.add_bias(out)
+    }
+
+    fn add_bias(&self, out: Tensor) -> Result<Tensor> {
+        match &self.bias {
+            Some(bias) => Ok(out.broadcast_add(bias)?),
+            None => Ok(out),
         }
     }
+}
+
+/// Inverted dropout: each element of `x` zeroed with probability `p`, the rest scaled by
+/// 1/(1−p), the mask drawn from `seed` (reproducible, unlike candle's CPU generator).
+fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+    let mut rng = seeded_rng(seed);
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok((x * mask)?)
 }
 
 /// Copies a candle tensor into the wire type.
@@ -132,7 +211,13 @@ mod tests {
         let mut linear = LoraLinear::new(weight, Some(bias));
         let a = Var::from_tensor(&Tensor::new(&[[1f32, 1.0]], &device).unwrap()).unwrap();
         let b = Var::from_tensor(&Tensor::new(&[[1f32], [0.0], [2.0]], &device).unwrap()).unwrap();
-        linear.lora = Some(LoraFactors { a, b, scale: 0.5 });
+        linear.lora = Some(LoraFactors {
+            a,
+            b,
+            scale: 0.5,
+            magnitude: None,
+            dropout: 0.0,
+        });
         let x = Tensor::new(&[[[1f32, 3.0]]], &device).unwrap();
         // W0·x = [7, -3, 6]; + bias = [7.5, -3.5, 7]; A·x = 4; 0.5·B·4 = [2, 0, 4].
         let y = linear
@@ -143,5 +228,119 @@ mod tests {
             .to_vec1::<f32>()
             .unwrap();
         assert_eq!(y, vec![9.5, -3.5, 11.0]);
+    }
+
+    fn layer_with_factors(device: &Device) -> LoraLinear {
+        let weight = Tensor::new(&[[1f32, 2.0], [0.0, -1.0], [3.0, 1.0]], device).unwrap();
+        let mut linear = LoraLinear::new(weight, None);
+        let a = Var::from_tensor(&Tensor::new(&[[1f32, 1.0]], device).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::new(&[[1f32], [0.0], [2.0]], device).unwrap()).unwrap();
+        let factors = LoraFactors {
+            a,
+            b,
+            scale: 0.5,
+            magnitude: None,
+            dropout: 0.5,
+        };
+        linear.attach(factors, true).unwrap();
+        linear
+    }
+
+    #[test]
+    fn dora_rescales_each_row_to_its_magnitude() {
+        let device = Device::Cpu;
+        let linear = layer_with_factors(&device);
+        // W₀ + 0.5·B·A = [[1.5, 2.5], [0, -1], [4, 2]]: rows of norm √8.5, 1, √20.
+        let magnitude = linear.lora.as_ref().unwrap().magnitude.clone().unwrap();
+        let norms = magnitude.as_tensor().to_vec1::<f32>().unwrap();
+        for (got, want) in norms.iter().zip([8.5f32.sqrt(), 1.0, 20f32.sqrt()]) {
+            assert!((got - want).abs() < 1e-6);
+        }
+        // At initialisation DoRA equals plain LoRA; with m = (1, 2, 3) row i scales by m_i/‖row_i‖.
+        magnitude
+            .set(&Tensor::new(&[1f32, 2.0, 3.0], &device).unwrap())
+            .unwrap();
+        let x = Tensor::new(&[[1f32, 3.0]], &device).unwrap();
+        let y = linear
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let plain = [9.0f32, -3.0, 10.0];
+        let want = [
+            plain[0] / 8.5f32.sqrt(),
+            plain[1] * 2.0,
+            plain[2] * 3.0 / 20f32.sqrt(),
+        ];
+        for (got, want) in y.iter().zip(want) {
+            assert!((got - want).abs() < 1e-5, "{y:?}");
+        }
+        // The merged weight gives the same output with no factors at all.
+        let merged = LoraLinear::new(linear.merged_weight().unwrap(), None);
+        let y_merged = merged
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (got, want) in y_merged.iter().zip(&y) {
+            assert!((got - want).abs() < 1e-5);
+        }
+        // The magnitude gets a gradient; the norm does not feed one back.
+        let gradients = linear
+            .forward(&x)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(gradients.get(magnitude.as_tensor()).is_some());
+    }
+
+    #[test]
+    fn dropout_is_seeded_training_only_and_unbiased() {
+        let device = Device::Cpu;
+        let x = Tensor::ones((64, 256), DType::F32, &device).unwrap();
+        let dropped = dropout(&x, 0.25, 7).unwrap();
+        assert_eq!(
+            dropped.to_vec2::<f32>().unwrap(),
+            dropout(&x, 0.25, 7).unwrap().to_vec2::<f32>().unwrap()
+        );
+        assert_ne!(
+            dropped.to_vec2::<f32>().unwrap(),
+            dropout(&x, 0.25, 8).unwrap().to_vec2::<f32>().unwrap()
+        );
+        let values = dropped.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let zeros = values.iter().filter(|value| **value == 0.0).count() as f32;
+        assert!((zeros / values.len() as f32 - 0.25).abs() < 0.02);
+        let mean = values.iter().sum::<f32>() / values.len() as f32;
+        assert!(
+            (mean - 1.0).abs() < 0.03,
+            "inverted dropout keeps the mean: {mean}"
+        );
+
+        let linear = layer_with_factors(&device);
+        let x = Tensor::new(&[[1f32, 3.0]], &device).unwrap();
+        let eval = linear.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(
+            linear
+                .forward_train(&x, None)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap(),
+            eval
+        );
+        let differs = (0..16).any(|seed| {
+            linear
+                .forward_train(&x, Some(seed))
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()
+                != eval
+        });
+        assert!(differs, "dropout in training changes the low-rank path");
     }
 }

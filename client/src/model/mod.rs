@@ -37,23 +37,19 @@ impl BaseModel {
         if is_gguf(dir) {
             return gguf::load_gguf(dir, device);
         }
-        let config = LlamaConfig::from_file(&dir.join("config.json"))?;
-        let mut weights = HashMap::new();
-        for file in weight_files(dir)? {
-            weights.extend(candle_core::safetensors::load(&file, device)?);
-        }
+        let model = load_llama(dir, device)?;
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer = Tokenizer::from_file(&tokenizer_path).map_err(|error| {
             ClientError::Tokenizer(format!("{}: {error}", tokenizer_path.display()))
         })?;
-        let eos_token_id = config
+        let eos_token_id = model
+            .config()
             .eos_token_id()
             .or_else(|| tokenizer.token_to_id("</s>"))
             .or_else(|| tokenizer.token_to_id("<|endoftext|>"))
             .ok_or_else(|| {
                 ClientError::Tokenizer("no eos_token_id in config.json or tokenizer".into())
             })?;
-        let model = Llama::from_weights(config, weights, device)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             model,
@@ -61,6 +57,17 @@ impl BaseModel {
             eos_token_id,
         })
     }
+}
+
+/// Loads the model of a Hugging Face directory (`config.json` and safetensors weights, single or
+/// sharded, f32/f16/bf16), without its tokenizer.
+pub fn load_llama(dir: &Path, device: &Device) -> Result<Llama> {
+    let config = LlamaConfig::from_file(&dir.join("config.json"))?;
+    let mut weights = HashMap::new();
+    for file in weight_files(dir)? {
+        weights.extend(candle_core::safetensors::load(&file, device)?);
+    }
+    Llama::from_weights(config, weights, device)
 }
 
 /// Writes `base` with its attached LoRA factors merged into the weights as a Hugging Face
@@ -174,12 +181,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write_tiny_model(&dir.path().join("base"), &TinyModelSpec::default()).unwrap();
         let mut base = BaseModel::load(&dir.path().join("base"), &Device::Cpu).unwrap();
-        let lora = LoraSpec {
-            use_rslora: false,
-            rank: 4,
-            alpha: 8.0,
-            target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
-        };
+        let lora = LoraSpec::new(4, 8.0, &["q_proj", "v_proj", "down_proj"]);
         base.model.attach_lora(&lora, 5).unwrap();
         crate::testing::randomize_lora_b(&base.model, 0.2, 9);
         export_merged(&base, &dir.path().join("merged")).unwrap();

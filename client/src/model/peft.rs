@@ -1,75 +1,62 @@
-//! Reading a PEFT LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
+//! PEFT LoRA adapter directories (`adapter_config.json` + `adapter_model.safetensors`): read and
+//! written exactly as PEFT does, including rsLoRA, DoRA, dropout and per-module rank/alpha.
 
 use std::path::Path;
 
-use fedlora_proto::adapter::{Adapter, LoraSpec};
+use fedlora_proto::adapter::{Adapter, LoraSpec, parse_peft_adapter_config, peft_adapter_config};
 
 use crate::error::{ClientError, Result};
 
-/// The LoRA spec and tensors of a PEFT adapter directory (plain LoRA or rsLoRA). DoRA adapters
-/// are refused (not supported yet) rather than silently mis-applied.
+/// The LoRA spec and tensors of a PEFT adapter directory. Options this engine cannot apply are
+/// refused by name (see `parse_peft_adapter_config`) rather than silently mis-applied.
 pub fn read_peft_adapter(dir: &Path) -> Result<(LoraSpec, Adapter)> {
     let config_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&config_path).map_err(ClientError::io(&config_path))?;
-    let config: serde_json::Value =
-        serde_json::from_str(&text).map_err(|error| ClientError::Config {
-            path: config_path.clone(),
-            message: error.to_string(),
-        })?;
-    let bad = |message: &str| ClientError::Config {
+    let config_error = |message: String| ClientError::Config {
         path: config_path.clone(),
-        message: message.to_string(),
+        message,
     };
-    if config.get("use_dora").and_then(serde_json::Value::as_bool) == Some(true) {
-        return Err(bad("use_dora adapters are not supported yet"));
-    }
-    let use_rslora = config
-        .get("use_rslora")
-        .and_then(serde_json::Value::as_bool)
-        == Some(true);
-    let rank = config
-        .get("r")
-        .and_then(serde_json::Value::as_u64)
-        .ok_or_else(|| bad("no integer \"r\""))? as usize;
-    let alpha = config
-        .get("lora_alpha")
-        .and_then(serde_json::Value::as_f64)
-        .ok_or_else(|| bad("no number \"lora_alpha\""))? as f32;
-    let target_modules: Vec<String> = config
-        .get("target_modules")
-        .and_then(serde_json::Value::as_array)
-        .ok_or_else(|| bad("no list \"target_modules\""))?
-        .iter()
-        .filter_map(|module| module.as_str().map(String::from))
-        .collect();
+    let config: serde_json::Value =
+        serde_json::from_str(&text).map_err(|error| config_error(error.to_string()))?;
+    let lora =
+        parse_peft_adapter_config(&config).map_err(|error| config_error(error.to_string()))?;
     let weights_path = dir.join("adapter_model.safetensors");
     let bytes = std::fs::read(&weights_path).map_err(ClientError::io(&weights_path))?;
-    Ok((
-        LoraSpec {
-            use_rslora,
-            rank,
-            alpha,
-            target_modules,
-        },
-        Adapter::from_safetensors(&bytes)?,
-    ))
+    Ok((lora, Adapter::from_safetensors(&bytes)?))
+}
+
+/// Writes a PEFT adapter directory: `adapter_config.json` for `lora` on `base_model`, and the
+/// safetensors bytes `weights` (as encoded, so what is written is exactly what was sent).
+pub fn write_peft_adapter(
+    dir: &Path,
+    lora: &LoraSpec,
+    base_model: &str,
+    weights: &[u8],
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(ClientError::io(dir))?;
+    let weights_path = dir.join("adapter_model.safetensors");
+    std::fs::write(&weights_path, weights).map_err(ClientError::io(&weights_path))?;
+    let config_path = dir.join("adapter_config.json");
+    let json = serde_json::to_string_pretty(&peft_adapter_config(lora, base_model))
+        .map_err(|error| ClientError::Protocol(error.to_string()))?;
+    std::fs::write(&config_path, json + "\n").map_err(ClientError::io(&config_path))?;
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
-    use fedlora_proto::adapter::{AdapterTensor, peft_adapter_config};
+    use fedlora_proto::adapter::AdapterTensor;
 
     use super::*;
 
     #[test]
-    fn reads_back_what_peft_format_writes_including_rslora_and_refuses_dora() {
+    fn reads_back_what_it_writes_and_refuses_what_it_cannot_apply() {
         let dir = tempfile::tempdir().unwrap();
         let lora = LoraSpec {
-            rank: 2,
-            alpha: 4.0,
-            target_modules: vec!["q_proj".into()],
             use_rslora: true,
+            use_dora: true,
+            ..LoraSpec::new(2, 4.0, &["q_proj"])
         };
         let mut adapter = Adapter::default();
         adapter.tensors.insert(
@@ -79,23 +66,20 @@ mod tests {
                 data: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
             },
         );
-        let mut config = peft_adapter_config(&lora, "base");
-        std::fs::write(dir.path().join("adapter_config.json"), config.to_string()).unwrap();
-        std::fs::write(
-            dir.path().join("adapter_model.safetensors"),
-            adapter.to_safetensors(None).unwrap(),
-        )
-        .unwrap();
+        let bytes = adapter.to_safetensors(None).unwrap();
+        write_peft_adapter(dir.path(), &lora, "base", &bytes).unwrap();
         let (read_lora, read_adapter) = read_peft_adapter(dir.path()).unwrap();
         assert_eq!((read_lora, read_adapter), (lora, adapter));
 
-        config["use_dora"] = serde_json::json!(true);
-        std::fs::write(dir.path().join("adapter_config.json"), config.to_string()).unwrap();
+        let config_path = dir.path().join("adapter_config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+        config["peft_type"] = serde_json::json!("LOHA");
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        let error = read_peft_adapter(dir.path()).unwrap_err().to_string();
         assert!(
-            read_peft_adapter(dir.path())
-                .unwrap_err()
-                .to_string()
-                .contains("use_dora")
+            error.contains("adapter_config.json") && error.contains("LOHA"),
+            "{error}"
         );
     }
 }

@@ -88,8 +88,17 @@ pub struct EvalReport {
 /// Mean cross-entropy of predicting `window[1..]` from `window[..len-1]`, over a batch of windows
 /// of equal length.
 pub fn batch_loss(model: &Llama, windows: &[&[u32]]) -> Result<Tensor> {
+    batch_loss_train(model, windows, None)
+}
+
+/// As [`batch_loss`], with LoRA dropout drawn from `dropout_seed` when given (training).
+fn batch_loss_train(
+    model: &Llama,
+    windows: &[&[u32]],
+    dropout_seed: Option<u64>,
+) -> Result<Tensor> {
     let (inputs, targets) = batch_tensors(windows, model.device())?;
-    let logits = model.forward(&inputs)?;
+    let logits = model.forward_train(&inputs, dropout_seed)?;
     let (batch, seq_len, vocab) = logits.dims3()?;
     let logits = logits.reshape((batch * seq_len, vocab))?;
     Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
@@ -154,11 +163,13 @@ pub fn train(
         optimizer.set_learning_rate(config.learning_rate_at(step));
         let mut gradients: Option<GradStore> = None;
         let mut step_loss = 0.0f64;
-        for _ in 0..micro_batches {
+        for micro_batch in 0..micro_batches {
             let batch: Vec<&[u32]> = (0..config.batch_size.max(1))
                 .map(|_| windows[rng.random_range(0..windows.len())].as_slice())
                 .collect();
-            let loss = batch_loss(model, &batch)?;
+            // A fresh dropout mask stream per micro-batch, reproducible from the task's seed.
+            let dropout_seed = config.seed ^ ((step * micro_batches + micro_batch) as u64) << 20;
+            let loss = batch_loss_train(model, &batch, Some(dropout_seed))?;
             let value = loss.to_scalar::<f32>()?;
             if !value.is_finite() {
                 return Err(ClientError::Protocol(format!(
@@ -268,11 +279,10 @@ mod tests {
     }
 
     fn all_modules() -> LoraSpec {
-        LoraSpec {
-            use_rslora: false,
-            rank: 4,
-            alpha: 8.0,
-            target_modules: [
+        LoraSpec::new(
+            4,
+            8.0,
+            &[
                 "q_proj",
                 "k_proj",
                 "v_proj",
@@ -280,10 +290,8 @@ mod tests {
                 "gate_proj",
                 "up_proj",
                 "down_proj",
-            ]
-            .map(String::from)
-            .to_vec(),
-        }
+            ],
+        )
     }
 
     fn sample_windows(seq_len: usize) -> Vec<Vec<u32>> {
@@ -336,12 +344,7 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        let lora = LoraSpec {
-            use_rslora: false,
-            rank: 8,
-            alpha: 16.0,
-            target_modules: vec!["q_proj".into(), "v_proj".into()],
-        };
+        let lora = LoraSpec::new(8, 16.0, &["q_proj", "v_proj"]);
         base.model.attach_lora(&lora, 1).unwrap();
         let attached = batch_loss(&base.model, &batch)
             .unwrap()
@@ -365,12 +368,7 @@ mod tests {
     #[test]
     fn exported_adapter_loads_back_into_a_fresh_model() {
         let (_dir, mut base) = tiny();
-        let lora = LoraSpec {
-            use_rslora: false,
-            rank: 2,
-            alpha: 4.0,
-            target_modules: vec!["v_proj".into(), "down_proj".into()],
-        };
+        let lora = LoraSpec::new(2, 4.0, &["v_proj", "down_proj"]);
         base.model.attach_lora(&lora, 11).unwrap();
         let windows = sample_windows(8);
         let config = TrainConfig::simple(3, 1e-2, 2, 8, 1);
@@ -402,12 +400,7 @@ mod tests {
     fn training_is_reproducible_even_concurrently() {
         let (_dir, base) = tiny();
         let windows = sample_windows(32);
-        let lora = LoraSpec {
-            use_rslora: false,
-            rank: 4,
-            alpha: 8.0,
-            target_modules: vec!["q_proj".into(), "v_proj".into()],
-        };
+        let lora = LoraSpec::new(4, 8.0, &["q_proj", "v_proj"]);
         let config = TrainConfig::simple(8, 1e-2, 4, 32, 5);
         let run = |model: &Llama| {
             let mut model = model.clone();
@@ -448,12 +441,7 @@ mod tests {
     #[test]
     fn clipping_bounds_the_global_gradient_norm() {
         let (_dir, mut base) = tiny();
-        let lora = LoraSpec {
-            use_rslora: false,
-            rank: 2,
-            alpha: 4.0,
-            target_modules: vec!["v_proj".into()],
-        };
+        let lora = LoraSpec::new(2, 4.0, &["v_proj"]);
         base.model.attach_lora(&lora, 3).unwrap();
         let vars = base.model.lora_vars();
         let windows = sample_windows(16);
@@ -489,12 +477,7 @@ mod tests {
     #[test]
     fn accumulation_and_clipping_train_and_count_every_micro_batch() {
         let (_dir, mut base) = tiny();
-        let lora = LoraSpec {
-            use_rslora: false,
-            rank: 4,
-            alpha: 8.0,
-            target_modules: vec!["q_proj".into(), "v_proj".into()],
-        };
+        let lora = LoraSpec::new(4, 8.0, &["q_proj", "v_proj"]);
         base.model.attach_lora(&lora, 1).unwrap();
         let windows = sample_windows(32);
         let batch: Vec<&[u32]> = windows.iter().map(Vec::as_slice).collect();

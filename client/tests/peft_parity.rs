@@ -1,0 +1,198 @@
+//! Parity with Hugging Face transformers + PEFT, on fixtures made by `scripts/peft_parity.py`
+//! (tiny random Llama, Qwen2 and Mistral checkpoints; PEFT adapters; the logits PEFT computed).
+//! Both directions: adapters PEFT wrote are loaded here, and an adapter written here was loaded
+//! by PEFT. Logits must agree within 1e-4.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use fedlora_client::model::peft::{read_peft_adapter, write_peft_adapter};
+use fedlora_client::model::{Llama, load_llama};
+use fedlora_proto::adapter::LoraSpec;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+const TOLERANCE: f32 = 1e-4;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft")
+}
+
+fn load_fixture_tensors(file: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join(file), &Device::Cpu).unwrap()
+}
+
+fn input_ids() -> Tensor {
+    load_fixture_tensors("expected.safetensors")["input_ids"]
+        .to_dtype(DType::U32)
+        .unwrap()
+}
+
+fn model(name: &str) -> Llama {
+    load_llama(&fixtures().join(name), &Device::Cpu).unwrap()
+}
+
+fn assert_logits(model: &Llama, expected: &Tensor, case: &str) {
+    let ours = model.forward(&input_ids()).unwrap();
+    assert_eq!(ours.dims(), expected.dims(), "{case}: logits shape");
+    let difference = (ours - expected)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        difference < TOLERANCE,
+        "{case}: logits differ from PEFT's by up to {difference}"
+    );
+}
+
+/// Loads a PEFT adapter directory onto `model` and returns its spec.
+fn apply(model: &mut Llama, adapter_dir: &Path) -> LoraSpec {
+    let (spec, adapter) = read_peft_adapter(adapter_dir).unwrap();
+    model.attach_lora(&spec, 0).unwrap();
+    model.load_adapter(&adapter).unwrap();
+    spec
+}
+
+#[test]
+fn base_models_match_transformers() {
+    let expected = load_fixture_tensors("expected.safetensors");
+    // f32 Llama, f16 Qwen2 with attention biases, bf16 Mistral, all as transformers 5 writes them.
+    for name in ["llama", "qwen2", "mistral"] {
+        assert_logits(&model(name), &expected[name], name);
+    }
+    // Llama 3 rope scaling: the Llama weights with the scaling of llama3_rope.json.
+    let scratch = tempfile::tempdir().unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(
+            fixtures().join("llama").join(file),
+            scratch.path().join(file),
+        )
+        .unwrap();
+    }
+    let config_path = scratch.path().join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let patch: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("llama3_rope.json")).unwrap(),
+    )
+    .unwrap();
+    for (key, value) in patch.as_object().unwrap() {
+        config[key] = value.clone();
+    }
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let scaled = load_llama(scratch.path(), &Device::Cpu).unwrap();
+    assert_logits(&scaled, &expected["llama3_rope"], "llama3_rope");
+}
+
+#[test]
+fn peft_adapters_load_and_match_peft() {
+    let expected = load_fixture_tensors("expected.safetensors");
+    for (case, base) in [
+        ("lora", "llama"),
+        ("rslora", "llama"),
+        ("dora", "llama"),
+        ("rank_pattern", "llama"),
+        ("qwen2_lora", "qwen2"),
+    ] {
+        let mut adapted = model(base);
+        apply(&mut adapted, &fixtures().join(case));
+        assert_logits(&adapted, &expected[case], case);
+        // Merging gives the same model without any adapter (DoRA's row rescaling included).
+        let merged = Llama::from_weights(
+            adapted.config().clone(),
+            adapted.merged_weights().unwrap(),
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_logits(&merged, &expected[case], &format!("{case} merged"));
+    }
+    let (spec, _) = read_peft_adapter(&fixtures().join("rank_pattern")).unwrap();
+    assert_eq!(
+        spec.rank_pattern,
+        [
+            ("layers.1.mlp.down_proj".to_string(), 6),
+            ("q_proj".to_string(), 2)
+        ]
+    );
+}
+
+/// The adapter fedlora wrote (see `write_our_adapter`), as PEFT loaded it.
+#[test]
+fn our_adapter_gives_peft_the_same_logits() {
+    let mut adapted = model("llama");
+    let spec = apply(&mut adapted, &fixtures().join("ours"));
+    assert_eq!(
+        spec,
+        our_spec(),
+        "the committed adapter is the one write_our_adapter makes"
+    );
+    let expected = load_fixture_tensors("ours.safetensors");
+    assert_logits(&adapted, &expected["ours"], "ours in peft");
+}
+
+/// DoRA, rsLoRA, per-module rank and alpha, on all seven projections.
+fn our_spec() -> LoraSpec {
+    LoraSpec {
+        use_dora: true,
+        use_rslora: true,
+        rank_pattern: vec![("layers.0.self_attn.k_proj".into(), 3)],
+        alpha_pattern: vec![("o_proj".into(), 5.0)],
+        ..LoraSpec::new(
+            4,
+            8.0,
+            &[
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ],
+        )
+    }
+}
+
+/// Step 2 of `scripts/peft_parity.py`: writes `ours/` with fedlora's PEFT writer.
+#[test]
+#[ignore = "writes fixtures; run by scripts/peft_parity.py's procedure"]
+fn write_our_adapter() {
+    let mut adapted = model("llama");
+    adapted.attach_lora(&our_spec(), 42).unwrap();
+    let mut rng = StdRng::seed_from_u64(43);
+    for (name, var) in adapted.named_lora_vars().unwrap() {
+        let current = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let values: Vec<f32> = current
+            .iter()
+            .map(|value| {
+                if name.contains("lora_B") {
+                    rng.random_range(-0.3..0.3)
+                } else if name.contains("magnitude") {
+                    value * rng.random_range(0.5..1.5)
+                } else {
+                    *value
+                }
+            })
+            .collect();
+        var.set(&Tensor::from_vec(values, var.dims(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    let bytes = adapted
+        .export_adapter()
+        .unwrap()
+        .to_safetensors(None)
+        .unwrap();
+    write_peft_adapter(&fixtures().join("ours"), &our_spec(), "llama", &bytes).unwrap();
+}
