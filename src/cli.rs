@@ -47,8 +47,22 @@ pub enum Command {
     BenchTrain(BenchTrainArgs),
     /// Generate text with a base model (HF directory or .gguf file) and an optional LoRA adapter.
     Generate(GenerateArgs),
-    /// Fold a PEFT adapter into its base model and write a plain Hugging Face checkpoint.
+    /// Fold PEFT adapters into their base model and write a plain Hugging Face checkpoint.
     Merge(MergeArgs),
+    /// Combine PEFT adapters into one, exactly: ΔW = Σ weight·ΔW (factors concatenated).
+    Combine(CombineArgs),
+}
+
+/// One or more PEFT adapters with weights.
+#[derive(Debug, Args)]
+pub struct AdapterArgs {
+    /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors); repeat it to
+    /// apply a weighted combination of several.
+    #[arg(long = "adapter")]
+    pub adapters: Vec<PathBuf>,
+    /// Weight of each adapter, comma separated, in --adapter order [default: 1 each].
+    #[arg(long, value_delimiter = ',')]
+    pub weights: Vec<f64>,
 }
 
 #[derive(Debug, Args)]
@@ -56,12 +70,28 @@ pub struct MergeArgs {
     /// Base model: a Hugging Face directory or a Llama .gguf file.
     #[arg(long)]
     pub model: PathBuf,
-    /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
-    #[arg(long)]
-    pub adapter: PathBuf,
+    #[command(flatten)]
+    pub adapters: AdapterArgs,
     /// Output directory for config.json, model.safetensors (f32) and tokenizer.json.
     #[arg(long)]
     pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct CombineArgs {
+    #[command(flatten)]
+    pub adapters: AdapterArgs,
+    /// Output PEFT adapter directory.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum TemplateChoice {
+    Auto,
+    Chatml,
+    Alpaca,
+    Raw,
 }
 
 #[derive(Debug, Args)]
@@ -69,15 +99,15 @@ pub struct GenerateArgs {
     /// Base model: a Hugging Face directory or a Llama .gguf file.
     #[arg(long)]
     pub model: PathBuf,
-    /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to apply.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
-    /// The prompt. Wrapped in the ChatML template when the tokenizer has <|im_start|>, unless --raw.
+    #[command(flatten)]
+    pub adapters: AdapterArgs,
+    /// The prompt, wrapped in the prompt template (see --template).
     #[arg(long)]
     pub prompt: String,
-    /// Use the prompt as is, without a chat template.
-    #[arg(long)]
-    pub raw: bool,
+    /// Prompt template: auto (ChatML when the tokenizer has <|im_start|>, else none), chatml,
+    /// alpaca (the layout instruction data is trained in on tokenizers without ChatML), or raw.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub template: TemplateChoice,
     #[arg(long, default_value_t = 48)]
     pub max_tokens: usize,
     /// Sampling temperature; 0 decodes greedily.
@@ -228,9 +258,15 @@ pub struct ClientArgs {
     /// Base model directory in Hugging Face layout (config.json, *.safetensors, tokenizer.json).
     #[arg(long)]
     pub model: PathBuf,
-    /// Local training data: JSONL with a "text" field per line. It never leaves this machine.
+    /// Local training data; it never leaves this machine. JSONL: per line {"text": ...}, or
+    /// {"instruction": ..., "input": ... (optional), "output": ...} for instruction tuning (loss
+    /// on the response only, prompt in the model's chat template). Or CSV (by the .csv extension)
+    /// with a header row, documents in --text-column.
     #[arg(long)]
     pub data: PathBuf,
+    /// The CSV column that holds the documents.
+    #[arg(long, default_value = "text")]
+    pub text_column: String,
     /// Where copies of every adapter sent are kept [default: ./fedlora-client-NAME].
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
@@ -320,6 +356,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::BenchTrain(args) => bench_train(&args),
         Command::Generate(args) => generate(&args),
         Command::Merge(args) => merge(&args),
+        Command::Combine(args) => combine(&args),
     }
 }
 
@@ -427,6 +464,7 @@ async fn client(args: ClientArgs) -> Result<()> {
         client_name: args.name,
         model_dir: args.model,
         data_path: args.data,
+        text_column: args.text_column,
         state_dir,
         max_rank: args.max_rank,
         max_eval_windows: args.max_eval_windows,
@@ -611,15 +649,21 @@ fn bench_train(args: &BenchTrainArgs) -> Result<()> {
 
 fn generate(args: &GenerateArgs) -> Result<()> {
     use fedlora_client::generate::{GenerateConfig, generate};
-    let base = load_with_adapter(&args.model, args.adapter.as_deref())?;
-    let chat_start = base.tokenizer.token_to_id("<|im_start|>");
-    let text = match chat_start {
-        Some(_) if !args.raw => format!(
-            "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
-            args.prompt
-        ),
-        _ => args.prompt.clone(),
+    let base = load_with_adapters(&args.model, &args.adapters)?;
+    use fedlora_client::chat::PromptTemplate;
+    let template = match args.template {
+        TemplateChoice::Auto => match PromptTemplate::for_tokenizer(&base.tokenizer) {
+            PromptTemplate::ChatMl => Some(PromptTemplate::ChatMl),
+            PromptTemplate::Alpaca => None,
+        },
+        TemplateChoice::Chatml => Some(PromptTemplate::ChatMl),
+        TemplateChoice::Alpaca => Some(PromptTemplate::Alpaca),
+        TemplateChoice::Raw => None,
     };
+    let text = template.map_or_else(
+        || args.prompt.clone(),
+        |template| template.prompt(&args.prompt, ""),
+    );
     let encoding = base
         .tokenizer
         .encode(text, false)
@@ -647,32 +691,90 @@ fn generate(args: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// Loads a base model and, when given, applies a PEFT adapter directory to it.
-fn load_with_adapter(
+/// Reads the PEFT adapters of `args` and, when there are several or a weight is not 1, combines
+/// them into one. `None` when no adapter is given.
+fn read_adapters(
+    args: &AdapterArgs,
+) -> Result<
+    Option<(
+        fedlora_proto::adapter::LoraSpec,
+        fedlora_proto::adapter::Adapter,
+    )>,
+> {
+    use fedlora_client::model::{combine::combine_adapters, peft::read_peft_adapter};
+    if !args.weights.is_empty() && args.weights.len() != args.adapters.len() {
+        bail!(
+            "{} weights for {} adapters: give one weight per --adapter",
+            args.weights.len(),
+            args.adapters.len()
+        );
+    }
+    let mut parts = Vec::with_capacity(args.adapters.len());
+    for (index, dir) in args.adapters.iter().enumerate() {
+        let (lora, weights) = read_peft_adapter(dir)
+            .with_context(|| format!("reading the adapter in {}", dir.display()))?;
+        parts.push((
+            lora,
+            weights,
+            args.weights.get(index).copied().unwrap_or(1.0),
+        ));
+    }
+    match parts.as_slice() {
+        [] => Ok(None),
+        [(lora, weights, weight)] if *weight == 1.0 => Ok(Some((lora.clone(), weights.clone()))),
+        _ => {
+            let refs: Vec<_> = parts
+                .iter()
+                .map(|(lora, weights, weight)| (lora, weights, *weight))
+                .collect();
+            Ok(Some(combine_adapters(&refs)?))
+        }
+    }
+}
+
+/// Loads a base model and applies the adapters of `args` to it.
+fn load_with_adapters(
     model: &std::path::Path,
-    adapter: Option<&std::path::Path>,
+    args: &AdapterArgs,
 ) -> Result<fedlora_client::model::BaseModel> {
-    use fedlora_client::model::{BaseModel, default_device, peft::read_peft_adapter};
+    use fedlora_client::model::{BaseModel, default_device};
     let mut base = BaseModel::load(model, &default_device())
         .with_context(|| format!("loading {}", model.display()))?;
-    if let Some(dir) = adapter {
-        let (lora, weights) = read_peft_adapter(dir)?;
-        base.model.attach_lora(&lora, 0)?;
+    if let Some((lora, weights)) = read_adapters(args)? {
         base.model
-            .load_adapter(&weights)
-            .with_context(|| format!("applying the adapter in {}", dir.display()))?;
+            .set_adapter(&lora, &weights)
+            .context("applying the adapter to the model")?;
     }
     Ok(base)
 }
 
 fn merge(args: &MergeArgs) -> Result<()> {
-    let base = load_with_adapter(&args.model, Some(&args.adapter))?;
+    if args.adapters.adapters.is_empty() {
+        bail!("give at least one --adapter to merge");
+    }
+    let base = load_with_adapters(&args.model, &args.adapters)?;
     fedlora_client::model::export_merged(&base, &args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!(
-        "wrote {} with the adapter from {} merged in",
+        "wrote {} with {} adapter(s) merged in",
         args.out.display(),
-        args.adapter.display()
+        args.adapters.adapters.len()
+    );
+    Ok(())
+}
+
+fn combine(args: &CombineArgs) -> Result<()> {
+    let Some((lora, adapter)) = read_adapters(&args.adapters)? else {
+        bail!("give the adapters to combine with --adapter");
+    };
+    let bytes = adapter.to_safetensors(None)?;
+    fedlora_client::model::peft::write_peft_adapter(&args.out, &lora, "", &bytes)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!(
+        "wrote {} (rank {}, {} parameters)",
+        args.out.display(),
+        lora.max_rank(),
+        adapter.num_parameters()
     );
     Ok(())
 }

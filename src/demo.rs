@@ -139,6 +139,7 @@ pub async fn run(options: DemoOptions) -> Result<DemoReport> {
             client_name: site.to_string(),
             model_dir: model_dir.clone(),
             data_path,
+            text_column: "text".into(),
             state_dir: dir.join("sites").join(site),
             max_rank: 64,
             max_eval_windows: 64,

@@ -101,6 +101,7 @@ fn spawn_daemon(
         client_name: site.name.to_string(),
         model_dir: model_dir.to_path_buf(),
         data_path: site.data.clone(),
+        text_column: "text".into(),
         state_dir: site.state_dir.clone(),
         max_rank: 16,
         max_eval_windows: 16,

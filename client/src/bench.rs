@@ -11,6 +11,7 @@ use crate::error::Result;
 use crate::model::lora::seeded_rng;
 use crate::model::{Llama, LlamaConfig};
 use crate::tiny::random_weights;
+use crate::train::data::Window;
 use crate::train::{TrainConfig, train};
 
 /// A benchmark configuration: model dimensions, LoRA and batch shape.
@@ -111,11 +112,13 @@ pub fn run_train_bench(
     model.attach_lora(&bench.lora, 2)?;
     let mut rng = seeded_rng(3);
     let vocab = bench.config.vocab_size as u32;
-    let windows: Vec<Vec<u32>> = (0..bench.batch_size * 4)
+    let windows: Vec<Window> = (0..bench.batch_size * 4)
         .map(|_| {
-            (0..=bench.seq_len)
-                .map(|_| rng.random_range(0..vocab))
-                .collect()
+            Window::full(
+                (0..=bench.seq_len)
+                    .map(|_| rng.random_range(0..vocab))
+                    .collect(),
+            )
         })
         .collect();
     let config =

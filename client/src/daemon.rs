@@ -24,7 +24,7 @@ use tracing::{info, instrument, warn};
 use crate::error::{ClientError, Result};
 use crate::model::peft::write_peft_adapter;
 use crate::model::{BaseModel, Llama, fingerprint};
-use crate::train::data::{SiteData, pack_windows};
+use crate::train::data::{SiteData, make_windows};
 use crate::train::{TrainConfig, evaluate, train};
 
 /// How the daemon reaches the coordinator.
@@ -42,8 +42,10 @@ pub struct DaemonConfig {
     pub transport: ClientTransport,
     pub client_name: String,
     pub model_dir: PathBuf,
-    /// JSONL file with a `text` field per line.
+    /// Local data: JSONL (`text`, or `instruction`/`input`/`output` per line) or CSV.
     pub data_path: PathBuf,
+    /// The CSV column holding the documents.
+    pub text_column: String,
     /// Where copies of every uploaded adapter are kept (`round-N/adapter_model.safetensors`).
     pub state_dir: PathBuf,
     /// Largest LoRA rank this site will train.
@@ -188,7 +190,7 @@ fn load_site(config: &DaemonConfig) -> Result<Site> {
         base.model
             .quantize_base(candle_core::quantized::GgmlDType::Q8_0)?;
     }
-    let data = SiteData::from_jsonl(&config.data_path, &base.tokenizer)?;
+    let data = SiteData::load(&config.data_path, &base.tokenizer, &config.text_column)?;
     if data.train.is_empty() || data.heldout.is_empty() {
         return Err(ClientError::NotEnoughData(format!(
             "{} has {} documents; at least 10 are needed (every tenth is held out)",
@@ -336,7 +338,7 @@ async fn run_task(
 
     let seq_len = params.seq_len.max(2) as usize;
     let batch_size = params.batch_size.max(1) as usize;
-    let heldout = Arc::new(pack_windows(&site.data.heldout, site.eos, seq_len));
+    let heldout = Arc::new(make_windows(&site.data.heldout, site.eos, seq_len));
     let max_eval_windows = config.max_eval_windows;
     let eval = {
         let model = model.clone();
@@ -377,7 +379,7 @@ async fn run_task(
         max_grad_norm: (params.max_grad_norm > 0.0).then_some(f64::from(params.max_grad_norm)),
         grad_accumulation: (params.grad_accumulation as usize).max(1),
     };
-    let windows = pack_windows(&site.data.train, site.eos, seq_len);
+    let windows = make_windows(&site.data.train, site.eos, seq_len);
     let round_id = task.round_id;
     let step_observer = observer.clone();
     let tokens_per_step =

@@ -6,6 +6,7 @@
 //! values never do.
 
 pub mod bench;
+pub mod chat;
 pub mod daemon;
 pub mod error;
 pub mod generate;

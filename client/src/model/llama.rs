@@ -221,7 +221,7 @@ impl Llama {
         let device = self.device.clone();
         for (layer, block) in self.blocks.iter_mut().enumerate() {
             for (name, linear) in block.linears_mut() {
-                linear.lora = None;
+                linear.detach()?;
                 if lora.target_modules.iter().any(|target| target == name) {
                     let (in_features, out_features) = linear.in_out();
                     let mut factors = LoraFactors::peft_init(
@@ -238,6 +238,44 @@ impl Llama {
             }
         }
         Ok(())
+    }
+
+    /// Removes every adapter: the base model again (merged adapters are unmerged first).
+    pub fn detach_lora(&mut self) -> Result<()> {
+        for block in &mut self.blocks {
+            for (_, linear) in block.linears_mut() {
+                linear.detach()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Folds the attached adapter into the weights for inference at the base model's cost;
+    /// [`Llama::unmerge_lora`] restores the base. Not for training: merged factors are not used.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        for block in &mut self.blocks {
+            for (_, linear) in block.linears_mut() {
+                linear.merge()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes [`Llama::merge_lora`].
+    pub fn unmerge_lora(&mut self) -> Result<()> {
+        for block in &mut self.blocks {
+            for (_, linear) in block.linears_mut() {
+                linear.unmerge()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the attached adapter with `adapter` (a PEFT adapter of layout `lora`): switching
+    /// between adapters held in memory costs a copy of their factors.
+    pub fn set_adapter(&mut self, lora: &LoraSpec, adapter: &Adapter) -> Result<()> {
+        self.attach_lora(lora, 0)?;
+        self.load_adapter(adapter)
     }
 
     /// The trainable variables, in a fixed order (layer, module, A, B, then DoRA's magnitude).

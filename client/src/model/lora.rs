@@ -61,6 +61,9 @@ pub struct LoraLinear {
     /// `[out]` (Qwen2's q/k/v projections have one).
     bias: Option<Tensor>,
     pub lora: Option<LoraFactors>,
+    /// Set while the factors are folded into `weight` (see [`LoraLinear::merge`]): DoRA's row
+    /// factor at merge time (1 for plain LoRA), needed to unmerge.
+    merged: Option<Tensor>,
 }
 
 impl LoraLinear {
@@ -69,6 +72,7 @@ impl LoraLinear {
             weight: weight.into(),
             bias,
             lora: None,
+            merged: None,
         }
     }
 
@@ -77,9 +81,60 @@ impl LoraLinear {
         (in_features, out_features)
     }
 
-    /// Attaches `factors`; with `dora`, adds a magnitude initialised to the row norms of
-    /// W₀ + s·B·A, so that the layer starts equal to plain LoRA (PEFT's initialisation).
+    /// Folds the factors into the frozen weight, W ← m/‖·‖ ⊙ (W + s·B·A), so inference costs
+    /// what the base costs; the factors are kept for [`LoraLinear::unmerge`]. Dense weights only.
+    pub fn merge(&mut self) -> Result<()> {
+        if self.merged.is_some() || self.lora.is_none() {
+            return Ok(());
+        }
+        let FrozenWeight::Dense(weight) = &self.weight else {
+            return Err(crate::error::ClientError::Unsupported(
+                "merging into a quantized base is not supported; load it unquantized".into(),
+            ));
+        };
+        let device = weight.device().clone();
+        let factor = match self
+            .lora
+            .as_ref()
+            .and_then(|lora| lora.magnitude.as_ref().map(|m| (lora, m)))
+        {
+            Some((lora, magnitude)) => (magnitude.as_tensor() / self.row_norms(lora)?)?.detach(),
+            None => Tensor::ones(weight.dim(0)?, DType::F32, &device)?,
+        };
+        self.weight = FrozenWeight::Dense(self.merged_weight()?.detach());
+        self.merged = Some(factor);
+        Ok(())
+    }
+
+    /// Undoes [`LoraLinear::merge`]: W ← W / (m/‖·‖) − s·B·A (exact up to rounding).
+    pub fn unmerge(&mut self) -> Result<()> {
+        let (Some(factor), Some(lora), FrozenWeight::Dense(weight)) =
+            (self.merged.take(), &self.lora, &self.weight)
+        else {
+            return Ok(());
+        };
+        let update = (lora.b.as_tensor().matmul(lora.a.as_tensor())? * lora.scale)?;
+        let restored = (weight.broadcast_div(&factor.unsqueeze(1)?)? - update)?;
+        self.weight = FrozenWeight::Dense(restored.detach());
+        Ok(())
+    }
+
+    /// Unmerges and drops the factors.
+    pub fn detach(&mut self) -> Result<()> {
+        self.unmerge()?;
+        self.lora = None;
+        Ok(())
+    }
+
+    pub fn is_merged(&self) -> bool {
+        self.merged.is_some()
+    }
+
+    /// Attaches `factors` (unmerging any merged before); with `dora`, adds a magnitude initialised
+    /// to the row norms of W₀ + s·B·A, so that the layer starts equal to plain LoRA (PEFT's
+    /// initialisation).
     pub fn attach(&mut self, mut factors: LoraFactors, dora: bool) -> Result<()> {
+        self.unmerge()?;
         factors.magnitude = None;
         if dora {
             let norm = self.row_norms(&factors)?;
@@ -101,6 +156,7 @@ impl LoraLinear {
     pub fn merged_weight(&self) -> Result<Tensor> {
         match &self.lora {
             None => self.weight.dequantize(),
+            Some(_) if self.merged.is_some() => self.weight.dequantize(),
             Some(lora) => {
                 let update = lora.b.as_tensor().matmul(lora.a.as_tensor())?;
                 let merged = (self.weight.dequantize()? + (update * lora.scale)?)?;
@@ -134,7 +190,7 @@ impl LoraLinear {
     /// dropout drawn from that seed (training).
     pub fn forward_train(&self, x: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
         let base = super::frozen::frozen_matmul_t(x, &self.weight)?;
-        let Some(lora) = &self.lora else {
+        let Some(lora) = self.lora.as_ref().filter(|_| self.merged.is_none()) else {
             return self.add_bias(base);
         };
         let dropped = match dropout_seed {
@@ -287,6 +343,31 @@ mod tests {
             .to_vec1::<f32>()
             .unwrap();
         for (got, want) in y_merged.iter().zip(&y) {
+            assert!((got - want).abs() < 1e-5);
+        }
+        // Merged in place and unmerged: the same outputs, then the same base weight.
+        let mut in_place = linear.clone();
+        in_place.merge().unwrap();
+        let y_in_place = in_place
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (got, want) in y_in_place.iter().zip(&y) {
+            assert!((got - want).abs() < 1e-5);
+        }
+        in_place.unmerge().unwrap();
+        assert!(!in_place.is_merged());
+        let y_unmerged = in_place
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (got, want) in y_unmerged.iter().zip(&y) {
             assert!((got - want).abs() < 1e-5);
         }
         // The magnitude gets a gradient; the norm does not feed one back.

@@ -1,29 +1,91 @@
-//! Local data: a JSONL file with one `{"text": ...}` object per line, tokenized, split into train
-//! and held-out documents, packed (documents joined by EOS) and cut into fixed-length windows.
+//! Local data, tokenized and split into train and held-out examples, then cut into windows:
+//!
+//! - JSONL, one object per line: `{"text": ...}` is a document; `{"instruction": ...,
+//!   "input": ... (optional), "output": ...}` is an instruction example, rendered through the
+//!   model's prompt template (`crate::chat`), trained with loss on the response only.
+//! - CSV with a header row: one column (default `text`) holds the documents.
+//!
+//! Documents are packed (joined by EOS) into full windows; each instruction example gets its own
+//! window, right-padded within its batch. Causal attention never looks right, so right padding
+//! needs no attention mask: real positions are computed exactly as without padding, and padded
+//! positions are excluded from the loss by the window's target range.
 //!
 //! Nothing here leaves the site: the daemon only reports counts derived from it.
 
+use std::ops::Range;
 use std::path::Path;
 
 use tokenizers::Tokenizer;
 
+use crate::chat::PromptTemplate;
 use crate::error::{ClientError, Result};
 
-/// Every `HELDOUT_EVERY`-th document (index ≡ HELDOUT_EVERY−1) is held out for evaluation.
+/// Every `HELDOUT_EVERY`-th example (index ≡ HELDOUT_EVERY−1) is held out for evaluation.
 pub const HELDOUT_EVERY: usize = 10;
 
-/// A site's tokenized documents, split deterministically into train and held-out parts.
+/// One tokenized example.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Example {
+    /// Plain text: every token is a target.
+    Text(Vec<u32>),
+    /// An instruction example: only the response (and the closing EOS) are targets.
+    Supervised {
+        prompt: Vec<u32>,
+        response: Vec<u32>,
+    },
+}
+
+/// A site's tokenized examples, split deterministically into train and held-out parts.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SiteData {
-    pub train: Vec<Vec<u32>>,
-    pub heldout: Vec<Vec<u32>>,
+    pub train: Vec<Example>,
+    pub heldout: Vec<Example>,
+}
+
+/// One row of a batch: inputs are `tokens[..n-1]`, targets `tokens[1..]`, and only targets at
+/// positions in `targets` count in the loss.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Window {
+    pub tokens: Vec<u32>,
+    pub targets: Range<usize>,
+}
+
+impl Window {
+    /// A window whose every target counts.
+    pub fn full(tokens: Vec<u32>) -> Self {
+        let targets = 0..tokens.len().saturating_sub(1);
+        Self { tokens, targets }
+    }
+
+    /// Input positions (real tokens, padding excluded).
+    pub fn input_len(&self) -> usize {
+        self.tokens.len().saturating_sub(1)
+    }
+
+    pub fn num_targets(&self) -> usize {
+        self.targets.len()
+    }
 }
 
 impl SiteData {
-    /// Reads `path` (JSONL, a `text` string per line; blank lines are skipped) and tokenizes it.
+    /// Reads `path`: CSV (by its `.csv` extension, documents from `text_column`) or JSONL.
+    pub fn load(path: &Path, tokenizer: &Tokenizer, text_column: &str) -> Result<Self> {
+        if path
+            .extension()
+            .is_some_and(|extension| extension.eq_ignore_ascii_case("csv"))
+        {
+            Self::from_csv(path, text_column, tokenizer)
+        } else {
+            Self::from_jsonl(path, tokenizer)
+        }
+    }
+
+    /// Reads JSONL: per line a `text` document or an `instruction`/`input`/`output` example;
+    /// blank lines are skipped.
     pub fn from_jsonl(path: &Path, tokenizer: &Tokenizer) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(ClientError::io(path))?;
-        let mut documents = Vec::new();
+        let template = PromptTemplate::for_tokenizer(tokenizer);
+        let mut examples = Vec::new();
         for (index, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
@@ -35,38 +97,135 @@ impl SiteData {
             };
             let value: serde_json::Value =
                 serde_json::from_str(line).map_err(|error| data_error(error.to_string()))?;
-            let text = value
-                .get("text")
-                .and_then(serde_json::Value::as_str)
-                .ok_or_else(|| {
-                    data_error("expected an object with a string field \"text\"".into())
-                })?;
-            let encoding = tokenizer
-                .encode(text, false)
-                .map_err(|error| data_error(format!("tokenizer: {error}")))?;
-            documents.push(encoding.get_ids().to_vec());
+            let field = |name: &str| value.get(name).and_then(serde_json::Value::as_str);
+            let encode = |text: &str| -> Result<Vec<u32>> {
+                Ok(tokenizer
+                    .encode(text, false)
+                    .map_err(|error| data_error(format!("tokenizer: {error}")))?
+                    .get_ids()
+                    .to_vec())
+            };
+            let example = match (field("text"), field("instruction"), field("output")) {
+                (Some(text), None, None) => Example::Text(encode(text)?),
+                (None, Some(instruction), Some(output)) => {
+                    let input = field("input").unwrap_or("");
+                    Example::Supervised {
+                        prompt: encode(&template.prompt(instruction, input))?,
+                        response: encode(&template.response(output))?,
+                    }
+                }
+                _ => {
+                    return Err(data_error(
+                        "expected an object with a string \"text\", or strings \"instruction\" and \"output\" (and optionally \"input\")".into(),
+                    ));
+                }
+            };
+            examples.push(example);
         }
-        Ok(Self::split(documents))
+        Ok(Self::split(examples))
     }
 
-    /// Splits documents into train and held-out parts (every tenth document is held out).
-    pub fn split(documents: Vec<Vec<u32>>) -> Self {
+    /// Reads CSV with a header row; each non-empty value of `column` is a document.
+    pub fn from_csv(path: &Path, column: &str, tokenizer: &Tokenizer) -> Result<Self> {
+        let mut reader = csv::Reader::from_path(path).map_err(|error| ClientError::Data {
+            path: path.to_path_buf(),
+            line: 1,
+            message: error.to_string(),
+        })?;
+        let headers = reader.headers().map_err(|error| ClientError::Data {
+            path: path.to_path_buf(),
+            line: 1,
+            message: error.to_string(),
+        })?;
+        let index = headers
+            .iter()
+            .position(|header| header == column)
+            .ok_or_else(|| ClientError::Data {
+                path: path.to_path_buf(),
+                line: 1,
+                message: format!(
+                    "no column {column:?} (columns: {})",
+                    headers.iter().collect::<Vec<_>>().join(", ")
+                ),
+            })?;
+        let mut examples = Vec::new();
+        for record in reader.records() {
+            let record = record.map_err(|error| ClientError::Data {
+                path: path.to_path_buf(),
+                line: error
+                    .position()
+                    .map_or(0, |position| position.line() as usize),
+                message: error.to_string(),
+            })?;
+            let line = record
+                .position()
+                .map_or(0, |position| position.line() as usize);
+            let text = record.get(index).unwrap_or("");
+            if text.trim().is_empty() {
+                continue;
+            }
+            let encoding = tokenizer
+                .encode(text, false)
+                .map_err(|error| ClientError::Data {
+                    path: path.to_path_buf(),
+                    line,
+                    message: format!("tokenizer: {error}"),
+                })?;
+            examples.push(Example::Text(encoding.get_ids().to_vec()));
+        }
+        Ok(Self::split(examples))
+    }
+
+    /// Splits examples into train and held-out parts (every tenth example is held out).
+    pub fn split(examples: Vec<Example>) -> Self {
         let mut train = Vec::new();
         let mut heldout = Vec::new();
-        for (index, document) in documents.into_iter().enumerate() {
+        for (index, example) in examples.into_iter().enumerate() {
             if index % HELDOUT_EVERY == HELDOUT_EVERY - 1 {
-                heldout.push(document);
+                heldout.push(example);
             } else {
-                train.push(document);
+                train.push(example);
             }
         }
         Self { train, heldout }
     }
 
-    /// Number of training documents: the example count reported to the coordinator.
+    /// Number of training examples: the count reported to the coordinator.
     pub fn num_examples(&self) -> usize {
         self.train.len()
     }
+}
+
+/// Windows of at most `seq_len + 1` tokens: text documents packed (see [`pack_windows`]), each
+/// instruction example in its own window (prompt + response + EOS, cut at `seq_len + 1`) with
+/// only its response positions as targets. Examples whose prompt fills the window are dropped.
+pub fn make_windows(examples: &[Example], eos: u32, seq_len: usize) -> Vec<Window> {
+    let documents: Vec<Vec<u32>> = examples
+        .iter()
+        .filter_map(|example| match example {
+            Example::Text(tokens) => Some(tokens.clone()),
+            Example::Supervised { .. } => None,
+        })
+        .collect();
+    let mut windows: Vec<Window> = pack_windows(&documents, eos, seq_len)
+        .into_iter()
+        .map(Window::full)
+        .collect();
+    for example in examples {
+        let Example::Supervised { prompt, response } = example else {
+            continue;
+        };
+        let mut tokens: Vec<u32> = prompt.iter().chain(response).copied().collect();
+        if tokens.last() != Some(&eos) {
+            tokens.push(eos);
+        }
+        tokens.truncate(seq_len + 1);
+        let targets = prompt.len().saturating_sub(1)..tokens.len().saturating_sub(1);
+        if !targets.is_empty() {
+            windows.push(Window { tokens, targets });
+        }
+    }
+    windows
 }
 
 /// Packs documents (each followed by `eos`) into one stream and cuts windows of `seq_len + 1`
@@ -91,6 +250,7 @@ pub fn pack_windows(documents: &[Vec<u32>], eos: u32, seq_len: usize) -> Vec<Vec
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
 
     #[test]
@@ -110,10 +270,116 @@ mod tests {
     }
 
     #[test]
-    fn every_tenth_document_is_held_out() {
-        let documents: Vec<Vec<u32>> = (0..25).map(|index| vec![index]).collect();
-        let data = SiteData::split(documents);
-        assert_eq!(data.heldout, vec![vec![9], vec![19]]);
+    fn instruction_windows_target_the_response_only() {
+        let examples = vec![
+            Example::Text(vec![10, 11, 12, 13, 14]),
+            Example::Supervised {
+                prompt: vec![1, 2, 3],
+                response: vec![7, 8],
+            },
+            // Cut at seq_len + 1 = 6 tokens: two response targets remain.
+            Example::Supervised {
+                prompt: vec![1, 2, 3, 4],
+                response: vec![7, 8, 9],
+            },
+            // The prompt fills the window: nothing to learn, dropped.
+            Example::Supervised {
+                prompt: vec![1, 2, 3, 4, 5, 6],
+                response: vec![7],
+            },
+        ];
+        let windows = make_windows(&examples, 99, 5);
+        assert_eq!(
+            windows,
+            vec![
+                Window::full(vec![10, 11, 12, 13, 14, 99]),
+                // inputs 1 2 3 7 8, targets 2 3 7 8 99: positions 2.. predict 7, 8, EOS.
+                Window {
+                    tokens: vec![1, 2, 3, 7, 8, 99],
+                    targets: 2..5
+                },
+                Window {
+                    tokens: vec![1, 2, 3, 4, 7, 8],
+                    targets: 3..5
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn every_tenth_example_is_held_out() {
+        let examples: Vec<Example> = (0..25).map(|index| Example::Text(vec![index])).collect();
+        let data = SiteData::split(examples);
+        assert_eq!(
+            data.heldout,
+            vec![Example::Text(vec![9]), Example::Text(vec![19])]
+        );
         assert_eq!(data.num_examples(), 23);
+    }
+
+    #[test]
+    fn jsonl_and_csv_read_every_format_and_name_bad_lines() {
+        let tokenizer = crate::tiny::byte_level_tokenizer().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let jsonl = dir.path().join("data.jsonl");
+        std::fs::write(
+            &jsonl,
+            concat!(
+                "{\"text\": \"ab\"}\n",
+                "\n",
+                "{\"instruction\": \"Say hi.\", \"output\": \"hi\"}\n",
+                "{\"instruction\": \"Echo\", \"input\": \"x\", \"output\": \"x\"}\n",
+            ),
+        )
+        .unwrap();
+        let data = SiteData::load(&jsonl, &tokenizer, "text").unwrap();
+        assert_eq!(data.train.len(), 3);
+        assert!(matches!(&data.train[0], Example::Text(tokens) if tokens.len() == 2));
+        let Example::Supervised { prompt, response } = &data.train[1] else {
+            panic!("instruction example");
+        };
+        // Byte-level tokenizer without ChatML tokens: the Alpaca layout, one token per byte.
+        assert_eq!(
+            prompt.len(),
+            PromptTemplate::Alpaca.prompt("Say hi.", "").len()
+        );
+        assert_eq!(response.len(), 2);
+
+        std::fs::write(
+            &jsonl,
+            "{\"text\": \"ok\"}\n{\"instruction\": \"no output\"}\n",
+        )
+        .unwrap();
+        let error = SiteData::load(&jsonl, &tokenizer, "text")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("line 2") && error.contains("instruction"),
+            "{error}"
+        );
+
+        let csv = dir.path().join("notes.csv");
+        std::fs::write(&csv, "id,note\n1,\"first, with comma\"\n2,\n3,third\n").unwrap();
+        let data = SiteData::load(&csv, &tokenizer, "note").unwrap();
+        assert_eq!(
+            data.train,
+            vec![
+                Example::Text(
+                    tokenizer
+                        .encode("first, with comma", false)
+                        .unwrap()
+                        .get_ids()
+                        .to_vec()
+                ),
+                Example::Text(tokenizer.encode("third", false).unwrap().get_ids().to_vec()),
+            ]
+        );
+        let error = SiteData::load(&csv, &tokenizer, "text")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("no column \"text\"") && error.contains("id, note"),
+            "{error}"
+        );
     }
 }

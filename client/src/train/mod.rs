@@ -6,13 +6,14 @@ pub mod data;
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{D, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::Rng;
 
 use crate::error::{ClientError, Result};
 use crate::model::Llama;
 use crate::model::lora::seeded_rng;
+use data::Window;
 
 /// Hyper-parameters of one local training run (they come with the coordinator's task).
 #[derive(Debug, Clone, PartialEq)]
@@ -85,52 +86,94 @@ pub struct EvalReport {
     pub tokens: u64,
 }
 
-/// Mean cross-entropy of predicting `window[1..]` from `window[..len-1]`, over a batch of windows
-/// of equal length.
-pub fn batch_loss(model: &Llama, windows: &[&[u32]]) -> Result<Tensor> {
+/// Mean cross-entropy over the counted targets of a batch of windows (see [`data::Window`]):
+/// predicting `tokens[i + 1]` from `tokens[..=i]` for each `i` in the window's target range.
+pub fn batch_loss(model: &Llama, windows: &[&Window]) -> Result<Tensor> {
     batch_loss_train(model, windows, None)
 }
 
 /// As [`batch_loss`], with LoRA dropout drawn from `dropout_seed` when given (training).
 fn batch_loss_train(
     model: &Llama,
-    windows: &[&[u32]],
+    windows: &[&Window],
     dropout_seed: Option<u64>,
 ) -> Result<Tensor> {
-    let (inputs, targets) = batch_tensors(windows, model.device())?;
-    let logits = model.forward_train(&inputs, dropout_seed)?;
-    let (batch, seq_len, vocab) = logits.dims3()?;
-    let logits = logits.reshape((batch * seq_len, vocab))?;
-    Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+    let batch = Batch::new(windows, model.device())?;
+    let logits = model.forward_train(&batch.inputs, dropout_seed)?;
+    let (rows, seq_len, vocab) = logits.dims3()?;
+    let logits = logits.reshape((rows * seq_len, vocab))?;
+    match &batch.mask {
+        None => Ok(candle_nn::loss::cross_entropy(&logits, &batch.targets)?),
+        Some((mask, count)) => {
+            let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            let picked = log_probs
+                .gather(&batch.targets.unsqueeze(1)?, 1)?
+                .squeeze(1)?;
+            Ok(((picked * mask)?.sum_all()? / -*count)?)
+        }
+    }
 }
 
-fn batch_tensors(windows: &[&[u32]], device: &Device) -> Result<(Tensor, Tensor)> {
-    let window_len = windows.first().map_or(0, |window| window.len());
-    if window_len < 2 || windows.iter().any(|window| window.len() != window_len) {
-        return Err(ClientError::NotEnoughData(
-            "a batch needs windows of equal length ≥ 2".into(),
-        ));
+/// Token tensors of a batch, right-padded to its longest window.
+struct Batch {
+    /// `[rows, seq_len]`.
+    inputs: Tensor,
+    /// `[rows · seq_len]`.
+    targets: Tensor,
+    /// 1 where a target counts, and how many do; `None` when all do.
+    mask: Option<(Tensor, f64)>,
+}
+
+impl Batch {
+    fn new(windows: &[&Window], device: &Device) -> Result<Self> {
+        let seq_len = windows
+            .iter()
+            .map(|window| window.input_len())
+            .max()
+            .unwrap_or(0);
+        if seq_len == 0 || windows.iter().any(|window| window.num_targets() == 0) {
+            return Err(ClientError::NotEnoughData(
+                "a batch needs windows with at least one target".into(),
+            ));
+        }
+        let mut inputs = Vec::with_capacity(windows.len() * seq_len);
+        let mut targets = Vec::with_capacity(windows.len() * seq_len);
+        let mut mask = Vec::with_capacity(windows.len() * seq_len);
+        for window in windows {
+            let tokens = &window.tokens;
+            for position in 0..seq_len {
+                let real = position + 1 < tokens.len();
+                // Padding (token 0) sits right of every real token: causal attention never reads
+                // it, and the mask drops its targets.
+                inputs.push(if real { tokens[position] } else { 0 });
+                targets.push(if real { tokens[position + 1] } else { 0 });
+                mask.push(f32::from(u8::from(
+                    real && window.targets.contains(&position),
+                )));
+            }
+        }
+        let count: f64 = mask.iter().map(|value| f64::from(*value)).sum();
+        let all_count = count as usize == mask.len();
+        Ok(Self {
+            inputs: Tensor::from_vec(inputs, (windows.len(), seq_len), device)?,
+            targets: Tensor::from_vec(targets, windows.len() * seq_len, device)?,
+            mask: if all_count {
+                None
+            } else {
+                Some((
+                    Tensor::from_vec(mask, windows.len() * seq_len, device)?,
+                    count,
+                ))
+            },
+        })
     }
-    let seq_len = window_len - 1;
-    let inputs: Vec<u32> = windows
-        .iter()
-        .flat_map(|window| window[..seq_len].iter().copied())
-        .collect();
-    let targets: Vec<u32> = windows
-        .iter()
-        .flat_map(|window| window[1..].iter().copied())
-        .collect();
-    Ok((
-        Tensor::from_vec(inputs, (windows.len(), seq_len), device)?,
-        Tensor::from_vec(targets, windows.len() * seq_len, device)?,
-    ))
 }
 
 /// Trains the attached LoRA factors for `config.local_steps` AdamW steps on batches drawn (with a
 /// seeded generator) from `windows`. `on_step(step, loss)` is called after every step.
 pub fn train(
     model: &Llama,
-    windows: &[Vec<u32>],
+    windows: &[Window],
     config: &TrainConfig,
     on_step: &mut dyn FnMut(usize, f32),
 ) -> Result<TrainReport> {
@@ -164,8 +207,8 @@ pub fn train(
         let mut gradients: Option<GradStore> = None;
         let mut step_loss = 0.0f64;
         for micro_batch in 0..micro_batches {
-            let batch: Vec<&[u32]> = (0..config.batch_size.max(1))
-                .map(|_| windows[rng.random_range(0..windows.len())].as_slice())
+            let batch: Vec<&Window> = (0..config.batch_size.max(1))
+                .map(|_| &windows[rng.random_range(0..windows.len())])
                 .collect();
             // A fresh dropout mask stream per micro-batch, reproducible from the task's seed.
             let dropout_seed = config.seed ^ ((step * micro_batches + micro_batch) as u64) << 20;
@@ -179,7 +222,7 @@ pub fn train(
             step_loss += f64::from(value) / micro_batches as f64;
             tokens += batch
                 .iter()
-                .map(|window| window.len() as u64 - 1)
+                .map(|window| window.input_len() as u64)
                 .sum::<u64>();
             let micro = (loss / micro_batches as f64)?.backward()?;
             // Keep detached gradients only: a Var's gradient links back to this micro-batch's
@@ -237,7 +280,7 @@ fn clip_gradients(gradients: &mut GradStore, vars: &[Var], max_norm: f64) -> Res
 /// Token-weighted mean loss over at most `max_windows` held-out windows, in batches of `batch_size`.
 pub fn evaluate(
     model: &Llama,
-    windows: &[Vec<u32>],
+    windows: &[Window],
     batch_size: usize,
     max_windows: usize,
 ) -> Result<EvalReport> {
@@ -250,8 +293,8 @@ pub fn evaluate(
     let mut loss_sum = 0.0f64;
     let mut tokens = 0u64;
     for chunk in windows.chunks(batch_size.max(1)) {
-        let batch: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
-        let batch_tokens: u64 = batch.iter().map(|window| window.len() as u64 - 1).sum();
+        let batch: Vec<&Window> = chunk.iter().collect();
+        let batch_tokens: u64 = batch.iter().map(|window| window.num_targets() as u64).sum();
         let loss = batch_loss(model, &batch)?.to_scalar::<f32>()?;
         loss_sum += f64::from(loss) * batch_tokens as f64;
         tokens += batch_tokens;
@@ -294,12 +337,14 @@ mod tests {
         )
     }
 
-    fn sample_windows(seq_len: usize) -> Vec<Vec<u32>> {
+    fn sample_windows(seq_len: usize) -> Vec<Window> {
         (0..6u32)
             .map(|row| {
-                (0..=seq_len as u32)
-                    .map(|col| 3 + (row * 7 + col * 3) % 200)
-                    .collect()
+                Window::full(
+                    (0..=seq_len as u32)
+                        .map(|col| 3 + (row * 7 + col * 3) % 200)
+                        .collect(),
+                )
             })
             .collect()
     }
@@ -312,7 +357,7 @@ mod tests {
         base.model.attach_lora(&all_modules(), 7).unwrap();
         crate::testing::randomize_lora_b(&base.model, 0.1, 3);
         let windows = sample_windows(16);
-        let batch: Vec<&[u32]> = windows.iter().map(Vec::as_slice).collect();
+        let batch: Vec<&Window> = windows.iter().collect();
         let loss = batch_loss(&base.model, &batch).unwrap();
         let gradients = loss.backward().unwrap();
         let named = base.model.named_lora_vars().unwrap();
@@ -339,7 +384,7 @@ mod tests {
     fn fresh_adapter_leaves_the_base_unchanged_and_training_lowers_the_loss() {
         let (_dir, mut base) = tiny();
         let windows = sample_windows(32);
-        let batch: Vec<&[u32]> = windows.iter().map(Vec::as_slice).collect();
+        let batch: Vec<&Window> = windows.iter().collect();
         let before = batch_loss(&base.model, &batch)
             .unwrap()
             .to_scalar::<f32>()
@@ -382,7 +427,7 @@ mod tests {
         other.attach_lora(&lora, 99).unwrap();
         other.load_adapter(&adapter).unwrap();
         assert_eq!(other.export_adapter().unwrap(), adapter);
-        let batch: Vec<&[u32]> = windows.iter().map(Vec::as_slice).collect();
+        let batch: Vec<&Window> = windows.iter().collect();
         let ours = batch_loss(&base.model, &batch)
             .unwrap()
             .to_scalar::<f32>()
@@ -445,7 +490,7 @@ mod tests {
         base.model.attach_lora(&lora, 3).unwrap();
         let vars = base.model.lora_vars();
         let windows = sample_windows(16);
-        let batch: Vec<&[u32]> = windows.iter().map(Vec::as_slice).collect();
+        let batch: Vec<&Window> = windows.iter().collect();
         let mut gradients = batch_loss(&base.model, &batch).unwrap().backward().unwrap();
         let norm = |gradients: &GradStore| -> f64 {
             vars.iter()
@@ -480,7 +525,7 @@ mod tests {
         let lora = LoraSpec::new(4, 8.0, &["q_proj", "v_proj"]);
         base.model.attach_lora(&lora, 1).unwrap();
         let windows = sample_windows(32);
-        let batch: Vec<&[u32]> = windows.iter().map(Vec::as_slice).collect();
+        let batch: Vec<&Window> = windows.iter().collect();
         let before = batch_loss(&base.model, &batch)
             .unwrap()
             .to_scalar::<f32>()
@@ -536,7 +581,7 @@ mod tests {
             }
         }
         let windows = sample_windows(16);
-        let batch: Vec<&[u32]> = windows.iter().map(Vec::as_slice).collect();
+        let batch: Vec<&Window> = windows.iter().collect();
         let dense_loss = batch_loss(&dense, &batch).unwrap();
         let quantized_loss = batch_loss(&quantized, &batch).unwrap();
         let (l1, l2) = (
@@ -581,5 +626,111 @@ mod tests {
                 "{name}: gradient error {error} vs norm {norm}"
             );
         }
+    }
+
+    #[test]
+    fn dora_dropout_and_rank_pattern_train_every_tensor_and_reproducibly() {
+        let lora = LoraSpec {
+            use_dora: true,
+            dropout: 0.1,
+            rank_pattern: vec![("v_proj".into(), 2)],
+            ..LoraSpec::new(4, 8.0, &["q_proj", "v_proj", "down_proj"])
+        };
+        let windows = sample_windows(32);
+        let batch: Vec<&Window> = windows.iter().collect();
+        let config = TrainConfig::simple(12, 1e-2, 2, 32, 5);
+        let run = || {
+            let (_dir, mut base) = tiny();
+            base.model.attach_lora(&lora, 1).unwrap();
+            let initial: Vec<Vec<f32>> = base
+                .model
+                .lora_vars()
+                .iter()
+                .map(|var| crate::testing::flat(var.as_tensor()))
+                .collect();
+            let before = batch_loss(&base.model, &batch)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            train(&base.model, &windows, &config, &mut |_, _| {}).unwrap();
+            let after = batch_loss(&base.model, &batch)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(after < before - 0.1, "loss {before} -> {after}");
+            let vars = base.model.lora_vars();
+            // A, B and the magnitude of 3 modules in 2 layers; every one of them moved.
+            assert_eq!(vars.len(), 18);
+            for (var, initial) in vars.iter().zip(&initial) {
+                assert_ne!(&crate::testing::flat(var.as_tensor()), initial);
+            }
+            base.model.export_adapter().unwrap()
+        };
+        let first = run();
+        assert_eq!(
+            first.tensors["base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"].shape,
+            [2, 64]
+        );
+        assert_eq!(first, run(), "dropout masks come from the task seed");
+    }
+
+    #[test]
+    fn padding_and_response_masks_change_nothing_but_the_counted_targets() {
+        let (_dir, mut base) = tiny();
+        base.model
+            .attach_lora(&LoraSpec::new(4, 8.0, &["q_proj", "v_proj"]), 1)
+            .unwrap();
+        crate::testing::randomize_lora_b(&base.model, 0.2, 3);
+        let model = &base.model;
+        let long = Window::full((0..20u32).map(|t| 3 + t * 11 % 250).collect());
+        let short = Window::full(vec![5, 9, 14, 200, 17, 33]);
+        let loss = |windows: &[&Window]| {
+            batch_loss(model, windows)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        // The short window, padded to the long one's length in a batch, has the loss it has alone:
+        // right padding needs no attention mask.
+        let alone = loss(&[&short]);
+        let long_alone = loss(&[&long]);
+        let together = loss(&[&long, &short]);
+        let weighted = (long_alone * 19.0 + alone * 5.0) / 24.0;
+        assert!(
+            (together - weighted).abs() < 1e-5,
+            "{together} vs {weighted}"
+        );
+        // A response-only window counts only its targets: equal to the mean of those positions.
+        let response = Window {
+            tokens: short.tokens.clone(),
+            targets: 3..5,
+        };
+        let logits = model
+            .forward(
+                &Tensor::new(&short.tokens[..5], model.device())
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+            )
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
+        let manual = -(3..5)
+            .map(|position| {
+                log_probs
+                    .get(position)
+                    .unwrap()
+                    .get(short.tokens[position + 1] as usize)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            })
+            .sum::<f32>()
+            / 2.0;
+        assert!((loss(&[&response]) - manual).abs() < 1e-5);
+        // Evaluation weights by counted targets.
+        let report = evaluate(model, &[response, short], 2, 8).unwrap();
+        assert_eq!(report.tokens, 2 + 5);
     }
 }
