@@ -185,11 +185,11 @@ fn is_transient(error: &ClientError) -> bool {
 
 fn load_site(config: &DaemonConfig) -> Result<Site> {
     let device = crate::model::default_device();
-    let mut base = BaseModel::load(&config.model_dir, &device)?;
-    if config.quantize_base {
-        base.model
-            .quantize_base(candle_core::quantized::GgmlDType::Q8_0)?;
-    }
+    let base = if config.quantize_base {
+        BaseModel::load_quantized(&config.model_dir, &device)?
+    } else {
+        BaseModel::load(&config.model_dir, &device)?
+    };
     let data = SiteData::load(&config.data_path, &base.tokenizer, &config.text_column)?;
     if data.train.is_empty() || data.heldout.is_empty() {
         return Err(ClientError::NotEnoughData(format!(

@@ -1,5 +1,6 @@
 //! Llama-architecture GGUF files (llama.cpp's format): configuration and tokenizer from the
-//! metadata, weights dequantized to f32 under Hugging Face names.
+//! metadata, weights under Hugging Face names: dequantized to f32, or (QLoRA) the projections kept
+//! in their quantized types as loaded.
 //!
 //! llama.cpp's converter permutes the rows of `q_proj`/`k_proj` for its interleaved RoPE; they are
 //! un-permuted here so the same rotate-half RoPE as for Hugging Face weights applies. A missing
@@ -8,7 +9,10 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use std::sync::Arc;
+
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
@@ -233,32 +237,49 @@ pub fn gguf_tokenizer(content: &Content) -> Result<Tokenizer> {
     Ok(tokenizer)
 }
 
-/// Loads a Llama GGUF file: weights dequantized to f32 (frozen), tokenizer from the metadata.
-pub fn load_gguf(path: &Path, device: &Device) -> Result<BaseModel> {
+/// Loads a Llama GGUF file, tokenizer from the metadata. Weights are dequantized to f32, unless
+/// `keep_quantized` (QLoRA): then the v/o/gate/up/down projections stay in their GGUF types as
+/// loaded (no f32 copy is ever made), and q/k, whose rows must be un-permuted, are requantized to
+/// Q8_0 (near-lossless for 4- and 5-bit sources). Embeddings, norms and the head are f32.
+pub fn load_gguf(path: &Path, device: &Device, keep_quantized: bool) -> Result<BaseModel> {
     let mut file = std::fs::File::open(path).map_err(ClientError::io(path))?;
     let content = Content::read(&mut file)?;
     let config = gguf_config(&content)?;
     let tokenizer = gguf_tokenizer(&content)?;
     let mut weights = HashMap::new();
+    let mut quantized = HashMap::new();
     for name in content.tensor_infos.keys() {
         let Some((hf, permute_heads)) = hf_name(name, &config) else {
             continue;
         };
-        let tensor = content
-            .tensor(&mut file, name, device)?
-            .dequantize(device)?;
-        let tensor = match permute_heads {
-            Some(heads) => unpermute_from_gguf(&tensor, heads)?,
-            None => tensor,
+        let tensor = content.tensor(&mut file, name, device)?;
+        let is_projection = hf.contains("_proj.");
+        let dtype = tensor.dtype();
+        let stays_quantized = keep_quantized
+            && is_projection
+            && !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        if stays_quantized && permute_heads.is_none() {
+            quantized.insert(hf, Arc::new(tensor));
+            continue;
+        }
+        let dense = tensor.dequantize(device)?;
+        let dense = match permute_heads {
+            Some(heads) => unpermute_from_gguf(&dense, heads)?,
+            None => dense,
         };
-        weights.insert(hf, tensor);
+        let in_features = dense.dim(dense.rank() - 1)?;
+        if stays_quantized && in_features.is_multiple_of(GgmlDType::Q8_0.block_size()) {
+            quantized.insert(hf, Arc::new(QTensor::quantize(&dense, GgmlDType::Q8_0)?));
+        } else {
+            weights.insert(hf, dense);
+        }
     }
     let eos_token_id = config
         .eos_token_id()
         .ok_or_else(|| ClientError::Tokenizer("gguf metadata has no eos token id".into()))?;
     Ok(BaseModel {
         dir: path.to_path_buf(),
-        model: Llama::from_weights(config, weights, device)?,
+        model: Llama::from_parts(config, weights, quantized, device)?,
         tokenizer,
         eos_token_id,
     })
@@ -273,24 +294,20 @@ mod tests {
     use crate::testing::{logits, max_abs_difference};
     use crate::tiny::{TinyModelSpec, write_tiny_model};
 
-    /// Writes the tiny HF model as a llama.cpp-style GGUF (q/k permuted, llama.cpp tensor names,
-    /// tokenizer in the metadata) and checks that loading it gives the same logits and tokens.
-    #[test]
-    fn gguf_of_the_tiny_model_matches_its_hugging_face_form() {
-        let dir = tempfile::tempdir().unwrap();
-        let spec = TinyModelSpec {
-            tie_word_embeddings: true,
-            ..TinyModelSpec::default()
-        };
-        let config = write_tiny_model(dir.path(), &spec).unwrap();
-        let hf = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
+    /// Writes the tiny HF model in `dir` as a llama.cpp-style GGUF `tiny.gguf` (q/k permuted,
+    /// llama.cpp tensor names, tokenizer in the metadata), projections in `projection_dtype`.
+    fn write_tiny_gguf(
+        dir: &Path,
+        config: &LlamaConfig,
+        hf: &BaseModel,
+        projection_dtype: GgmlDType,
+    ) -> std::path::PathBuf {
         let weights =
-            candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu)
-                .unwrap();
+            candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
 
         let mut tensors: Vec<(String, QTensor)> = Vec::new();
         for (gguf_name, _) in [("token_embd.weight", ()), ("output_norm.weight", ())] {
-            let hf_name = hf_name(gguf_name, &config).unwrap().0;
+            let hf_name = hf_name(gguf_name, config).unwrap().0;
             tensors.push((
                 gguf_name.into(),
                 QTensor::quantize(&weights[&hf_name], GgmlDType::F32).unwrap(),
@@ -309,15 +326,17 @@ mod tests {
                 "ffn_norm",
             ] {
                 let gguf_name = format!("blk.{layer}.{suffix}.weight");
-                let (hf_name, heads) = hf_name(&gguf_name, &config).unwrap();
+                let (hf_name, heads) = hf_name(&gguf_name, config).unwrap();
                 let tensor = match heads {
                     Some(heads) => permute_for_gguf(&weights[&hf_name], heads).unwrap(),
                     None => weights[&hf_name].clone(),
                 };
-                tensors.push((
-                    gguf_name,
-                    QTensor::quantize(&tensor, GgmlDType::F32).unwrap(),
-                ));
+                let dtype = if suffix.ends_with("norm") {
+                    GgmlDType::F32
+                } else {
+                    projection_dtype
+                };
+                tensors.push((gguf_name, QTensor::quantize(&tensor, dtype).unwrap()));
             }
         }
         let vocab_size = hf.tokenizer.get_vocab_size(true);
@@ -360,7 +379,7 @@ mod tests {
             ("tokenizer.ggml.bos_token_id", Value::U32(1)),
             ("tokenizer.ggml.eos_token_id", Value::U32(2)),
         ];
-        let path = dir.path().join("tiny.gguf");
+        let path = dir.join("tiny.gguf");
         let mut file = std::fs::File::create(&path).unwrap();
         let metadata_refs: Vec<(&str, &Value)> =
             metadata.iter().map(|(key, value)| (*key, value)).collect();
@@ -369,7 +388,19 @@ mod tests {
             .map(|(name, tensor)| (name.as_str(), tensor))
             .collect();
         gguf_file::write(&mut file, &metadata_refs, &tensor_refs).unwrap();
-        drop(file);
+        path
+    }
+
+    #[test]
+    fn gguf_of_the_tiny_model_matches_its_hugging_face_form() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = TinyModelSpec {
+            tie_word_embeddings: true,
+            ..TinyModelSpec::default()
+        };
+        let config = write_tiny_model(dir.path(), &spec).unwrap();
+        let hf = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
+        let path = write_tiny_gguf(dir.path(), &config, &hf, GgmlDType::F32);
 
         let gguf = BaseModel::load(&path, &Device::Cpu).unwrap();
         assert_eq!(gguf.model.config().dims(), config.dims());
@@ -388,6 +419,80 @@ mod tests {
         let max_difference =
             max_abs_difference(&logits(&hf.model, &input), &logits(&gguf.model, &input));
         assert!(max_difference < 1e-4, "logits differ by {max_difference}");
+    }
+
+    /// QLoRA on a Q4_1 GGUF: projections stay Q4_1 as loaded (q/k, un-permuted, become Q8_0),
+    /// outputs stay close to the dequantized model's, and LoRA factors below get gradients.
+    #[test]
+    fn quantized_gguf_keeps_its_types_as_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = TinyModelSpec {
+            intermediate_size: 192, // Q4_1 blocks are 32 wide
+            ..TinyModelSpec::default()
+        };
+        let config = write_tiny_model(dir.path(), &spec).unwrap();
+        let hf = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
+        let path = write_tiny_gguf(dir.path(), &config, &hf, GgmlDType::Q4_1);
+
+        let dequantized = BaseModel::load(&path, &Device::Cpu).unwrap();
+        let mut kept = BaseModel::load_quantized(&path, &Device::Cpu).unwrap();
+        assert!(
+            dequantized
+                .model
+                .projection_dtypes()
+                .iter()
+                .all(|(_, dtype)| dtype.is_none())
+        );
+        for (module, dtype) in kept.model.projection_dtypes() {
+            let expected = if module.ends_with("q_proj") || module.ends_with("k_proj") {
+                GgmlDType::Q8_0
+            } else {
+                GgmlDType::Q4_1
+            };
+            assert_eq!(dtype, Some(expected), "{module}");
+        }
+        let input = Tensor::new(&[[3u32, 70, 101, 32, 250, 9, 44]], &Device::Cpu).unwrap();
+        let reference = logits(&dequantized.model, &input);
+        let scale = reference
+            .iter()
+            .map(|value| value.abs())
+            .fold(0.0f32, f32::max);
+        let difference = max_abs_difference(&reference, &logits(&kept.model, &input));
+        assert!(
+            difference < 0.05 * scale,
+            "{difference} vs logits up to {scale}"
+        );
+
+        kept.model
+            .attach_lora(
+                &fedlora_proto::adapter::LoraSpec::new(2, 4.0, &["q_proj"]),
+                1,
+            )
+            .unwrap();
+        crate::testing::randomize_lora_b(&kept.model, 0.2, 2);
+        let loss = kept
+            .model
+            .forward(&input)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap();
+        let gradients = loss.backward().unwrap();
+        for (name, var) in kept.model.named_lora_vars().unwrap() {
+            let gradient = gradients.get(var.as_tensor()).unwrap();
+            let norm = gradient
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                norm > 0.0,
+                "{name} gets no gradient through the Q4_1 layers above it"
+            );
+        }
     }
 
     #[test]

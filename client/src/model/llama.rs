@@ -11,6 +11,7 @@ use candle_core::{D, DType, Device, Tensor, Var};
 use fedlora_proto::adapter::{Adapter, AdapterTensor, Factor, LoraSpec, peft_key};
 
 use super::config::LlamaConfig;
+use super::frozen::FrozenWeight;
 use super::lora::{LoraFactors, LoraLinear, seeded_rng, to_adapter_tensor};
 use crate::error::{ClientError, Result};
 
@@ -118,7 +119,18 @@ impl Llama {
     /// converting every weight to f32. The weights stay frozen: none becomes a `Var`.
     pub fn from_weights(
         config: LlamaConfig,
+        weights: HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::from_parts(config, weights, HashMap::new(), device)
+    }
+
+    /// As [`Llama::from_weights`], with some projection weights already quantized (QLoRA on a
+    /// quantized checkpoint): a projection found in `quantized` is used as it is.
+    pub fn from_parts(
+        config: LlamaConfig,
         mut weights: HashMap<String, Tensor>,
+        mut quantized: HashMap<String, std::sync::Arc<candle_core::quantized::QTensor>>,
         device: &Device,
     ) -> Result<Self> {
         let mut take = |name: String| -> Result<Tensor> {
@@ -154,10 +166,12 @@ impl Llama {
                     }
                     Err(_) => None,
                 };
-                Ok(LoraLinear::new(
-                    take(format!("{prefix}.{name}.weight"))?,
-                    bias,
-                ))
+                let weight_name = format!("{prefix}.{name}.weight");
+                let weight = match quantized.remove(&weight_name) {
+                    Some(weight) => FrozenWeight::Quantized(weight),
+                    None => FrozenWeight::Dense(take(weight_name)?),
+                };
+                Ok(LoraLinear::new(weight, bias))
             };
             let attention = Attention {
                 q_proj: linear("self_attn.q_proj")?,
@@ -383,6 +397,20 @@ impl Llama {
             }
         }
         Ok(())
+    }
+
+    /// Each projection's module path and frozen weight type (`None`: dense f32).
+    pub fn projection_dtypes(&self) -> Vec<(String, Option<candle_core::quantized::GgmlDType>)> {
+        let mut types = Vec::new();
+        for (layer, block) in self.blocks.iter().enumerate() {
+            for (module, linear) in block.linears() {
+                types.push((
+                    fedlora_proto::adapter::module_path(layer, module),
+                    linear.quantized_dtype(),
+                ));
+            }
+        }
+        types
     }
 
     /// Every weight under its Hugging Face name, with the attached LoRA factors merged into the

@@ -177,6 +177,14 @@ impl LoraLinear {
         Ok(())
     }
 
+    /// The frozen weight's quantized type, `None` when dense.
+    pub fn quantized_dtype(&self) -> Option<GgmlDType> {
+        match &self.weight {
+            FrozenWeight::Dense(_) => None,
+            FrozenWeight::Quantized(weight) => Some(weight.dtype()),
+        }
+    }
+
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }

@@ -36,7 +36,7 @@ impl BaseModel {
     /// `tokenizer.json`) or a Llama `.gguf` file.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         if is_gguf(dir) {
-            return gguf::load_gguf(dir, device);
+            return gguf::load_gguf(dir, device, false);
         }
         let model = load_llama(dir, device)?;
         let tokenizer_path = dir.join("tokenizer.json");
@@ -57,6 +57,21 @@ impl BaseModel {
             tokenizer,
             eos_token_id,
         })
+    }
+}
+
+impl BaseModel {
+    /// QLoRA: as [`BaseModel::load`] with the frozen projections quantized. A GGUF file keeps its
+    /// quantized types as loaded (q/k requantized to Q8_0, see `gguf::load_gguf`); a Hugging Face
+    /// checkpoint is quantized to Q8_0 after loading.
+    pub fn load_quantized(path: &Path, device: &Device) -> Result<Self> {
+        if is_gguf(path) {
+            return gguf::load_gguf(path, device, true);
+        }
+        let mut base = Self::load(path, device)?;
+        base.model
+            .quantize_base(candle_core::quantized::GgmlDType::Q8_0)?;
+        Ok(base)
     }
 }
 
