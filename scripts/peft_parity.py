@@ -19,6 +19,9 @@ the fixtures are committed):
   python3 scripts/peft_parity.py make client/tests/fixtures/peft
   cargo test -p fedlora-client --test peft_parity -- --ignored write_our_adapter
   python3 scripts/peft_parity.py ours client/tests/fixtures/peft
+
+`verify DIR [cpu|cuda]` recomputes every committed case with the installed versions (on the GPU
+with `cuda`) and fails if a logit moves by 1e-4 or more: the fixtures' stability check.
 """
 
 import json
@@ -56,17 +59,20 @@ DIMS = dict(
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+DEVICE = "cpu"
+
+
 def load(model_dir):
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
     except TypeError:  # transformers < 4.56 names it torch_dtype
         model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, attn_implementation="eager")
-    return model.eval()
+    return model.to(DEVICE).eval()
 
 
 def logits(model):
     with torch.no_grad():
-        return model(input_ids=INPUT_IDS).logits.float().contiguous()
+        return model(input_ids=INPUT_IDS.to(DEVICE)).logits.float().cpu().contiguous()
 
 
 def randomize(model, seed):
@@ -160,13 +166,45 @@ def ours(root):
     save_file({"ours": logits(model)}, str(root / "ours.safetensors"), metadata=versions())
 
 
+def verify(root):
+    from safetensors.torch import load_file
+
+    expected = load_file(str(root / "expected.safetensors"))
+    expected.update(load_file(str(root / "ours.safetensors")))
+    got = {name: logits(load(root / name)) for name in ["llama", "qwen2", "mistral"]}
+    with tempfile.TemporaryDirectory() as scratch:
+        scaled = Path(scratch) / "llama3"
+        shutil.copytree(root / "llama", scaled)
+        config = json.loads((scaled / "config.json").read_text())
+        config.update(json.loads((root / "llama3_rope.json").read_text()))
+        (scaled / "config.json").write_text(json.dumps(config))
+        got["llama3_rope"] = logits(load(scaled))
+    for case, base in [("lora", "llama"), ("rslora", "llama"), ("dora", "llama"),
+                       ("rank_pattern", "llama"), ("qwen2_lora", "qwen2"), ("ours", "llama")]:
+        got[case] = logits(PeftModel.from_pretrained(load(root / base), root / case).to(DEVICE).eval())
+    worst = 0.0
+    for case, value in got.items():
+        difference = float((value - expected[case]).abs().max())
+        worst = max(worst, difference)
+        print(f"{case:14s} max |logit difference| {difference:.2e}")
+    print(f"on {DEVICE} with {versions()}: worst {worst:.2e}")
+    if worst >= 1e-4:
+        sys.exit("fixtures not reproduced within 1e-4")
+
+
 def versions():
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in ("make", "ours"):
+    if len(sys.argv) not in (3, 4) or sys.argv[1] not in ("make", "ours", "verify"):
         sys.exit(__doc__)
     torch.set_num_threads(1)
-    {"make": make, "ours": ours}[sys.argv[1]](Path(sys.argv[2]))
-    print(f"wrote fixtures in {sys.argv[2]} with {versions()}")
+    if sys.argv[1] == "verify":
+        DEVICE = sys.argv[3] if len(sys.argv) == 4 else "cpu"
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        verify(Path(sys.argv[2]))
+    else:
+        {"make": make, "ours": ours}[sys.argv[1]](Path(sys.argv[2]))
+        print(f"wrote fixtures in {sys.argv[2]} with {versions()}")
