@@ -205,13 +205,13 @@ pub struct ServeArgs {
     /// Dropout on the LoRA path's input while training (PEFT's lora_dropout).
     #[arg(long, default_value_t = 0.0)]
     pub lora_dropout: f32,
-    /// Per-module rank, PEFT's rank_pattern: PATTERN=RANK, comma separated, first match wins;
-    /// a pattern is a regex matched against a dotted suffix of the module's name, e.g.
-    /// "q_proj=16,layers.0.self_attn.v_proj=4".
-    #[arg(long, value_delimiter = ',', value_parser = parse_pattern::<usize>)]
+    /// Per-module rank, PEFT's rank_pattern: PATTERN=RANK, repeated for several, first match
+    /// wins; a pattern is a regex matched against a dotted suffix of the module's name, e.g.
+    /// --rank-pattern q_proj=16 --rank-pattern 'layers\.0\.self_attn\.v_proj=4'.
+    #[arg(long, value_parser = parse_pattern::<usize>)]
     pub rank_pattern: Vec<(String, usize)>,
     /// Per-module alpha, PEFT's alpha_pattern, written like --rank-pattern.
-    #[arg(long, value_delimiter = ',', value_parser = parse_pattern::<f32>)]
+    #[arg(long, value_parser = parse_pattern::<f32>)]
     pub alpha_pattern: Vec<(String, f32)>,
     /// Modules to adapt, comma separated (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).
     #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]

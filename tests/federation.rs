@@ -47,7 +47,14 @@ fn small_config(rounds: u32, clients_per_round: u32) -> FederationConfig {
         rounds,
         min_clients: 2,
         clients_per_round,
-        lora: LoraSpec::new(4, 8.0, &["q_proj", "v_proj"]),
+        // DoRA, dropout and a per-module rank: every tensor kind and both ranks go through the
+        // wire, the store and the aggregate.
+        lora: LoraSpec {
+            use_dora: true,
+            dropout: 0.05,
+            rank_pattern: vec![("layers.1.self_attn.v_proj".into(), 2)],
+            ..LoraSpec::new(4, 8.0, &["q_proj", "v_proj"])
+        },
         training: TrainingConfig {
             local_steps: 6,
             learning_rate: 1e-2,
@@ -230,6 +237,15 @@ async fn two_clients_two_rounds_on_postgres(pool: sqlx::PgPool) {
     }
     // The second round started from the first round's global adapter: its B factors are non-zero.
     let first = global_adapter(store.as_ref(), rounds[0].id).await;
+    assert_eq!(
+        first.tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"].shape,
+        [2, 64]
+    );
+    assert_eq!(
+        first.tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"]
+            .shape,
+        [64]
+    );
     assert!(
         first
             .tensors

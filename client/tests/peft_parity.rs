@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use fedlora_client::model::peft::{read_peft_adapter, write_peft_adapter};
 use fedlora_client::model::{Llama, load_llama};
-use fedlora_proto::adapter::LoraSpec;
+use fedlora_proto::adapter::{LORA_MODULES, LoraSpec};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 const TOLERANCE: f32 = 1e-4;
@@ -144,19 +144,7 @@ fn our_spec() -> LoraSpec {
         use_rslora: true,
         rank_pattern: vec![("layers.0.self_attn.k_proj".into(), 3)],
         alpha_pattern: vec![("o_proj".into(), 5.0)],
-        ..LoraSpec::new(
-            4,
-            8.0,
-            &[
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ],
-        )
+        ..LoraSpec::new(4, 8.0, &LORA_MODULES)
     }
 }
 

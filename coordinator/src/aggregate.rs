@@ -37,7 +37,7 @@ impl FedAvg {
             .map(|tensor| {
                 (
                     tensor.name.clone(),
-                    vec![0.0; tensor.shape[0] * tensor.shape[1]],
+                    vec![0.0; tensor.shape.iter().product()],
                 )
             })
             .collect();

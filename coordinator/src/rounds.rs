@@ -300,10 +300,11 @@ impl Coordinator {
                 "client name must be 1-{MAX_CLIENT_NAME} characters of a-z, 0-9, '-', '_', '.'"
             )));
         }
-        if request.max_rank < self.config.lora.rank {
+        let federation_rank = self.config.lora.max_rank();
+        if request.max_rank < federation_rank {
             return Err(CoordinatorError::InvalidJoin(format!(
-                "max rank {} is below the federation's rank {}",
-                request.max_rank, self.config.lora.rank
+                "max rank {} is below the federation's rank {federation_rank}",
+                request.max_rank
             )));
         }
         if request.base_model_fingerprint.len() != 64

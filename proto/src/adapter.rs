@@ -184,6 +184,24 @@ impl LoraSpec {
         if !(0.0..1.0).contains(&self.dropout) {
             return invalid(format!("dropout must be in [0, 1), got {}", self.dropout));
         }
+        for patterns in [
+            self.rank_pattern
+                .iter()
+                .map(|(pattern, _)| pattern)
+                .collect::<Vec<_>>(),
+            self.alpha_pattern
+                .iter()
+                .map(|(pattern, _)| pattern)
+                .collect(),
+        ] {
+            if let Some(duplicate) = patterns
+                .iter()
+                .enumerate()
+                .find_map(|(index, pattern)| patterns[..index].contains(pattern).then_some(pattern))
+            {
+                return invalid(format!("pattern {duplicate:?} is listed twice"));
+            }
+        }
         for (pattern, rank) in &self.rank_pattern {
             pattern_regex(pattern)?;
             if *rank == 0 {
@@ -499,7 +517,31 @@ pub fn parse_peft_adapter_config(config: &serde_json::Value) -> Result<LoraSpec,
             "bias {bias:?} is not supported (only \"none\")"
         )));
     }
+    // Options that restrict or extend which weights an adapter touches: applying such an adapter
+    // as if it covered every layer's projections would be wrong, so they are refused.
+    for option in [
+        "layers_to_transform",
+        "layers_pattern",
+        "exclude_modules",
+        "modules_to_save",
+        "trainable_token_indices",
+        "target_parameters",
+    ] {
+        let set = match field(option) {
+            None | Some(serde_json::Value::Bool(false)) => false,
+            Some(serde_json::Value::Array(items)) => !items.is_empty(),
+            Some(serde_json::Value::Object(items)) => !items.is_empty(),
+            Some(serde_json::Value::String(text)) => !text.is_empty(),
+            Some(_) => true,
+        };
+        if set {
+            return Err(bad(format!("{option} is not supported")));
+        }
+    }
     let flag = |name: &str| field(name).and_then(serde_json::Value::as_bool) == Some(true);
+    if flag("lora_bias") {
+        return Err(bad("lora_bias is not supported".into()));
+    }
     let rank = field("r")
         .and_then(serde_json::Value::as_u64)
         .ok_or_else(|| bad("no integer \"r\"".into()))? as usize;
@@ -789,6 +831,14 @@ mod tests {
             [8, 5]
         );
 
+        let twice = LoraSpec {
+            alpha_pattern: vec![("q_proj".into(), 4.0), ("q_proj".into(), 2.0)],
+            ..lora()
+        };
+        assert!(matches!(
+            twice.validate(),
+            Err(AdapterError::InvalidConfig(message)) if message.contains("twice")
+        ));
         let broken = LoraSpec {
             rank_pattern: vec![("q_proj(".into(), 4)],
             ..lora()
@@ -845,6 +895,17 @@ mod tests {
                 "rank_pattern",
             ),
             ("lora_dropout", serde_json::json!(1.0), "dropout"),
+            (
+                "layers_to_transform",
+                serde_json::json!([0]),
+                "layers_to_transform",
+            ),
+            (
+                "modules_to_save",
+                serde_json::json!(["lm_head"]),
+                "modules_to_save",
+            ),
+            ("lora_bias", serde_json::json!(true), "lora_bias"),
         ] {
             let mut bad = config.clone();
             bad[field] = value;

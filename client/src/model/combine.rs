@@ -39,6 +39,14 @@ pub fn combine_adapters(parts: &[(&LoraSpec, &Adapter, f64)]) -> Result<(LoraSpe
         for (layer, module) in adapted_modules(adapter)? {
             let a = tensor(adapter, layer, module, Factor::A)?;
             let b = tensor(adapter, layer, module, Factor::B)?;
+            if a.shape[0] != b.shape[1] || a.data.len() != a.shape.iter().product::<usize>() {
+                return Err(ClientError::Unsupported(format!(
+                    "{} has lora_A of shape {:?} and lora_B of shape {:?}: the ranks differ",
+                    module_path(layer, module),
+                    a.shape,
+                    b.shape
+                )));
+            }
             let scale = (weight * spec.scale_for(layer, module)) as f32;
             let scaled_b = AdapterTensor {
                 shape: b.shape.clone(),

@@ -240,7 +240,8 @@ pub fn gguf_tokenizer(content: &Content) -> Result<Tokenizer> {
 /// Loads a Llama GGUF file, tokenizer from the metadata. Weights are dequantized to f32, unless
 /// `keep_quantized` (QLoRA): then the v/o/gate/up/down projections stay in their GGUF types as
 /// loaded (no f32 copy is ever made), and q/k, whose rows must be un-permuted, are requantized to
-/// Q8_0 (near-lossless for 4- and 5-bit sources). Embeddings, norms and the head are f32.
+/// Q8_0 (near-lossless for 4- and 5-bit sources), as are projections stored as F32/F16/BF16.
+/// Embeddings, norms and the head are f32.
 pub fn load_gguf(path: &Path, device: &Device, keep_quantized: bool) -> Result<BaseModel> {
     let mut file = std::fs::File::open(path).map_err(ClientError::io(path))?;
     let content = Content::read(&mut file)?;
@@ -268,7 +269,11 @@ pub fn load_gguf(path: &Path, device: &Device, keep_quantized: bool) -> Result<B
             None => dense,
         };
         let in_features = dense.dim(dense.rank() - 1)?;
-        if stays_quantized && in_features.is_multiple_of(GgmlDType::Q8_0.block_size()) {
+        // Requantized: un-permuted q/k, and float projections (F32/F16/BF16 files) under QLoRA.
+        if keep_quantized
+            && is_projection
+            && in_features.is_multiple_of(GgmlDType::Q8_0.block_size())
+        {
             quantized.insert(hf, Arc::new(QTensor::quantize(&dense, GgmlDType::Q8_0)?));
         } else {
             weights.insert(hf, dense);
@@ -480,14 +485,7 @@ mod tests {
             .unwrap();
         let gradients = loss.backward().unwrap();
         for (name, var) in kept.model.named_lora_vars().unwrap() {
-            let gradient = gradients.get(var.as_tensor()).unwrap();
-            let norm = gradient
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let norm = crate::testing::gradient_norm_squared(&gradients, &var, &name);
             assert!(
                 norm > 0.0,
                 "{name} gets no gradient through the Q4_1 layers above it"

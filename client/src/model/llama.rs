@@ -267,6 +267,16 @@ impl Llama {
     /// Folds the attached adapter into the weights for inference at the base model's cost;
     /// [`Llama::unmerge_lora`] restores the base. Not for training: merged factors are not used.
     pub fn merge_lora(&mut self) -> Result<()> {
+        let quantized = self
+            .blocks
+            .iter()
+            .flat_map(|block| block.linears())
+            .any(|(_, linear)| linear.lora.is_some() && !linear.can_merge());
+        if quantized {
+            return Err(ClientError::Unsupported(
+                "merging into a quantized base is not supported; load it unquantized".into(),
+            ));
+        }
         for block in &mut self.blocks {
             for (_, linear) in block.linears_mut() {
                 linear.merge()?;
@@ -343,6 +353,8 @@ impl Llama {
     /// Loads factor values from `adapter` into the attached LoRA variables. The adapter must hold
     /// exactly the attached tensors with their shapes.
     pub fn load_adapter(&mut self, adapter: &Adapter) -> Result<()> {
+        // New factor values must not meet weights that still hold the old ones folded in.
+        self.unmerge_lora()?;
         let named = self.named_lora_vars()?;
         if named.len() != adapter.tensors.len() {
             return Err(ClientError::Protocol(format!(

@@ -109,13 +109,14 @@ impl LoraLinear {
     /// Undoes [`LoraLinear::merge`]: W ← W / (m/‖·‖) − s·B·A (exact up to rounding).
     pub fn unmerge(&mut self) -> Result<()> {
         let (Some(factor), Some(lora), FrozenWeight::Dense(weight)) =
-            (self.merged.take(), &self.lora, &self.weight)
+            (&self.merged, &self.lora, &self.weight)
         else {
             return Ok(());
         };
         let update = (lora.b.as_tensor().matmul(lora.a.as_tensor())? * lora.scale)?;
         let restored = (weight.broadcast_div(&factor.unsqueeze(1)?)? - update)?;
         self.weight = FrozenWeight::Dense(restored.detach());
+        self.merged = None;
         Ok(())
     }
 
@@ -124,6 +125,11 @@ impl LoraLinear {
         self.unmerge()?;
         self.lora = None;
         Ok(())
+    }
+
+    /// Whether [`LoraLinear::merge`] can fold factors into this weight (it must be dense).
+    pub fn can_merge(&self) -> bool {
+        matches!(self.weight, FrozenWeight::Dense(_))
     }
 
     pub fn is_merged(&self) -> bool {
@@ -173,6 +179,7 @@ impl LoraLinear {
 
     /// Keeps the frozen weight quantized to `dtype` from now on (QLoRA).
     pub fn quantize_weight(&mut self, dtype: GgmlDType) -> Result<()> {
+        self.unmerge()?;
         self.weight = self.weight.quantized(dtype)?;
         Ok(())
     }
@@ -284,14 +291,12 @@ mod tests {
         });
         let x = Tensor::new(&[[[1f32, 3.0]]], &device).unwrap();
         // W0·x = [7, -3, 6]; + bias = [7.5, -3.5, 7]; A·x = 4; 0.5·B·4 = [2, 0, 4].
-        let y = linear
-            .forward(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let y = output(&linear, &x);
         assert_eq!(y, vec![9.5, -3.5, 11.0]);
+    }
+
+    fn output(linear: &LoraLinear, x: &Tensor) -> Vec<f32> {
+        crate::testing::flat(&linear.forward(x).unwrap())
     }
 
     fn layer_with_factors(device: &Device) -> LoraLinear {
@@ -325,13 +330,7 @@ mod tests {
             .set(&Tensor::new(&[1f32, 2.0, 3.0], &device).unwrap())
             .unwrap();
         let x = Tensor::new(&[[1f32, 3.0]], &device).unwrap();
-        let y = linear
-            .forward(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let y = output(&linear, &x);
         let plain = [9.0f32, -3.0, 10.0];
         let want = [
             plain[0] / 8.5f32.sqrt(),
@@ -343,41 +342,17 @@ mod tests {
         }
         // The merged weight gives the same output with no factors at all.
         let merged = LoraLinear::new(linear.merged_weight().unwrap(), None);
-        let y_merged = merged
-            .forward(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        for (got, want) in y_merged.iter().zip(&y) {
-            assert!((got - want).abs() < 1e-5);
-        }
+        let y_merged = output(&merged, &x);
+        assert!(crate::testing::max_abs_difference(&y, &y_merged) < 1e-5);
         // Merged in place and unmerged: the same outputs, then the same base weight.
         let mut in_place = linear.clone();
         in_place.merge().unwrap();
-        let y_in_place = in_place
-            .forward(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        for (got, want) in y_in_place.iter().zip(&y) {
-            assert!((got - want).abs() < 1e-5);
-        }
+        let y_in_place = output(&in_place, &x);
+        assert!(crate::testing::max_abs_difference(&y, &y_in_place) < 1e-5);
         in_place.unmerge().unwrap();
         assert!(!in_place.is_merged());
-        let y_unmerged = in_place
-            .forward(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        for (got, want) in y_unmerged.iter().zip(&y) {
-            assert!((got - want).abs() < 1e-5);
-        }
+        let y_unmerged = output(&in_place, &x);
+        assert!(crate::testing::max_abs_difference(&y, &y_unmerged) < 1e-5);
         // The magnitude gets a gradient; the norm does not feed one back.
         let gradients = linear
             .forward(&x)

@@ -108,10 +108,23 @@ impl SiteData {
             let example = match (field("text"), field("instruction"), field("output")) {
                 (Some(text), None, None) => Example::Text(encode(text)?),
                 (None, Some(instruction), Some(output)) => {
-                    let input = field("input").unwrap_or("");
+                    let prompt = template.prompt(instruction, field("input").unwrap_or(""));
+                    let full = format!("{prompt}{}", template.response(output));
+                    // One encoding of the whole text, split where the response starts: encoding
+                    // the two parts apart would tokenize the seam differently from inference
+                    // (SentencePiece would start the response with a word-boundary piece).
+                    let encoding = tokenizer
+                        .encode(full.as_str(), false)
+                        .map_err(|error| data_error(format!("tokenizer: {error}")))?;
+                    let split = encoding
+                        .get_offsets()
+                        .iter()
+                        .position(|(_, end)| *end > prompt.len())
+                        .unwrap_or(encoding.len());
+                    let ids = encoding.get_ids();
                     Example::Supervised {
-                        prompt: encode(&template.prompt(instruction, input))?,
-                        response: encode(&template.response(output))?,
+                        prompt: ids[..split].to_vec(),
+                        response: ids[split..].to_vec(),
                     }
                 }
                 _ => {

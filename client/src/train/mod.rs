@@ -308,7 +308,7 @@ pub fn evaluate(
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
-    use fedlora_proto::adapter::LoraSpec;
+    use fedlora_proto::adapter::{LORA_MODULES, LoraSpec};
 
     use super::*;
     use crate::model::BaseModel;
@@ -322,19 +322,7 @@ mod tests {
     }
 
     fn all_modules() -> LoraSpec {
-        LoraSpec::new(
-            4,
-            8.0,
-            &[
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ],
-        )
+        LoraSpec::new(4, 8.0, &LORA_MODULES)
     }
 
     fn sample_windows(seq_len: usize) -> Vec<Window> {
@@ -363,16 +351,7 @@ mod tests {
         let named = base.model.named_lora_vars().unwrap();
         assert_eq!(named.len(), 2 * 7 * 2, "2 layers x 7 modules x (A, B)");
         for (name, var) in named {
-            let gradient = gradients
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{name} has no gradient"));
-            let norm = gradient
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let norm = crate::testing::gradient_norm_squared(&gradients, &var, &name);
             assert!(
                 norm > 0.0 && norm.is_finite(),
                 "{name}: gradient norm {norm}"
