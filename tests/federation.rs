@@ -271,6 +271,9 @@ async fn join_raw(
             model_shape: Some(dims.into()),
             client_version: "test".into(),
             device: "cpu".into(),
+            lora_features: fedlora_proto::adapter::LORA_FEATURES
+                .map(String::from)
+                .to_vec(),
         })
         .await
         .unwrap()

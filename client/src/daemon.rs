@@ -241,6 +241,9 @@ async fn session(
             model_shape: Some(config_dims.into()),
             client_version: env!("CARGO_PKG_VERSION").into(),
             device: format!("{:?}", site.model.device()),
+            lora_features: fedlora_proto::adapter::LORA_FEATURES
+                .map(String::from)
+                .to_vec(),
         })
         .await?
         .into_inner();

@@ -37,6 +37,7 @@ pub fn to_status(error: &CoordinatorError) -> Status {
         E::UnknownClient(_) | E::UnknownTask(_) | E::NoSuchAdapter(_) => Code::NotFound,
         E::NotYourTask(_) => Code::PermissionDenied,
         E::ModelMismatch(_)
+        | E::MissingFeatures(_)
         | E::StaleRound { .. }
         | E::WrongTaskKind { .. }
         | E::ConfigChanged { .. } => Code::FailedPrecondition,
@@ -210,6 +211,7 @@ impl Federation for FederationService {
             num_examples: request.num_examples,
             base_model_fingerprint: request.base_model_fingerprint,
             model_dims: ModelDims::from(shape),
+            lora_features: request.lora_features,
         };
         let client = match self.coordinator.join(&join).await {
             Ok(client) => client,

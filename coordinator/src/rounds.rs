@@ -39,6 +39,8 @@ pub enum CoordinatorError {
     NotYourTask(String),
     #[error("base model mismatch: {0}")]
     ModelMismatch(String),
+    #[error("this client cannot train the federation's lora options: {0} (upgrade the client)")]
+    MissingFeatures(String),
     #[error("round {round_id} is {state}: it takes no more reports")]
     StaleRound { round_id: i64, state: String },
     #[error("task {task_id:?} is a {kind} task: {message}")]
@@ -77,6 +79,8 @@ pub struct JoinRequest {
     pub num_examples: u64,
     pub base_model_fingerprint: String,
     pub model_dims: ModelDims,
+    /// LoRA options the client can train (`fedlora_proto::adapter::LORA_FEATURES` names).
+    pub lora_features: Vec<String>,
 }
 
 /// Kind of a round and of its tasks.
@@ -299,6 +303,21 @@ impl Coordinator {
             return Err(CoordinatorError::InvalidJoin(format!(
                 "client name must be 1-{MAX_CLIENT_NAME} characters of a-z, 0-9, '-', '_', '.'"
             )));
+        }
+        let missing: Vec<&str> = self
+            .config
+            .lora
+            .features()
+            .into_iter()
+            .filter(|feature| {
+                !request
+                    .lora_features
+                    .iter()
+                    .any(|offered| offered == feature)
+            })
+            .collect();
+        if !missing.is_empty() {
+            return Err(CoordinatorError::MissingFeatures(missing.join(", ")));
         }
         let federation_rank = self.config.lora.max_rank();
         if request.max_rank < federation_rank {

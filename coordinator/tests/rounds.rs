@@ -49,6 +49,9 @@ fn join_request(name: &str) -> JoinRequest {
         num_examples: 10,
         base_model_fingerprint: FINGERPRINT.into(),
         model_dims: dims(),
+        lora_features: fedlora_proto::adapter::LORA_FEATURES
+            .map(String::from)
+            .to_vec(),
     }
 }
 
@@ -146,6 +149,40 @@ async fn join_pins_the_base_model_and_checks_requests() {
         coordinator.next_task(999, Duration::ZERO).await,
         Err(CoordinatorError::UnknownClient(999))
     ));
+}
+
+#[tokio::test]
+async fn join_refuses_clients_that_cannot_train_the_federations_lora() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut federation = config(1, 2);
+    federation.lora.use_dora = true;
+    federation.lora.rank_pattern = vec![("q_proj".into(), 24)];
+    let coordinator = Coordinator::start(store(&dir).await, federation)
+        .await
+        .unwrap();
+    // An older client that announces no LoRA options.
+    let old_client = JoinRequest {
+        lora_features: Vec::new(),
+        ..join_request("site-a")
+    };
+    let error = coordinator.join(&old_client).await.unwrap_err();
+    assert!(
+        matches!(&error, CoordinatorError::MissingFeatures(missing) if missing == "dora, rank_pattern")
+    );
+    assert_eq!(
+        fedlora_coordinator::grpc::to_status(&error).code(),
+        tonic::Code::FailedPrecondition
+    );
+    // max rank 16 is enough for the default rank 8, not for q_proj's 24.
+    assert!(matches!(
+        coordinator.join(&join_request("site-b")).await,
+        Err(CoordinatorError::InvalidJoin(message)) if message.contains("24")
+    ));
+    let able = JoinRequest {
+        max_rank: 32,
+        ..join_request("site-c")
+    };
+    coordinator.join(&able).await.unwrap();
 }
 
 #[tokio::test]

@@ -23,6 +23,9 @@ pub const LORA_MODULES: [&str; 7] = [
     "down_proj",
 ];
 
+/// LoRA options beyond plain LoRA that this build trains, as announced at join.
+pub const LORA_FEATURES: [&str; 5] = ["rslora", "dora", "dropout", "rank_pattern", "alpha_pattern"];
+
 /// Errors of adapter layout, decoding and validation. Messages are lowercase and name the tensor.
 #[derive(Debug, thiserror::Error, PartialEq)]
 #[non_exhaustive]
@@ -158,6 +161,23 @@ impl LoraSpec {
     /// The scale of `module` in `layer`, from its own rank and alpha.
     pub fn scale_for(&self, layer: usize, module: &str) -> f64 {
         self.scale_of(self.rank_for(layer, module), self.alpha_for(layer, module))
+    }
+
+    /// The LoRA options this spec uses beyond plain LoRA, by the names clients announce at join
+    /// (see [`LORA_FEATURES`]).
+    pub fn features(&self) -> Vec<&'static str> {
+        let used = [
+            self.use_rslora,
+            self.use_dora,
+            self.dropout > 0.0,
+            !self.rank_pattern.is_empty(),
+            !self.alpha_pattern.is_empty(),
+        ];
+        LORA_FEATURES
+            .iter()
+            .zip(used)
+            .filter_map(|(feature, used)| used.then_some(*feature))
+            .collect()
     }
 
     /// The largest rank any module gets: what a client must be able to train.
