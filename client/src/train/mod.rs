@@ -2,11 +2,12 @@
 //! factors only, a fixed number of steps.
 
 pub mod data;
+pub mod loss;
 
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
-use candle_core::{D, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::Rng;
 
@@ -102,15 +103,10 @@ fn batch_loss_train(
     let logits = model.forward_train(&batch.inputs, dropout_seed)?;
     let (rows, seq_len, vocab) = logits.dims3()?;
     let logits = logits.reshape((rows * seq_len, vocab))?;
+    let losses = loss::cross_entropy_rows(&logits, &batch.targets)?;
     match &batch.mask {
-        None => Ok(candle_nn::loss::cross_entropy(&logits, &batch.targets)?),
-        Some((mask, count)) => {
-            let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-            let picked = log_probs
-                .gather(&batch.targets.unsqueeze(1)?, 1)?
-                .squeeze(1)?;
-            Ok(((picked * mask)?.sum_all()? / -*count)?)
-        }
+        None => Ok(losses.mean_all()?),
+        Some((mask, count)) => Ok(((losses * mask)?.sum_all()? / *count)?),
     }
 }
 
@@ -308,6 +304,7 @@ pub fn evaluate(
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
+    use candle_core::D;
     use fedlora_proto::adapter::{LORA_MODULES, LoraSpec};
 
     use super::*;

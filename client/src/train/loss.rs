@@ -1,0 +1,201 @@
+//! Fused cross-entropy: per-row `logsumexp(x) − x[target]` in one pass over the logits, and its
+//! gradient `g·(softmax(x) − onehot(target))` in one more, instead of candle's chain of
+//! log-softmax, gather and their backward passes over the `[rows, vocab]` logits (the largest
+//! tensor of a training step). CPU only; other devices use the unfused ops.
+
+use candle_core::{CpuStorage, CustomOp2, D, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::error::Result;
+
+/// Negative log-likelihood of `targets` `[rows]` (u32) under `logits` `[rows, vocab]` (f32), per
+/// row: `[rows]`, differentiable in the logits.
+pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if !logits.device().is_cpu() || logits.dtype() != candle_core::DType::F32 {
+        let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+        return Ok(log_probs
+            .gather(&targets.unsqueeze(1)?, 1)?
+            .squeeze(1)?
+            .neg()?);
+    }
+    Ok(logits
+        .contiguous()?
+        .apply_op2(&targets.contiguous()?, CrossEntropyRows)?)
+}
+
+struct CrossEntropyRows;
+
+fn slices<'a>(
+    logits: &'a CpuStorage,
+    logits_layout: &Layout,
+    targets: &'a CpuStorage,
+    targets_layout: &Layout,
+) -> candle_core::Result<(&'a [f32], &'a [u32], usize)> {
+    let (CpuStorage::F32(logits), CpuStorage::U32(targets)) = (logits, targets) else {
+        candle_core::bail!("cross-entropy expects f32 logits and u32 targets");
+    };
+    let (Some((logit_start, logit_end)), Some((target_start, target_end))) = (
+        logits_layout.contiguous_offsets(),
+        targets_layout.contiguous_offsets(),
+    ) else {
+        candle_core::bail!("cross-entropy expects contiguous inputs");
+    };
+    let (rows, vocab) = logits_layout.shape().dims2()?;
+    if target_end - target_start != rows {
+        candle_core::bail!(
+            "cross-entropy: {rows} rows of logits, {} targets",
+            target_end - target_start
+        );
+    }
+    let targets = &targets[target_start..target_end];
+    if let Some(target) = targets.iter().find(|target| **target as usize >= vocab) {
+        candle_core::bail!("cross-entropy: target {target} outside the vocabulary of {vocab}");
+    }
+    Ok((&logits[logit_start..logit_end], targets, vocab))
+}
+
+/// `(max, Σ exp(x − max))` of a row.
+fn row_normaliser(row: &[f32]) -> (f32, f32) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    (max, row.iter().map(|value| (value - max).exp()).sum())
+}
+
+impl CustomOp2 for CrossEntropyRows {
+    fn name(&self) -> &'static str {
+        "cross-entropy-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        logits: &CpuStorage,
+        logits_layout: &Layout,
+        targets: &CpuStorage,
+        targets_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (logits, targets, vocab) = slices(logits, logits_layout, targets, targets_layout)?;
+        let losses: Vec<f32> = logits
+            .par_chunks(vocab)
+            .zip(targets.par_iter())
+            .map(|(row, target)| {
+                let (max, sum) = row_normaliser(row);
+                sum.ln() + max - row[*target as usize]
+            })
+            .collect();
+        Ok((CpuStorage::F32(losses), Shape::from(targets.len())))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _losses: &Tensor,
+        grad_losses: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let gradient = logits.apply_op2_no_bwd(
+            &Tensor::stack(
+                &[
+                    targets.to_dtype(candle_core::DType::F32)?,
+                    grad_losses.clone(),
+                ],
+                0,
+            )?,
+            &CrossEntropyGradient,
+        )?;
+        Ok((Some(gradient), None))
+    }
+}
+
+/// `∂loss/∂logits = g·(softmax(x) − onehot(target))` per row; the second argument stacks the
+/// targets (as f32, exact below 2²⁴) and the incoming row gradients `g`.
+struct CrossEntropyGradient;
+
+impl CustomOp2 for CrossEntropyGradient {
+    fn name(&self) -> &'static str {
+        "cross-entropy-gradient"
+    }
+
+    fn cpu_fwd(
+        &self,
+        logits: &CpuStorage,
+        logits_layout: &Layout,
+        side: &CpuStorage,
+        side_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(logits), CpuStorage::F32(side)) = (logits, side) else {
+            candle_core::bail!("cross-entropy gradient expects f32 inputs");
+        };
+        let (Some((start, end)), Some((side_start, side_end))) = (
+            logits_layout.contiguous_offsets(),
+            side_layout.contiguous_offsets(),
+        ) else {
+            candle_core::bail!("cross-entropy gradient expects contiguous inputs");
+        };
+        let (rows, vocab) = logits_layout.shape().dims2()?;
+        let side = &side[side_start..side_end];
+        if side.len() != 2 * rows {
+            candle_core::bail!("cross-entropy gradient: bad side input");
+        }
+        let (targets, grads) = side.split_at(rows);
+        let mut gradient = vec![0f32; rows * vocab];
+        gradient
+            .par_chunks_mut(vocab)
+            .zip(logits[start..end].par_chunks(vocab))
+            .zip(targets.par_iter().zip(grads.par_iter()))
+            .for_each(|((out, row), (target, grad))| {
+                let (max, sum) = row_normaliser(row);
+                let scale = grad / sum;
+                for (out, value) in out.iter_mut().zip(row) {
+                    *out = (value - max).exp() * scale;
+                }
+                out[*target as usize] -= grad;
+            });
+        Ok((CpuStorage::F32(gradient), Shape::from((rows, vocab))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use candle_core::{Device, Var};
+
+    use super::*;
+    use crate::testing::{flat, max_abs_difference};
+
+    #[test]
+    fn fused_loss_and_gradient_equal_candles_unfused_ops() {
+        let device = Device::Cpu;
+        let logits =
+            Var::from_tensor(&(Tensor::randn(0f32, 3.0, (6, 50), &device).unwrap())).unwrap();
+        let targets = Tensor::new(&[0u32, 49, 7, 7, 23, 1], &device).unwrap();
+        let weights = Tensor::new(&[1f32, 0.0, 2.0, 1.0, 0.5, 3.0], &device).unwrap();
+
+        let fused = cross_entropy_rows(logits.as_tensor(), &targets).unwrap();
+        let log_probs = candle_nn::ops::log_softmax(logits.as_tensor(), D::Minus1).unwrap();
+        let unfused = log_probs
+            .gather(&targets.unsqueeze(1).unwrap(), 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap()
+            .neg()
+            .unwrap();
+        assert!(max_abs_difference(&flat(&unfused), &flat(&fused)) < 1e-5);
+
+        let gradient = |rows: &Tensor| {
+            let grads = (rows * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            flat(grads.get(logits.as_tensor()).unwrap())
+        };
+        assert!(max_abs_difference(&gradient(&unfused), &gradient(&fused)) < 1e-5);
+        assert!(
+            cross_entropy_rows(
+                logits.as_tensor(),
+                &Tensor::new(&[50u32; 6], &device).unwrap()
+            )
+            .is_err()
+        );
+    }
+}
