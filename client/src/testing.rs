@@ -42,19 +42,26 @@ pub fn randomize_lora_b(model: &Llama, bound: f32, seed: u64) {
     }
 }
 
-/// Squared L2 norm of `var`'s gradient; panics if it has none.
-pub fn gradient_norm_squared(
-    gradients: &candle_core::backprop::GradStore,
-    var: &candle_core::Var,
-    name: &str,
-) -> f32 {
-    gradients
-        .get(var.as_tensor())
-        .unwrap_or_else(|| panic!("{name} has no gradient"))
+/// Squared L2 norm of a tensor.
+pub fn squared_norm(tensor: &Tensor) -> f32 {
+    tensor
         .sqr()
         .unwrap()
         .sum_all()
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+/// Squared L2 norm of `var`'s gradient; panics if it has none.
+pub fn gradient_norm_squared(
+    gradients: &candle_core::backprop::GradStore,
+    var: &candle_core::Var,
+    name: &str,
+) -> f32 {
+    squared_norm(
+        gradients
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name} has no gradient")),
+    )
 }

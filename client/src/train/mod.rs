@@ -580,23 +580,8 @@ mod tests {
             let gb = quantized_grads
                 .get(b.as_tensor())
                 .unwrap_or_else(|| panic!("{name}: no gradient through the quantized base"));
-            let norm = ga
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                .sqrt();
-            let error = (ga - gb)
-                .unwrap()
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                .sqrt();
+            let norm = crate::testing::squared_norm(ga).sqrt();
+            let error = crate::testing::squared_norm(&(ga - gb).unwrap()).sqrt();
             assert!(
                 norm > 0.0 && error < 0.05 * norm,
                 "{name}: gradient error {error} vs norm {norm}"
