@@ -41,12 +41,17 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--dtype", choices=["f32", "bf16"], default="f32",
+                        help="bf16: frozen base weights in bfloat16 (LoRA factors stay float32, as PEFT keeps them)")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = LlamaConfig(**preset["model"], max_position_embeddings=2048, rms_norm_eps=1e-5)
-    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(task_type="CAUSAL_LM", **preset["lora"]))
+    base = LlamaForCausalLM(config)
+    if args.dtype == "bf16":
+        base = base.to(torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **preset["lora"]))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
     batch, seq = preset["batch"], preset["seq"]
@@ -70,7 +75,7 @@ def main():
     print(
         f"peft {args.preset}: {batch * seq * args.steps / seconds:.1f} tokens/s "
         f"({seconds / args.steps:.3f} s/step over {args.steps} steps, batch {batch} x {seq}, "
-        f"{args.threads} threads), peak rss {peak_mib} MiB, torch {torch.__version__}"
+        f"{args.threads} threads, {args.dtype} base), peak rss {peak_mib} MiB, torch {torch.__version__}"
     )
 
 

@@ -139,8 +139,12 @@ pub struct BenchTrainArgs {
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
     /// QLoRA: quantize the frozen projections to Q8_0.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "bf16_base")]
     pub quantize_base: bool,
+    /// Keep the frozen projections and output head in bf16 (bf16 products, f32 accumulation;
+    /// AVX-512 BF16 where the CPU has it).
+    #[arg(long)]
+    pub bf16_base: bool,
 }
 
 /// Transport security choice shared by every networked command.
@@ -626,14 +630,20 @@ fn bench_train(args: &BenchTrainArgs) -> Result<()> {
         BenchPreset::Reference => TrainBench::reference(),
         BenchPreset::Smollm2 => TrainBench::smollm2(),
     };
-    let report = run_train_bench(&bench, args.warmup, args.steps, args.quantize_base)?;
+    let report = run_train_bench(
+        &bench,
+        args.warmup,
+        args.steps,
+        args.quantize_base,
+        args.bf16_base,
+    )?;
     println!(
         "{}{}: {:.1} tokens/s ({:.3} s/step over {} steps, batch {} x {}), peak rss {}",
         bench.name,
-        if args.quantize_base {
-            " (q8_0 base)"
-        } else {
-            ""
+        match (args.quantize_base, args.bf16_base) {
+            (true, _) => " (q8_0 base)",
+            (false, true) => " (bf16 base)",
+            (false, false) => "",
         },
         report.tokens_per_second,
         report.seconds_per_step,

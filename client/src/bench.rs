@@ -96,18 +96,23 @@ pub struct BenchReport {
 }
 
 /// Runs `warmup` untimed then `steps` timed AdamW steps on random tokens.
-/// With `quantize_base`, the frozen projections are kept as Q8_0 (QLoRA).
+/// With `quantize_base`, the frozen projections are kept as Q8_0 (QLoRA); with `bf16_base`,
+/// the projections and the output head in bf16 (`Llama::pack_base_bf16`).
 pub fn run_train_bench(
     bench: &TrainBench,
     warmup: usize,
     steps: usize,
     quantize_base: bool,
+    bf16_base: bool,
 ) -> Result<BenchReport> {
     let device = Device::Cpu;
     let weights = random_weights(&bench.config, 1)?;
     let mut model = Llama::from_weights(bench.config.clone(), weights, &device)?;
     if quantize_base {
         model.quantize_base(candle_core::quantized::GgmlDType::Q8_0)?;
+    }
+    if bf16_base {
+        model.pack_base_bf16()?;
     }
     model.attach_lora(&bench.lora, 2)?;
     let mut rng = seeded_rng(3);

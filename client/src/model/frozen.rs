@@ -1,6 +1,7 @@
-//! `x·Wᵀ` for a frozen weight W whose backward pass computes only ∂L/∂x. W is dense f32 or
+//! `x·Wᵀ` for a frozen weight W whose backward pass computes only ∂L/∂x. W is dense f32,
 //! quantized (QLoRA: GGUF block types such as Q8_0, dequantized only inside the backward pass;
-//! candle's own quantized matmul passes no gradient to its input at all).
+//! candle's own quantized matmul passes no gradient to its input at all), or bf16 packed for
+//! `bf16_gemm` (both products in bf16 with f32 accumulation, as PyTorch's bf16 autocast).
 //!
 //! candle's matmul backward always computes the gradients of both operands, so every frozen
 //! projection (and the vocabulary-sized `lm_head`) would cost a full weight-gradient product per
@@ -11,8 +12,9 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor};
 
+use super::bf16_gemm::{self, PackedB};
 use crate::error::Result;
 
 /// A frozen `[out, in]` weight.
@@ -20,6 +22,44 @@ use crate::error::Result;
 pub enum FrozenWeight {
     Dense(Tensor),
     Quantized(Arc<QTensor>),
+    Bf16(Arc<Bf16Weight>),
+}
+
+/// A frozen `[out, in]` weight rounded to bf16 and packed twice: as `Wᵀ` for the forward
+/// product `x·Wᵀ` and as `W` for the input gradient `g·W`. Same memory as the f32 weight.
+#[derive(Debug)]
+pub struct Bf16Weight {
+    forward: PackedB,
+    backward: PackedB,
+}
+
+impl Bf16Weight {
+    /// Rounds a dense `[out, in]` weight (any float dtype) to bf16.
+    pub fn new(weight: &Tensor) -> Result<Self> {
+        let (rows, cols) = weight.dims2()?;
+        let values = weight
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok(Self {
+            forward: PackedB::transposed_of(&values, rows, cols),
+            backward: PackedB::of(&values, rows, cols),
+        })
+    }
+
+    /// `(out, in)`.
+    pub fn dims2(&self) -> (usize, usize) {
+        (self.backward.k(), self.backward.n())
+    }
+
+    /// The stored (bf16) values as an f32 tensor.
+    pub fn to_dense(&self, device: &Device) -> Result<Tensor> {
+        let (rows, cols) = self.dims2();
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|index| self.backward.get(index / cols, index % cols))
+            .collect();
+        Ok(Tensor::from_vec(values, (rows, cols), &Device::Cpu)?.to_device(device)?)
+    }
 }
 
 impl From<Tensor> for FrozenWeight {
@@ -34,6 +74,7 @@ impl FrozenWeight {
         Ok(match self {
             Self::Dense(tensor) => tensor.dims2()?,
             Self::Quantized(tensor) => tensor.shape().dims2()?,
+            Self::Bf16(weight) => weight.dims2(),
         })
     }
 
@@ -42,14 +83,28 @@ impl FrozenWeight {
         Ok(match self {
             Self::Dense(tensor) => tensor.clone(),
             Self::Quantized(tensor) => tensor.dequantize(&tensor.device())?,
+            Self::Bf16(weight) => weight.to_dense(&Device::Cpu)?,
         })
     }
 
-    /// The weight quantized to `dtype` (a dense weight is quantized; a quantized one is kept).
+    /// The weight quantized to `dtype` (a dense or bf16 weight is quantized; a quantized one is
+    /// kept).
     pub fn quantized(&self, dtype: GgmlDType) -> Result<Self> {
         Ok(match self {
             Self::Dense(tensor) => Self::Quantized(Arc::new(QTensor::quantize(tensor, dtype)?)),
+            Self::Bf16(_) => Self::Dense(self.dequantize()?).quantized(dtype)?,
             Self::Quantized(_) => self.clone(),
+        })
+    }
+
+    /// The weight rounded to bf16 and packed for `bf16_gemm` (a dense f32 weight on the CPU;
+    /// other weights are kept as they are).
+    pub fn packed_bf16(&self) -> Result<Self> {
+        Ok(match self {
+            Self::Dense(tensor) if tensor.device().is_cpu() => {
+                Self::Bf16(Arc::new(Bf16Weight::new(tensor)?))
+            }
+            other => other.clone(),
         })
     }
 }
@@ -98,9 +153,88 @@ impl CustomOp2 for InputGradOnly {
     }
 }
 
+/// `x·Wᵀ` (or, `transposed`, `x·W`) for a bf16-packed W; the backward pass of `x·Wᵀ` is the
+/// `x·W` op with the incoming gradient as `x`.
+struct Bf16MatMul {
+    weight: Arc<Bf16Weight>,
+    transposed: bool,
+}
+
+impl CustomOp1 for Bf16MatMul {
+    fn name(&self) -> &'static str {
+        "bf16-frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(values) = storage else {
+            candle_core::bail!("bf16-frozen-matmul expects f32 input");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("bf16-frozen-matmul expects a contiguous input");
+        };
+        let packed = if self.transposed {
+            &self.weight.backward
+        } else {
+            &self.weight.forward
+        };
+        let mut dims = layout.shape().dims().to_vec();
+        let k = dims.last().copied().unwrap_or(0);
+        if k != packed.k() {
+            candle_core::bail!(
+                "bf16-frozen-matmul: input has {k} features, the weight expects {}",
+                packed.k()
+            );
+        }
+        let rows = (end - start).checked_div(k).unwrap_or(0);
+        let a = bf16_gemm::pack_a(&values[start..end], rows, k);
+        let product = bf16_gemm::matmul(&a, rows, packed);
+        if let Some(last) = dims.last_mut() {
+            *last = packed.n();
+        }
+        Ok((CpuStorage::F32(product), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        _input: &Tensor,
+        _result: &Tensor,
+        grad_result: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        if self.transposed {
+            // Only first derivatives are taken: the gradient op itself has no backward.
+            return Ok(None);
+        }
+        let op = Self {
+            weight: self.weight.clone(),
+            transposed: true,
+        };
+        Ok(Some(grad_result.contiguous()?.apply_op1_no_bwd(&op)?))
+    }
+}
+
 /// `x·Wᵀ` with `x` `[..., in]` and a frozen `weight` `[out, in]`.
 pub fn frozen_matmul_t(x: &Tensor, weight: &FrozenWeight) -> Result<Tensor> {
     let product = match weight {
+        FrozenWeight::Bf16(packed) => {
+            if !x.device().is_cpu() || x.dtype() != DType::F32 {
+                let dense = packed.to_dense(x.device())?.to_dtype(x.dtype())?;
+                return Ok(x.broadcast_matmul(&dense.t()?)?);
+            }
+            let op = Bf16MatMul {
+                weight: packed.clone(),
+                transposed: false,
+            };
+            let x = x.contiguous()?;
+            return Ok(if x.track_op() {
+                x.apply_op1(op)?
+            } else {
+                x.apply_op1_no_bwd(&op)?
+            });
+        }
         FrozenWeight::Dense(dense) => {
             if !x.track_op() || !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
                 return Ok(x.broadcast_matmul(&dense.t()?)?);
@@ -125,7 +259,7 @@ pub fn frozen_matmul_t(x: &Tensor, weight: &FrozenWeight) -> Result<Tensor> {
     };
     let weight = match weight {
         FrozenWeight::Dense(dense) => FrozenWeight::Dense(dense.detach()),
-        quantized => quantized.clone(),
+        other => other.clone(),
     };
     Ok(x.apply_op2(&product.contiguous()?, InputGradOnly { weight })?)
 }
@@ -133,9 +267,10 @@ pub fn frozen_matmul_t(x: &Tensor, weight: &FrozenWeight) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
-    use candle_core::{Device, Var};
+    use candle_core::Var;
 
     use super::*;
+    use crate::testing::flat;
 
     #[test]
     fn same_values_and_input_gradient_as_matmul_and_no_weight_gradient() {
@@ -180,5 +315,49 @@ mod tests {
             frozen_grads.get(weight.as_tensor()).is_none(),
             "the frozen weight gets no gradient"
         );
+    }
+
+    #[test]
+    fn bf16_weight_gives_rounded_products_and_input_gradient() {
+        let device = Device::Cpu;
+        // 70 outputs and 37 inputs: a partial panel and an odd inner dimension.
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, 37), &device).unwrap()).unwrap();
+        let weight = Tensor::randn(0f32, 1.0, (70, 37), &device).unwrap();
+        let target = Tensor::randn(0f32, 1.0, (2, 5, 70), &device).unwrap();
+        let packed = FrozenWeight::Dense(weight.clone()).packed_bf16().unwrap();
+        assert!(matches!(packed, FrozenWeight::Bf16(_)));
+        assert_eq!(packed.dims2().unwrap(), (70, 37));
+        // The stored weight is the bf16 rounding of the original.
+        let stored = packed.dequantize().unwrap();
+        let rounded = weight
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        assert_eq!(flat(&stored), flat(&rounded));
+
+        let reference = x
+            .as_tensor()
+            .broadcast_matmul(&weight.t().unwrap())
+            .unwrap();
+        let got = frozen_matmul_t(x.as_tensor(), &packed).unwrap();
+        assert_eq!(got.dims(), &[2, 5, 70]);
+        let close = |a: &Tensor, b: &Tensor| {
+            let scale = crate::testing::squared_norm(a).sqrt();
+            let error = crate::testing::squared_norm(&(a - b).unwrap()).sqrt();
+            assert!(error < 1e-2 * scale, "error {error} vs norm {scale}");
+        };
+        close(&reference, &got);
+
+        let loss = |y: &Tensor| (y * &target).unwrap().sum_all().unwrap();
+        let expected = loss(&reference).backward().unwrap();
+        let grads = loss(&got).backward().unwrap();
+        close(
+            expected.get(x.as_tensor()).unwrap(),
+            grads.get(x.as_tensor()).unwrap(),
+        );
+        // Without a graph the op still computes the product.
+        let plain = frozen_matmul_t(&x.as_tensor().detach(), &packed).unwrap();
+        assert_eq!(flat(&plain), flat(&got));
     }
 }

@@ -110,6 +110,9 @@ pub struct Llama {
     norm: RmsNorm,
     /// `None` when the embeddings are tied.
     lm_head: Option<Tensor>,
+    /// The output head packed in bf16 by [`Llama::pack_base_bf16`]; `None`: `lm_head` (or the
+    /// embeddings) in f32.
+    head_bf16: Option<FrozenWeight>,
     rope: Rope,
     device: Device,
 }
@@ -213,6 +216,7 @@ impl Llama {
             blocks,
             norm,
             lm_head,
+            head_bf16: None,
             rope,
             device: device.clone(),
         })
@@ -411,6 +415,27 @@ impl Llama {
         Ok(())
     }
 
+    /// Keeps every frozen projection and the output head in bf16 (rounded once), multiplied with
+    /// bf16 activations and f32 accumulation (`bf16_gemm`: AVX-512 BF16 where the CPU has it).
+    /// The arithmetic of PyTorch's bf16 autocast, at the speed of bf16 products; the LoRA factors,
+    /// their gradients, norms, attention and the loss stay f32. On a checkpoint stored in bf16
+    /// (most are) no weight changes value. CPU only; dense weights only.
+    pub fn pack_base_bf16(&mut self) -> Result<()> {
+        if !self.device.is_cpu() {
+            return Err(ClientError::Unsupported(
+                "the bf16 base is a CPU kernel; on a GPU load the model in bf16 instead".into(),
+            ));
+        }
+        for block in &mut self.blocks {
+            for (_, linear) in block.linears_mut() {
+                linear.pack_weight_bf16()?;
+            }
+        }
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        self.head_bf16 = Some(FrozenWeight::Dense(head.clone()).packed_bf16()?);
+        Ok(())
+    }
+
     /// Each projection's module path and frozen weight type (`None`: dense f32).
     pub fn projection_dtypes(&self) -> Vec<(String, Option<candle_core::quantized::GgmlDType>)> {
         let mut types = Vec::new();
@@ -492,6 +517,9 @@ impl Llama {
     }
 
     fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        if let Some(head) = &self.head_bf16 {
+            return super::frozen::frozen_matmul_t(hidden, head);
+        }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         super::frozen::frozen_matmul_t(hidden, &head.clone().into())
     }

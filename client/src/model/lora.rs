@@ -184,11 +184,21 @@ impl LoraLinear {
         Ok(())
     }
 
-    /// The frozen weight's quantized type, `None` when dense.
+    /// Keeps the frozen weight in bf16 from now on, multiplied by `bf16_gemm` (dense weights on
+    /// the CPU; others are kept).
+    pub fn pack_weight_bf16(&mut self) -> Result<()> {
+        self.unmerge()?;
+        self.weight = self.weight.packed_bf16()?;
+        Ok(())
+    }
+
+    /// The frozen weight's reduced-precision type (a GGUF block type, or BF16), `None` when
+    /// dense f32.
     pub fn quantized_dtype(&self) -> Option<GgmlDType> {
         match &self.weight {
             FrozenWeight::Dense(_) => None,
             FrozenWeight::Quantized(weight) => Some(weight.dtype()),
+            FrozenWeight::Bf16(_) => Some(GgmlDType::BF16),
         }
     }
 

@@ -522,10 +522,15 @@ mod tests {
         assert!(after < before - 0.3, "loss {before} -> {after}");
     }
 
-    /// QLoRA: with the base quantized to Q8_0, every LoRA factor still gets a gradient, and it
-    /// matches the f32 model's within quantization error.
-    #[test]
-    fn quantized_base_passes_gradients_close_to_the_f32_model() {
+    /// Loss and LoRA gradients of the tiny model with its frozen base changed by `reduce` (to a
+    /// quantized or bf16 base) against the f32 base: every factor still gets a gradient, and
+    /// loss and gradients agree within `loss_tolerance` and `gradient_tolerance` (relative).
+    fn assert_reduced_base_trains_like_f32(
+        what: &str,
+        reduce: impl Fn(&mut Llama),
+        loss_tolerance: f32,
+        gradient_tolerance: f32,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let spec = TinyModelSpec {
             intermediate_size: 192,
@@ -533,60 +538,72 @@ mod tests {
         };
         write_tiny_model(dir.path(), &spec).unwrap();
         let mut dense = BaseModel::load(dir.path(), &Device::Cpu).unwrap().model;
-        let mut quantized = dense.clone();
-        quantized
-            .quantize_base(candle_core::quantized::GgmlDType::Q8_0)
-            .unwrap();
+        let mut reduced = dense.clone();
+        reduce(&mut reduced);
         let lora = all_modules();
         dense.attach_lora(&lora, 7).unwrap();
-        quantized.attach_lora(&lora, 7).unwrap();
-        let mut rng = seeded_rng(3);
-        for ((name, a), (_, b)) in dense
-            .named_lora_vars()
-            .unwrap()
-            .into_iter()
-            .zip(quantized.named_lora_vars().unwrap())
-        {
-            if name.contains("lora_B") {
-                let values: Vec<f32> = (0..a.elem_count())
-                    .map(|_| rng.random_range(-0.1..0.1))
-                    .collect();
-                let tensor = Tensor::from_vec(values, a.dims(), &Device::Cpu).unwrap();
-                a.set(&tensor).unwrap();
-                b.set(&tensor).unwrap();
-            }
-        }
+        reduced.attach_lora(&lora, 7).unwrap();
+        crate::testing::randomize_lora_b(&dense, 0.1, 3);
+        crate::testing::randomize_lora_b(&reduced, 0.1, 3);
         let windows = sample_windows(16);
         let batch: Vec<&Window> = windows.iter().collect();
         let dense_loss = batch_loss(&dense, &batch).unwrap();
-        let quantized_loss = batch_loss(&quantized, &batch).unwrap();
+        let reduced_loss = batch_loss(&reduced, &batch).unwrap();
         let (l1, l2) = (
             dense_loss.to_scalar::<f32>().unwrap(),
-            quantized_loss.to_scalar::<f32>().unwrap(),
+            reduced_loss.to_scalar::<f32>().unwrap(),
         );
         assert!(
-            (l1 - l2).abs() < 0.01 * l1,
-            "loss {l1} (f32) vs {l2} (q8_0)"
+            (l1 - l2).abs() < loss_tolerance * l1,
+            "loss {l1} (f32) vs {l2} ({what})"
         );
         let dense_grads = dense_loss.backward().unwrap();
-        let quantized_grads = quantized_loss.backward().unwrap();
+        let reduced_grads = reduced_loss.backward().unwrap();
         for ((name, a), (_, b)) in dense
             .named_lora_vars()
             .unwrap()
             .into_iter()
-            .zip(quantized.named_lora_vars().unwrap())
+            .zip(reduced.named_lora_vars().unwrap())
         {
             let ga = dense_grads.get(a.as_tensor()).unwrap();
-            let gb = quantized_grads
+            let gb = reduced_grads
                 .get(b.as_tensor())
-                .unwrap_or_else(|| panic!("{name}: no gradient through the quantized base"));
+                .unwrap_or_else(|| panic!("{name}: no gradient through the {what} base"));
             let norm = crate::testing::squared_norm(ga).sqrt();
             let error = crate::testing::squared_norm(&(ga - gb).unwrap()).sqrt();
             assert!(
-                norm > 0.0 && error < 0.05 * norm,
-                "{name}: gradient error {error} vs norm {norm}"
+                norm > 0.0 && error < gradient_tolerance * norm,
+                "{name}: gradient error {error} vs norm {norm} ({what})"
             );
         }
+    }
+
+    /// QLoRA: with the base quantized to Q8_0, gradients match the f32 model's within
+    /// quantization error.
+    #[test]
+    fn quantized_base_passes_gradients_close_to_the_f32_model() {
+        assert_reduced_base_trains_like_f32(
+            "q8_0",
+            |model| {
+                model
+                    .quantize_base(candle_core::quantized::GgmlDType::Q8_0)
+                    .unwrap();
+            },
+            0.01,
+            0.05,
+        );
+    }
+
+    /// A bf16 base (projections and head, bf16 products with f32 accumulation) trains like the
+    /// f32 one within bf16's rounding (8 bits of mantissa).
+    #[test]
+    fn bf16_base_passes_gradients_close_to_the_f32_model() {
+        assert_reduced_base_trains_like_f32(
+            "bf16",
+            |model| model.pack_base_bf16().unwrap(),
+            0.01,
+            0.05,
+        );
     }
 
     #[test]
