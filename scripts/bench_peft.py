@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """The PyTorch + PEFT side of `fedlora bench-train`: the same model shapes, LoRA, batch and
-optimizer, on random tokens, in float32 on the CPU. Prints one line like fedlora's.
+optimizer, on random tokens, on the CPU; the base model in float32 or (--dtype bf16) bfloat16, the
+LoRA factors float32 either way. Prints one line like fedlora's.
 
-  OMP_WAIT_POLICY=PASSIVE python3 scripts/bench_peft.py --preset reference --threads 2
+  OMP_WAIT_POLICY=PASSIVE python3 scripts/bench_peft.py --preset reference --threads 2 [--dtype bf16]
 
 Set OMP_WAIT_POLICY=PASSIVE before Python starts: with PyTorch's default spin-waiting, 2 threads
 on a 2-core machine run several times slower. scripts/bench_vs_peft.sh runs both sides.

@@ -1,20 +1,30 @@
 #!/usr/bin/env bash
-# fedlora vs PyTorch + PEFT on the same LoRA training step, run back to back:
+# fedlora vs PyTorch + PEFT on the same LoRA training step, run back to back, in both precisions:
 #   scripts/bench_vs_peft.sh [reference|smollm2] [python]
-# Needs torch, transformers and peft importable by the given python (default python3); without
-# them only fedlora's side runs. Prints both lines and fedlora's speed as a multiple of PEFT's.
+# f32: fedlora's f32 base against PyTorch in float32. bf16: fedlora's --bf16-base (bf16 products,
+# f32 accumulation) against PyTorch with the base model in bfloat16 (PEFT keeps the LoRA factors
+# float32). Needs torch, transformers and peft importable by the given python (default python3);
+# without them only fedlora's side runs. Prints each line and fedlora's speed as a multiple of PEFT's.
 set -euo pipefail
 preset="${1:-reference}"
 python="${2:-python3}"
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
-ours=$(./target/release/fedlora bench-train --preset "$preset")
-echo "$ours"
+have_torch=true
 if ! "$python" -c "import torch, transformers, peft" 2>/dev/null; then
   echo "torch/transformers/peft not importable by $python: PEFT side skipped"
-  exit 0
+  have_torch=false
 fi
-theirs=$(OMP_WAIT_POLICY=PASSIVE "$python" scripts/bench_peft.py --preset "$preset" --threads 2 2>/dev/null)
-echo "$theirs"
 rate() { sed -E 's/^[^:]*: ([0-9.]+) tokens\/s.*/\1/' <<<"$1"; }
-awk -v a="$(rate "$ours")" -v b="$(rate "$theirs")" 'BEGIN { printf "fedlora / peft: %.2fx\n", a / b }'
+for precision in f32 bf16; do
+  flag=()
+  [ "$precision" = bf16 ] && flag=(--bf16-base)
+  ours=$(./target/release/fedlora bench-train --preset "$preset" "${flag[@]}")
+  echo "$ours"
+  $have_torch || continue
+  theirs=$(OMP_WAIT_POLICY=PASSIVE "$python" scripts/bench_peft.py --preset "$preset" --threads 2 \
+    --dtype "$precision" 2>/dev/null)
+  echo "$theirs"
+  awk -v a="$(rate "$ours")" -v b="$(rate "$theirs")" -v p="$precision" \
+    'BEGIN { printf "fedlora / peft (%s): %.2fx\n", p, a / b }'
+done

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use fedlora_client::daemon::{self, ClientTransport, DaemonConfig, DaemonEvent};
+use fedlora_client::daemon::{self, BasePrecision, ClientTransport, DaemonConfig, DaemonEvent};
 use fedlora_client::tiny::{TinyModelSpec, write_tiny_model};
 use fedlora_coordinator::config::{FederationConfig, TrainingConfig};
 use fedlora_coordinator::rounds::Coordinator;
@@ -281,9 +281,14 @@ pub struct ClientArgs {
     #[arg(long, default_value_t = 64)]
     pub max_eval_windows: usize,
     /// QLoRA: keep the frozen base model quantized to Q8_0 (about a quarter of f32's memory;
-    /// projection widths must be multiples of 32).
-    #[arg(long)]
+    /// projection widths must be multiples of 32). A GGUF model keeps its own types.
+    #[arg(long, conflicts_with = "bf16_base")]
     pub quantize_base: bool,
+    /// Keep the frozen projections and output head in bf16: bf16 products with f32
+    /// accumulation, as PyTorch's bf16 autocast. On CPUs with AVX-512 BF16 (AMD Zen 4+, Intel
+    /// Sapphire Rapids+) the fastest way to train; the LoRA factors stay f32.
+    #[arg(long)]
+    pub bf16_base: bool,
     #[command(flatten)]
     pub transport: TransportArgs,
 }
@@ -472,7 +477,11 @@ async fn client(args: ClientArgs) -> Result<()> {
         state_dir,
         max_rank: args.max_rank,
         max_eval_windows: args.max_eval_windows,
-        quantize_base: args.quantize_base,
+        base: match (args.quantize_base, args.bf16_base) {
+            (true, _) => BasePrecision::Quantized,
+            (false, true) => BasePrecision::Bf16,
+            (false, false) => BasePrecision::F32,
+        },
     };
     // A progress bar on a terminal (hidden when stderr is not one, e.g. under systemd), and a
     // log line every 10 steps.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use fedlora_client::daemon::{self, ClientTransport, DaemonConfig, DaemonEvent};
+use fedlora_client::daemon::{self, BasePrecision, ClientTransport, DaemonConfig, DaemonEvent};
 use fedlora_client::tiny::{TinyModelSpec, write_tiny_model};
 use fedlora_coordinator::config::{FederationConfig, TrainingConfig};
 use fedlora_coordinator::rounds::Coordinator;
@@ -143,7 +143,7 @@ pub async fn run(options: DemoOptions) -> Result<DemoReport> {
             state_dir: dir.join("sites").join(site),
             max_rank: 64,
             max_eval_windows: 64,
-            quantize_base: false,
+            base: BasePrecision::F32,
         };
         daemons.push(tokio::spawn(daemon::run(
             config,

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedlora::sites::write_site_jsonl;
-use fedlora_client::daemon::{self, ClientTransport, DaemonConfig, sent_adapter_dir};
+use fedlora_client::daemon::{
+    self, BasePrecision, ClientTransport, DaemonConfig, sent_adapter_dir,
+};
 use fedlora_client::model::{LlamaConfig, fingerprint};
 use fedlora_client::tiny::{TinyModelSpec, write_tiny_model};
 use fedlora_coordinator::config::{FederationConfig, TrainingConfig};
@@ -69,6 +71,8 @@ fn small_config(rounds: u32, clients_per_round: u32) -> FederationConfig {
 struct Site {
     name: &'static str,
     documents: usize,
+    /// The second site trains on a bf16 base: one federation mixes base precisions.
+    base: BasePrecision,
     state_dir: PathBuf,
     data: PathBuf,
 }
@@ -90,6 +94,11 @@ fn make_sites(dir: &Path, specs: &[(&'static str, usize)]) -> Vec<Site> {
             Site {
                 name,
                 documents: *documents,
+                base: if index == 1 {
+                    BasePrecision::Bf16
+                } else {
+                    BasePrecision::F32
+                },
                 state_dir: dir.join("state").join(name),
                 data,
             }
@@ -112,7 +121,7 @@ fn spawn_daemon(
         state_dir: site.state_dir.clone(),
         max_rank: 16,
         max_eval_windows: 16,
-        quantize_base: false,
+        base: site.base,
     };
     tokio::spawn(daemon::run(
         config,

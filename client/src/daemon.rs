@@ -52,8 +52,22 @@ pub struct DaemonConfig {
     pub max_rank: usize,
     /// Held-out windows evaluated per task, at most.
     pub max_eval_windows: usize,
-    /// Keep the frozen base quantized to Q8_0 (QLoRA): about a quarter of f32's memory.
-    pub quantize_base: bool,
+    /// How the frozen base is held while training.
+    pub base: BasePrecision,
+}
+
+/// How a site holds its frozen base model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BasePrecision {
+    /// f32 weights and products (the default; exact against PyTorch/PEFT in f32).
+    #[default]
+    F32,
+    /// Projections and output head in bf16, bf16 products with f32 accumulation (PyTorch's bf16
+    /// autocast); on CPUs with AVX-512 BF16 the fastest choice. CPU only.
+    Bf16,
+    /// QLoRA: projections quantized (Q8_0, or a GGUF's own types), about a quarter of f32's
+    /// memory.
+    Quantized,
 }
 
 /// Progress the daemon reports to whoever runs it (a progress bar, a log).
@@ -185,10 +199,14 @@ fn is_transient(error: &ClientError) -> bool {
 
 fn load_site(config: &DaemonConfig) -> Result<Site> {
     let device = crate::model::default_device();
-    let base = if config.quantize_base {
-        BaseModel::load_quantized(&config.model_dir, &device)?
-    } else {
-        BaseModel::load(&config.model_dir, &device)?
+    let base = match config.base {
+        BasePrecision::Quantized => BaseModel::load_quantized(&config.model_dir, &device)?,
+        BasePrecision::F32 => BaseModel::load(&config.model_dir, &device)?,
+        BasePrecision::Bf16 => {
+            let mut base = BaseModel::load(&config.model_dir, &device)?;
+            base.model.pack_base_bf16()?;
+            base
+        }
     };
     let data = SiteData::load(&config.data_path, &base.tokenizer, &config.text_column)?;
     if data.train.is_empty() || data.heldout.is_empty() {
