@@ -170,10 +170,12 @@ pub fn matmul(a: &[u32], m: usize, b: &PackedB) -> Vec<f32> {
 /// [`matmul`] with the AVX-512 BF16 kernel (`simd`, which the CPU must have) or the portable one.
 fn matmul_with(a: &[u32], m: usize, b: &PackedB, simd: bool) -> Vec<f32> {
     let n = b.n;
-    let mut c = vec![0f32; m * n];
-    if m == 0 || n == 0 {
-        return c;
+    if m == 0 || n == 0 || b.pairs == 0 {
+        return vec![0f32; m * n];
     }
+    // Not zero-filled: the first k-block stores (does not add to) every element of C, which
+    // saves a pass over the largest output of a step (the `[tokens, vocab]` logits).
+    let mut c: Vec<f32> = Vec::with_capacity(m * n);
     assert_eq!(a.len(), m * b.pairs, "A must have m × ⌈k/2⌉ packed words");
     let panels = n.div_ceil(NR);
     let threads = rayon::current_num_threads().max(1);
@@ -231,6 +233,10 @@ fn matmul_with(a: &[u32], m: usize, b: &PackedB, simd: bool) -> Vec<f32> {
                 }
             }
         });
+    // SAFETY: the tasks cover rows `0..m` × panels `0..panels`, and each tile of the first
+    // k-block (`kc0 == 0`, `accumulate == false`) stored every one of its `rows × cols` elements:
+    // all `m × n` elements are initialised.
+    unsafe { c.set_len(m * n) };
     c
 }
 

@@ -23,6 +23,9 @@ struct RmsNorm {
 
 impl RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            return super::fused::rms_norm(x, &self.weight, self.eps);
+        }
         let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
         let inverse_rms = (mean_square + self.eps)?.sqrt()?.recip()?;
         Ok(x.broadcast_mul(&inverse_rms)?.broadcast_mul(&self.weight)?)
@@ -652,9 +655,13 @@ impl Attention {
         };
         let k = repeat_kv(k, heads / kv_heads)?;
         let v = repeat_kv(v, heads / kv_heads)?;
-        let scores = (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?;
-        let scores = scores.broadcast_add(mask)?;
-        let weights = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let scores = q.matmul(&k.t()?)?;
+        let weights = if scores.device().is_cpu() && scores.dtype() == DType::F32 {
+            super::fused::causal_softmax(&scores, scale)?
+        } else {
+            candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(mask)?, D::Minus1)?
+        };
         let attended =
             weights
                 .matmul(&v)?

@@ -5,6 +5,7 @@ pub mod bf16_gemm;
 pub mod combine;
 pub mod config;
 pub mod frozen;
+pub mod fused;
 pub mod gguf;
 pub mod llama;
 pub mod lora;

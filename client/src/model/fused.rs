@@ -1,0 +1,385 @@
+//! Fused CPU kernels, with their backward passes, for the element-wise parts of a Llama block:
+//! RMSNorm and the scaled, causally masked softmax of attention. candle composes each from five
+//! to ten tensor ops (each a pass over memory, an allocation and a hand-off to the thread pool)
+//! and as many more in the backward pass; candle-nn's own fused versions have no backward pass
+//! and would cut the gradient. Here each is one parallel pass forward and one backward.
+//! The callers use these on CPU f32 tensors and candle's ops elsewhere.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::error::Result;
+
+/// `eˣ` for `x ≤ 0` (softmax arguments `x − max`), within 2e-7 relative; NaN stays NaN.
+/// Branch-free (Cephes' `expf`: `2ⁿ·p(r)` with `r = x − n·ln 2`), so that loops over slices
+/// vectorise, where libm's `expf` is a scalar call.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    // Written as comparisons, not f32::max, so that a NaN passes through.
+    let x = if x < -87.0 { -87.0 } else { x };
+    let x = if x > 0.0 { 0.0 } else { x };
+    const ROUND: f32 = 12_582_912.0; // 1.5·2²³: (y + ROUND) − ROUND rounds y to an integer
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 0.166_666_65;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    // n ∈ [−126, 0]: the biased exponent n + 127 is a normal one.
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// The contiguous f32 values of a CPU tensor argument.
+fn values<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(values) = storage else {
+        candle_core::bail!("{op} expects f32");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op} expects a contiguous tensor");
+    };
+    Ok(&values[start..end])
+}
+
+/// Rows per parallel task: enough work to cover a task's hand-off.
+fn rows_per_task(row_len: usize) -> usize {
+    (16_384 / row_len.max(1)).max(1)
+}
+
+/// `x / √(mean(x²) + ε) · w` over the last dimension; `w` is frozen (no gradient).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let op = RmsNorm {
+        weight: weight.flatten_all()?.to_vec1::<f32>()?,
+        eps: eps as f32,
+    };
+    let x = x.contiguous()?;
+    Ok(if x.track_op() {
+        x.apply_op1(op)?
+    } else {
+        x.apply_op1_no_bwd(&op)?
+    })
+}
+
+struct RmsNorm {
+    weight: Vec<f32>,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn inverse_rms(&self, row: &[f32]) -> f32 {
+        let mean_square = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+        1.0 / (mean_square + self.eps).sqrt()
+    }
+}
+
+impl CustomOp1 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = values(storage, layout, self.name())?;
+        let hidden = self.weight.len();
+        if layout.shape().dims().last() != Some(&hidden) {
+            candle_core::bail!("rms-norm: last dimension is not the weight's {hidden}");
+        }
+        let mut out = vec![0f32; x.len()];
+        let chunk = rows_per_task(hidden) * hidden;
+        out.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk))
+            .for_each(|(out, x)| {
+                for (out, row) in out.chunks_mut(hidden).zip(x.chunks(hidden)) {
+                    let r = self.inverse_rms(row);
+                    for ((o, v), w) in out.iter_mut().zip(row).zip(&self.weight) {
+                        *o = v * r * w;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let op = RmsNormBackward {
+            forward: RmsNorm {
+                weight: self.weight.clone(),
+                eps: self.eps,
+            },
+        };
+        Ok(Some(x.apply_op2_no_bwd(&dy.contiguous()?, &op)?))
+    }
+}
+
+/// `∂L/∂x = r·w⊙dy − x·r³·mean(w⊙dy⊙x)` with `r = 1/√(mean(x²) + ε)`.
+struct RmsNormBackward {
+    forward: RmsNorm,
+}
+
+impl CustomOp2 for RmsNormBackward {
+    fn name(&self) -> &'static str {
+        "rms-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        dy: &CpuStorage,
+        dy_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = values(x, x_layout, self.name())?;
+        let dy = values(dy, dy_layout, self.name())?;
+        let weight = &self.forward.weight;
+        let hidden = weight.len();
+        if x.len() != dy.len() || x.len() % hidden.max(1) != 0 {
+            candle_core::bail!("rms-norm-backward: shapes differ");
+        }
+        let mut dx = vec![0f32; x.len()];
+        let chunk = rows_per_task(hidden) * hidden;
+        dx.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
+            .for_each(|(dx, (x, dy))| {
+                for ((dx, row), dy) in dx
+                    .chunks_mut(hidden)
+                    .zip(x.chunks(hidden))
+                    .zip(dy.chunks(hidden))
+                {
+                    let r = self.forward.inverse_rms(row);
+                    let dot: f32 = row
+                        .iter()
+                        .zip(dy)
+                        .zip(weight)
+                        .map(|((x, g), w)| x * g * w)
+                        .sum();
+                    let correction = r * r * r * dot / hidden as f32;
+                    for (((d, x), g), w) in dx.iter_mut().zip(row).zip(dy).zip(weight) {
+                        *d = r * w * g - x * correction;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(dx), x_layout.shape().clone()))
+    }
+}
+
+/// `softmax(scale·s + mask)` over the last dimension of attention scores `[..., t, T]`, where
+/// query `i` sits at position `T − t + i` and sees keys `0..=T − t + i` (the causal mask).
+pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
+    let op = CausalSoftmax {
+        scale: scale as f32,
+    };
+    let scores = scores.contiguous()?;
+    Ok(if scores.track_op() {
+        scores.apply_op1(op)?
+    } else {
+        scores.apply_op1_no_bwd(&op)?
+    })
+}
+
+struct CausalSoftmax {
+    scale: f32,
+}
+
+/// `(t, T)` of scores `[..., t, T]` with `t ≤ T`.
+fn query_key_lens(shape: &Shape) -> candle_core::Result<(usize, usize)> {
+    let dims = shape.dims();
+    let (Some(&keys), Some(&queries)) = (
+        dims.last(),
+        dims.len().checked_sub(2).and_then(|i| dims.get(i)),
+    ) else {
+        candle_core::bail!("causal-softmax expects [..., queries, keys]");
+    };
+    if queries > keys || keys == 0 {
+        candle_core::bail!("causal-softmax: {queries} queries over {keys} keys");
+    }
+    Ok((queries, keys))
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let s = values(storage, layout, self.name())?;
+        let (queries, keys) = query_key_lens(layout.shape())?;
+        let offset = keys - queries;
+        let mut out = vec![0f32; s.len()];
+        let chunk = rows_per_task(keys) * keys;
+        out.par_chunks_mut(chunk)
+            .zip(s.par_chunks(chunk))
+            .enumerate()
+            .for_each(|(task, (out, s))| {
+                let first_row = task * (chunk / keys);
+                for (index, (out, row)) in out.chunks_mut(keys).zip(s.chunks(keys)).enumerate() {
+                    let visible = offset + (first_row + index) % queries + 1;
+                    let (out, _) = out.split_at_mut(visible);
+                    let row = &row[..visible];
+                    let max = row
+                        .iter()
+                        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+                    let mut sum = 0f32;
+                    for (o, v) in out.iter_mut().zip(row) {
+                        *o = exp(self.scale * (v - max));
+                        sum += *o;
+                    }
+                    let inverse = 1.0 / sum;
+                    out.iter_mut().for_each(|o| *o *= inverse);
+                }
+            });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _s: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let op = SoftmaxBackward { scale: self.scale };
+        Ok(Some(y.apply_op2_no_bwd(&dy.contiguous()?, &op)?))
+    }
+}
+
+/// `∂L/∂s = scale·y⊙(dy − Σ y⊙dy)` per row (masked entries have `y = 0`, so get 0).
+struct SoftmaxBackward {
+    scale: f32,
+}
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "causal-softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        y: &CpuStorage,
+        y_layout: &Layout,
+        dy: &CpuStorage,
+        dy_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = values(y, y_layout, self.name())?;
+        let dy = values(dy, dy_layout, self.name())?;
+        let (_, keys) = query_key_lens(y_layout.shape())?;
+        if y.len() != dy.len() {
+            candle_core::bail!("causal-softmax-backward: shapes differ");
+        }
+        let mut ds = vec![0f32; y.len()];
+        let chunk = rows_per_task(keys) * keys;
+        ds.par_chunks_mut(chunk)
+            .zip(y.par_chunks(chunk).zip(dy.par_chunks(chunk)))
+            .for_each(|(ds, (y, dy))| {
+                for ((ds, y), dy) in ds.chunks_mut(keys).zip(y.chunks(keys)).zip(dy.chunks(keys)) {
+                    let dot: f32 = y.iter().zip(dy).map(|(y, g)| y * g).sum();
+                    for ((d, y), g) in ds.iter_mut().zip(y).zip(dy) {
+                        *d = self.scale * y * (g - dot);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(ds), y_layout.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use candle_core::{D, Device, Var};
+
+    use super::*;
+    use crate::testing::{flat, max_abs_difference};
+
+    #[test]
+    fn fast_exp_is_within_two_tenths_of_a_micro_relative_and_keeps_nan() {
+        let mut worst = 0f64;
+        for step in 0..=870_000 {
+            let x = -(step as f32) * 1e-4;
+            let expected = f64::from(x).exp();
+            let error = (f64::from(exp(x)) - expected).abs() / expected;
+            worst = worst.max(error);
+        }
+        assert!(worst < 2e-7, "worst relative error {worst}");
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(f32::NAN).is_nan());
+        assert!(exp(-1000.0) < 1e-37);
+    }
+
+    /// Values and input gradients of `fused(x)` against `composed(x)` (candle's ops), under a
+    /// random linear loss.
+    fn assert_same_as_composed(
+        shape: &[usize],
+        fused: impl Fn(&Tensor) -> Tensor,
+        composed: impl Fn(&Tensor) -> Tensor,
+    ) {
+        let device = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &device).unwrap()).unwrap();
+        let target = Tensor::randn(0f32, 1.0, shape, &device).unwrap();
+        let expected = composed(x.as_tensor());
+        let got = fused(x.as_tensor());
+        assert!(max_abs_difference(&flat(&expected), &flat(&got)) < 1e-5);
+        let loss = |y: &Tensor| (y * &target).unwrap().sum_all().unwrap();
+        let expected = loss(&expected).backward().unwrap();
+        let got = loss(&got).backward().unwrap();
+        let (expected, got) = (
+            flat(expected.get(x.as_tensor()).unwrap()),
+            flat(got.get(x.as_tensor()).unwrap()),
+        );
+        let error = max_abs_difference(&expected, &got);
+        assert!(error < 1e-4, "gradient differs by {error}");
+        assert!(
+            expected.iter().any(|g| g.abs() > 1e-3),
+            "a gradient to compare"
+        );
+    }
+
+    #[test]
+    fn rms_norm_matches_candles_ops_in_value_and_gradient() {
+        let weight = Tensor::randn(0f32, 1.0, 24, &Device::Cpu).unwrap();
+        assert_same_as_composed(
+            &[3, 5, 24],
+            |x| rms_norm(x, &weight, 1e-5).unwrap(),
+            |x| {
+                let inverse = (x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + 1e-5)
+                    .unwrap()
+                    .sqrt()
+                    .unwrap()
+                    .recip()
+                    .unwrap();
+                x.broadcast_mul(&inverse)
+                    .unwrap()
+                    .broadcast_mul(&weight)
+                    .unwrap()
+            },
+        );
+    }
+
+    #[test]
+    fn causal_softmax_matches_candles_masked_softmax_in_value_and_gradient() {
+        // 5 queries over 7 keys: the queries sit at positions 2..7 (a cache of 2 before them).
+        let (queries, keys) = (5, 7);
+        let mask: Vec<f32> = (0..queries * keys)
+            .map(|i| {
+                if i % keys > keys - queries + i / keys {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (queries, keys), &Device::Cpu).unwrap();
+        assert_same_as_composed(
+            &[2, 3, queries, keys],
+            |s| causal_softmax(s, 0.25).unwrap(),
+            |s| {
+                let masked = (s * 0.25).unwrap().broadcast_add(&mask).unwrap();
+                candle_nn::ops::softmax(&masked, D::Minus1).unwrap()
+            },
+        );
+    }
+}
