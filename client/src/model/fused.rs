@@ -1,9 +1,11 @@
 //! Fused CPU kernels, with their backward passes, for the element-wise parts of a Llama block:
-//! RMSNorm and the scaled, causally masked softmax of attention. candle composes each from five
+//! RMSNorm, rotary embeddings, the scaled, causally masked softmax of attention, and SwiGLU. candle composes each from five
 //! to ten tensor ops (each a pass over memory, an allocation and a hand-off to the thread pool)
 //! and as many more in the backward pass; candle-nn's own fused versions have no backward pass
 //! and would cut the gradient. Here each is one parallel pass forward and one backward.
 //! The callers use these on CPU f32 tensors and candle's ops elsewhere.
+
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -287,6 +289,222 @@ impl CustomOp2 for SoftmaxBackward {
     }
 }
 
+/// Rotary embeddings in Hugging Face's rotate-half layout, applied to `x` `[..., t, d]` at
+/// positions `offset..offset + t`: for `j < d/2`, `(x_j, x_{j+d/2})` is rotated by the angle in
+/// the tables `cos`/`sin` (`[positions, d]`, each angle twice, as `Rope` builds them).
+pub fn rope(x: &Tensor, tables: &RopeTables, offset: usize) -> Result<Tensor> {
+    let op = RopeOp {
+        tables: tables.clone(),
+        offset,
+        inverse: false,
+    };
+    let x = x.contiguous()?;
+    Ok(if x.track_op() {
+        x.apply_op1(op)?
+    } else {
+        x.apply_op1_no_bwd(&op)?
+    })
+}
+
+/// `cos` and `sin` of every position's angles, `[positions, d]` row-major.
+#[derive(Debug, Clone)]
+pub struct RopeTables {
+    pub cos: Arc<Vec<f32>>,
+    pub sin: Arc<Vec<f32>>,
+    pub head_dim: usize,
+}
+
+struct RopeOp {
+    tables: RopeTables,
+    offset: usize,
+    /// Rotate by the negated angles: the backward pass (a rotation's transpose).
+    inverse: bool,
+}
+
+impl CustomOp1 for RopeOp {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = values(storage, layout, self.name())?;
+        let dims = layout.shape().dims();
+        let d = self.tables.head_dim;
+        let (Some(&last), Some(&seq_len)) = (
+            dims.last(),
+            dims.len().checked_sub(2).and_then(|i| dims.get(i)),
+        ) else {
+            candle_core::bail!("rope expects [..., seq, head_dim]");
+        };
+        let half = d / 2;
+        if last != d || !d.is_multiple_of(2) || (self.offset + seq_len) * d > self.tables.cos.len()
+        {
+            candle_core::bail!(
+                "rope: [.., {seq_len}, {last}] at offset {} outside the tables",
+                self.offset
+            );
+        }
+        let sign = if self.inverse { -1.0 } else { 1.0 };
+        let mut out = vec![0f32; x.len()];
+        let rows = rows_per_task(d);
+        out.par_chunks_mut(rows * d)
+            .zip(x.par_chunks(rows * d))
+            .enumerate()
+            .for_each(|(task, (out, x))| {
+                for (index, (out, x)) in out.chunks_mut(d).zip(x.chunks(d)).enumerate() {
+                    let position = self.offset + (task * rows + index) % seq_len;
+                    let cos = &self.tables.cos[position * d..position * d + half];
+                    let sin = &self.tables.sin[position * d..position * d + half];
+                    let (x1, x2) = x.split_at(half);
+                    let (y1, y2) = out.split_at_mut(half);
+                    for j in 0..half {
+                        let (c, s) = (cos[j], sign * sin[j]);
+                        y1[j] = x1[j] * c - x2[j] * s;
+                        y2[j] = x2[j] * c + x1[j] * s;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let op = RopeOp {
+            tables: self.tables.clone(),
+            offset: self.offset,
+            inverse: !self.inverse,
+        };
+        Ok(Some(dy.contiguous()?.apply_op1_no_bwd(&op)?))
+    }
+}
+
+/// `silu(gate)·up` (SwiGLU), differentiable in both.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let (gate, up) = (gate.contiguous()?, up.contiguous()?);
+    Ok(if gate.track_op() || up.track_op() {
+        gate.apply_op2(&up, SwiGlu)?
+    } else {
+        gate.apply_op2_no_bwd(&up, &SwiGlu)?
+    })
+}
+
+struct SwiGlu;
+
+/// `σ(g)` through `exp(−|g|)`, the range the fast `exp` covers.
+#[inline(always)]
+fn sigmoid(g: f32) -> f32 {
+    let e = exp(-g.abs());
+    let s = 1.0 / (1.0 + e);
+    if g >= 0.0 { s } else { e * s }
+}
+
+fn same_len<'a>(
+    a: (&'a CpuStorage, &Layout),
+    b: (&'a CpuStorage, &Layout),
+    op: &str,
+) -> candle_core::Result<(&'a [f32], &'a [f32])> {
+    let (a, b) = (values(a.0, a.1, op)?, values(b.0, b.1, op)?);
+    if a.len() != b.len() {
+        candle_core::bail!("{op}: shapes differ");
+    }
+    Ok((a, b))
+}
+
+const ELEMENTS_PER_TASK: usize = 16_384;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gate: &CpuStorage,
+        gate_layout: &Layout,
+        up: &CpuStorage,
+        up_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (gate, up) = same_len((gate, gate_layout), (up, up_layout), self.name())?;
+        let mut out = vec![0f32; gate.len()];
+        out.par_chunks_mut(ELEMENTS_PER_TASK)
+            .zip(
+                gate.par_chunks(ELEMENTS_PER_TASK)
+                    .zip(up.par_chunks(ELEMENTS_PER_TASK)),
+            )
+            .for_each(|(out, (gate, up))| {
+                for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+                    *o = g * sigmoid(g) * u;
+                }
+            });
+        Ok((CpuStorage::F32(out), gate_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // One pass computes both gradients, stacked: [2, ...].
+        let stacked = Tensor::stack(&[gate, up], 0)?;
+        let grads = stacked.apply_op2_no_bwd(&dy.contiguous()?, &SwiGluBackward)?;
+        Ok((Some(grads.get(0)?), Some(grads.get(1)?)))
+    }
+}
+
+/// `[∂L/∂gate, ∂L/∂up]` from `[gate, up]` stacked and `dy`:
+/// `∂L/∂up = dy·silu(g)`, `∂L/∂gate = dy·u·σ(g)·(1 + g·(1 − σ(g)))`.
+struct SwiGluBackward;
+
+impl CustomOp2 for SwiGluBackward {
+    fn name(&self) -> &'static str {
+        "swiglu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        stacked: &CpuStorage,
+        stacked_layout: &Layout,
+        dy: &CpuStorage,
+        dy_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let stacked = values(stacked, stacked_layout, self.name())?;
+        let dy = values(dy, dy_layout, self.name())?;
+        if stacked.len() != 2 * dy.len() {
+            candle_core::bail!("swiglu-backward: shapes differ");
+        }
+        let (gate, up) = stacked.split_at(dy.len());
+        let mut grads = vec![0f32; stacked.len()];
+        let (d_gate, d_up) = grads.split_at_mut(dy.len());
+        d_gate
+            .par_chunks_mut(ELEMENTS_PER_TASK)
+            .zip(d_up.par_chunks_mut(ELEMENTS_PER_TASK))
+            .zip(
+                gate.par_chunks(ELEMENTS_PER_TASK)
+                    .zip(up.par_chunks(ELEMENTS_PER_TASK)),
+            )
+            .zip(dy.par_chunks(ELEMENTS_PER_TASK))
+            .for_each(|(((d_gate, d_up), (gate, up)), dy)| {
+                for ((((dg, du), &g), &u), &d) in d_gate
+                    .iter_mut()
+                    .zip(d_up.iter_mut())
+                    .zip(gate)
+                    .zip(up)
+                    .zip(dy)
+                {
+                    let s = sigmoid(g);
+                    *du = d * g * s;
+                    *dg = d * u * s * (1.0 + g * (1.0 - s));
+                }
+            });
+        Ok((CpuStorage::F32(grads), stacked_layout.shape().clone()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
@@ -356,6 +574,64 @@ mod tests {
                     .broadcast_mul(&weight)
                     .unwrap()
             },
+        );
+    }
+
+    #[test]
+    fn rope_matches_rotate_half_in_value_and_gradient() {
+        let (positions, d, offset, seq) = (12, 8, 3, 5);
+        let angles: Vec<f32> = (0..positions * d)
+            .map(|i| (i / d) as f32 * 0.3 / (1 + i % (d / 2)) as f32)
+            .collect();
+        let table = |f: fn(f32) -> f32| angles.iter().map(|&a| f(a)).collect::<Vec<_>>();
+        let tables = RopeTables {
+            cos: Arc::new(table(f32::cos)),
+            sin: Arc::new(table(f32::sin)),
+            head_dim: d,
+        };
+        let cos = Tensor::from_vec(table(f32::cos), (positions, d), &Device::Cpu).unwrap();
+        let sin = Tensor::from_vec(table(f32::sin), (positions, d), &Device::Cpu).unwrap();
+        let (cos, sin) = (
+            cos.narrow(0, offset, seq).unwrap(),
+            sin.narrow(0, offset, seq).unwrap(),
+        );
+        assert_same_as_composed(
+            &[2, 3, seq, d],
+            |x| rope(x, &tables, offset).unwrap(),
+            |x| {
+                let first = x.narrow(D::Minus1, 0, d / 2).unwrap();
+                let second = x.narrow(D::Minus1, d / 2, d / 2).unwrap();
+                let rotated = Tensor::cat(&[&second.neg().unwrap(), &first], D::Minus1).unwrap();
+                (x.broadcast_mul(&cos).unwrap() + rotated.broadcast_mul(&sin).unwrap()).unwrap()
+            },
+        );
+    }
+
+    #[test]
+    fn swiglu_matches_silu_times_up_in_value_and_both_gradients() {
+        let up =
+            Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 9), &Device::Cpu).unwrap()).unwrap();
+        assert_same_as_composed(
+            &[4, 9],
+            |g| swiglu(&(g * 4.0).unwrap(), up.as_tensor()).unwrap(),
+            |g| ((g * 4.0).unwrap().silu().unwrap() * up.as_tensor()).unwrap(),
+        );
+        // ∂L/∂up with L = Σ swiglu(g, up): silu(g).
+        let gate = Tensor::new(&[[-30.0f32, -1.0, 0.0, 2.0, 30.0]], &Device::Cpu).unwrap();
+        let up =
+            Var::from_tensor(&Tensor::ones((1, 5), candle_core::DType::F32, &Device::Cpu).unwrap())
+                .unwrap();
+        let grads = swiglu(&gate, up.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let expected = flat(&gate.silu().unwrap());
+        let got = flat(grads.get(up.as_tensor()).unwrap());
+        assert!(
+            max_abs_difference(&expected, &got) < 1e-6,
+            "{expected:?} vs {got:?}"
         );
     }
 

@@ -64,6 +64,8 @@ const ROPE_TABLE_MAX: usize = 16_384;
 struct Rope {
     cos: Tensor,
     sin: Tensor,
+    /// The same tables for the fused CPU kernel.
+    tables: super::fused::RopeTables,
 }
 
 impl Rope {
@@ -85,14 +87,20 @@ impl Rope {
             .reshape((positions, 1))?;
         let angles = steps.broadcast_mul(&inverse_frequencies)?;
         let angles = Tensor::cat(&[&angles, &angles], D::Minus1)?;
-        Ok(Self {
-            cos: angles.cos()?,
-            sin: angles.sin()?,
-        })
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        let tables = super::fused::RopeTables {
+            cos: std::sync::Arc::new(cos.flatten_all()?.to_vec1::<f32>()?),
+            sin: std::sync::Arc::new(sin.flatten_all()?.to_vec1::<f32>()?),
+            head_dim,
+        };
+        Ok(Self { cos, sin, tables })
     }
 
     /// `x` is `[batch, heads, seq, head_dim]` at positions `offset..offset + seq`.
     fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            return super::fused::rope(x, &self.tables, offset);
+        }
         let (_, _, seq_len, head_dim) = x.dims4()?;
         let cos = self.cos.narrow(0, offset, seq_len)?;
         let sin = self.sin.narrow(0, offset, seq_len)?;
@@ -607,7 +615,11 @@ impl Block {
         let normed = self.post_attention_layernorm.forward(&x)?;
         let gate = mlp.gate_proj.forward_train(&normed, module_seed(seed, 4))?;
         let up = mlp.up_proj.forward_train(&normed, module_seed(seed, 5))?;
-        let gated = (gate.silu()? * up)?;
+        let gated = if gate.device().is_cpu() && gate.dtype() == DType::F32 {
+            super::fused::swiglu(&gate, &up)?
+        } else {
+            (gate.silu()? * up)?
+        };
         Ok((x + mlp.down_proj.forward_train(&gated, module_seed(seed, 6))?)?)
     }
 }
