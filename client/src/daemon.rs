@@ -24,7 +24,7 @@ use tracing::{info, instrument, warn};
 use crate::error::{ClientError, Result};
 use crate::model::peft::write_peft_adapter;
 use crate::model::{BaseModel, Llama, fingerprint};
-use crate::train::data::{SiteData, make_windows};
+use crate::train::data::{SiteData, make_windows, trained_examples};
 use crate::train::{TrainConfig, evaluate, train};
 
 /// How the daemon reaches the coordinator.
@@ -401,6 +401,8 @@ async fn run_task(
         grad_accumulation: (params.grad_accumulation as usize).max(1),
     };
     let windows = make_windows(&site.data.train, site.eos, seq_len);
+    // The update's FedAvg weight: the examples this task's windows actually train on.
+    let trained = trained_examples(&site.data.train, site.eos, seq_len);
     let round_id = task.round_id;
     let step_observer = observer.clone();
     let tokens_per_step =
@@ -443,7 +445,7 @@ async fn run_task(
     let header = pb::UpdateHeader {
         client_id: client_id.to_string(),
         task_id: task.task_id.clone(),
-        num_examples: site.data.num_examples() as u64,
+        num_examples: trained as u64,
         total_bytes: bytes.len() as u64,
         sha256: sha256.clone(),
         metrics: Some(pb::TrainMetrics {

@@ -224,21 +224,40 @@ pub fn make_windows(examples: &[Example], eos: u32, seq_len: usize) -> Vec<Windo
         .into_iter()
         .map(Window::full)
         .collect();
-    for example in examples {
-        let Example::Supervised { prompt, response } = example else {
-            continue;
-        };
-        let mut tokens: Vec<u32> = prompt.iter().chain(response).copied().collect();
-        if tokens.last() != Some(&eos) {
-            tokens.push(eos);
-        }
-        tokens.truncate(seq_len + 1);
-        let targets = prompt.len().saturating_sub(1)..tokens.len().saturating_sub(1);
-        if !targets.is_empty() {
-            windows.push(Window { tokens, targets });
-        }
-    }
+    windows.extend(
+        examples
+            .iter()
+            .filter_map(|example| supervised_window(example, eos, seq_len)),
+    );
     windows
+}
+
+/// An instruction example's window (prompt + response + EOS, cut at `seq_len + 1`, targets on
+/// the response), or `None` for text and for examples whose prompt fills the window.
+fn supervised_window(example: &Example, eos: u32, seq_len: usize) -> Option<Window> {
+    let Example::Supervised { prompt, response } = example else {
+        return None;
+    };
+    let mut tokens: Vec<u32> = prompt.iter().chain(response).copied().collect();
+    if tokens.last() != Some(&eos) {
+        tokens.push(eos);
+    }
+    tokens.truncate(seq_len + 1);
+    let targets = prompt.len().saturating_sub(1)..tokens.len().saturating_sub(1);
+    (!targets.is_empty()).then_some(Window { tokens, targets })
+}
+
+/// How many of `examples` [`make_windows`] trains on at `seq_len`: every text document, and the
+/// instruction examples whose response fits. This is the weight a site's update carries in
+/// FedAvg, so examples that teach nothing do not count.
+pub fn trained_examples(examples: &[Example], eos: u32, seq_len: usize) -> usize {
+    examples
+        .iter()
+        .filter(|example| match example {
+            Example::Text(_) => true,
+            Example::Supervised { .. } => supervised_window(example, eos, seq_len).is_some(),
+        })
+        .count()
 }
 
 /// Packs documents (each followed by `eos`) into one stream and cuts windows of `seq_len + 1`
@@ -317,6 +336,10 @@ mod tests {
                 },
             ]
         );
+        // The dropped example carries no FedAvg weight; with room for it, it counts.
+        assert_eq!(examples.len(), 4);
+        assert_eq!(trained_examples(&examples, 99, 5), 3);
+        assert_eq!(trained_examples(&examples, 99, 64), 4);
     }
 
     #[test]
