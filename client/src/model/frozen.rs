@@ -14,6 +14,8 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor};
 
+use rayon::prelude::*;
+
 use super::bf16_gemm::{self, PackedB};
 use crate::error::Result;
 
@@ -55,9 +57,11 @@ impl Bf16Weight {
     /// The stored (bf16) values as an f32 tensor.
     pub fn to_dense(&self, device: &Device) -> Result<Tensor> {
         let (rows, cols) = self.dims2();
-        let values: Vec<f32> = (0..rows * cols)
-            .map(|index| self.backward.get(index / cols, index % cols))
-            .collect();
+        let mut values = vec![0f32; rows * cols];
+        values
+            .par_chunks_mut(cols.max(1))
+            .enumerate()
+            .for_each(|(row, out)| self.backward.row_into(row, out));
         Ok(Tensor::from_vec(values, (rows, cols), &Device::Cpu)?.to_device(device)?)
     }
 }

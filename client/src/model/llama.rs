@@ -119,11 +119,10 @@ pub struct Llama {
     embed_tokens: Tensor,
     blocks: Vec<Block>,
     norm: RmsNorm,
-    /// `None` when the embeddings are tied.
-    lm_head: Option<Tensor>,
-    /// The output head packed in bf16 by [`Llama::pack_base_bf16`]; `None`: `lm_head` (or the
-    /// embeddings) in f32.
-    head_bf16: Option<FrozenWeight>,
+    /// The output head when it is not the embedding table used as it is: the untied `lm_head`
+    /// (f32, or bf16 after [`Llama::pack_base_bf16`]), or a bf16 copy of tied embeddings.
+    /// `None`: tied, and the head is `embed_tokens`.
+    head: Option<FrozenWeight>,
     rope: Rope,
     device: Device,
 }
@@ -215,10 +214,10 @@ impl Llama {
             weight: take("model.norm.weight".into())?,
             eps,
         };
-        let lm_head = if config.tie_word_embeddings {
+        let head = if config.tie_word_embeddings {
             None
         } else {
-            Some(take("lm_head.weight".into())?)
+            Some(FrozenWeight::Dense(take("lm_head.weight".into())?))
         };
         let rope = Rope::new(&config, device)?;
         Ok(Self {
@@ -226,8 +225,7 @@ impl Llama {
             embed_tokens,
             blocks,
             norm,
-            lm_head,
-            head_bf16: None,
+            head,
             rope,
             device: device.clone(),
         })
@@ -442,8 +440,13 @@ impl Llama {
                 linear.pack_weight_bf16()?;
             }
         }
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        self.head_bf16 = Some(FrozenWeight::Dense(head.clone()).packed_bf16()?);
+        // Replaces an untied f32 head (same memory: bf16 packed twice); tied embeddings stay f32
+        // for the lookup, and the head gets its own bf16 copy.
+        let head = self
+            .head
+            .clone()
+            .unwrap_or_else(|| FrozenWeight::Dense(self.embed_tokens.clone()));
+        self.head = Some(head.packed_bf16()?);
         Ok(())
     }
 
@@ -493,8 +496,8 @@ impl Llama {
             );
         }
         weights.insert("model.norm.weight".to_string(), self.norm.weight.clone());
-        if let Some(lm_head) = &self.lm_head {
-            weights.insert("lm_head.weight".to_string(), lm_head.clone());
+        if let (false, Some(head)) = (self.config.tie_word_embeddings, &self.head) {
+            weights.insert("lm_head.weight".to_string(), head.dequantize()?);
         }
         Ok(weights)
     }
@@ -528,11 +531,10 @@ impl Llama {
     }
 
     fn head(&self, hidden: &Tensor) -> Result<Tensor> {
-        if let Some(head) = &self.head_bf16 {
-            return super::frozen::frozen_matmul_t(hidden, head);
+        match &self.head {
+            Some(head) => super::frozen::frozen_matmul_t(hidden, head),
+            None => super::frozen::frozen_matmul_t(hidden, &self.embed_tokens.clone().into()),
         }
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        super::frozen::frozen_matmul_t(hidden, &head.clone().into())
     }
 
     /// Final-norm hidden states `[batch, seq, hidden]`, continuing `cache` when given.

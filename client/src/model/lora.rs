@@ -89,7 +89,7 @@ impl LoraLinear {
         }
         let FrozenWeight::Dense(weight) = &self.weight else {
             return Err(crate::error::ClientError::Unsupported(
-                "merging into a quantized base is not supported; load it unquantized".into(),
+                "merging into a quantized or bf16 base is not supported; load it in f32".into(),
             ));
         };
         let device = weight.device().clone();

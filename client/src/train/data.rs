@@ -247,9 +247,10 @@ fn supervised_window(example: &Example, eos: u32, seq_len: usize) -> Option<Wind
     (!targets.is_empty()).then_some(Window { tokens, targets })
 }
 
-/// How many of `examples` [`make_windows`] trains on at `seq_len`: every text document, and the
-/// instruction examples whose response fits. This is the weight a site's update carries in
-/// FedAvg, so examples that teach nothing do not count.
+/// How many of `examples` [`make_windows`] trains on at `seq_len`: every text document (packed;
+/// a short last stretch of the stream may fall outside every window), and the instruction
+/// examples whose response fits. This is the weight a site's update carries in FedAvg, so
+/// examples that teach nothing do not count.
 pub fn trained_examples(examples: &[Example], eos: u32, seq_len: usize) -> usize {
     examples
         .iter()

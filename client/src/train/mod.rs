@@ -304,11 +304,12 @@ pub fn evaluate(
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
-    use candle_core::D;
+    use candle_core::{D, DType};
     use fedlora_proto::adapter::{LORA_MODULES, LoraSpec};
 
     use super::*;
     use crate::model::BaseModel;
+    use crate::testing::{flat, logits, max_abs_difference};
     use crate::tiny::{TinyModelSpec, write_tiny_model};
 
     fn tiny() -> (tempfile::TempDir, BaseModel) {
@@ -604,6 +605,57 @@ mod tests {
             0.01,
             0.05,
         );
+    }
+
+    /// Packing the base in bf16 rounds the projections and the head and nothing else, tied or
+    /// untied; an exported model carries the same tensors.
+    #[test]
+    fn bf16_base_rounds_projections_and_head_only() {
+        for tie_word_embeddings in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let spec = TinyModelSpec {
+                tie_word_embeddings,
+                ..TinyModelSpec::default()
+            };
+            write_tiny_model(dir.path(), &spec).unwrap();
+            let dense = BaseModel::load(dir.path(), &Device::Cpu).unwrap().model;
+            let mut packed = dense.clone();
+            packed.pack_base_bf16().unwrap();
+            let (before, after) = (
+                dense.merged_weights().unwrap(),
+                packed.merged_weights().unwrap(),
+            );
+            let mut names: Vec<_> = before.keys().collect();
+            names.sort();
+            let mut after_names: Vec<_> = after.keys().collect();
+            after_names.sort();
+            assert_eq!(names, after_names);
+            assert_eq!(
+                names.contains(&&"lm_head.weight".to_string()),
+                !tie_word_embeddings
+            );
+            for name in names {
+                let original = &before[name];
+                let expected = if name.contains("proj") || name == "lm_head.weight" {
+                    original
+                        .to_dtype(DType::BF16)
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                } else {
+                    original.clone()
+                };
+                assert_eq!(flat(&expected), flat(&after[name]), "{name}");
+            }
+            // The head of a tied model is the rounded embedding table: logits close to f32's.
+            let input = Tensor::new(&[[1u32, 5, 9, 2]], &Device::Cpu).unwrap();
+            let (a, b) = (logits(&dense, &input), logits(&packed, &input));
+            let scale = a.iter().map(|v| v.abs()).fold(0f32, f32::max);
+            assert!(
+                max_abs_difference(&a, &b) < 0.02 * scale,
+                "tied {tie_word_embeddings}"
+            );
+        }
     }
 
     #[test]
