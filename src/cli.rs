@@ -120,6 +120,26 @@ pub struct GenerateArgs {
     pub seed: u64,
 }
 
+/// Block type for `--quantize-base`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum QuantArg {
+    /// 8.5 bits per weight, blocks of 32.
+    #[value(name = "q8_0")]
+    Q8_0,
+    /// 4.5 bits per weight, blocks of 256 (llama.cpp's Q4_K).
+    #[value(name = "q4k")]
+    Q4K,
+}
+
+impl From<QuantArg> for fedlora_client::model::QuantType {
+    fn from(quant: QuantArg) -> Self {
+        match quant {
+            QuantArg::Q8_0 => Self::Q8_0,
+            QuantArg::Q4K => Self::Q4K,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum BenchPreset {
     /// Llama hidden 512, 8 layers, vocab 32000; LoRA r=16 on q,k,v,o; batch 8 x 128.
@@ -138,9 +158,9 @@ pub struct BenchTrainArgs {
     /// Timed steps.
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
-    /// QLoRA: quantize the frozen projections to Q8_0.
-    #[arg(long, conflicts_with = "bf16_base")]
-    pub quantize_base: bool,
+    /// QLoRA: quantize the frozen projections (`--quantize-base` alone: q8_0).
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "q8_0", conflicts_with = "bf16_base")]
+    pub quantize_base: Option<QuantArg>,
     /// Keep the frozen projections and output head in bf16 (bf16 products, f32 accumulation;
     /// AVX-512 BF16 where the CPU has it).
     #[arg(long)]
@@ -280,10 +300,12 @@ pub struct ClientArgs {
     /// Held-out windows evaluated per task, at most.
     #[arg(long, default_value_t = 64)]
     pub max_eval_windows: usize,
-    /// QLoRA: keep the frozen base model quantized to Q8_0 (about a quarter of f32's memory;
-    /// projection widths must be multiples of 32). A GGUF model keeps its own types.
-    #[arg(long, conflicts_with = "bf16_base")]
-    pub quantize_base: bool,
+    /// QLoRA: keep the frozen projections quantized. `--quantize-base` alone or `=q8_0`: about a
+    /// quarter of f32's memory; `=q4k`: about an eighth. Projections whose input width is not a
+    /// multiple of the type's block (256 for q4k) fall back to q8_0 (blocks of 32), else stay
+    /// f32. A GGUF model keeps its own types.
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "q8_0", conflicts_with = "bf16_base")]
+    pub quantize_base: Option<QuantArg>,
     /// Keep the frozen projections and output head in bf16: bf16 products with f32
     /// accumulation, as PyTorch's bf16 autocast. On CPUs with AVX-512 BF16 (AMD Zen 4+, Intel
     /// Sapphire Rapids+) the fastest way to train; the LoRA factors stay f32.
@@ -478,9 +500,9 @@ async fn client(args: ClientArgs) -> Result<()> {
         max_rank: args.max_rank,
         max_eval_windows: args.max_eval_windows,
         base: match (args.quantize_base, args.bf16_base) {
-            (true, _) => BasePrecision::Quantized,
-            (false, true) => BasePrecision::Bf16,
-            (false, false) => BasePrecision::F32,
+            (Some(quant), _) => BasePrecision::Quantized(quant.into()),
+            (None, true) => BasePrecision::Bf16,
+            (None, false) => BasePrecision::F32,
         },
     };
     // A progress bar on a terminal (hidden when stderr is not one, e.g. under systemd), and a
@@ -643,16 +665,17 @@ fn bench_train(args: &BenchTrainArgs) -> Result<()> {
         &bench,
         args.warmup,
         args.steps,
-        args.quantize_base,
+        args.quantize_base.map(Into::into),
         args.bf16_base,
     )?;
     println!(
         "{}{}: {:.1} tokens/s ({:.3} s/step over {} steps, batch {} x {}), peak rss {}",
         bench.name,
         match (args.quantize_base, args.bf16_base) {
-            (true, _) => " (q8_0 base)",
-            (false, true) => " (bf16 base)",
-            (false, false) => "",
+            (Some(QuantArg::Q8_0), _) => " (q8_0 base)",
+            (Some(QuantArg::Q4K), _) => " (q4k base)",
+            (None, true) => " (bf16 base)",
+            (None, false) => "",
         },
         report.tokens_per_second,
         report.seconds_per_step,

@@ -96,20 +96,20 @@ pub struct BenchReport {
 }
 
 /// Runs `warmup` untimed then `steps` timed AdamW steps on random tokens.
-/// With `quantize_base`, the frozen projections are kept as Q8_0 (QLoRA); with `bf16_base`,
+/// With `quantize_base`, the frozen projections are kept quantized (QLoRA); with `bf16_base`,
 /// the projections and the output head in bf16 (`Llama::pack_base_bf16`).
 pub fn run_train_bench(
     bench: &TrainBench,
     warmup: usize,
     steps: usize,
-    quantize_base: bool,
+    quantize_base: Option<crate::model::QuantType>,
     bf16_base: bool,
 ) -> Result<BenchReport> {
     let device = Device::Cpu;
     let weights = random_weights(&bench.config, 1)?;
     let mut model = Llama::from_weights(bench.config.clone(), weights, &device)?;
-    if quantize_base {
-        model.quantize_base(candle_core::quantized::GgmlDType::Q8_0)?;
+    if let Some(quant) = quantize_base {
+        model.quantize_base(quant.ggml())?;
     }
     if bf16_base {
         model.pack_base_bf16()?;

@@ -23,7 +23,7 @@ use tracing::{info, instrument, warn};
 
 use crate::error::{ClientError, Result};
 use crate::model::peft::write_peft_adapter;
-use crate::model::{BaseModel, Llama, fingerprint};
+use crate::model::{BaseModel, Llama, QuantType, fingerprint};
 use crate::train::data::{SiteData, make_windows, trained_examples};
 use crate::train::{TrainConfig, evaluate, train};
 
@@ -65,9 +65,9 @@ pub enum BasePrecision {
     /// Projections and output head in bf16, bf16 products with f32 accumulation (PyTorch's bf16
     /// autocast); on CPUs with AVX-512 BF16 the fastest choice. CPU only.
     Bf16,
-    /// QLoRA: projections quantized (Q8_0, or a GGUF's own types), about a quarter of f32's
-    /// memory.
-    Quantized,
+    /// QLoRA: projections quantized (to the given type, or a GGUF's own types): about a
+    /// quarter (Q8_0) or an eighth (Q4K) of f32's memory.
+    Quantized(QuantType),
 }
 
 /// Progress the daemon reports to whoever runs it (a progress bar, a log).
@@ -200,7 +200,9 @@ fn is_transient(error: &ClientError) -> bool {
 fn load_site(config: &DaemonConfig) -> Result<Site> {
     let device = crate::model::default_device();
     let base = match config.base {
-        BasePrecision::Quantized => BaseModel::load_quantized(&config.model_dir, &device)?,
+        BasePrecision::Quantized(quant) => {
+            BaseModel::load_quantized(&config.model_dir, &device, quant)?
+        }
         BasePrecision::F32 => BaseModel::load(&config.model_dir, &device)?,
         BasePrecision::Bf16 => {
             let mut base = BaseModel::load(&config.model_dir, &device)?;

@@ -440,7 +440,7 @@ mod tests {
         let path = write_tiny_gguf(dir.path(), &config, &hf, GgmlDType::Q4_1);
 
         let dequantized = BaseModel::load(&path, &Device::Cpu).unwrap();
-        let mut kept = BaseModel::load_quantized(&path, &Device::Cpu).unwrap();
+        let mut kept = BaseModel::load_quantized(&path, &Device::Cpu, Default::default()).unwrap();
         assert!(
             dequantized
                 .model

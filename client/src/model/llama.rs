@@ -412,13 +412,23 @@ impl Llama {
         self.last_position_logits(&hidden)
     }
 
-    /// QLoRA: keeps every projection's frozen weight quantized to `dtype` (e.g. Q8_0), about a
-    /// quarter of f32's memory. Embeddings, norms and the output head stay f32. Gradients still
-    /// reach the LoRA factors below quantized layers (see `frozen.rs`).
+    /// QLoRA: keeps every projection's frozen weight quantized to `dtype` (e.g. Q8_0, about a
+    /// quarter of f32's memory, or Q4K, about an eighth). A projection whose rows (its input
+    /// width) are not a whole number of `dtype`'s blocks (256 values for the k-quants) gets Q8_0
+    /// if they fit its blocks of 32, as llama.cpp falls back, and stays f32 otherwise;
+    /// [`Llama::projection_dtypes`] reports what each got. Embeddings, norms and the output head
+    /// stay f32. Gradients still reach the LoRA factors below quantized layers (see `frozen.rs`).
     pub fn quantize_base(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<()> {
+        use candle_core::quantized::GgmlDType;
         for block in &mut self.blocks {
             for (_, linear) in block.linears_mut() {
-                linear.quantize_weight(dtype)?;
+                let (in_features, _) = linear.in_out();
+                let fitting = [dtype, GgmlDType::Q8_0]
+                    .into_iter()
+                    .find(|candidate| in_features % candidate.block_size() == 0);
+                if let Some(fitting) = fitting {
+                    linear.quantize_weight(fitting)?;
+                }
             }
         }
         Ok(())

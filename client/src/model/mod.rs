@@ -62,17 +62,36 @@ impl BaseModel {
     }
 }
 
+/// The block type a Hugging Face checkpoint's projections are quantized to on load (QLoRA).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum QuantType {
+    /// 8.5 bits per weight, blocks of 32: close to f32 (the default).
+    #[default]
+    Q8_0,
+    /// 4.5 bits per weight, super-blocks of 256 (llama.cpp's `Q4_K`): about half of Q8_0's memory.
+    Q4K,
+}
+
+impl QuantType {
+    pub fn ggml(self) -> candle_core::quantized::GgmlDType {
+        match self {
+            Self::Q8_0 => candle_core::quantized::GgmlDType::Q8_0,
+            Self::Q4K => candle_core::quantized::GgmlDType::Q4K,
+        }
+    }
+}
+
 impl BaseModel {
     /// QLoRA: as [`BaseModel::load`] with the frozen projections quantized. A GGUF file keeps its
-    /// quantized types as loaded (q/k requantized to Q8_0, see `gguf::load_gguf`); a Hugging Face
-    /// checkpoint is quantized to Q8_0 after loading.
-    pub fn load_quantized(path: &Path, device: &Device) -> Result<Self> {
+    /// quantized types as loaded (q/k requantized to Q8_0, see `gguf::load_gguf`; `quant` is not
+    /// used); a Hugging Face checkpoint is quantized to `quant` after loading (see
+    /// [`Llama::quantize_base`] for rows that do not fit its blocks).
+    pub fn load_quantized(path: &Path, device: &Device, quant: QuantType) -> Result<Self> {
         if is_gguf(path) {
             return gguf::load_gguf(path, device, true);
         }
         let mut base = Self::load(path, device)?;
-        base.model
-            .quantize_base(candle_core::quantized::GgmlDType::Q8_0)?;
+        base.model.quantize_base(quant.ggml())?;
         Ok(base)
     }
 }
