@@ -104,8 +104,9 @@ pub struct GenerateArgs {
     /// The prompt, wrapped in the prompt template (see --template).
     #[arg(long)]
     pub prompt: String,
-    /// Prompt template: auto (ChatML when the tokenizer has <|im_start|>, else none), chatml,
-    /// alpaca (the layout instruction data is trained in on tokenizers without ChatML), or raw.
+    /// Prompt template: auto (ChatML when the tokenizer has <|im_start|>; otherwise Alpaca, the
+    /// layout instruction data is trained in, when an --adapter is given, and none for the base
+    /// model alone), chatml, alpaca, or raw.
     #[arg(long, value_enum, default_value = "auto")]
     pub template: TemplateChoice,
     #[arg(long, default_value_t = 48)]
@@ -694,8 +695,13 @@ fn generate(args: &GenerateArgs) -> Result<()> {
     let base = load_with_adapters(&args.model, &args.adapters)?;
     use fedlora_client::chat::PromptTemplate;
     let template = match args.template {
+        // An adapter trained on instruction data saw the template training picks for this
+        // tokenizer; a base model without ChatML tokens knows no template.
         TemplateChoice::Auto => match PromptTemplate::for_tokenizer(&base.tokenizer) {
             PromptTemplate::ChatMl => Some(PromptTemplate::ChatMl),
+            PromptTemplate::Alpaca if !args.adapters.adapters.is_empty() => {
+                Some(PromptTemplate::Alpaca)
+            }
             PromptTemplate::Alpaca => None,
         },
         TemplateChoice::Chatml => Some(PromptTemplate::ChatMl),
