@@ -101,6 +101,39 @@ impl FrozenWeight {
         })
     }
 
+    /// `x·Wᵀ` for `rows` rows of `x` (row-major, `in` wide) on the CPU, without a graph:
+    /// `[rows, out]`. Dense weights use candle's matmul, bf16 ones `bf16_gemm`.
+    pub fn product_t(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let (_, inputs) = self.dims2()?;
+        Ok(match self {
+            Self::Bf16(weight) => {
+                bf16_gemm::matmul(&bf16_gemm::pack_a(x, rows, inputs), rows, &weight.forward)
+            }
+            _ => {
+                let x = Tensor::from_slice(x, (rows, inputs), &Device::Cpu)?;
+                let weight = self.dequantize()?;
+                x.matmul(&weight.t()?)?.flatten_all()?.to_vec1::<f32>()?
+            }
+        })
+    }
+
+    /// `g·W` for `rows` rows of `g` (row-major, `out` wide) on the CPU, without a graph:
+    /// `[rows, in]`.
+    pub fn product(&self, g: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let (outputs, _) = self.dims2()?;
+        Ok(match self {
+            Self::Bf16(weight) => {
+                bf16_gemm::matmul(&bf16_gemm::pack_a(g, rows, outputs), rows, &weight.backward)
+            }
+            _ => {
+                let g = Tensor::from_slice(g, (rows, outputs), &Device::Cpu)?;
+                g.matmul(&self.dequantize()?)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+            }
+        })
+    }
+
     /// The weight rounded to bf16 and packed for `bf16_gemm` (a dense f32 weight on the CPU;
     /// other weights are kept as they are).
     pub fn packed_bf16(&self) -> Result<Self> {

@@ -406,6 +406,19 @@ impl Llama {
         self.head(&hidden)
     }
 
+    /// Final-norm hidden states `[batch, seq, hidden]` (training: dropout from `dropout_seed`);
+    /// [`Llama::head_weight`] turns them into logits.
+    pub fn hidden_train(&self, input_ids: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+        self.hidden_states(input_ids, None, dropout_seed)
+    }
+
+    /// The output head `[vocab, hidden]` (the embeddings when tied), as the forward pass uses it.
+    pub fn head_weight(&self) -> FrozenWeight {
+        self.head
+            .clone()
+            .unwrap_or_else(|| FrozenWeight::Dense(self.embed_tokens.clone()))
+    }
+
     /// Logits `[batch, vocab]` of the last position only.
     pub fn last_logits(&self, input_ids: &Tensor) -> Result<Tensor> {
         let hidden = self.hidden_states(input_ids, None, None)?;

@@ -99,11 +99,22 @@ fn batch_loss_train(
     windows: &[&Window],
     dropout_seed: Option<u64>,
 ) -> Result<Tensor> {
+    batch_loss_with(model, windows, dropout_seed, true)
+}
+
+/// The mean loss of a batch; `need_grad` false skips the work only a backward pass needs.
+fn batch_loss_with(
+    model: &Llama,
+    windows: &[&Window],
+    dropout_seed: Option<u64>,
+    need_grad: bool,
+) -> Result<Tensor> {
     let batch = Batch::new(windows, model.device())?;
-    let logits = model.forward_train(&batch.inputs, dropout_seed)?;
-    let (rows, seq_len, vocab) = logits.dims3()?;
-    let logits = logits.reshape((rows * seq_len, vocab))?;
-    let losses = loss::cross_entropy_rows(&logits, &batch.targets)?;
+    let hidden = model.hidden_train(&batch.inputs, dropout_seed)?;
+    let (rows, seq_len, width) = hidden.dims3()?;
+    let hidden = hidden.reshape((rows * seq_len, width))?;
+    let losses =
+        loss::head_cross_entropy_rows(&hidden, &model.head_weight(), &batch.targets, need_grad)?;
     match &batch.mask {
         None => Ok(losses.mean_all()?),
         Some((mask, count)) => Ok(((losses * mask)?.sum_all()? / *count)?),
@@ -291,7 +302,7 @@ pub fn evaluate(
     for chunk in windows.chunks(batch_size.max(1)) {
         let batch: Vec<&Window> = chunk.iter().collect();
         let batch_tokens: u64 = batch.iter().map(|window| window.num_targets() as u64).sum();
-        let loss = batch_loss(model, &batch)?.to_scalar::<f32>()?;
+        let loss = batch_loss_with(model, &batch, None, false)?.to_scalar::<f32>()?;
         loss_sum += f64::from(loss) * batch_tokens as f64;
         tokens += batch_tokens;
     }
