@@ -54,18 +54,50 @@ fn rows_per_task(row_len: usize) -> usize {
     (16_384 / row_len.max(1)).max(1)
 }
 
-/// `x / √(mean(x²) + ε) · w` over the last dimension; `w` is frozen (no gradient).
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let op = RmsNorm {
-        weight: weight.flatten_all()?.to_vec1::<f32>()?,
-        eps: eps as f32,
-    };
+/// A new `[.., row_len]` buffer whose rows are computed in parallel: `f(row, out, a, b)` fills
+/// row `row` of the output from the same rows of `a` and `b` (`b` empty when not given).
+fn map_rows(
+    a: &[f32],
+    b: Option<&[f32]>,
+    row_len: usize,
+    f: impl Fn(usize, &mut [f32], &[f32], &[f32]) + Sync,
+) -> Vec<f32> {
+    let rows = rows_per_task(row_len);
+    let chunk = rows * row_len.max(1);
+    let mut out = vec![0f32; a.len()];
+    out.par_chunks_mut(chunk)
+        .zip(a.par_chunks(chunk))
+        .enumerate()
+        .for_each(|(task, (out, a))| {
+            let b = b.map_or(&[][..], |b| {
+                &b[task * chunk..(task * chunk + a.len()).min(b.len())]
+            });
+            for (index, (out, a_row)) in out.chunks_mut(row_len).zip(a.chunks(row_len)).enumerate()
+            {
+                let b_row = b.get(index * row_len..(index + 1) * row_len).unwrap_or(&[]);
+                f(task * rows + index, out, a_row, b_row);
+            }
+        });
+    out
+}
+
+/// `op(x)`, recorded for the backward pass when `x` is part of a graph.
+fn apply1(x: &Tensor, op: impl CustomOp1 + Send + Sync + 'static) -> Result<Tensor> {
     let x = x.contiguous()?;
     Ok(if x.track_op() {
         x.apply_op1(op)?
     } else {
         x.apply_op1_no_bwd(&op)?
     })
+}
+
+/// `x / √(mean(x²) + ε) · w` over the last dimension; `w` is frozen (no gradient).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let op = RmsNorm {
+        weight: weight.flatten_all()?.to_vec1::<f32>()?,
+        eps: eps as f32,
+    };
+    apply1(x, op)
 }
 
 struct RmsNorm {
@@ -95,18 +127,12 @@ impl CustomOp1 for RmsNorm {
         if layout.shape().dims().last() != Some(&hidden) {
             candle_core::bail!("rms-norm: last dimension is not the weight's {hidden}");
         }
-        let mut out = vec![0f32; x.len()];
-        let chunk = rows_per_task(hidden) * hidden;
-        out.par_chunks_mut(chunk)
-            .zip(x.par_chunks(chunk))
-            .for_each(|(out, x)| {
-                for (out, row) in out.chunks_mut(hidden).zip(x.chunks(hidden)) {
-                    let r = self.inverse_rms(row);
-                    for ((o, v), w) in out.iter_mut().zip(row).zip(&self.weight) {
-                        *o = v * r * w;
-                    }
-                }
-            });
+        let out = map_rows(x, None, hidden, |_, out, row, _| {
+            let r = self.inverse_rms(row);
+            for ((o, v), w) in out.iter_mut().zip(row).zip(&self.weight) {
+                *o = v * r * w;
+            }
+        });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 
@@ -145,29 +171,19 @@ impl CustomOp2 for RmsNormBackward {
         if x.len() != dy.len() || x.len() % hidden.max(1) != 0 {
             candle_core::bail!("rms-norm-backward: shapes differ");
         }
-        let mut dx = vec![0f32; x.len()];
-        let chunk = rows_per_task(hidden) * hidden;
-        dx.par_chunks_mut(chunk)
-            .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
-            .for_each(|(dx, (x, dy))| {
-                for ((dx, row), dy) in dx
-                    .chunks_mut(hidden)
-                    .zip(x.chunks(hidden))
-                    .zip(dy.chunks(hidden))
-                {
-                    let r = self.forward.inverse_rms(row);
-                    let dot: f32 = row
-                        .iter()
-                        .zip(dy)
-                        .zip(weight)
-                        .map(|((x, g), w)| x * g * w)
-                        .sum();
-                    let correction = r * r * r * dot / hidden as f32;
-                    for (((d, x), g), w) in dx.iter_mut().zip(row).zip(dy).zip(weight) {
-                        *d = r * w * g - x * correction;
-                    }
-                }
-            });
+        let dx = map_rows(x, Some(dy), hidden, |_, dx, row, dy| {
+            let r = self.forward.inverse_rms(row);
+            let dot: f32 = row
+                .iter()
+                .zip(dy)
+                .zip(weight)
+                .map(|((x, g), w)| x * g * w)
+                .sum();
+            let correction = r * r * r * dot / hidden as f32;
+            for (((d, x), g), w) in dx.iter_mut().zip(row).zip(dy).zip(weight) {
+                *d = r * w * g - x * correction;
+            }
+        });
         Ok((CpuStorage::F32(dx), x_layout.shape().clone()))
     }
 }
@@ -178,12 +194,7 @@ pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
     let op = CausalSoftmax {
         scale: scale as f32,
     };
-    let scores = scores.contiguous()?;
-    Ok(if scores.track_op() {
-        scores.apply_op1(op)?
-    } else {
-        scores.apply_op1_no_bwd(&op)?
-    })
+    apply1(scores, op)
 }
 
 struct CausalSoftmax {
@@ -218,29 +229,22 @@ impl CustomOp1 for CausalSoftmax {
         let s = values(storage, layout, self.name())?;
         let (queries, keys) = query_key_lens(layout.shape())?;
         let offset = keys - queries;
-        let mut out = vec![0f32; s.len()];
-        let chunk = rows_per_task(keys) * keys;
-        out.par_chunks_mut(chunk)
-            .zip(s.par_chunks(chunk))
-            .enumerate()
-            .for_each(|(task, (out, s))| {
-                let first_row = task * (chunk / keys);
-                for (index, (out, row)) in out.chunks_mut(keys).zip(s.chunks(keys)).enumerate() {
-                    let visible = offset + (first_row + index) % queries + 1;
-                    let (out, _) = out.split_at_mut(visible);
-                    let row = &row[..visible];
-                    let max = row
-                        .iter()
-                        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-                    let mut sum = 0f32;
-                    for (o, v) in out.iter_mut().zip(row) {
-                        *o = exp(self.scale * (v - max));
-                        sum += *o;
-                    }
-                    let inverse = 1.0 / sum;
-                    out.iter_mut().for_each(|o| *o *= inverse);
-                }
-            });
+        let out = map_rows(s, None, keys, |row_index, out, row, _| {
+            // Masked keys keep their 0.
+            let visible = offset + row_index % queries + 1;
+            let (out, _) = out.split_at_mut(visible);
+            let row = &row[..visible];
+            let max = row
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+            let mut sum = 0f32;
+            for (o, v) in out.iter_mut().zip(row) {
+                *o = exp(self.scale * (v - max));
+                sum += *o;
+            }
+            let inverse = 1.0 / sum;
+            out.iter_mut().for_each(|o| *o *= inverse);
+        });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 
@@ -273,18 +277,12 @@ impl CustomOp2 for SoftmaxBackward {
         if y.len() != dy.len() {
             candle_core::bail!("causal-softmax-backward: shapes differ");
         }
-        let mut ds = vec![0f32; y.len()];
-        let chunk = rows_per_task(keys) * keys;
-        ds.par_chunks_mut(chunk)
-            .zip(y.par_chunks(chunk).zip(dy.par_chunks(chunk)))
-            .for_each(|(ds, (y, dy))| {
-                for ((ds, y), dy) in ds.chunks_mut(keys).zip(y.chunks(keys)).zip(dy.chunks(keys)) {
-                    let dot: f32 = y.iter().zip(dy).map(|(y, g)| y * g).sum();
-                    for ((d, y), g) in ds.iter_mut().zip(y).zip(dy) {
-                        *d = self.scale * y * (g - dot);
-                    }
-                }
-            });
+        let ds = map_rows(y, Some(dy), keys, |_, ds, y, dy| {
+            let dot: f32 = y.iter().zip(dy).map(|(y, g)| y * g).sum();
+            for ((d, y), g) in ds.iter_mut().zip(y).zip(dy) {
+                *d = self.scale * y * (g - dot);
+            }
+        });
         Ok((CpuStorage::F32(ds), y_layout.shape().clone()))
     }
 }
@@ -298,12 +296,7 @@ pub fn rope(x: &Tensor, tables: &RopeTables, offset: usize) -> Result<Tensor> {
         offset,
         inverse: false,
     };
-    let x = x.contiguous()?;
-    Ok(if x.track_op() {
-        x.apply_op1(op)?
-    } else {
-        x.apply_op1_no_bwd(&op)?
-    })
+    apply1(x, op)
 }
 
 /// `cos` and `sin` of every position's angles, `[positions, d]` row-major.
@@ -349,25 +342,18 @@ impl CustomOp1 for RopeOp {
             );
         }
         let sign = if self.inverse { -1.0 } else { 1.0 };
-        let mut out = vec![0f32; x.len()];
-        let rows = rows_per_task(d);
-        out.par_chunks_mut(rows * d)
-            .zip(x.par_chunks(rows * d))
-            .enumerate()
-            .for_each(|(task, (out, x))| {
-                for (index, (out, x)) in out.chunks_mut(d).zip(x.chunks(d)).enumerate() {
-                    let position = self.offset + (task * rows + index) % seq_len;
-                    let cos = &self.tables.cos[position * d..position * d + half];
-                    let sin = &self.tables.sin[position * d..position * d + half];
-                    let (x1, x2) = x.split_at(half);
-                    let (y1, y2) = out.split_at_mut(half);
-                    for j in 0..half {
-                        let (c, s) = (cos[j], sign * sin[j]);
-                        y1[j] = x1[j] * c - x2[j] * s;
-                        y2[j] = x2[j] * c + x1[j] * s;
-                    }
-                }
-            });
+        let out = map_rows(x, None, d, |row_index, out, x, _| {
+            let position = self.offset + row_index % seq_len;
+            let cos = &self.tables.cos[position * d..position * d + half];
+            let sin = &self.tables.sin[position * d..position * d + half];
+            let (x1, x2) = x.split_at(half);
+            let (y1, y2) = out.split_at_mut(half);
+            for j in 0..half {
+                let (c, s) = (cos[j], sign * sin[j]);
+                y1[j] = x1[j] * c - x2[j] * s;
+                y2[j] = x2[j] * c + x1[j] * s;
+            }
+        });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 
