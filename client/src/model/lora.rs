@@ -224,7 +224,9 @@ impl LoraLinear {
         };
         let lora_input = dropped.as_ref().unwrap_or(x);
         let down = lora_input.broadcast_matmul(&lora.a.as_tensor().t()?)?;
-        let up = (down.broadcast_matmul(&lora.b.as_tensor().t()?)? * lora.scale)?;
+        // s·(x·Aᵀ)·Bᵀ as (x·Aᵀ)·(s·B)ᵀ: the scale touches the [out, r] factor, not the
+        // [tokens, out] product, forward and backward.
+        let up = down.broadcast_matmul(&(lora.b.as_tensor() * lora.scale)?.t()?)?;
         let out = match &lora.magnitude {
             None => (base + up)?,
             Some(magnitude) => {
