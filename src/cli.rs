@@ -309,7 +309,8 @@ pub struct ClientArgs {
     pub quantize_base: Option<QuantArg>,
     /// Keep the frozen projections and output head in bf16: bf16 products with f32
     /// accumulation, as PyTorch's bf16 autocast. On CPUs with AVX-512 BF16 (AMD Zen 4+, Intel
-    /// Sapphire Rapids+) the fastest way to train; the LoRA factors stay f32.
+    /// Sapphire Rapids+) the fastest way to train; the LoRA factors stay f32. Other CPUs run a
+    /// portable loop, slower than the f32 base (a warning says so).
     #[arg(long)]
     pub bf16_base: bool,
     #[command(flatten)]

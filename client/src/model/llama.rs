@@ -458,6 +458,12 @@ impl Llama {
                 "the bf16 base is a CPU kernel; on a GPU load the model in bf16 instead".into(),
             ));
         }
+        if !super::bf16_gemm::simd_available() {
+            tracing::warn!(
+                "this CPU lacks AVX-512 BF16: the bf16 base runs a portable loop, slower than the \
+                 f32 base"
+            );
+        }
         for block in &mut self.blocks {
             for (_, linear) in block.linears_mut() {
                 linear.pack_weight_bf16()?;
