@@ -105,13 +105,14 @@ impl FrozenWeight {
     /// `[rows, out]`. Dense weights use candle's matmul, bf16 ones `bf16_gemm`.
     pub fn product_t(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         let (_, inputs) = self.dims2()?;
+        check_rows(x, rows, inputs)?;
         Ok(match self {
             Self::Bf16(weight) => {
                 bf16_gemm::matmul(&bf16_gemm::pack_a(x, rows, inputs), rows, &weight.forward)
             }
             _ => {
                 let x = Tensor::from_slice(x, (rows, inputs), &Device::Cpu)?;
-                let weight = self.dequantize()?;
+                let weight = self.dequantize()?.to_device(&Device::Cpu)?;
                 x.matmul(&weight.t()?)?.flatten_all()?.to_vec1::<f32>()?
             }
         })
@@ -121,13 +122,14 @@ impl FrozenWeight {
     /// `[rows, in]`.
     pub fn product(&self, g: &[f32], rows: usize) -> Result<Vec<f32>> {
         let (outputs, _) = self.dims2()?;
+        check_rows(g, rows, outputs)?;
         Ok(match self {
             Self::Bf16(weight) => {
                 bf16_gemm::matmul(&bf16_gemm::pack_a(g, rows, outputs), rows, &weight.backward)
             }
             _ => {
                 let g = Tensor::from_slice(g, (rows, outputs), &Device::Cpu)?;
-                g.matmul(&self.dequantize()?)?
+                g.matmul(&self.dequantize()?.to_device(&Device::Cpu)?)?
                     .flatten_all()?
                     .to_vec1::<f32>()?
             }
@@ -144,6 +146,17 @@ impl FrozenWeight {
             other => other.clone(),
         })
     }
+}
+
+/// `values` must be `rows` rows of `width`.
+fn check_rows(values: &[f32], rows: usize, width: usize) -> Result<()> {
+    if values.len() != rows * width {
+        return Err(crate::error::ClientError::Unsupported(format!(
+            "{} values are not {rows} rows of {width}",
+            values.len()
+        )));
+    }
+    Ok(())
 }
 
 struct InputGradOnly {

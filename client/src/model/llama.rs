@@ -439,8 +439,12 @@ impl Llama {
                 let fitting = [dtype, GgmlDType::Q8_0]
                     .into_iter()
                     .find(|candidate| in_features % candidate.block_size() == 0);
-                if let Some(fitting) = fitting {
-                    linear.quantize_weight(fitting)?;
+                match fitting {
+                    Some(fitting) => linear.quantize_weight(fitting)?,
+                    None => tracing::warn!(
+                        in_features,
+                        "a projection's rows are not whole blocks of {dtype:?} or Q8_0: kept in f32"
+                    ),
                 }
             }
         }
