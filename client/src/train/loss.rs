@@ -72,28 +72,15 @@ impl CustomOp2 for HeadCrossEntropy {
         targets_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let error = |error: crate::error::ClientError| candle_core::Error::Msg(error.to_string());
-        let (CpuStorage::F32(hidden), CpuStorage::U32(targets)) = (hidden, targets) else {
-            candle_core::bail!("head-cross-entropy expects f32 hidden states and u32 targets");
-        };
-        let (Some((start, end)), Some((target_start, target_end))) = (
-            hidden_layout.contiguous_offsets(),
-            targets_layout.contiguous_offsets(),
-        ) else {
-            candle_core::bail!("head-cross-entropy expects contiguous inputs");
-        };
-        let (rows, width) = hidden_layout.shape().dims2()?;
         let (vocab, head_width) = self.head.dims2().map_err(error)?;
-        let targets = &targets[target_start..target_end];
-        if head_width != width || targets.len() != rows {
+        let (hidden, targets, width) =
+            slices(hidden, hidden_layout, targets, targets_layout, Some(vocab))?;
+        if head_width != width {
             candle_core::bail!(
-                "head-cross-entropy: {rows}x{width} hidden, head {vocab}x{head_width}, {} targets",
-                targets.len()
+                "head-cross-entropy: hidden width {width}, head {vocab}x{head_width}"
             );
         }
-        if let Some(target) = targets.iter().find(|target| **target as usize >= vocab) {
-            candle_core::bail!("cross-entropy: target {target} outside the vocabulary of {vocab}");
-        }
-        let hidden = &hidden[start..end];
+        let rows = targets.len();
         let mut losses = Vec::with_capacity(rows);
         let mut unit_gradient = Vec::with_capacity(if self.need_grad { rows * width } else { 0 });
         for first in (0..rows).step_by(HEAD_CHUNK_ROWS) {
@@ -165,14 +152,17 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 
 struct CrossEntropyRows;
 
+/// The rows `[rows, width]` (f32) and their targets (u32, one per row, each below `classes`,
+/// or below `width` when `None`), checked; returns them with `width`.
 fn slices<'a>(
     logits: &'a CpuStorage,
     logits_layout: &Layout,
     targets: &'a CpuStorage,
     targets_layout: &Layout,
+    classes: Option<usize>,
 ) -> candle_core::Result<(&'a [f32], &'a [u32], usize)> {
     let (CpuStorage::F32(logits), CpuStorage::U32(targets)) = (logits, targets) else {
-        candle_core::bail!("cross-entropy expects f32 logits and u32 targets");
+        candle_core::bail!("cross-entropy expects f32 rows and u32 targets");
     };
     let (Some((logit_start, logit_end)), Some((target_start, target_end))) = (
         logits_layout.contiguous_offsets(),
@@ -180,18 +170,19 @@ fn slices<'a>(
     ) else {
         candle_core::bail!("cross-entropy expects contiguous inputs");
     };
-    let (rows, vocab) = logits_layout.shape().dims2()?;
+    let (rows, width) = logits_layout.shape().dims2()?;
     if target_end - target_start != rows {
         candle_core::bail!(
-            "cross-entropy: {rows} rows of logits, {} targets",
+            "cross-entropy: {rows} rows, {} targets",
             target_end - target_start
         );
     }
     let targets = &targets[target_start..target_end];
+    let vocab = classes.unwrap_or(width);
     if let Some(target) = targets.iter().find(|target| **target as usize >= vocab) {
         candle_core::bail!("cross-entropy: target {target} outside the vocabulary of {vocab}");
     }
-    Ok((&logits[logit_start..logit_end], targets, vocab))
+    Ok((&logits[logit_start..logit_end], targets, width))
 }
 
 /// Lanes of the partial maxima and sums below: written so that the loops vectorise.
@@ -240,7 +231,8 @@ impl CustomOp2 for CrossEntropyRows {
         targets: &CpuStorage,
         targets_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (logits, targets, vocab) = slices(logits, logits_layout, targets, targets_layout)?;
+        let (logits, targets, vocab) =
+            slices(logits, logits_layout, targets, targets_layout, None)?;
         let losses: Vec<f32> = logits
             .par_chunks(vocab)
             .zip(targets.par_iter())
