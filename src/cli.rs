@@ -670,7 +670,7 @@ fn bench_train(args: &BenchTrainArgs) -> Result<()> {
         args.quantize_base.map(Into::into),
         args.bf16_base,
     )?;
-    println!(
+    print!(
         "{}{}: {:.1} tokens/s ({:.3} s/step over {} steps, batch {} x {}), peak rss {}",
         bench.name,
         match (args.quantize_base, args.bf16_base) {
@@ -688,6 +688,23 @@ fn bench_train(args: &BenchTrainArgs) -> Result<()> {
             .peak_rss_bytes
             .map_or("unknown".into(), |bytes| format!("{} MiB", bytes >> 20))
     );
+    // One line, which scripts/bench_vs_peft.sh parses: the share of this CPU's peak goes after.
+    print!(
+        ", {:.0} GFLOP/s ({:.0} MFLOP per token)",
+        report.gflops,
+        bench.flop_per_token() / 1e6
+    );
+    match report.peak {
+        Some(peak) => println!(
+            " = {:.0}% of this CPU's f32 FMA peak ({:.0} GFLOP/s on {} threads; bf16 dot {})",
+            100.0 * report.gflops / peak.f32_gflops,
+            peak.f32_gflops,
+            peak.threads,
+            peak.bf16_gflops
+                .map_or("absent".into(), |gflops| format!("{gflops:.0} GFLOP/s"))
+        ),
+        None => println!(),
+    }
     Ok(())
 }
 

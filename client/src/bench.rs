@@ -85,6 +85,52 @@ impl TrainBench {
     }
 }
 
+impl TrainBench {
+    /// Arithmetic of one training step per token, in flop (a multiply-add is two), counting every
+    /// product as dense: the frozen base's forward pass and input gradients (projections,
+    /// attention's two batched products forward and four backward, the output head), and the
+    /// LoRA factors' two products forward and four backward. Layer 0's q/k/v take their input from
+    /// the frozen embedding, so their input gradient is not computed. Norms, softmax, RoPE and
+    /// the loss's exponentials are left out: what is left is what a GEMM peak can be held
+    /// against.
+    pub fn flop_per_token(&self) -> f64 {
+        let c = &self.config;
+        let (hidden, head_dim) = (c.hidden_size as f64, c.head_dim() as f64);
+        let (heads, kv_heads) = (c.num_attention_heads as f64, c.num_kv_heads() as f64);
+        let (q_out, kv_out) = (heads * head_dim, kv_heads * head_dim);
+        let inter = c.intermediate_size as f64;
+        let seq = self.seq_len as f64;
+        let attention_inputs = 2.0 * hidden * (q_out + 2.0 * kv_out);
+        let rest_of_layer = 2.0 * q_out * hidden + 6.0 * hidden * inter;
+        let attention = 4.0 * q_out * seq;
+        let layers = c.num_hidden_layers as f64;
+        let forward = layers * (attention_inputs + rest_of_layer + attention);
+        let backward =
+            layers * (rest_of_layer + 2.0 * attention) + (layers - 1.0) * attention_inputs;
+        let head = 2.0 * hidden * c.vocab_size as f64;
+        let lora: f64 = (0..c.num_hidden_layers)
+            .flat_map(|layer| {
+                self.lora
+                    .target_modules
+                    .iter()
+                    .map(move |module| (layer, module))
+            })
+            .map(|(layer, module)| {
+                let (inputs, outputs) = match module.as_str() {
+                    "q_proj" => (hidden, q_out),
+                    "k_proj" | "v_proj" => (hidden, kv_out),
+                    "o_proj" => (q_out, hidden),
+                    "gate_proj" | "up_proj" => (hidden, inter),
+                    _ => (inter, hidden),
+                };
+                let rank = self.lora.rank_for(layer, module) as f64;
+                6.0 * rank * (inputs + outputs)
+            })
+            .sum();
+        forward + backward + 2.0 * head + lora
+    }
+}
+
 /// What a benchmark run measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BenchReport {
@@ -93,6 +139,10 @@ pub struct BenchReport {
     pub seconds_per_step: f64,
     /// Peak resident memory of the process, when the OS reports it.
     pub peak_rss_bytes: Option<u64>,
+    /// Arithmetic done per second ([`TrainBench::flop_per_token`] × tokens/s), in GFLOP/s.
+    pub gflops: f64,
+    /// This CPU's measured multiply-add peaks (before the run), where it has AVX-512.
+    pub peak: Option<crate::model::cpu_peak::Peak>,
 }
 
 /// Runs `warmup` untimed then `steps` timed AdamW steps on random tokens.
@@ -106,6 +156,7 @@ pub fn run_train_bench(
     bf16_base: bool,
 ) -> Result<BenchReport> {
     let device = Device::Cpu;
+    let peak = crate::model::cpu_peak::measure();
     let weights = random_weights(&bench.config, 1)?;
     let mut model = Llama::from_weights(bench.config.clone(), weights, &device)?;
     if let Some(quant) = quantize_base {
@@ -134,9 +185,12 @@ pub fn run_train_bench(
     let started = Instant::now();
     let report = train(&model, &windows, &config(steps.max(1)), &mut |_, _| {})?;
     let seconds = started.elapsed().as_secs_f64();
+    let tokens_per_second = report.tokens as f64 / seconds;
     Ok(BenchReport {
         steps: report.steps,
-        tokens_per_second: report.tokens as f64 / seconds,
+        tokens_per_second,
+        gflops: tokens_per_second * bench.flop_per_token() / 1e9,
+        peak,
         seconds_per_step: seconds / report.steps as f64,
         peak_rss_bytes: peak_rss_bytes(),
     })
@@ -148,4 +202,21 @@ fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_step_arithmetic_matches_a_hand_count() {
+        // Per layer: q,k,v 2·512·1536 = 1.57 M, o + MLP 2·512² + 6·512·1408 = 4.85 M, attention
+        // 4·512·128 = 0.26 M forward (twice that backward). 8 layers forward 53.48 M; backward
+        // 8·(4.85 + 0.52) + 7·1.57 = 54.00 M (layer 0's q/k/v input gradient is not needed);
+        // head 2 × 2·512·32000 = 65.54 M; LoRA 32 modules × 6·16·1024 = 3.15 M. Without
+        // attention and LoRA this is the engine issue's "about 168 MFLOP per token".
+        assert_eq!(TrainBench::reference().flop_per_token(), 176_160_768.0);
+        // Grouped kv heads (9 q, 3 kv of 64), 30 layers, vocab 49152, LoRA r=8 on q,v only.
+        assert_eq!(TrainBench::smollm2().flop_per_token(), 552_849_408.0);
+    }
 }

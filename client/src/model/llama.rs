@@ -467,6 +467,18 @@ impl Llama {
                 "this CPU lacks AVX-512 BF16: the bf16 base runs a portable loop, slower than the \
                  f32 base"
             );
+        } else if let Some(peak) = super::cpu_peak::measure() {
+            let bf16 = peak.bf16_gflops.unwrap_or(0.0);
+            // Rounding the activations costs a pass of its own: below this margin it never pays.
+            if bf16 < 1.25 * peak.f32_gflops {
+                tracing::warn!(
+                    bf16_gflops = bf16.round(),
+                    f32_gflops = peak.f32_gflops.round(),
+                    "this CPU's bf16 dot products (vdpbf16ps) run no faster than its f32 FMAs: \
+                     the bf16 base trains slower here than the f32 one (its gain is a smaller \
+                     peak memory)"
+                );
+            }
         }
         for block in &mut self.blocks {
             for (_, linear) in block.linears_mut() {

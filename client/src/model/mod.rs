@@ -4,6 +4,7 @@
 pub mod bf16_gemm;
 pub mod combine;
 pub mod config;
+pub mod cpu_peak;
 pub mod frozen;
 pub mod fused;
 pub mod gguf;
