@@ -147,7 +147,8 @@ pub struct BenchReport {
 
 /// Runs `warmup` untimed then `steps` timed AdamW steps on random tokens.
 /// With `quantize_base`, the frozen projections are kept quantized (QLoRA); with `bf16_base`,
-/// the projections and the output head in bf16 (`Llama::pack_base_bf16`).
+/// the projections and the output head in bf16 (`Llama::pack_base_bf16`); otherwise in f32,
+/// packed as the client daemon trains them (`Llama::pack_base_f32`).
 pub fn run_train_bench(
     bench: &TrainBench,
     warmup: usize,
@@ -164,6 +165,8 @@ pub fn run_train_bench(
     }
     if bf16_base {
         model.pack_base_bf16()?;
+    } else if quantize_base.is_none() {
+        model.pack_base_f32()?;
     }
     model.attach_lora(&bench.lora, 2)?;
     let mut rng = seeded_rng(3);

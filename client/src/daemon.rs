@@ -59,11 +59,13 @@ pub struct DaemonConfig {
 /// How a site holds its frozen base model.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum BasePrecision {
-    /// f32 weights and products (the default; exact against PyTorch/PEFT in f32).
+    /// f32 weights and products (the default; exact against PyTorch/PEFT in f32), packed once
+    /// for the AVX-512 kernel where the CPU has one (`Llama::pack_base_f32`).
     #[default]
     F32,
     /// Projections and output head in bf16, bf16 products with f32 accumulation (PyTorch's bf16
-    /// autocast); on CPUs with AVX-512 BF16 the fastest choice. CPU only.
+    /// autocast); faster than f32 only where the CPU's bf16 dot products outrun its f32 FMAs
+    /// (AMD Zen 4), see `Llama::pack_base_bf16`. CPU only.
     Bf16,
     /// QLoRA: projections quantized (to the given type, or a GGUF's own types): about a
     /// quarter (Q8_0) or an eighth (Q4K) of f32's memory.
@@ -203,7 +205,11 @@ fn load_site(config: &DaemonConfig) -> Result<Site> {
         BasePrecision::Quantized(quant) => {
             BaseModel::load_quantized(&config.model_dir, &device, quant)?
         }
-        BasePrecision::F32 => BaseModel::load(&config.model_dir, &device)?,
+        BasePrecision::F32 => {
+            let mut base = BaseModel::load(&config.model_dir, &device)?;
+            base.model.pack_base_f32()?;
+            base
+        }
         BasePrecision::Bf16 => {
             let mut base = BaseModel::load(&config.model_dir, &device)?;
             base.model.pack_base_bf16()?;

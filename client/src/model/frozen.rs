@@ -1,7 +1,8 @@
-//! `x·Wᵀ` for a frozen weight W whose backward pass computes only ∂L/∂x. W is dense f32,
-//! quantized (QLoRA: GGUF block types such as Q8_0, dequantized only inside the backward pass;
-//! candle's own quantized matmul passes no gradient to its input at all), or bf16 packed for
-//! `bf16_gemm` (both products in bf16 with f32 accumulation, as PyTorch's bf16 autocast).
+//! `x·Wᵀ` for a frozen weight W whose backward pass computes only ∂L/∂x. W is dense (a candle
+//! tensor), quantized (QLoRA: GGUF block types such as Q8_0, dequantized only inside the backward
+//! pass; candle's own quantized matmul passes no gradient to its input at all), or packed for
+//! `packed_gemm`: in f32 (exact products, on CPUs with AVX-512F), or in bf16 (both products in
+//! bf16 with f32 accumulation, as PyTorch's bf16 autocast).
 //!
 //! candle's matmul backward always computes the gradients of both operands, so every frozen
 //! projection (and the vocabulary-sized `lm_head`) would cost a full weight-gradient product per
@@ -16,7 +17,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape
 
 use rayon::prelude::*;
 
-use super::bf16_gemm::{self, PackedB};
+use super::packed_gemm::{self, Bf16Pair, PackedB, Word};
 use crate::error::Result;
 
 /// A frozen `[out, in]` weight.
@@ -24,19 +25,20 @@ use crate::error::Result;
 pub enum FrozenWeight {
     Dense(Tensor),
     Quantized(Arc<QTensor>),
-    Bf16(Arc<Bf16Weight>),
+    PackedF32(Arc<PackedWeight<f32>>),
+    Bf16(Arc<PackedWeight<Bf16Pair>>),
 }
 
-/// A frozen `[out, in]` weight rounded to bf16 and packed twice: as `Wᵀ` for the forward
-/// product `x·Wᵀ` and as `W` for the input gradient `g·W`. Same memory as the f32 weight.
+/// A frozen `[out, in]` weight packed twice: as `Wᵀ` for the forward product `x·Wᵀ` and as `W`
+/// for the input gradient `g·W`. In bf16 that is the f32 weight's memory, in f32 twice it.
 #[derive(Debug)]
-pub struct Bf16Weight {
-    forward: PackedB,
-    backward: PackedB,
+pub struct PackedWeight<W> {
+    forward: PackedB<W>,
+    backward: PackedB<W>,
 }
 
-impl Bf16Weight {
-    /// Rounds a dense `[out, in]` weight (any float dtype) to bf16.
+impl<W: Word> PackedWeight<W> {
+    /// Packs a dense `[out, in]` weight (any float dtype), rounding it as `W` does.
     pub fn new(weight: &Tensor) -> Result<Self> {
         let (rows, cols) = weight.dims2()?;
         let values = weight
@@ -54,7 +56,7 @@ impl Bf16Weight {
         (self.backward.k(), self.backward.n())
     }
 
-    /// The stored (bf16) values as an f32 tensor.
+    /// The stored values as an f32 tensor.
     pub fn to_dense(&self, device: &Device) -> Result<Tensor> {
         let (rows, cols) = self.dims2();
         let mut values = vec![0f32; rows * cols];
@@ -78,8 +80,19 @@ impl FrozenWeight {
         Ok(match self {
             Self::Dense(tensor) => tensor.dims2()?,
             Self::Quantized(tensor) => tensor.shape().dims2()?,
+            Self::PackedF32(weight) => weight.dims2(),
             Self::Bf16(weight) => weight.dims2(),
         })
+    }
+
+    /// How the weight is held: `dense`, `quantized`, `packed-f32` or `bf16`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Dense(_) => "dense",
+            Self::Quantized(_) => "quantized",
+            Self::PackedF32(_) => "packed-f32",
+            Self::Bf16(_) => "bf16",
+        }
     }
 
     /// The weight as a dense f32 tensor.
@@ -87,6 +100,7 @@ impl FrozenWeight {
         Ok(match self {
             Self::Dense(tensor) => tensor.clone(),
             Self::Quantized(tensor) => tensor.dequantize(&tensor.device())?,
+            Self::PackedF32(weight) => weight.to_dense(&Device::Cpu)?,
             Self::Bf16(weight) => weight.to_dense(&Device::Cpu)?,
         })
     }
@@ -96,20 +110,21 @@ impl FrozenWeight {
     pub fn quantized(&self, dtype: GgmlDType) -> Result<Self> {
         Ok(match self {
             Self::Dense(tensor) => Self::Quantized(Arc::new(QTensor::quantize(tensor, dtype)?)),
-            Self::Bf16(_) => Self::Dense(self.dequantize()?).quantized(dtype)?,
+            Self::Bf16(_) | Self::PackedF32(_) => {
+                Self::Dense(self.dequantize()?).quantized(dtype)?
+            }
             Self::Quantized(_) => self.clone(),
         })
     }
 
     /// `x·Wᵀ` for `rows` rows of `x` (row-major, `in` wide) on the CPU, without a graph:
-    /// `[rows, out]`. Dense weights use candle's matmul, bf16 ones `bf16_gemm`.
+    /// `[rows, out]`. Packed weights use `packed_gemm`, others candle's matmul.
     pub fn product_t(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         let (_, inputs) = self.dims2()?;
         check_rows(x, rows, inputs)?;
         Ok(match self {
-            Self::Bf16(weight) => {
-                bf16_gemm::matmul(&bf16_gemm::pack_a(x, rows, inputs), rows, &weight.forward)
-            }
+            Self::PackedF32(weight) => packed_gemm::product(x, rows, &weight.forward),
+            Self::Bf16(weight) => packed_gemm::product(x, rows, &weight.forward),
             _ => {
                 let x = Tensor::from_slice(x, (rows, inputs), &Device::Cpu)?;
                 let weight = self.dequantize()?.to_device(&Device::Cpu)?;
@@ -124,9 +139,8 @@ impl FrozenWeight {
         let (outputs, _) = self.dims2()?;
         check_rows(g, rows, outputs)?;
         Ok(match self {
-            Self::Bf16(weight) => {
-                bf16_gemm::matmul(&bf16_gemm::pack_a(g, rows, outputs), rows, &weight.backward)
-            }
+            Self::PackedF32(weight) => packed_gemm::product(g, rows, &weight.backward),
+            Self::Bf16(weight) => packed_gemm::product(g, rows, &weight.backward),
             _ => {
                 let g = Tensor::from_slice(g, (rows, outputs), &Device::Cpu)?;
                 g.matmul(&self.dequantize()?.to_device(&Device::Cpu)?)?
@@ -136,12 +150,25 @@ impl FrozenWeight {
         })
     }
 
-    /// The weight rounded to bf16 and packed for `bf16_gemm` (a dense f32 weight on the CPU;
-    /// other weights are kept as they are).
+    /// The weight rounded to bf16 and packed for `packed_gemm` (a dense or f32-packed weight
+    /// on the CPU; other weights are kept as they are).
     pub fn packed_bf16(&self) -> Result<Self> {
         Ok(match self {
             Self::Dense(tensor) if tensor.device().is_cpu() => {
-                Self::Bf16(Arc::new(Bf16Weight::new(tensor)?))
+                Self::Bf16(Arc::new(PackedWeight::new(tensor)?))
+            }
+            Self::PackedF32(_) => Self::Dense(self.dequantize()?).packed_bf16()?,
+            other => other.clone(),
+        })
+    }
+
+    /// The weight packed in f32 for `packed_gemm`, where this CPU runs its f32 kernel (a dense
+    /// weight on the CPU; other weights, and every weight on CPUs without AVX-512F, are kept as
+    /// they are).
+    pub fn packed_f32(&self) -> Result<Self> {
+        Ok(match self {
+            Self::Dense(tensor) if tensor.device().is_cpu() && f32::simd_available() => {
+                Self::PackedF32(Arc::new(PackedWeight::new(tensor)?))
             }
             other => other.clone(),
         })
@@ -203,16 +230,16 @@ impl CustomOp2 for InputGradOnly {
     }
 }
 
-/// `x·Wᵀ` (or, `transposed`, `x·W`) for a bf16-packed W; the backward pass of `x·Wᵀ` is the
-/// `x·W` op with the incoming gradient as `x`.
-struct Bf16MatMul {
-    weight: Arc<Bf16Weight>,
+/// `x·Wᵀ` (or, `transposed`, `x·W`) for a packed W; the backward pass of `x·Wᵀ` is the `x·W`
+/// op with the incoming gradient as `x`.
+struct PackedMatMul<W> {
+    weight: Arc<PackedWeight<W>>,
     transposed: bool,
 }
 
-impl CustomOp1 for Bf16MatMul {
+impl<W: Word> CustomOp1 for PackedMatMul<W> {
     fn name(&self) -> &'static str {
-        "bf16-frozen-matmul"
+        "packed-frozen-matmul"
     }
 
     fn cpu_fwd(
@@ -221,10 +248,10 @@ impl CustomOp1 for Bf16MatMul {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let CpuStorage::F32(values) = storage else {
-            candle_core::bail!("bf16-frozen-matmul expects f32 input");
+            candle_core::bail!("packed-frozen-matmul expects f32 input");
         };
         let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("bf16-frozen-matmul expects a contiguous input");
+            candle_core::bail!("packed-frozen-matmul expects a contiguous input");
         };
         let packed = if self.transposed {
             &self.weight.backward
@@ -235,13 +262,12 @@ impl CustomOp1 for Bf16MatMul {
         let k = dims.last().copied().unwrap_or(0);
         if k != packed.k() {
             candle_core::bail!(
-                "bf16-frozen-matmul: input has {k} features, the weight expects {}",
+                "packed-frozen-matmul: input has {k} features, the weight expects {}",
                 packed.k()
             );
         }
         let rows = (end - start).checked_div(k).unwrap_or(0);
-        let a = bf16_gemm::pack_a(&values[start..end], rows, k);
-        let product = bf16_gemm::matmul(&a, rows, packed);
+        let product = packed_gemm::product(&values[start..end], rows, packed);
         if let Some(last) = dims.last_mut() {
             *last = packed.n();
         }
@@ -266,25 +292,29 @@ impl CustomOp1 for Bf16MatMul {
     }
 }
 
+/// `x·Wᵀ` through [`PackedMatMul`] (CPU f32 activations; elsewhere the unpacked weight).
+fn packed_matmul_t<W: Word>(x: &Tensor, packed: &Arc<PackedWeight<W>>) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        let dense = packed.to_dense(x.device())?.to_dtype(x.dtype())?;
+        return Ok(x.broadcast_matmul(&dense.t()?)?);
+    }
+    let op = PackedMatMul {
+        weight: packed.clone(),
+        transposed: false,
+    };
+    let x = x.contiguous()?;
+    Ok(if x.track_op() {
+        x.apply_op1(op)?
+    } else {
+        x.apply_op1_no_bwd(&op)?
+    })
+}
+
 /// `x·Wᵀ` with `x` `[..., in]` and a frozen `weight` `[out, in]`.
 pub fn frozen_matmul_t(x: &Tensor, weight: &FrozenWeight) -> Result<Tensor> {
     let product = match weight {
-        FrozenWeight::Bf16(packed) => {
-            if !x.device().is_cpu() || x.dtype() != DType::F32 {
-                let dense = packed.to_dense(x.device())?.to_dtype(x.dtype())?;
-                return Ok(x.broadcast_matmul(&dense.t()?)?);
-            }
-            let op = Bf16MatMul {
-                weight: packed.clone(),
-                transposed: false,
-            };
-            let x = x.contiguous()?;
-            return Ok(if x.track_op() {
-                x.apply_op1(op)?
-            } else {
-                x.apply_op1_no_bwd(&op)?
-            });
-        }
+        FrozenWeight::Bf16(packed) => return packed_matmul_t(x, packed),
+        FrozenWeight::PackedF32(packed) => return packed_matmul_t(x, packed),
         FrozenWeight::Dense(dense) => {
             if !x.track_op() || !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
                 return Ok(x.broadcast_matmul(&dense.t()?)?);
@@ -409,5 +439,49 @@ mod tests {
         // Without a graph the op still computes the product.
         let plain = frozen_matmul_t(&x.as_tensor().detach(), &packed).unwrap();
         assert_eq!(flat(&plain), flat(&got));
+    }
+    #[test]
+    fn f32_packed_weight_gives_the_dense_products_and_input_gradient() {
+        let device = Device::Cpu;
+        // 70 outputs and 37 inputs: a partial panel and an odd inner dimension.
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, 37), &device).unwrap()).unwrap();
+        let weight = Tensor::randn(0f32, 1.0, (70, 37), &device).unwrap();
+        let target = Tensor::randn(0f32, 1.0, (2, 5, 70), &device).unwrap();
+        let packed = FrozenWeight::Dense(weight.clone()).packed_f32().unwrap();
+        if !f32::simd_available() {
+            assert!(
+                matches!(packed, FrozenWeight::Dense(_)),
+                "kept for candle's GEMM"
+            );
+            return;
+        }
+        assert_eq!(packed.kind(), "packed-f32");
+        assert_eq!(
+            flat(&packed.dequantize().unwrap()),
+            flat(&weight),
+            "unpacking is exact"
+        );
+        let reference = x
+            .as_tensor()
+            .broadcast_matmul(&weight.t().unwrap())
+            .unwrap();
+        let got = frozen_matmul_t(x.as_tensor(), &packed).unwrap();
+        assert_eq!(got.dims(), &[2, 5, 70]);
+        let close = |a: &Tensor, b: &Tensor| {
+            for (e, g) in flat(a).iter().zip(flat(b)) {
+                assert!((e - g).abs() < 1e-5 * (1.0 + e.abs()), "{e} vs {g}");
+            }
+        };
+        close(&reference, &got);
+        let loss = |y: &Tensor| (y * &target).unwrap().sum_all().unwrap();
+        let expected = loss(&reference).backward().unwrap();
+        let grads = loss(&got).backward().unwrap();
+        close(
+            expected.get(x.as_tensor()).unwrap(),
+            grads.get(x.as_tensor()).unwrap(),
+        );
+        // The slice products agree with the op.
+        let values = flat(x.as_tensor());
+        assert_eq!(packed.product_t(&values, 10).unwrap(), flat(&got));
     }
 }

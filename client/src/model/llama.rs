@@ -452,7 +452,7 @@ impl Llama {
     }
 
     /// Keeps every frozen projection and the output head in bf16 (rounded once), multiplied with
-    /// bf16 activations and f32 accumulation (`bf16_gemm`: AVX-512 BF16 where the CPU has it).
+    /// bf16 activations and f32 accumulation (`packed_gemm`: AVX-512 BF16 where the CPU has it).
     /// The arithmetic of PyTorch's bf16 autocast, at the speed of bf16 products; the LoRA factors,
     /// their gradients, norms, attention and the loss stay f32. On a checkpoint stored in bf16
     /// (most are) no weight changes value. CPU only; dense weights only.
@@ -462,7 +462,7 @@ impl Llama {
                 "the bf16 base is a CPU kernel; on a GPU load the model in bf16 instead".into(),
             ));
         }
-        if !super::bf16_gemm::simd_available() {
+        if !super::packed_gemm::bf16_simd_available() {
             tracing::warn!(
                 "this CPU lacks AVX-512 BF16: the bf16 base runs a portable loop, slower than the \
                  f32 base"
@@ -493,6 +493,43 @@ impl Llama {
             .unwrap_or_else(|| FrozenWeight::Dense(self.embed_tokens.clone()));
         self.head = Some(head.packed_bf16()?);
         Ok(())
+    }
+
+    /// Packs every frozen projection and an untied output head in f32 for `packed_gemm`'s
+    /// AVX-512 kernel, once, instead of letting a general GEMM pack them on every product.
+    /// Same values and arithmetic (f32 products, f32 accumulation); twice the memory of those
+    /// weights, since each is packed for both of its products. Does nothing on CPUs without
+    /// AVX-512F or off the CPU. A tied head stays the embedding (packing it would add a third
+    /// copy of the largest matrix).
+    pub fn pack_base_f32(&mut self) -> Result<()> {
+        if !self.device.is_cpu() || !super::packed_gemm::f32_simd_available() {
+            return Ok(());
+        }
+        for block in &mut self.blocks {
+            for (_, linear) in block.linears_mut() {
+                linear.pack_weight_f32()?;
+            }
+        }
+        if let Some(head) = &self.head {
+            self.head = Some(head.packed_f32()?);
+        }
+        Ok(())
+    }
+
+    /// How each frozen projection, and the output head (`lm_head`), is held
+    /// ([`FrozenWeight::kind`]).
+    pub fn frozen_kinds(&self) -> Vec<(String, &'static str)> {
+        let mut kinds = Vec::new();
+        for (layer, block) in self.blocks.iter().enumerate() {
+            for (module, linear) in block.linears() {
+                kinds.push((
+                    fedlora_proto::adapter::module_path(layer, module),
+                    linear.frozen_weight().kind(),
+                ));
+            }
+        }
+        kinds.push(("lm_head".into(), self.head_weight().kind()));
+        kinds
     }
 
     /// Each projection's module path and frozen weight type (`None`: dense f32).

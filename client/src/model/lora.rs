@@ -87,6 +87,10 @@ impl LoraLinear {
         if self.merged.is_some() || self.lora.is_none() {
             return Ok(());
         }
+        if let FrozenWeight::PackedF32(_) = &self.weight {
+            // Unpacking is exact; the merged weight is dense anyway.
+            self.weight = FrozenWeight::Dense(self.weight.dequantize()?);
+        }
         let FrozenWeight::Dense(weight) = &self.weight else {
             return Err(crate::error::ClientError::Unsupported(
                 "merging into a quantized or bf16 base is not supported; load it in f32".into(),
@@ -127,9 +131,12 @@ impl LoraLinear {
         Ok(())
     }
 
-    /// Whether [`LoraLinear::merge`] can fold factors into this weight (it must be dense).
+    /// Whether [`LoraLinear::merge`] can fold factors into this weight (it must be f32).
     pub fn can_merge(&self) -> bool {
-        matches!(self.weight, FrozenWeight::Dense(_))
+        matches!(
+            self.weight,
+            FrozenWeight::Dense(_) | FrozenWeight::PackedF32(_)
+        )
     }
 
     pub fn is_merged(&self) -> bool {
@@ -184,7 +191,7 @@ impl LoraLinear {
         Ok(())
     }
 
-    /// Keeps the frozen weight in bf16 from now on, multiplied by `bf16_gemm` (dense weights on
+    /// Keeps the frozen weight in bf16 from now on, multiplied by `packed_gemm` (dense weights on
     /// the CPU; others are kept).
     pub fn pack_weight_bf16(&mut self) -> Result<()> {
         self.unmerge()?;
@@ -192,11 +199,23 @@ impl LoraLinear {
         Ok(())
     }
 
+    /// Keeps the frozen weight packed in f32 from now on, multiplied by `packed_gemm` (dense
+    /// weights on CPUs with AVX-512F; others are kept).
+    pub fn pack_weight_f32(&mut self) -> Result<()> {
+        self.unmerge()?;
+        self.weight = self.weight.packed_f32()?;
+        Ok(())
+    }
+
+    pub fn frozen_weight(&self) -> &FrozenWeight {
+        &self.weight
+    }
+
     /// The frozen weight's reduced-precision type (a GGUF block type, or BF16), `None` when
     /// dense f32.
     pub fn quantized_dtype(&self) -> Option<GgmlDType> {
         match &self.weight {
-            FrozenWeight::Dense(_) => None,
+            FrozenWeight::Dense(_) | FrozenWeight::PackedF32(_) => None,
             FrozenWeight::Quantized(weight) => Some(weight.dtype()),
             FrozenWeight::Bf16(_) => Some(GgmlDType::BF16),
         }

@@ -1,7 +1,6 @@
 //! Loading a Llama-family model from a Hugging Face directory (`config.json`, `model.safetensors`
 //! or shards listed in `model.safetensors.index.json`, `tokenizer.json`), and its fingerprint.
 
-pub mod bf16_gemm;
 pub mod combine;
 pub mod config;
 pub mod cpu_peak;
@@ -10,6 +9,7 @@ pub mod fused;
 pub mod gguf;
 pub mod llama;
 pub mod lora;
+pub mod packed_gemm;
 pub mod peft;
 
 use std::collections::{BTreeSet, HashMap};

@@ -32,7 +32,10 @@ pub fn head_cross_entropy_rows(
     targets: &Tensor,
     need_grad: bool,
 ) -> Result<Tensor> {
-    let fusable = matches!(head, FrozenWeight::Dense(_) | FrozenWeight::Bf16(_));
+    let fusable = matches!(
+        head,
+        FrozenWeight::Dense(_) | FrozenWeight::PackedF32(_) | FrozenWeight::Bf16(_)
+    );
     if !fusable || !hidden.device().is_cpu() || hidden.dtype() != candle_core::DType::F32 {
         return cross_entropy_rows(&frozen_matmul_t(hidden, head)?, targets);
     }

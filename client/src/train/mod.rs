@@ -620,6 +620,29 @@ mod tests {
         );
     }
 
+    /// The f32-packed base computes the same function in the same precision: loss and
+    /// gradients agree to f32 rounding (only the order of the sums differs), and every
+    /// projection and the untied head really are packed where the CPU runs the kernel.
+    #[test]
+    fn f32_packed_base_trains_exactly_like_the_dense_one() {
+        assert_reduced_base_trains_like_f32(
+            "packed f32",
+            &TinyModelSpec::default(),
+            |model| {
+                model.pack_base_f32().unwrap();
+                if crate::model::packed_gemm::f32_simd_available() {
+                    let kinds = model.frozen_kinds();
+                    assert_eq!(kinds.len(), 2 * 7 + 1);
+                    for (path, kind) in kinds {
+                        assert_eq!(kind, "packed-f32", "{path}");
+                    }
+                }
+            },
+            1e-5,
+            1e-4,
+        );
+    }
+
     /// Q4K (4.5 bits per weight) on load: every projection whose rows fit its 256-value blocks
     /// gets it, the others fall back to Q8_0, and training still sees gradients close to f32's.
     #[test]

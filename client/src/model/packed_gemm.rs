@@ -1,0 +1,744 @@
+//! `C = A·B` for frozen weights packed once, in two precisions.
+//!
+//! A frozen weight is packed twice when it is loaded: as `Wᵀ` for the forward product `x·Wᵀ`
+//! and as `W` for the input gradient `g·W`. Packing it once, instead of on every call as a
+//! general-purpose GEMM must, is the point: the packing of the weight side was 11% of the f32
+//! step in candle's GEMM.
+//!
+//! - [`Bf16Pair`]: the weight rounded to bf16, activations rounded to bf16 on each call, products
+//!   accumulated in f32 (the arithmetic of PyTorch's bf16 autocast). On x86-64 CPUs with AVX-512
+//!   BF16 the inner loop is `vdpbf16ps`; elsewhere a portable loop computes the same products.
+//! - `f32`: exact f32 products; activations are read where they are, unpacked. On CPUs with
+//!   AVX-512F the inner loop is `vfmadd231ps`; elsewhere the weight should stay with candle's
+//!   GEMM (`f32_simd_available` says which).
+//!
+//! Layout: `B` (`k × n`) is cut into panels of [`NR`] columns. Inside a panel, `k` runs in steps
+//! of one word: for f32 one row, for bf16 a pair of rows (`2p`, `2p + 1`) stored as 32-bit words
+//! holding `B[2p][j]` in the low half and `B[2p + 1][j]` in the high half, which is what
+//! `vdpbf16ps` multiplies against a broadcast pair `A[i][2p], A[i][2p + 1]`. Either way a word
+//! step of a panel is one 64-byte line per 16 columns. An odd `k` (bf16) is padded with a zero
+//! row; the last panel is padded with zero columns.
+//!
+//! The driver blocks `k` so that a panel's slice stays in L1 while it sweeps tiles of [`MR`] rows
+//! of `A` (kept in L2), and splits rows (or, for few rows, panels) across rayon's threads.
+#![allow(
+    unsafe_code,
+    reason = "AVX-512 intrinsics, and disjoint writes into one output from several threads"
+)]
+
+use std::borrow::Cow;
+
+use rayon::prelude::*;
+
+/// Columns per panel: four 16-lane f32 registers.
+pub const NR: usize = 64;
+/// Rows of `A` per micro-kernel call: 6 × 4 accumulators, 4 panel registers, 1 broadcast.
+const MR: usize = 6;
+/// Word steps of `B` per block, at most: 256 × 64 columns × 4 bytes = 64 KiB of a panel, read
+/// from L2 (4 lines per step against 24 multiply-adds). Measured (bf16) against 96 steps (a
+/// slice inside L1): as fast for k = 1408, and for k = 512 it writes C once instead of three
+/// times.
+const KC_WORDS: usize = 256;
+/// Rows of A per block: 96 rows × 256 words × 4 bytes = 96 KiB of A, in L2.
+const MC: usize = 96;
+/// Panels of B per block: 16 × 64 KiB, in L2.
+const NC_PANELS: usize = 16;
+
+/// Calls `$kernel::<rows>` for a run-time tile height `1..=MR`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_height {
+    ($rows:expr, $module:ident::$kernel:ident, $($arg:expr),*) => {
+        match $rows {
+            6 => $module::$kernel::<6>($($arg),*),
+            5 => $module::$kernel::<5>($($arg),*),
+            4 => $module::$kernel::<4>($($arg),*),
+            3 => $module::$kernel::<3>($($arg),*),
+            2 => $module::$kernel::<2>($($arg),*),
+            1 => $module::$kernel::<1>($($arg),*),
+            _ => unreachable!("tile heights are 1..=MR, asserted by the driver"),
+        }
+    };
+}
+
+/// One cache line of packed words.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct Line<W>([W; 16]);
+
+/// Round-to-nearest-even f32 → bf16 bits (NaN stays NaN).
+pub fn to_bf16(value: f32) -> u16 {
+    let bits = value.to_bits();
+    if value.is_nan() {
+        return ((bits >> 16) | 0x40) as u16;
+    }
+    let rounding = 0x7fff + ((bits >> 16) & 1);
+    (bits.wrapping_add(rounding) >> 16) as u16
+}
+
+/// bf16 bits → f32 (exact).
+pub fn from_bf16(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
+}
+
+/// Two bf16 values along `k` in one word: the even row in the low half.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[repr(transparent)]
+pub struct Bf16Pair(u32);
+
+/// A word of the packed layout: what one step along `k` holds for one column.
+pub trait Word: Copy + Default + Send + Sync + std::fmt::Debug + 'static {
+    /// Rows of `k` per word.
+    const DEPTH: usize;
+    /// Packs `values` (`DEPTH` of them) into a word, rounding as the precision does.
+    fn pack(values: [f32; 2]) -> Self;
+    /// Value `index < DEPTH` of the word, widened to f32.
+    fn value(self, index: usize) -> f32;
+    /// Whether this CPU runs the vectorised micro-kernel.
+    fn simd_available() -> bool;
+    /// `rows` rows of `x` (`k` wide) as the `A` operand: bf16 packs them, f32 reads them as
+    /// they are.
+    fn a_operand(x: &[f32], rows: usize, k: usize) -> Cow<'_, [Self]>;
+    /// Writes (or, with `tile.accumulate`, adds to) the tile's `rows × cols` of C at `c`, row
+    /// stride `ldc`, with the vectorised kernel when `simd`.
+    ///
+    /// # Safety
+    /// `c` must be valid for those writes and not written by anyone else meanwhile; `simd` only
+    /// where [`Word::simd_available`].
+    unsafe fn run(tile: &Tile<'_, Self>, c: *mut f32, ldc: usize, simd: bool);
+}
+
+impl Word for Bf16Pair {
+    const DEPTH: usize = 2;
+
+    fn pack(values: [f32; 2]) -> Self {
+        Self(u32::from(to_bf16(values[0])) | (u32::from(to_bf16(values[1])) << 16))
+    }
+
+    fn value(self, index: usize) -> f32 {
+        from_bf16((self.0 >> (16 * index)) as u16)
+    }
+
+    fn simd_available() -> bool {
+        bf16_simd_available()
+    }
+
+    fn a_operand(x: &[f32], rows: usize, k: usize) -> Cow<'_, [Self]> {
+        Cow::Owned(pack_a(x, rows, k))
+    }
+
+    unsafe fn run(tile: &Tile<'_, Self>, c: *mut f32, ldc: usize, simd: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: `simd` only where the CPU has AVX-512F and AVX-512 BF16; the tile's slices
+            // were checked to cover every word the kernel reads; `c` as the caller vouches.
+            unsafe { by_height!(tile.rows, x86::bf16_kernel, tile, c, ldc) };
+            return;
+        }
+        let _ = simd;
+        // SAFETY: as the caller vouches.
+        unsafe { portable(tile, c, ldc) }
+    }
+}
+
+impl Word for f32 {
+    const DEPTH: usize = 1;
+
+    fn pack(values: [f32; 2]) -> Self {
+        values[0]
+    }
+
+    fn value(self, _index: usize) -> f32 {
+        self
+    }
+
+    fn simd_available() -> bool {
+        f32_simd_available()
+    }
+
+    fn a_operand(x: &[f32], _rows: usize, _k: usize) -> Cow<'_, [Self]> {
+        Cow::Borrowed(x)
+    }
+
+    unsafe fn run(tile: &Tile<'_, Self>, c: *mut f32, ldc: usize, simd: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: `simd` only where the CPU has AVX-512F; the tile's slices were checked to
+            // cover every value the kernel reads; `c` as the caller vouches.
+            unsafe { by_height!(tile.rows, x86::f32_kernel, tile, c, ldc) };
+            return;
+        }
+        let _ = simd;
+        // SAFETY: as the caller vouches.
+        unsafe { portable(tile, c, ldc) }
+    }
+}
+
+/// A `k × n` matrix in the panel layout above.
+#[derive(Debug, Clone)]
+pub struct PackedB<W> {
+    k: usize,
+    n: usize,
+    /// Word steps along `k`: `⌈k / DEPTH⌉`.
+    depth: usize,
+    lines: Vec<Line<W>>,
+}
+
+impl<W: Word> PackedB<W> {
+    /// Packs `B[row][col] = value(row, col)`.
+    pub fn pack(k: usize, n: usize, value: impl Fn(usize, usize) -> f32 + Sync) -> Self {
+        let depth = k.div_ceil(W::DEPTH);
+        let panels = n.div_ceil(NR);
+        let lines_per_panel = depth * NR / 16;
+        let mut lines = vec![Line::default(); panels * lines_per_panel];
+        let get = |row: usize, col: usize| {
+            if row < k && col < n {
+                value(row, col)
+            } else {
+                0.0
+            }
+        };
+        lines
+            .par_chunks_mut(lines_per_panel.max(1))
+            .enumerate()
+            .for_each(|(panel, panel_lines)| {
+                for (index, line) in panel_lines.iter_mut().enumerate() {
+                    let word = index * 16;
+                    let (p, first_col) = (word / NR, panel * NR + word % NR);
+                    for (lane, slot) in line.0.iter_mut().enumerate() {
+                        let col = first_col + lane;
+                        let row = W::DEPTH * p;
+                        *slot = W::pack([get(row, col), get(row + 1, col)]);
+                    }
+                }
+            });
+        Self { k, n, depth, lines }
+    }
+
+    /// `B` = `Wᵀ` for a row-major `[rows, cols]` weight `w` (the forward pass's `x·Wᵀ`).
+    pub fn transposed_of(w: &[f32], rows: usize, cols: usize) -> Self {
+        Self::pack(cols, rows, |k, n| w[n * cols + k])
+    }
+
+    /// `B` = `W` for a row-major `[rows, cols]` weight `w` (the backward pass's `g·W`).
+    pub fn of(w: &[f32], rows: usize, cols: usize) -> Self {
+        Self::pack(rows, cols, |k, n| w[k * cols + n])
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// `B[row][col]` as stored, widened to f32.
+    pub fn get(&self, row: usize, col: usize) -> f32 {
+        let (panel, within) = (col / NR, col % NR);
+        let word = (panel * self.depth + row / W::DEPTH) * NR + within;
+        self.lines[word / 16].0[word % 16].value(row % W::DEPTH)
+    }
+
+    /// Row `row` of B as stored, widened to f32, into `out` (`n` values).
+    pub fn row_into(&self, row: usize, out: &mut [f32]) {
+        for (panel, out) in out.chunks_mut(NR).enumerate() {
+            let start = (panel * self.depth + row / W::DEPTH) * NR;
+            for (value, &word) in out.iter_mut().zip(&self.words()[start..start + NR]) {
+                *value = word.value(row % W::DEPTH);
+            }
+        }
+    }
+
+    fn words(&self) -> &[W] {
+        // SAFETY: `Line<W>` is `repr(C)` around `[W; 16]`, and a `W` is 4 bytes (u32 or f32)
+        // so the 64-byte line has no padding: the lines are a contiguous run of `16 * len`
+        // initialised words.
+        unsafe {
+            std::slice::from_raw_parts(self.lines.as_ptr().cast::<W>(), self.lines.len() * 16)
+        }
+    }
+}
+
+/// Rows of `A` rounded to bf16 and packed in pairs along `k`: `m × ⌈k/2⌉` words.
+pub fn pack_a(a: &[f32], m: usize, k: usize) -> Vec<Bf16Pair> {
+    let pairs = k.div_ceil(2);
+    let mut packed = vec![Bf16Pair::default(); m * pairs];
+    if pairs == 0 {
+        return packed;
+    }
+    packed
+        .par_chunks_mut(pairs * 64)
+        .zip(a.par_chunks(k * 64))
+        .for_each(|(out, rows)| {
+            for (out_row, row) in out.chunks_mut(pairs).zip(rows.chunks(k)) {
+                let mut done = 0;
+                #[cfg(target_arch = "x86_64")]
+                if bf16_simd_available() {
+                    // SAFETY: the CPU has AVX-512F and AVX-512 BF16 (checked just above).
+                    done = unsafe { x86::round_pairs(row, out_row) };
+                }
+                for (word, values) in out_row[done..].iter_mut().zip(row[2 * done..].chunks(2)) {
+                    *word = Bf16Pair::pack([values[0], values.get(1).copied().unwrap_or(0.0)]);
+                }
+            }
+        });
+    packed
+}
+
+/// `x·B` for `rows` rows of `x` (row-major, `b.k()` wide): `[rows, b.n()]` row-major.
+pub fn product<W: Word>(x: &[f32], rows: usize, b: &PackedB<W>) -> Vec<f32> {
+    matmul(&W::a_operand(x, rows, b.k()), rows, b)
+}
+
+/// `C = A·B` for `A` with `m` rows of `b`'s word depth (for bf16 packed by [`pack_a`], for f32
+/// the activations as they are, `k` wide); returns `C` row-major `m × b.n()`.
+pub fn matmul<W: Word>(a: &[W], m: usize, b: &PackedB<W>) -> Vec<f32> {
+    matmul_with(a, m, b, W::simd_available())
+}
+
+/// [`matmul`] with the vectorised kernel (`simd`, which the CPU must have) or the portable one.
+fn matmul_with<W: Word>(a: &[W], m: usize, b: &PackedB<W>, simd: bool) -> Vec<f32> {
+    let n = b.n;
+    if m == 0 || n == 0 || b.depth == 0 {
+        return vec![0f32; m * n];
+    }
+    // Not zero-filled: the first k-block stores (does not add to) every element of C, which
+    // saves a pass over the largest output of a step (the `[tokens, vocab]` logits).
+    let mut c: Vec<f32> = Vec::with_capacity(m * n);
+    assert_eq!(
+        a.len(),
+        m * b.depth,
+        "A must have m rows of the packing's depth"
+    );
+    let panels = n.div_ceil(NR);
+    let threads = rayon::current_num_threads().max(1);
+    // Rows split into one block per thread keeps each panel read once per thread; with too few
+    // rows for that, panels are split instead.
+    let row_blocks = threads.min(m.div_ceil(MR * 4)).max(1);
+    let rows_per_block = m.div_ceil(row_blocks).div_ceil(MR) * MR;
+    let row_blocks = m.div_ceil(rows_per_block);
+    let panel_groups = threads.div_ceil(row_blocks).min(panels).max(1);
+    let panels_per_group = panels.div_ceil(panel_groups);
+    let out = OutPtr(c.as_mut_ptr());
+    let k_blocks = b.depth.div_ceil(KC_WORDS).max(1);
+    let kc_words = b.depth.div_ceil(k_blocks);
+    (0..row_blocks * panel_groups)
+        .into_par_iter()
+        .for_each(|task| {
+            let (block, group) = (task / panel_groups, task % panel_groups);
+            let rows = block * rows_per_block..((block + 1) * rows_per_block).min(m);
+            let panel_range =
+                group * panels_per_group..((group + 1) * panels_per_group).min(panels);
+            let out = &out;
+            // BLIS order: a k-block of B's panels (`NC_PANELS` at a time, in L2/L3) is swept by
+            // blocks of `MC` rows of A (in L2); each panel slice (in L1) by tiles of `MR` rows.
+            // Row blocks also keep the C rows a sweep writes on few pages.
+            for kc0 in (0..b.depth).step_by(kc_words) {
+                let kc = kc_words.min(b.depth - kc0);
+                for nc0 in panel_range.clone().step_by(NC_PANELS) {
+                    let nc_end = (nc0 + NC_PANELS).min(panel_range.end);
+                    for mc0 in rows.clone().step_by(MC) {
+                        let mc_end = (mc0 + MC).min(rows.end);
+                        for panel in nc0..nc_end {
+                            let cols = NR.min(n - panel * NR);
+                            let b_offset = (panel * b.depth + kc0) * NR;
+                            let mut row = mc0;
+                            while row < mc_end {
+                                let tile = Tile {
+                                    a: &a[row * b.depth + kc0..],
+                                    lda: b.depth,
+                                    b: &b.words()[b_offset..b_offset + kc * NR],
+                                    depth: kc,
+                                    rows: MR.min(mc_end - row),
+                                    cols,
+                                    accumulate: kc0 > 0,
+                                };
+                                tile.check();
+                                // SAFETY: tasks own disjoint (row range × panel range)
+                                // rectangles of C, and the tile writes rows
+                                // `row..row + tile.rows` and columns `panel·NR..panel·NR + cols`
+                                // of it, all inside `m × n`; `simd` as the caller vouches.
+                                unsafe { W::run(&tile, out.0.add(row * n + panel * NR), n, simd) };
+                                row += tile.rows;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    // SAFETY: the tasks cover rows `0..m` × panels `0..panels`, and each tile of the first
+    // k-block (`kc0 == 0`, `accumulate == false`) stored every one of its `rows × cols` elements:
+    // all `m × n` elements are initialised.
+    unsafe { c.set_len(m * n) };
+    c
+}
+
+/// The output buffer, shared by tasks that write disjoint rectangles of it.
+struct OutPtr(*mut f32);
+// SAFETY: see the write in `matmul`: no two tasks touch the same element.
+unsafe impl Sync for OutPtr {}
+unsafe impl Send for OutPtr {}
+
+/// One micro-kernel call: `rows × cols` of C from `depth` word steps.
+pub struct Tile<'a, W> {
+    /// Row `r`'s words start at `a[r * lda]`.
+    a: &'a [W],
+    lda: usize,
+    /// `depth × NR` words of one panel.
+    b: &'a [W],
+    depth: usize,
+    rows: usize,
+    cols: usize,
+    accumulate: bool,
+}
+
+impl<W> Tile<'_, W> {
+    /// The bounds the kernels rely on.
+    fn check(&self) {
+        assert!((1..=MR).contains(&self.rows) && self.cols <= NR);
+        assert!(self.b.len() >= self.depth * NR);
+        assert!(self.a.len() >= (self.rows - 1) * self.lda + self.depth);
+    }
+}
+
+/// The portable micro-kernel.
+///
+/// # Safety
+/// `c` is valid for `tile.rows × tile.cols` writes with row stride `ldc`.
+unsafe fn portable<W: Word>(tile: &Tile<'_, W>, c: *mut f32, ldc: usize) {
+    let mut acc = [[0f32; NR]; MR];
+    for (r, acc_row) in acc.iter_mut().enumerate().take(tile.rows) {
+        let a_row = &tile.a[r * tile.lda..r * tile.lda + tile.depth];
+        for (p, &a_word) in a_row.iter().enumerate() {
+            let b_row = &tile.b[p * NR..(p + 1) * NR];
+            for (slot, &b_word) in acc_row.iter_mut().zip(b_row) {
+                for index in 0..W::DEPTH {
+                    *slot += a_word.value(index) * b_word.value(index);
+                }
+            }
+        }
+    }
+    for (r, acc_row) in acc.iter().enumerate().take(tile.rows) {
+        for (col, &value) in acc_row.iter().enumerate().take(tile.cols) {
+            // SAFETY: inside the `rows × cols` rectangle the caller vouches for.
+            unsafe {
+                let slot = c.add(r * ldc + col);
+                *slot = if tile.accumulate {
+                    *slot + value
+                } else {
+                    value
+                };
+            }
+        }
+    }
+}
+
+/// Whether the AVX-512 BF16 kernel runs on this CPU.
+pub fn bf16_simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the AVX-512 f32 kernel runs on this CPU.
+pub fn f32_simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{Bf16Pair, NR, Tile};
+
+    /// Rounds `values` to bf16 pairs in `words`, 32 values at a time (`vcvtne2ps2bf16`, round
+    /// to nearest even); returns how many words it wrote (the rest is left to the caller).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F and AVX-512 BF16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn round_pairs(values: &[f32], words: &mut [Bf16Pair]) -> usize {
+        let chunks = (values.len() / 32).min(words.len() / 16);
+        for chunk in 0..chunks {
+            // SAFETY: `chunk < chunks`, so 32 values and 16 words are in bounds; a `Bf16Pair`
+            // is a transparent u32.
+            unsafe {
+                let source = values.as_ptr().add(chunk * 32);
+                let low = _mm512_loadu_ps(source);
+                let high = _mm512_loadu_ps(source.add(16));
+                let packed: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(high, low));
+                _mm512_storeu_si512(words.as_mut_ptr().add(chunk * 16).cast(), packed);
+            }
+        }
+        chunks * 16
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512F and AVX-512 BF16; `tile`'s slices cover what it reads (checked by
+    /// the driver); `c` is valid for `ROWS × tile.cols` writes with row stride `ldc`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn bf16_kernel<const ROWS: usize>(
+        tile: &Tile<'_, Bf16Pair>,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 4]; ROWS];
+        let a = tile.a.as_ptr().cast::<u32>();
+        let b = tile.b.as_ptr().cast::<u32>();
+        for p in 0..tile.depth {
+            // SAFETY (all reads): `p < depth`, the panel slice holds `depth × NR` words and row
+            // `r < ROWS` of A holds `depth` words at `r × lda`; a `Bf16Pair` is a transparent
+            // u32.
+            unsafe {
+                let line = b.add(p * NR);
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(line.cast()));
+                let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(line.add(16).cast()));
+                let b2: __m512bh = std::mem::transmute(_mm512_loadu_si512(line.add(32).cast()));
+                let b3: __m512bh = std::mem::transmute(_mm512_loadu_si512(line.add(48).cast()));
+                for (r, acc_row) in acc.iter_mut().enumerate() {
+                    let word = *a.add(r * tile.lda + p);
+                    let broadcast: __m512bh = std::mem::transmute(_mm512_set1_epi32(word as i32));
+                    acc_row[0] = _mm512_dpbf16_ps(acc_row[0], broadcast, b0);
+                    acc_row[1] = _mm512_dpbf16_ps(acc_row[1], broadcast, b1);
+                    acc_row[2] = _mm512_dpbf16_ps(acc_row[2], broadcast, b2);
+                    acc_row[3] = _mm512_dpbf16_ps(acc_row[3], broadcast, b3);
+                }
+            }
+        }
+        // SAFETY: as this function's caller vouches.
+        unsafe { store(&acc, tile.cols, tile.accumulate, c, ldc) }
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512F; `tile`'s slices cover what it reads (checked by the driver); `c` is
+    /// valid for `ROWS × tile.cols` writes with row stride `ldc`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn f32_kernel<const ROWS: usize>(
+        tile: &Tile<'_, f32>,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 4]; ROWS];
+        let a = tile.a.as_ptr();
+        let b = tile.b.as_ptr();
+        for p in 0..tile.depth {
+            // SAFETY (all reads): as in `bf16_kernel`.
+            unsafe {
+                let line = b.add(p * NR);
+                let b0 = _mm512_loadu_ps(line);
+                let b1 = _mm512_loadu_ps(line.add(16));
+                let b2 = _mm512_loadu_ps(line.add(32));
+                let b3 = _mm512_loadu_ps(line.add(48));
+                for (r, acc_row) in acc.iter_mut().enumerate() {
+                    let broadcast = _mm512_set1_ps(*a.add(r * tile.lda + p));
+                    acc_row[0] = _mm512_fmadd_ps(broadcast, b0, acc_row[0]);
+                    acc_row[1] = _mm512_fmadd_ps(broadcast, b1, acc_row[1]);
+                    acc_row[2] = _mm512_fmadd_ps(broadcast, b2, acc_row[2]);
+                    acc_row[3] = _mm512_fmadd_ps(broadcast, b3, acc_row[3]);
+                }
+            }
+        }
+        // SAFETY: as this function's caller vouches.
+        unsafe { store(&acc, tile.cols, tile.accumulate, c, ldc) }
+    }
+
+    /// Stores (or adds) the accumulators' first `cols` columns.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `c` is valid for `ROWS × cols` writes with row stride `ldc`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store<const ROWS: usize>(
+        acc: &[[__m512; 4]; ROWS],
+        cols: usize,
+        accumulate: bool,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        for (r, acc_row) in acc.iter().enumerate() {
+            for (v, &value) in acc_row.iter().enumerate() {
+                let first = v * 16;
+                if first >= cols {
+                    break;
+                }
+                let left = cols - first;
+                let mask: __mmask16 = if left >= 16 {
+                    0xffff
+                } else {
+                    (1u16 << left) - 1
+                };
+                // SAFETY: the masked lanes are columns `< cols` of row `r < ROWS`.
+                unsafe {
+                    let slot = c.add(r * ldc + first);
+                    let value = if accumulate {
+                        _mm512_add_ps(value, _mm512_maskz_loadu_ps(mask, slot))
+                    } else {
+                        value
+                    };
+                    _mm512_mask_storeu_ps(slot, mask, value);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                let x = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
+                (x % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// `A·Wᵀ` in f64 of the inputs as `round` leaves them.
+    fn reference(
+        a: &[f32],
+        w: &[f32],
+        (m, k, n): (usize, usize, usize),
+        round: impl Fn(f32) -> f32,
+    ) -> Vec<f64> {
+        let mut c = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k)
+                    .map(|l| f64::from(round(a[i * k + l])) * f64::from(round(w[j * k + l])))
+                    .sum();
+            }
+        }
+        c
+    }
+
+    fn kernels<W: Word>() -> Vec<bool> {
+        if W::simd_available() {
+            vec![false, true]
+        } else {
+            vec![false]
+        }
+    }
+
+    /// Odd k, partial panels, row counts that leave every tile height, k over several blocks.
+    const EDGE_SHAPES: [(usize, usize, usize); 6] = [
+        (1, 1, 1),
+        (7, 5, 3),
+        (13, 130, 70),
+        (6, 200, 64),
+        (33, 401, 129),
+        (25, 600, 65),
+    ];
+
+    fn assert_close(expected: &[f64], got: &[f32], k: usize, what: &str) {
+        for (index, (&e, &g)) in expected.iter().zip(got).enumerate() {
+            let tolerance = 1e-5 * (k as f64).sqrt() * (1.0 + e.abs());
+            assert!(
+                (e - f64::from(g)).abs() < tolerance,
+                "{what} at {index}: {e} vs {g}"
+            );
+        }
+    }
+
+    #[test]
+    fn bf16_rounding_is_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        // 1 + 2⁻⁸ lies halfway between 1 and 1 + 2⁻⁷: ties go to the even mantissa (1).
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        assert_eq!(to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+        assert_eq!(from_bf16(to_bf16(-2.5)), -2.5);
+    }
+
+    #[test]
+    fn bf16_products_match_f64_of_rounded_inputs_for_every_edge_shape() {
+        for (m, k, n) in EDGE_SHAPES {
+            let (a, w) = (values(m * k, 1), values(n * k, 2));
+            let expected = reference(&a, &w, (m, k, n), |x| from_bf16(to_bf16(x)));
+            let packed = PackedB::<Bf16Pair>::transposed_of(&w, n, k);
+            let a = pack_a(&a, m, k);
+            for simd in kernels::<Bf16Pair>() {
+                let got = matmul_with(&a, m, &packed, simd);
+                assert_close(
+                    &expected,
+                    &got,
+                    k,
+                    &format!("bf16 {m}x{k}x{n} (simd {simd})"),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn f32_products_match_f64_for_every_edge_shape() {
+        for (m, k, n) in EDGE_SHAPES {
+            let (a, w) = (values(m * k, 3), values(n * k, 4));
+            let expected = reference(&a, &w, (m, k, n), |x| x);
+            let packed = PackedB::<f32>::transposed_of(&w, n, k);
+            for simd in kernels::<f32>() {
+                let got = matmul_with(&a, m, &packed, simd);
+                assert_close(
+                    &expected,
+                    &got,
+                    k,
+                    &format!("f32 {m}x{k}x{n} (simd {simd})"),
+                );
+            }
+        }
+    }
+
+    /// Both packings of a weight store it as the precision rounds it, and `g·W` with `g` the
+    /// identity's first rows gives W's rows back.
+    fn both_packings_give_the_two_products<W: Word>(round: impl Fn(f32) -> f32) {
+        let (rows, cols) = (70, 37);
+        let w = values(rows * cols, 3);
+        let forward = PackedB::<W>::transposed_of(&w, rows, cols);
+        let backward = PackedB::<W>::of(&w, rows, cols);
+        assert_eq!((forward.k(), forward.n()), (cols, rows));
+        assert_eq!((backward.k(), backward.n()), (rows, cols));
+        for (r, c) in [(0, 0), (69, 36), (5, 20), (64, 1)] {
+            let stored = round(w[r * cols + c]);
+            assert_eq!(forward.get(c, r), stored);
+            assert_eq!(backward.get(r, c), stored);
+        }
+        let mut row = vec![0f32; cols];
+        backward.row_into(69, &mut row);
+        assert_eq!(
+            row,
+            w[69 * cols..].iter().map(|&x| round(x)).collect::<Vec<_>>()
+        );
+        let g: Vec<f32> = (0..3 * rows)
+            .map(|i| f32::from(u8::from(i % (rows + 1) == 0)))
+            .collect();
+        let words: Vec<W> = g
+            .chunks(W::DEPTH)
+            .map(|values| W::pack([values[0], values.get(1).copied().unwrap_or(0.0)]))
+            .collect();
+        let rows_back = matmul(&words, 3, &backward);
+        for r in 0..3 {
+            for c in 0..cols {
+                assert_eq!(rows_back[r * cols + c], round(w[r * cols + c]));
+            }
+        }
+    }
+
+    #[test]
+    fn both_packings_of_a_weight_give_its_two_products() {
+        both_packings_give_the_two_products::<Bf16Pair>(|x| from_bf16(to_bf16(x)));
+        both_packings_give_the_two_products::<f32>(|x| x);
+    }
+}
