@@ -34,12 +34,7 @@ use rayon::prelude::*;
 pub const NR: usize = 64;
 /// Rows of `A` per micro-kernel call: 6 × 4 accumulators, 4 panel registers, 1 broadcast.
 const MR: usize = 6;
-/// Word steps of `B` per block, at most: 256 × 64 columns × 4 bytes = 64 KiB of a panel, read
-/// from L2 (4 lines per step against 24 multiply-adds). Measured (bf16) against 96 steps (a
-/// slice inside L1): as fast for k = 1408, and for k = 512 it writes C once instead of three
-/// times.
-const KC_WORDS: usize = 256;
-/// Rows of A per block: 96 rows × 256 words × 4 bytes = 96 KiB of A, in L2.
+/// Rows of A per block: 96 rows × 512 words × 4 bytes = 192 KiB of A at most, in L2.
 const MC: usize = 96;
 /// Panels of B per block: 16 × 64 KiB, in L2.
 const NC_PANELS: usize = 16;
@@ -89,6 +84,9 @@ pub struct Bf16Pair(u32);
 pub trait Word: Copy + Default + Send + Sync + std::fmt::Debug + 'static {
     /// Rows of `k` per word.
     const DEPTH: usize;
+    /// Word steps of `B` per block, at most: a panel slice of `KC_WORDS` × 64 columns × 4 bytes
+    /// read from L2 (4 lines per step against 24 multiply-adds), and C written once per block.
+    const KC_WORDS: usize;
     /// Packs `values` (`DEPTH` of them) into a word, rounding as the precision does.
     fn pack(values: [f32; 2]) -> Self;
     /// Value `index < DEPTH` of the word, widened to f32.
@@ -109,6 +107,9 @@ pub trait Word: Copy + Default + Send + Sync + std::fmt::Debug + 'static {
 
 impl Word for Bf16Pair {
     const DEPTH: usize = 2;
+    /// 64 KiB, k = 512. Measured against 96 (a slice inside L1): as fast for k = 1408, and for
+    /// k = 512 it writes C once instead of three times.
+    const KC_WORDS: usize = 256;
 
     fn pack(values: [f32; 2]) -> Self {
         Self(u32::from(to_bf16(values[0])) | (u32::from(to_bf16(values[1])) << 16))
@@ -142,6 +143,9 @@ impl Word for Bf16Pair {
 
 impl Word for f32 {
     const DEPTH: usize = 1;
+    /// 128 KiB, k = 512 as for bf16: against 256, 2% faster on the reference step (Intel Xeon,
+    /// four alternating runs each).
+    const KC_WORDS: usize = 512;
 
     fn pack(values: [f32; 2]) -> Self {
         values[0]
@@ -320,7 +324,7 @@ fn matmul_with<W: Word>(a: &[W], m: usize, b: &PackedB<W>, simd: bool) -> Vec<f3
     let panel_groups = threads.div_ceil(row_blocks).min(panels).max(1);
     let panels_per_group = panels.div_ceil(panel_groups);
     let out = OutPtr(c.as_mut_ptr());
-    let k_blocks = b.depth.div_ceil(KC_WORDS).max(1);
+    let k_blocks = b.depth.div_ceil(W::KC_WORDS).max(1);
     let kc_words = b.depth.div_ceil(k_blocks);
     (0..row_blocks * panel_groups)
         .into_par_iter()
