@@ -89,6 +89,8 @@ pub struct CombineArgs {
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum TemplateChoice {
     Auto,
+    /// The model's own chat template (tokenizer_config.json, chat_template.jinja or GGUF).
+    Model,
     Chatml,
     Alpaca,
     Raw,
@@ -104,9 +106,10 @@ pub struct GenerateArgs {
     /// The prompt, wrapped in the prompt template (see --template).
     #[arg(long)]
     pub prompt: String,
-    /// Prompt template: auto (ChatML when the tokenizer has <|im_start|>; otherwise Alpaca, the
-    /// layout instruction data is trained in, when an --adapter is given, and none for the base
-    /// model alone), chatml, alpaca, or raw.
+    /// Prompt template: auto (the model's own chat template when it ships one, else ChatML when
+    /// the tokenizer has <|im_start|>, else Alpaca when an --adapter is given (the layout
+    /// instruction data is then trained in) and none for the base model alone: the same choice
+    /// training makes), model, chatml, alpaca, or raw.
     #[arg(long, value_enum, default_value = "auto")]
     pub template: TemplateChoice,
     #[arg(long, default_value_t = 48)]
@@ -714,29 +717,39 @@ fn generate(args: &GenerateArgs) -> Result<()> {
     let base = load_with_adapters(&args.model, &args.adapters)?;
     use fedlora_client::chat::PromptTemplate;
     let template = match args.template {
-        // An adapter trained on instruction data saw the template training picks for this
-        // tokenizer; a base model without ChatML tokens knows no template.
-        TemplateChoice::Auto => match PromptTemplate::for_tokenizer(&base.tokenizer) {
-            PromptTemplate::ChatMl => Some(PromptTemplate::ChatMl),
-            PromptTemplate::Alpaca if !args.adapters.adapters.is_empty() => {
-                Some(PromptTemplate::Alpaca)
-            }
-            PromptTemplate::Alpaca => None,
+        // Training lays instruction data out as `prompt_template` picks it for this model; a
+        // base model without a template of its own or ChatML tokens knows none, unless an
+        // adapter (trained in Alpaca's layout) is applied.
+        TemplateChoice::Auto => match base.prompt_template() {
+            PromptTemplate::Alpaca if args.adapters.adapters.is_empty() => None,
+            template => Some(template),
+        },
+        TemplateChoice::Model => match base.prompt_template() {
+            template @ PromptTemplate::Model(_) => Some(template),
+            _ => anyhow::bail!(
+                "{} has no chat template of its own (no chat_template in tokenizer_config.json, \
+                 no chat_template.jinja, no tokenizer.chat_template in the GGUF)",
+                args.model.display()
+            ),
         },
         TemplateChoice::Chatml => Some(PromptTemplate::ChatMl),
         TemplateChoice::Alpaca => Some(PromptTemplate::Alpaca),
         TemplateChoice::Raw => None,
     };
-    let text = template.map_or_else(
-        || args.prompt.clone(),
-        |template| template.prompt(&args.prompt, ""),
-    );
+    let text = match template {
+        Some(template) => template.prompt(&args.prompt, "")?,
+        None => args.prompt.clone(),
+    };
     let encoding = base
         .tokenizer
         .encode(text, false)
         .map_err(|error| anyhow::anyhow!("tokenizing the prompt: {error}"))?;
     let mut stop = vec![base.eos_token_id];
     stop.extend(base.tokenizer.token_to_id("<|im_end|>"));
+    // A template's end-of-turn token (Llama 3's <|eot_id|>) ends the answer too.
+    if let Some(template) = &base.chat_template {
+        stop.extend(base.tokenizer.token_to_id(template.eos_token()));
+    }
     let config = GenerateConfig {
         max_new_tokens: args.max_tokens,
         temperature: args.temperature,

@@ -1,14 +1,24 @@
 //! Prompt templates shared by training on instruction data and by `fedlora generate`, so that a
 //! model is prompted at inference exactly as it was fine-tuned.
 //!
-//! ChatML (`<|im_start|>user … <|im_end|>`) when the tokenizer has its control tokens, as SmolLM2,
-//! Qwen2 and many instruction-tuned models do; otherwise the Alpaca layout, which needs no special
-//! tokens.
+//! The model's own chat template when it ships one (the Jinja `chat_template` of a Hugging Face
+//! `tokenizer_config.json`, or a GGUF file's `tokenizer.chat_template`), rendered as
+//! transformers' `apply_chat_template` does; otherwise ChatML (`<|im_start|>user … <|im_end|>`)
+//! when the tokenizer has its control tokens; otherwise the Alpaca layout, which needs no
+//! special tokens.
 
+use std::path::Path;
+use std::sync::Arc;
+
+use minijinja::{Environment, Error as JinjaError, ErrorKind, Value, context};
 use tokenizers::Tokenizer;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+use crate::error::{ClientError, Result};
+
+#[derive(Debug, Clone, PartialEq)]
 pub enum PromptTemplate {
+    /// The model's own Jinja template.
+    Model(Arc<ChatTemplate>),
     ChatMl,
     Alpaca,
 }
@@ -25,14 +35,28 @@ impl PromptTemplate {
         }
     }
 
-    /// Everything up to where the answer starts, for an instruction with optional input.
-    pub fn prompt(self, instruction: &str, input: &str) -> String {
-        let request = if input.is_empty() {
-            instruction.to_string()
-        } else {
-            format!("{instruction}\n\n{input}")
-        };
+    /// The model's template when it has one, else [`PromptTemplate::for_tokenizer`].
+    pub fn for_model(template: Option<&Arc<ChatTemplate>>, tokenizer: &Tokenizer) -> Self {
+        template.map_or_else(
+            || Self::for_tokenizer(tokenizer),
+            |template| Self::Model(template.clone()),
+        )
+    }
+
+    /// A short name for logs: `model`, `chatml` or `alpaca`.
+    pub fn name(&self) -> &'static str {
         match self {
+            Self::Model(_) => "model",
+            Self::ChatMl => "chatml",
+            Self::Alpaca => "alpaca",
+        }
+    }
+
+    /// Everything up to where the answer starts, for an instruction with optional input.
+    pub fn prompt(&self, instruction: &str, input: &str) -> Result<String> {
+        let request = user_turn(instruction, input);
+        Ok(match self {
+            Self::Model(template) => template.render(&[("user", &request)], true)?,
             Self::ChatMl => {
                 format!("<|im_start|>user\n{request}<|im_end|>\n<|im_start|>assistant\n")
             }
@@ -42,38 +66,297 @@ impl PromptTemplate {
             Self::Alpaca => {
                 format!("### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
             }
-        }
+        })
     }
 
-    /// The answer as trained on: ChatML closes the turn with `<|im_end|>`; Alpaca relies on the
-    /// end-of-sequence token the caller appends.
-    pub fn response(self, output: &str) -> String {
-        match self {
-            Self::ChatMl => format!("{output}<|im_end|>"),
-            Self::Alpaca => output.to_string(),
-        }
+    /// `(prompt, whole)`: the prompt, and the prompt followed by the answer as trained on
+    /// (ChatML closes the turn with `<|im_end|>`, a model template as it renders an assistant
+    /// turn, Alpaca relies on the end-of-sequence token the caller appends).
+    pub fn example(
+        &self,
+        instruction: &str,
+        input: &str,
+        output: &str,
+    ) -> Result<(String, String)> {
+        let prompt = self.prompt(instruction, input)?;
+        let whole = match self {
+            Self::Model(template) => {
+                let request = user_turn(instruction, input);
+                let whole = template.render(&[("user", &request), ("assistant", output)], false)?;
+                if !whole.starts_with(&prompt) {
+                    return Err(ClientError::ChatTemplate(
+                        "the template renders a conversation that does not start with its own \
+                         generation prompt, so the answer cannot be told from the prompt"
+                            .into(),
+                    ));
+                }
+                whole
+            }
+            Self::ChatMl => format!("{prompt}{output}<|im_end|>"),
+            Self::Alpaca => format!("{prompt}{output}"),
+        };
+        Ok((prompt, whole))
     }
+}
+
+/// The user's turn: the instruction, then the input after a blank line.
+fn user_turn(instruction: &str, input: &str) -> String {
+    if input.is_empty() {
+        instruction.to_string()
+    } else {
+        format!("{instruction}\n\n{input}")
+    }
+}
+
+/// A model's Jinja chat template with the special tokens it refers to.
+#[derive(Debug, PartialEq)]
+pub struct ChatTemplate {
+    source: String,
+    bos_token: String,
+    eos_token: String,
+}
+
+impl ChatTemplate {
+    /// Checks that `source` compiles.
+    pub fn new(source: String, bos_token: String, eos_token: String) -> Result<Self> {
+        let template = Self {
+            source,
+            bos_token,
+            eos_token,
+        };
+        template
+            .environment()
+            .template_from_str(&template.source)
+            .map_err(jinja_error)?;
+        Ok(template)
+    }
+
+    /// The text of the model's end-of-sequence token (what the template calls `eos_token`).
+    pub fn eos_token(&self) -> &str {
+        &self.eos_token
+    }
+
+    /// The template of a Hugging Face model directory: `chat_template.jinja` (transformers 5
+    /// writes it there), else `tokenizer_config.json`'s `chat_template` (a string, or a list of
+    /// named templates of which `default` is used). `None` when there is none.
+    pub fn from_model_dir(dir: &Path) -> Result<Option<Self>> {
+        let config_path = dir.join("tokenizer_config.json");
+        let config: serde_json::Value = match std::fs::read_to_string(&config_path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|error| {
+                ClientError::ChatTemplate(format!("{}: {error}", config_path.display()))
+            })?,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => serde_json::Value::Null,
+            Err(error) => return Err(ClientError::io(&config_path)(error)),
+        };
+        let jinja_path = dir.join("chat_template.jinja");
+        let source = match std::fs::read_to_string(&jinja_path) {
+            Ok(source) => Some(source),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                match config.get("chat_template") {
+                    Some(serde_json::Value::String(source)) => Some(source.clone()),
+                    Some(serde_json::Value::Array(named)) => named
+                        .iter()
+                        .find(|entry| entry.get("name").and_then(|n| n.as_str()) == Some("default"))
+                        .and_then(|entry| entry.get("template")?.as_str())
+                        .map(str::to_string),
+                    _ => None,
+                }
+            }
+            Err(error) => return Err(ClientError::io(&jinja_path)(error)),
+        };
+        let Some(source) = source else {
+            return Ok(None);
+        };
+        // A special token is a string or an AddedToken object with its text in `content`.
+        let token = |name: &str| {
+            config
+                .get(name)
+                .and_then(|value| value.as_str().or_else(|| value.get("content")?.as_str()))
+                .unwrap_or_default()
+                .to_string()
+        };
+        Self::new(source, token("bos_token"), token("eos_token")).map(Some)
+    }
+
+    /// Renders `messages` (`(role, content)`), with the assistant's opening when
+    /// `add_generation_prompt`.
+    pub fn render(&self, messages: &[(&str, &str)], add_generation_prompt: bool) -> Result<String> {
+        let messages: Vec<Value> = messages
+            .iter()
+            .map(|(role, content)| context! { role => *role, content => *content })
+            .collect();
+        let environment = self.environment();
+        let template = environment
+            .template_from_str(&self.source)
+            .map_err(jinja_error)?;
+        template
+            .render(context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => &self.bos_token,
+                eos_token => &self.eos_token,
+            })
+            .map_err(jinja_error)
+    }
+
+    /// The environment transformers renders chat templates in: blocks trimmed and
+    /// left-stripped, Python's string methods, `raise_exception`, and `strftime_now`.
+    fn environment(&self) -> Environment<'_> {
+        let mut environment = Environment::new();
+        if let Ok(syntax) = minijinja::syntax::SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+        {
+            environment.set_syntax(syntax);
+        }
+        environment
+            .set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        environment.add_function(
+            "raise_exception",
+            |message: String| -> std::result::Result<Value, JinjaError> {
+                Err(JinjaError::new(ErrorKind::InvalidOperation, message))
+            },
+        );
+        // Llama 3.1+ templates print today's date in their system turn; a fixed date keeps the
+        // rendered training text, and so the tokens every site trains on, reproducible.
+        environment.add_function("strftime_now", |_format: String| "26 Jul 2024".to_string());
+        environment
+    }
+}
+
+fn jinja_error(error: JinjaError) -> ClientError {
+    let mut message = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    ClientError::ChatTemplate(message)
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
 
     #[test]
-    fn templates_render_prompt_and_response() {
+    fn builtin_templates_render_prompt_and_answer() {
+        let (prompt, whole) = PromptTemplate::ChatMl
+            .example("Summarise.", "Some text", "Done.")
+            .unwrap();
         assert_eq!(
-            PromptTemplate::ChatMl.prompt("Summarise.", "Some text"),
+            prompt,
             "<|im_start|>user\nSummarise.\n\nSome text<|im_end|>\n<|im_start|>assistant\n"
         );
-        assert_eq!(PromptTemplate::ChatMl.response("Done."), "Done.<|im_end|>");
+        assert_eq!(whole, format!("{prompt}Done.<|im_end|>"));
         assert_eq!(
-            PromptTemplate::Alpaca.prompt("Say hi.", ""),
+            PromptTemplate::Alpaca.prompt("Say hi.", "").unwrap(),
             "### Instruction:\nSay hi.\n\n### Response:\n"
         );
         assert!(
             PromptTemplate::Alpaca
                 .prompt("Say hi.", "x")
+                .unwrap()
                 .contains("### Input:\nx\n\n")
         );
+    }
+
+    /// Llama 3's template as Meta ships it in tokenizer_config.json: `bos_token`, `trim`, loop
+    /// state and the generation prompt.
+    const LLAMA3: &str = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
+
+    /// SmolLM2-Instruct's: ChatML with a default system message.
+    const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    /// Every expected string below is what transformers 5.24's `render_jinja_template` printed
+    /// for the same template and messages.
+    #[test]
+    fn model_templates_render_as_transformers_does() {
+        let llama3 = PromptTemplate::Model(Arc::new(
+            ChatTemplate::new(
+                LLAMA3.into(),
+                "<|begin_of_text|>".into(),
+                "<|eot_id|>".into(),
+            )
+            .unwrap(),
+        ));
+        let (prompt, whole) = llama3.example("Say hi.", "", " Hi! ").unwrap();
+        // What transformers 5's apply_chat_template prints for these messages.
+        assert_eq!(
+            prompt,
+            "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nSay hi.<|eot_id|>\
+             <|start_header_id|>assistant<|end_header_id|>\n\n"
+        );
+        assert_eq!(
+            whole,
+            "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nSay hi.<|eot_id|>\
+             <|start_header_id|>assistant<|end_header_id|>\n\nHi!<|eot_id|>"
+        );
+
+        let smollm2 = PromptTemplate::Model(Arc::new(
+            ChatTemplate::new(SMOLLM2.into(), String::new(), "<|im_end|>".into()).unwrap(),
+        ));
+        let (prompt, whole) = smollm2.example("Say hi.", "", "Hi!").unwrap();
+        assert_eq!(
+            prompt,
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging \
+             Face<|im_end|>\n<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n"
+        );
+        assert_eq!(
+            &whole[prompt.len() - "<|im_start|>assistant\n".len()..],
+            "<|im_start|>assistant\nHi!<|im_end|>\n"
+        );
+
+        // Blocks on lines of their own: trimmed and left-stripped; Python's str.strip().
+        let layout = ChatTemplate::new(
+            "{% for message in messages %}\n    {% if message['role'] == 'user' %}\n  {{ message['content'].strip() }}\n    {% endif %}\n{% endfor %}\n{% if add_generation_prompt %}\n>{% endif %}".into(),
+            String::new(),
+            String::new(),
+        )
+        .unwrap();
+        assert_eq!(
+            layout.render(&[("user", " Say hi. ")], true).unwrap(),
+            "  Say hi.\n>"
+        );
+    }
+
+    #[test]
+    fn templates_load_from_a_model_directory_and_fail_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(ChatTemplate::from_model_dir(dir.path()).unwrap(), None);
+        let config = serde_json::json!({
+            "chat_template": [{"name": "default", "template": LLAMA3}, {"name": "tool_use", "template": "x"}],
+            "bos_token": {"content": "<|begin_of_text|>", "lstrip": false},
+            "eos_token": "<|eot_id|>",
+        });
+        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+        let template = ChatTemplate::from_model_dir(dir.path()).unwrap().unwrap();
+        assert_eq!(template.bos_token, "<|begin_of_text|>");
+        assert!(
+            template
+                .render(&[("user", "x")], true)
+                .unwrap()
+                .ends_with("assistant<|end_header_id|>\n\n")
+        );
+
+        // transformers 5 keeps the template in its own file, which wins.
+        std::fs::write(
+            dir.path().join("chat_template.jinja"),
+            "{{ raise_exception('no system role') }}",
+        )
+        .unwrap();
+        let template = ChatTemplate::from_model_dir(dir.path()).unwrap().unwrap();
+        let error = template
+            .render(&[("user", "x")], true)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("no system role"), "{error}");
+
+        std::fs::write(dir.path().join("chat_template.jinja"), "{% if %}").unwrap();
+        let error = ChatTemplate::from_model_dir(dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with("chat template: "), "{error}");
     }
 }

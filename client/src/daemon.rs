@@ -216,7 +216,14 @@ fn load_site(config: &DaemonConfig) -> Result<Site> {
             base
         }
     };
-    let data = SiteData::load(&config.data_path, &base.tokenizer, &config.text_column)?;
+    let template = base.prompt_template();
+    tracing::info!(template = template.name(), "instruction examples' layout");
+    let data = SiteData::load(
+        &config.data_path,
+        &base.tokenizer,
+        &template,
+        &config.text_column,
+    )?;
     if data.train.is_empty() || data.heldout.is_empty() {
         return Err(ClientError::NotEnoughData(format!(
             "{} has {} documents; at least 10 are needed (every tenth is held out)",

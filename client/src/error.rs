@@ -20,6 +20,8 @@ pub enum ClientError {
     MissingWeight(String),
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
     #[error("data error in {path} line {line}: {message}")]
     Data {
         path: PathBuf,

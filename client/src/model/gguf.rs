@@ -22,6 +22,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, Tokenizer};
 
 use super::{BaseModel, Llama, LlamaConfig};
+use crate::chat::ChatTemplate;
 use crate::error::{ClientError, Result};
 
 fn meta<'a>(content: &'a Content, key: &str) -> Result<&'a Value> {
@@ -247,6 +248,7 @@ pub fn load_gguf(path: &Path, device: &Device, keep_quantized: bool) -> Result<B
     let content = Content::read(&mut file)?;
     let config = gguf_config(&content)?;
     let tokenizer = gguf_tokenizer(&content)?;
+    let chat_template = gguf_chat_template(&content)?;
     let mut weights = HashMap::new();
     let mut quantized = HashMap::new();
     for name in content.tensor_infos.keys() {
@@ -287,7 +289,33 @@ pub fn load_gguf(path: &Path, device: &Device, keep_quantized: bool) -> Result<B
         model: Llama::from_parts(config, weights, quantized, device)?,
         tokenizer,
         eos_token_id,
+        chat_template: chat_template.map(Into::into),
     })
+}
+
+/// `tokenizer.chat_template` (llama.cpp copies the Hugging Face template there), with the bos and
+/// eos tokens' text from the vocabulary.
+fn gguf_chat_template(content: &Content) -> Result<Option<ChatTemplate>> {
+    let Some(source) = content.metadata.get("tokenizer.chat_template") else {
+        return Ok(None);
+    };
+    let tokens = meta(content, "tokenizer.ggml.tokens")?.to_vec()?;
+    let token = |key: &str| -> String {
+        content
+            .metadata
+            .get(key)
+            .and_then(|id| id.to_u32().ok())
+            .and_then(|id| tokens.get(id as usize))
+            .and_then(|token| token.to_string().ok())
+            .cloned()
+            .unwrap_or_default()
+    };
+    ChatTemplate::new(
+        source.to_string()?.clone(),
+        token("tokenizer.ggml.bos_token_id"),
+        token("tokenizer.ggml.eos_token_id"),
+    )
+    .map(Some)
 }
 
 #[cfg(test)]

@@ -32,6 +32,8 @@ pub struct BaseModel {
     pub tokenizer: Tokenizer,
     /// End-of-sequence id used to separate packed documents.
     pub eos_token_id: u32,
+    /// The model's own chat template, when it ships one (instruction data is rendered in it).
+    pub chat_template: Option<std::sync::Arc<crate::chat::ChatTemplate>>,
 }
 
 impl BaseModel {
@@ -59,6 +61,7 @@ impl BaseModel {
             model,
             tokenizer,
             eos_token_id,
+            chat_template: crate::chat::ChatTemplate::from_model_dir(dir)?.map(Into::into),
         })
     }
 }
@@ -83,6 +86,12 @@ impl QuantType {
 }
 
 impl BaseModel {
+    /// How instruction data is laid out for this model: its own chat template, else ChatML or
+    /// Alpaca by its tokenizer ([`crate::chat::PromptTemplate::for_model`]).
+    pub fn prompt_template(&self) -> crate::chat::PromptTemplate {
+        crate::chat::PromptTemplate::for_model(self.chat_template.as_ref(), &self.tokenizer)
+    }
+
     /// QLoRA: as [`BaseModel::load`] with the frozen projections quantized. A GGUF file keeps its
     /// quantized types as loaded (q/k requantized to Q8_0, see `gguf::load_gguf`; `quant` is not
     /// used); a Hugging Face checkpoint is quantized to `quant` after loading (see

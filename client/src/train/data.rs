@@ -68,23 +68,32 @@ impl Window {
 }
 
 impl SiteData {
-    /// Reads `path`: CSV (by its `.csv` extension, documents from `text_column`) or JSONL.
-    pub fn load(path: &Path, tokenizer: &Tokenizer, text_column: &str) -> Result<Self> {
+    /// Reads `path`: CSV (by its `.csv` extension, documents from `text_column`) or JSONL, whose
+    /// instruction examples are laid out in `template`.
+    pub fn load(
+        path: &Path,
+        tokenizer: &Tokenizer,
+        template: &PromptTemplate,
+        text_column: &str,
+    ) -> Result<Self> {
         if path
             .extension()
             .is_some_and(|extension| extension.eq_ignore_ascii_case("csv"))
         {
             Self::from_csv(path, text_column, tokenizer)
         } else {
-            Self::from_jsonl(path, tokenizer)
+            Self::from_jsonl(path, tokenizer, template)
         }
     }
 
     /// Reads JSONL: per line a `text` document or an `instruction`/`input`/`output` example;
     /// blank lines are skipped.
-    pub fn from_jsonl(path: &Path, tokenizer: &Tokenizer) -> Result<Self> {
+    pub fn from_jsonl(
+        path: &Path,
+        tokenizer: &Tokenizer,
+        template: &PromptTemplate,
+    ) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(ClientError::io(path))?;
-        let template = PromptTemplate::for_tokenizer(tokenizer);
         let mut examples = Vec::new();
         for (index, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
@@ -108,8 +117,9 @@ impl SiteData {
             let example = match (field("text"), field("instruction"), field("output")) {
                 (Some(text), None, None) => Example::Text(encode(text)?),
                 (None, Some(instruction), Some(output)) => {
-                    let prompt = template.prompt(instruction, field("input").unwrap_or(""));
-                    let full = format!("{prompt}{}", template.response(output));
+                    let (prompt, full) = template
+                        .example(instruction, field("input").unwrap_or(""), output)
+                        .map_err(|error| data_error(error.to_string()))?;
                     // One encoding of the whole text, split where the response starts: encoding
                     // the two parts apart would tokenize the seam differently from inference
                     // (SentencePiece would start the response with a word-boundary piece).
@@ -369,7 +379,13 @@ mod tests {
             ),
         )
         .unwrap();
-        let data = SiteData::load(&jsonl, &tokenizer, "text").unwrap();
+        let data = SiteData::load(
+            &jsonl,
+            &tokenizer,
+            &PromptTemplate::for_tokenizer(&tokenizer),
+            "text",
+        )
+        .unwrap();
         assert_eq!(data.train.len(), 3);
         assert!(matches!(&data.train[0], Example::Text(tokens) if tokens.len() == 2));
         let Example::Supervised { prompt, response } = &data.train[1] else {
@@ -378,7 +394,7 @@ mod tests {
         // Byte-level tokenizer without ChatML tokens: the Alpaca layout, one token per byte.
         assert_eq!(
             prompt.len(),
-            PromptTemplate::Alpaca.prompt("Say hi.", "").len()
+            PromptTemplate::Alpaca.prompt("Say hi.", "").unwrap().len()
         );
         assert_eq!(response.len(), 2);
 
@@ -387,9 +403,14 @@ mod tests {
             "{\"text\": \"ok\"}\n{\"instruction\": \"no output\"}\n",
         )
         .unwrap();
-        let error = SiteData::load(&jsonl, &tokenizer, "text")
-            .unwrap_err()
-            .to_string();
+        let error = SiteData::load(
+            &jsonl,
+            &tokenizer,
+            &PromptTemplate::for_tokenizer(&tokenizer),
+            "text",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             error.contains("line 2") && error.contains("instruction"),
             "{error}"
@@ -397,7 +418,13 @@ mod tests {
 
         let csv = dir.path().join("notes.csv");
         std::fs::write(&csv, "id,note\n1,\"first, with comma\"\n2,\n3,third\n").unwrap();
-        let data = SiteData::load(&csv, &tokenizer, "note").unwrap();
+        let data = SiteData::load(
+            &csv,
+            &tokenizer,
+            &PromptTemplate::for_tokenizer(&tokenizer),
+            "note",
+        )
+        .unwrap();
         assert_eq!(
             data.train,
             vec![
@@ -411,9 +438,14 @@ mod tests {
                 Example::Text(tokenizer.encode("third", false).unwrap().get_ids().to_vec()),
             ]
         );
-        let error = SiteData::load(&csv, &tokenizer, "text")
-            .unwrap_err()
-            .to_string();
+        let error = SiteData::load(
+            &csv,
+            &tokenizer,
+            &PromptTemplate::for_tokenizer(&tokenizer),
+            "text",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             error.contains("no column \"text\"") && error.contains("id, note"),
             "{error}"
