@@ -313,10 +313,15 @@ pub struct ClientArgs {
     /// Keep the frozen projections and output head in bf16: bf16 products with f32
     /// accumulation, as PyTorch's bf16 autocast; the LoRA factors stay f32. Faster than the f32
     /// base where bf16 dot products outrun f32 FMAs (AMD Zen 4: measured 1.6x); slower where
-    /// they do not (Intel Sapphire/Emerald Rapids issue them on one port, so half the f32 rate)
-    /// or where the CPU lacks AVX-512 BF16. A warning says which, from a measurement at start.
+    /// they do not (on an Intel Xeon here they ran at half the f32 FMA's flop rate) or where the
+    /// CPU lacks AVX-512 BF16. A warning says which, from a measurement at start.
     #[arg(long)]
     pub bf16_base: bool,
+    /// Keep the f32 base as loaded instead of packing it for fedlora's AVX-512 kernel: the
+    /// frozen projections take half the memory of the packed default (which holds each twice,
+    /// once per product), and a step is slower (about 12% on the reference benchmark).
+    #[arg(long, conflicts_with_all = ["bf16_base", "quantize_base"])]
+    pub unpacked_base: bool,
     #[command(flatten)]
     pub transport: TransportArgs,
 }
@@ -505,10 +510,11 @@ async fn client(args: ClientArgs) -> Result<()> {
         state_dir,
         max_rank: args.max_rank,
         max_eval_windows: args.max_eval_windows,
-        base: match (args.quantize_base, args.bf16_base) {
-            (Some(quant), _) => BasePrecision::Quantized(quant.into()),
-            (None, true) => BasePrecision::Bf16,
-            (None, false) => BasePrecision::F32,
+        base: match (args.quantize_base, args.bf16_base, args.unpacked_base) {
+            (Some(quant), _, _) => BasePrecision::Quantized(quant.into()),
+            (None, true, _) => BasePrecision::Bf16,
+            (None, false, true) => BasePrecision::F32Unpacked,
+            (None, false, false) => BasePrecision::F32,
         },
     };
     // A progress bar on a terminal (hidden when stderr is not one, e.g. under systemd), and a

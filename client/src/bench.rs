@@ -121,6 +121,7 @@ impl TrainBench {
                     "k_proj" | "v_proj" => (hidden, kv_out),
                     "o_proj" => (q_out, hidden),
                     "gate_proj" | "up_proj" => (hidden, inter),
+                    // down_proj: specs are validated, no other module name gets here.
                     _ => (inter, hidden),
                 };
                 let rank = self.lora.rank_for(layer, module) as f64;

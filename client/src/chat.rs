@@ -69,6 +69,13 @@ impl PromptTemplate {
         })
     }
 
+    /// Whether [`PromptTemplate::example`]'s text already ends the answer with the template's
+    /// own end-of-turn token, so that no end-of-sequence token is to be appended (a model
+    /// template; Llama 3's ends a turn with `<|eot_id|>`, not its config's `<|end_of_text|>`).
+    pub fn closes_answers(&self) -> bool {
+        matches!(self, Self::Model(_))
+    }
+
     /// `(prompt, whole)`: the prompt, and the prompt followed by the answer as trained on
     /// (ChatML closes the turn with `<|im_end|>`, a model template as it renders an assistant
     /// turn, Alpaca relies on the end-of-sequence token the caller appends).
@@ -108,27 +115,38 @@ fn user_turn(instruction: &str, input: &str) -> String {
     }
 }
 
-/// A model's Jinja chat template with the special tokens it refers to.
-#[derive(Debug, PartialEq)]
+/// A model's Jinja chat template, compiled once, with the special tokens it refers to.
+#[derive(Debug)]
 pub struct ChatTemplate {
     source: String,
     bos_token: String,
     eos_token: String,
+    environment: Environment<'static>,
 }
 
+impl PartialEq for ChatTemplate {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.source, &self.bos_token, &self.eos_token)
+            == (&other.source, &other.bos_token, &other.eos_token)
+    }
+}
+
+/// The compiled template's name in its environment.
+const TEMPLATE: &str = "chat";
+
 impl ChatTemplate {
-    /// Checks that `source` compiles.
+    /// Compiles `source` (an error names what minijinja cannot parse).
     pub fn new(source: String, bos_token: String, eos_token: String) -> Result<Self> {
-        let template = Self {
+        let mut environment = environment();
+        environment
+            .add_template_owned(TEMPLATE, source.clone())
+            .map_err(jinja_error)?;
+        Ok(Self {
             source,
             bos_token,
             eos_token,
-        };
-        template
-            .environment()
-            .template_from_str(&template.source)
-            .map_err(jinja_error)?;
-        Ok(template)
+            environment,
+        })
     }
 
     /// The text of the model's end-of-sequence token (what the template calls `eos_token`).
@@ -167,11 +185,19 @@ impl ChatTemplate {
         let Some(source) = source else {
             return Ok(None);
         };
-        // A special token is a string or an AddedToken object with its text in `content`.
+        // A special token is a string or an AddedToken object with its text in `content`, in
+        // tokenizer_config.json or, for older checkpoints, special_tokens_map.json.
+        let map: serde_json::Value = std::fs::read_to_string(dir.join("special_tokens_map.json"))
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default();
         let token = |name: &str| {
-            config
-                .get(name)
-                .and_then(|value| value.as_str().or_else(|| value.get("content")?.as_str()))
+            [&config, &map]
+                .iter()
+                .find_map(|source| {
+                    let value = source.get(name)?;
+                    value.as_str().or_else(|| value.get("content")?.as_str())
+                })
                 .unwrap_or_default()
                 .to_string()
         };
@@ -185,44 +211,65 @@ impl ChatTemplate {
             .iter()
             .map(|(role, content)| context! { role => *role, content => *content })
             .collect();
-        let environment = self.environment();
-        let template = environment
-            .template_from_str(&self.source)
+        let template = self
+            .environment
+            .get_template(TEMPLATE)
             .map_err(jinja_error)?;
+        // transformers passes tools and documents as None when there are none.
+        let none = Value::from(());
         template
             .render(context! {
                 messages => messages,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
+                tools => none.clone(),
+                documents => none,
             })
             .map_err(jinja_error)
     }
+}
 
-    /// The environment transformers renders chat templates in: blocks trimmed and
-    /// left-stripped, Python's string methods, `raise_exception`, and `strftime_now`.
-    fn environment(&self) -> Environment<'_> {
-        let mut environment = Environment::new();
-        if let Ok(syntax) = minijinja::syntax::SyntaxConfig::builder()
-            .trim_blocks(true)
-            .lstrip_blocks(true)
-            .build()
-        {
-            environment.set_syntax(syntax);
+/// A loaded template, or `None` with a warning when it cannot be used (minijinja does not parse
+/// every Jinja2 extension, e.g. the `{% generation %}` tag some templates carry): text and CSV
+/// training, `merge` and raw generation need no template, and instruction data falls back to
+/// ChatML or Alpaca.
+pub fn usable(template: Result<Option<ChatTemplate>>) -> Option<Arc<ChatTemplate>> {
+    match template {
+        Ok(template) => template.map(Arc::new),
+        Err(error) => {
+            tracing::warn!(
+                %error,
+                "the model's chat template cannot be used: instruction data falls back to \
+                 ChatML or Alpaca"
+            );
+            None
         }
-        environment
-            .set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        environment.add_function(
-            "raise_exception",
-            |message: String| -> std::result::Result<Value, JinjaError> {
-                Err(JinjaError::new(ErrorKind::InvalidOperation, message))
-            },
-        );
-        // Llama 3.1+ templates print today's date in their system turn; a fixed date keeps the
-        // rendered training text, and so the tokens every site trains on, reproducible.
-        environment.add_function("strftime_now", |_format: String| "26 Jul 2024".to_string());
-        environment
     }
+}
+
+/// The environment transformers renders chat templates in: blocks trimmed and left-stripped,
+/// Python's string methods, `raise_exception`, and `strftime_now`.
+fn environment() -> Environment<'static> {
+    let mut environment = Environment::new();
+    if let Ok(syntax) = minijinja::syntax::SyntaxConfig::builder()
+        .trim_blocks(true)
+        .lstrip_blocks(true)
+        .build()
+    {
+        environment.set_syntax(syntax);
+    }
+    environment.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    environment.add_function(
+        "raise_exception",
+        |message: String| -> std::result::Result<Value, JinjaError> {
+            Err(JinjaError::new(ErrorKind::InvalidOperation, message))
+        },
+    );
+    // Llama 3.1+ templates print today's date in their system turn; a fixed date keeps the
+    // rendered training text, and so the tokens every site trains on, reproducible.
+    environment.add_function("strftime_now", |_format: String| "26 Jul 2024".to_string());
+    environment
 }
 
 fn jinja_error(error: JinjaError) -> ClientError {
@@ -319,6 +366,16 @@ mod tests {
             layout.render(&[("user", " Say hi. ")], true).unwrap(),
             "  Say hi.\n>"
         );
+
+        // No tools and no documents are None, as transformers passes them.
+        let tools = ChatTemplate::new(
+            "{% if tools is not none %}tools{% endif %}{% if documents is none %}ok{% endif %}"
+                .into(),
+            String::new(),
+            String::new(),
+        )
+        .unwrap();
+        assert_eq!(tools.render(&[("user", "x")], true).unwrap(), "ok");
     }
 
     #[test]

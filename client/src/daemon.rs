@@ -60,9 +60,12 @@ pub struct DaemonConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum BasePrecision {
     /// f32 weights and products (the default; exact against PyTorch/PEFT in f32), packed once
-    /// for the AVX-512 kernel where the CPU has one (`Llama::pack_base_f32`).
+    /// for the AVX-512 kernel where the CPU has one (`Llama::pack_base_f32`): faster, but the
+    /// projections take twice their memory.
     #[default]
     F32,
+    /// f32 as loaded, multiplied by candle's GEMM: the projections' memory once, a slower step.
+    F32Unpacked,
     /// Projections and output head in bf16, bf16 products with f32 accumulation (PyTorch's bf16
     /// autocast); faster than f32 only where the CPU's bf16 dot products outrun its f32 FMAs
     /// (AMD Zen 4), see `Llama::pack_base_bf16`. CPU only.
@@ -210,6 +213,7 @@ fn load_site(config: &DaemonConfig) -> Result<Site> {
             base.model.pack_base_f32()?;
             base
         }
+        BasePrecision::F32Unpacked => BaseModel::load(&config.model_dir, &device)?,
         BasePrecision::Bf16 => {
             let mut base = BaseModel::load(&config.model_dir, &device)?;
             base.model.pack_base_bf16()?;

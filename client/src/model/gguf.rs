@@ -248,7 +248,7 @@ pub fn load_gguf(path: &Path, device: &Device, keep_quantized: bool) -> Result<B
     let content = Content::read(&mut file)?;
     let config = gguf_config(&content)?;
     let tokenizer = gguf_tokenizer(&content)?;
-    let chat_template = gguf_chat_template(&content)?;
+    let chat_template = crate::chat::usable(gguf_chat_template(&content));
     let mut weights = HashMap::new();
     let mut quantized = HashMap::new();
     for name in content.tensor_infos.keys() {
@@ -289,7 +289,7 @@ pub fn load_gguf(path: &Path, device: &Device, keep_quantized: bool) -> Result<B
         model: Llama::from_parts(config, weights, quantized, device)?,
         tokenizer,
         eos_token_id,
-        chat_template: chat_template.map(Into::into),
+        chat_template,
     })
 }
 

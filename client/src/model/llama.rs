@@ -120,7 +120,8 @@ pub struct Llama {
     blocks: Vec<Block>,
     norm: RmsNorm,
     /// The output head when it is not the embedding table used as it is: the untied `lm_head`
-    /// (f32, or bf16 after [`Llama::pack_base_bf16`]), or a bf16 copy of tied embeddings.
+    /// (f32, packed after [`Llama::pack_base_f32`], or bf16 after [`Llama::pack_base_bf16`]), or
+    /// a bf16 copy of tied embeddings.
     /// `None`: tied, and the head is `embed_tokens`.
     head: Option<FrozenWeight>,
     rope: Rope,
@@ -469,7 +470,8 @@ impl Llama {
             );
         } else if let Some(peak) = super::cpu_peak::measure() {
             let bf16 = peak.bf16_gflops.unwrap_or(0.0);
-            // Rounding the activations costs a pass of its own: below this margin it never pays.
+            // Rounding the activations costs a pass of its own, so bf16 needs a clear margin to
+            // pay (25%: a judgement, not a measurement).
             if bf16 < 1.25 * peak.f32_gflops {
                 tracing::warn!(
                     bf16_gflops = bf16.round(),
@@ -500,7 +502,9 @@ impl Llama {
     /// Same values and arithmetic (f32 products, f32 accumulation); twice the memory of those
     /// weights, since each is packed for both of its products. Does nothing on CPUs without
     /// AVX-512F or off the CPU. A tied head stays the embedding (packing it would add a third
-    /// copy of the largest matrix).
+    /// copy of the largest matrix). DoRA rebuilds each dense weight from its packing every step
+    /// for its row norms (a copy of the weight: cheap next to the products). Merging makes a
+    /// projection dense; unmerging packs it again.
     pub fn pack_base_f32(&mut self) -> Result<()> {
         if !self.device.is_cpu() || !super::packed_gemm::f32_simd_available() {
             return Ok(());

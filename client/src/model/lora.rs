@@ -64,6 +64,9 @@ pub struct LoraLinear {
     /// Set while the factors are folded into `weight` (see [`LoraLinear::merge`]): DoRA's row
     /// factor at merge time (1 for plain LoRA), needed to unmerge.
     merged: Option<Tensor>,
+    /// The weight was f32-packed before [`LoraLinear::merge`] made it dense: unmerging packs it
+    /// again.
+    repack: bool,
 }
 
 impl LoraLinear {
@@ -73,6 +76,7 @@ impl LoraLinear {
             bias,
             lora: None,
             merged: None,
+            repack: false,
         }
     }
 
@@ -90,6 +94,7 @@ impl LoraLinear {
         if let FrozenWeight::PackedF32(_) = &self.weight {
             // Unpacking is exact; the merged weight is dense anyway.
             self.weight = FrozenWeight::Dense(self.weight.dequantize()?);
+            self.repack = true;
         }
         let FrozenWeight::Dense(weight) = &self.weight else {
             return Err(crate::error::ClientError::Unsupported(
@@ -121,6 +126,9 @@ impl LoraLinear {
         let restored = (weight.broadcast_div(&factor.unsqueeze(1)?)? - update)?;
         self.weight = FrozenWeight::Dense(restored.detach());
         self.merged = None;
+        if std::mem::take(&mut self.repack) {
+            self.weight = self.weight.packed_f32()?;
+        }
         Ok(())
     }
 
@@ -384,6 +392,18 @@ mod tests {
         assert!(!in_place.is_merged());
         let y_unmerged = output(&in_place, &x);
         assert!(crate::testing::max_abs_difference(&y, &y_unmerged) < 1e-5);
+        // The same on an f32-packed weight: DoRA reads its row norms from the packing, merging
+        // unpacks it, unmerging packs it again.
+        let mut packed = linear.clone();
+        packed.pack_weight_f32().unwrap();
+        let kind = packed.frozen_weight().kind();
+        assert!(crate::testing::max_abs_difference(&y, &output(&packed, &x)) < 1e-5);
+        packed.merge().unwrap();
+        assert_eq!(packed.frozen_weight().kind(), "dense");
+        assert!(crate::testing::max_abs_difference(&y, &output(&packed, &x)) < 1e-5);
+        packed.unmerge().unwrap();
+        assert_eq!(packed.frozen_weight().kind(), kind);
+        assert!(crate::testing::max_abs_difference(&y, &output(&packed, &x)) < 1e-5);
         // The magnitude gets a gradient; the norm does not feed one back.
         let gradients = linear
             .forward(&x)

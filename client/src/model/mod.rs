@@ -61,7 +61,7 @@ impl BaseModel {
             model,
             tokenizer,
             eos_token_id,
-            chat_template: crate::chat::ChatTemplate::from_model_dir(dir)?.map(Into::into),
+            chat_template: crate::chat::usable(crate::chat::ChatTemplate::from_model_dir(dir)),
         })
     }
 }

@@ -19,8 +19,9 @@
 //! step of a panel is one 64-byte line per 16 columns. An odd `k` (bf16) is padded with a zero
 //! row; the last panel is padded with zero columns.
 //!
-//! The driver blocks `k` so that a panel's slice stays in L1 while it sweeps tiles of [`MR`] rows
-//! of `A` (kept in L2), and splits rows (or, for few rows, panels) across rayon's threads.
+//! The driver blocks `k` so that a panel's slice (64–128 KiB) stays in L2 while it sweeps tiles
+//! of [`MR`] rows of `A` (also in L2; the micro-kernel streams both through L1), and splits rows
+//! (or, for few rows, panels) across rayon's threads.
 #![allow(
     unsafe_code,
     reason = "AVX-512 intrinsics, and disjoint writes into one output from several threads"
@@ -36,7 +37,7 @@ pub const NR: usize = 64;
 const MR: usize = 6;
 /// Rows of A per block: 96 rows × 512 words × 4 bytes = 192 KiB of A at most, in L2.
 const MC: usize = 96;
-/// Panels of B per block: 16 × 64 KiB, in L2.
+/// Panels of B per block: 16 panel slices (1–2 MiB), in L2/L3.
 const NC_PANELS: usize = 16;
 
 /// Calls `$kernel::<rows>` for a run-time tile height `1..=MR`.
@@ -80,8 +81,16 @@ pub fn from_bf16(bits: u16) -> f32 {
 #[repr(transparent)]
 pub struct Bf16Pair(u32);
 
-/// A word of the packed layout: what one step along `k` holds for one column.
-pub trait Word: Copy + Default + Send + Sync + std::fmt::Debug + 'static {
+mod sealed {
+    /// Only this module's 4-byte words implement [`super::Word`]: `PackedB::words` relies on it.
+    pub trait Sealed {}
+    impl Sealed for super::Bf16Pair {}
+    impl Sealed for f32 {}
+}
+
+/// A word of the packed layout: what one step along `k` holds for one column. Sealed: the
+/// layout's reinterpretation of 64-byte lines as words needs 4-byte words.
+pub trait Word: sealed::Sealed + Copy + Default + Send + Sync + std::fmt::Debug + 'static {
     /// Rows of `k` per word.
     const DEPTH: usize;
     /// Word steps of `B` per block, at most: a panel slice of `KC_WORDS` × 64 columns × 4 bytes
@@ -254,6 +263,7 @@ impl<W: Word> PackedB<W> {
     }
 
     fn words(&self) -> &[W] {
+        const { assert!(std::mem::size_of::<W>() == 4 && std::mem::align_of::<W>() <= 4) };
         // SAFETY: `Line<W>` is `repr(C)` around `[W; 16]`, and a `W` is 4 bytes (u32 or f32)
         // so the 64-byte line has no padding: the lines are a contiguous run of `16 * len`
         // initialised words.
@@ -335,7 +345,7 @@ fn matmul_with<W: Word>(a: &[W], m: usize, b: &PackedB<W>, simd: bool) -> Vec<f3
                 group * panels_per_group..((group + 1) * panels_per_group).min(panels);
             let out = &out;
             // BLIS order: a k-block of B's panels (`NC_PANELS` at a time, in L2/L3) is swept by
-            // blocks of `MC` rows of A (in L2); each panel slice (in L1) by tiles of `MR` rows.
+            // blocks of `MC` rows of A (in L2); each panel slice (in L2) by tiles of `MR` rows.
             // Row blocks also keep the C rows a sweep writes on few pages.
             for kc0 in (0..b.depth).step_by(kc_words) {
                 let kc = kc_words.min(b.depth - kc0);

@@ -32,6 +32,8 @@ pub enum Example {
     Supervised {
         prompt: Vec<u32>,
         response: Vec<u32>,
+        /// The response already ends with the template's end-of-turn token: no EOS is appended.
+        closed: bool,
     },
 }
 
@@ -135,6 +137,7 @@ impl SiteData {
                     Example::Supervised {
                         prompt: ids[..split].to_vec(),
                         response: ids[split..].to_vec(),
+                        closed: template.closes_answers(),
                     }
                 }
                 _ => {
@@ -245,11 +248,16 @@ pub fn make_windows(examples: &[Example], eos: u32, seq_len: usize) -> Vec<Windo
 /// An instruction example's window (prompt + response + EOS, cut at `seq_len + 1`, targets on
 /// the response), or `None` for text and for examples whose prompt fills the window.
 fn supervised_window(example: &Example, eos: u32, seq_len: usize) -> Option<Window> {
-    let Example::Supervised { prompt, response } = example else {
+    let Example::Supervised {
+        prompt,
+        response,
+        closed,
+    } = example
+    else {
         return None;
     };
     let mut tokens: Vec<u32> = prompt.iter().chain(response).copied().collect();
-    if tokens.last() != Some(&eos) {
+    if !closed && tokens.last() != Some(&eos) {
         tokens.push(eos);
     }
     tokens.truncate(seq_len + 1);
@@ -319,16 +327,25 @@ mod tests {
             Example::Supervised {
                 prompt: vec![1, 2, 3],
                 response: vec![7, 8],
+                closed: false,
             },
             // Cut at seq_len + 1 = 6 tokens: two response targets remain.
             Example::Supervised {
                 prompt: vec![1, 2, 3, 4],
                 response: vec![7, 8, 9],
+                closed: false,
             },
             // The prompt fills the window: nothing to learn, dropped.
             Example::Supervised {
                 prompt: vec![1, 2, 3, 4, 5, 6],
                 response: vec![7],
+                closed: false,
+            },
+            // Closed by the template's own end-of-turn token: no EOS appended.
+            Example::Supervised {
+                prompt: vec![1, 2],
+                response: vec![7, 50],
+                closed: true,
             },
         ];
         let windows = make_windows(&examples, 99, 5);
@@ -345,12 +362,16 @@ mod tests {
                     tokens: vec![1, 2, 3, 4, 7, 8],
                     targets: 3..5
                 },
+                Window {
+                    tokens: vec![1, 2, 7, 50],
+                    targets: 1..3
+                },
             ]
         );
         // The dropped example carries no FedAvg weight; with room for it, it counts.
-        assert_eq!(examples.len(), 4);
-        assert_eq!(trained_examples(&examples, 99, 5), 3);
-        assert_eq!(trained_examples(&examples, 99, 64), 4);
+        assert_eq!(examples.len(), 5);
+        assert_eq!(trained_examples(&examples, 99, 5), 4);
+        assert_eq!(trained_examples(&examples, 99, 64), 5);
     }
 
     #[test]
@@ -388,7 +409,10 @@ mod tests {
         .unwrap();
         assert_eq!(data.train.len(), 3);
         assert!(matches!(&data.train[0], Example::Text(tokens) if tokens.len() == 2));
-        let Example::Supervised { prompt, response } = &data.train[1] else {
+        let Example::Supervised {
+            prompt, response, ..
+        } = &data.train[1]
+        else {
             panic!("instruction example");
         };
         // Byte-level tokenizer without ChatML tokens: the Alpaca layout, one token per byte.
