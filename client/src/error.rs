@@ -7,10 +7,12 @@ use std::path::PathBuf;
 pub enum ClientError {
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
-    #[error("cannot read {path}: {source}")]
+    /// The OS error is in the message and deliberately not a `source`: error chains would print
+    /// it twice.
+    #[error("cannot read {path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("invalid model config {path}: {message}")]
     Config { path: PathBuf, message: String },
@@ -43,7 +45,7 @@ pub enum ClientError {
 impl ClientError {
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
-        move |source| Self::Io { path, source }
+        move |error| Self::Io { path, error }
     }
 }
 

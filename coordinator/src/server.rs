@@ -26,10 +26,11 @@ pub enum ServerTransport {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ServeError {
-    #[error("cannot bind {addr}: {source}")]
+    /// The OS error is in the message and not a `source`, so that chains print it once.
+    #[error("cannot bind {addr}: {error}")]
     Bind {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("grpc server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -41,10 +42,10 @@ pub enum ServeError {
 pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError> {
     let listener = TcpListener::bind(addr)
         .await
-        .map_err(|source| ServeError::Bind { addr, source })?;
+        .map_err(|error| ServeError::Bind { addr, error })?;
     let local = listener
         .local_addr()
-        .map_err(|source| ServeError::Bind { addr, source })?;
+        .map_err(|error| ServeError::Bind { addr, error })?;
     Ok((listener, local))
 }
 
