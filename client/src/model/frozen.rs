@@ -397,25 +397,20 @@ mod tests {
         );
     }
 
-    #[test]
-    fn bf16_weight_gives_rounded_products_and_input_gradient() {
+    /// `x` `[2, 5, 37]` times a `[70, 37]` weight (a partial panel and an odd inner dimension)
+    /// packed by `pack`: the product and input gradient agree with candle's matmul of the
+    /// original weight within `tolerance` (relative, in norm), and without a graph the op still
+    /// computes the product. Returns the original weight, the packed one, `x` and the product.
+    fn check_packed(
+        pack: impl Fn(&FrozenWeight) -> FrozenWeight,
+        tolerance: f32,
+    ) -> (Tensor, FrozenWeight, Var, Tensor) {
         let device = Device::Cpu;
-        // 70 outputs and 37 inputs: a partial panel and an odd inner dimension.
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, 37), &device).unwrap()).unwrap();
         let weight = Tensor::randn(0f32, 1.0, (70, 37), &device).unwrap();
         let target = Tensor::randn(0f32, 1.0, (2, 5, 70), &device).unwrap();
-        let packed = FrozenWeight::Dense(weight.clone()).packed_bf16().unwrap();
-        assert!(matches!(packed, FrozenWeight::Bf16(_)));
+        let packed = pack(&FrozenWeight::Dense(weight.clone()));
         assert_eq!(packed.dims2().unwrap(), (70, 37));
-        // The stored weight is the bf16 rounding of the original.
-        let stored = packed.dequantize().unwrap();
-        let rounded = weight
-            .to_dtype(DType::BF16)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap();
-        assert_eq!(flat(&stored), flat(&rounded));
-
         let reference = x
             .as_tensor()
             .broadcast_matmul(&weight.t().unwrap())
@@ -425,10 +420,9 @@ mod tests {
         let close = |a: &Tensor, b: &Tensor| {
             let scale = crate::testing::squared_norm(a).sqrt();
             let error = crate::testing::squared_norm(&(a - b).unwrap()).sqrt();
-            assert!(error < 1e-2 * scale, "error {error} vs norm {scale}");
+            assert!(error < tolerance * scale, "error {error} vs norm {scale}");
         };
         close(&reference, &got);
-
         let loss = |y: &Tensor| (y * &target).unwrap().sum_all().unwrap();
         let expected = loss(&reference).backward().unwrap();
         let grads = loss(&got).backward().unwrap();
@@ -436,23 +430,29 @@ mod tests {
             expected.get(x.as_tensor()).unwrap(),
             grads.get(x.as_tensor()).unwrap(),
         );
-        // Without a graph the op still computes the product.
         let plain = frozen_matmul_t(&x.as_tensor().detach(), &packed).unwrap();
         assert_eq!(flat(&plain), flat(&got));
+        (weight, packed, x, got)
     }
+
+    #[test]
+    fn bf16_weight_gives_rounded_products_and_input_gradient() {
+        let (weight, packed, _, _) = check_packed(|w| w.packed_bf16().unwrap(), 1e-2);
+        assert!(matches!(packed, FrozenWeight::Bf16(_)));
+        // The stored weight is the bf16 rounding of the original.
+        let rounded = weight
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        assert_eq!(flat(&packed.dequantize().unwrap()), flat(&rounded));
+    }
+
     #[test]
     fn f32_packed_weight_gives_the_dense_products_and_input_gradient() {
-        let device = Device::Cpu;
-        // 70 outputs and 37 inputs: a partial panel and an odd inner dimension.
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, 37), &device).unwrap()).unwrap();
-        let weight = Tensor::randn(0f32, 1.0, (70, 37), &device).unwrap();
-        let target = Tensor::randn(0f32, 1.0, (2, 5, 70), &device).unwrap();
-        let packed = FrozenWeight::Dense(weight.clone()).packed_f32().unwrap();
+        let (weight, packed, x, got) = check_packed(|w| w.packed_f32().unwrap(), 1e-6);
         if !f32::simd_available() {
-            assert!(
-                matches!(packed, FrozenWeight::Dense(_)),
-                "kept for candle's GEMM"
-            );
+            assert_eq!(packed.kind(), "dense", "kept for candle's GEMM");
             return;
         }
         assert_eq!(packed.kind(), "packed-f32");
@@ -461,27 +461,10 @@ mod tests {
             flat(&weight),
             "unpacking is exact"
         );
-        let reference = x
-            .as_tensor()
-            .broadcast_matmul(&weight.t().unwrap())
-            .unwrap();
-        let got = frozen_matmul_t(x.as_tensor(), &packed).unwrap();
-        assert_eq!(got.dims(), &[2, 5, 70]);
-        let close = |a: &Tensor, b: &Tensor| {
-            for (e, g) in flat(a).iter().zip(flat(b)) {
-                assert!((e - g).abs() < 1e-5 * (1.0 + e.abs()), "{e} vs {g}");
-            }
-        };
-        close(&reference, &got);
-        let loss = |y: &Tensor| (y * &target).unwrap().sum_all().unwrap();
-        let expected = loss(&reference).backward().unwrap();
-        let grads = loss(&got).backward().unwrap();
-        close(
-            expected.get(x.as_tensor()).unwrap(),
-            grads.get(x.as_tensor()).unwrap(),
-        );
         // The slice products agree with the op.
-        let values = flat(x.as_tensor());
-        assert_eq!(packed.product_t(&values, 10).unwrap(), flat(&got));
+        assert_eq!(
+            packed.product_t(&flat(x.as_tensor()), 10).unwrap(),
+            flat(&got)
+        );
     }
 }
