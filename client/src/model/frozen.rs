@@ -85,10 +85,15 @@ impl FrozenWeight {
         })
     }
 
-    /// How the weight is held: `dense`, `quantized`, `packed-f32` or `bf16`.
+    /// How the weight is held: `dense` (f32), `dense-bf16` or `dense-f16` (cast tensors),
+    /// `quantized`, `packed-f32` or `bf16` (packed).
     pub fn kind(&self) -> &'static str {
         match self {
-            Self::Dense(_) => "dense",
+            Self::Dense(tensor) => match tensor.dtype() {
+                DType::BF16 => "dense-bf16",
+                DType::F16 => "dense-f16",
+                _ => "dense",
+            },
             Self::Quantized(_) => "quantized",
             Self::PackedF32(_) => "packed-f32",
             Self::Bf16(_) => "bf16",
@@ -98,7 +103,7 @@ impl FrozenWeight {
     /// The weight as a dense f32 tensor.
     pub fn dequantize(&self) -> Result<Tensor> {
         Ok(match self {
-            Self::Dense(tensor) => tensor.clone(),
+            Self::Dense(tensor) => tensor.to_dtype(DType::F32)?,
             Self::Quantized(tensor) => tensor.dequantize(&tensor.device())?,
             Self::PackedF32(weight) => weight.to_dense(&Device::Cpu)?,
             Self::Bf16(weight) => weight.to_dense(&Device::Cpu)?,
@@ -109,7 +114,10 @@ impl FrozenWeight {
     /// kept).
     pub fn quantized(&self, dtype: GgmlDType) -> Result<Self> {
         Ok(match self {
-            Self::Dense(tensor) => Self::Quantized(Arc::new(QTensor::quantize(tensor, dtype)?)),
+            Self::Dense(tensor) => Self::Quantized(Arc::new(QTensor::quantize(
+                &tensor.to_dtype(DType::F32)?,
+                dtype,
+            )?)),
             Self::Bf16(_) | Self::PackedF32(_) => {
                 Self::Dense(self.dequantize()?).quantized(dtype)?
             }
@@ -315,6 +323,14 @@ pub fn frozen_matmul_t(x: &Tensor, weight: &FrozenWeight) -> Result<Tensor> {
     let product = match weight {
         FrozenWeight::Bf16(packed) => return packed_matmul_t(x, packed),
         FrozenWeight::PackedF32(packed) => return packed_matmul_t(x, packed),
+        FrozenWeight::Dense(dense) if dense.dtype() != x.dtype() => {
+            // A cast base (bf16 on a GPU): the product in the weight's type, activations and
+            // gradients in theirs; `to_dtype` passes the gradient back through both casts.
+            return Ok(x
+                .to_dtype(dense.dtype())?
+                .broadcast_matmul(&dense.t()?)?
+                .to_dtype(x.dtype())?);
+        }
         FrozenWeight::Dense(dense) => {
             if !x.track_op() || !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
                 return Ok(x.broadcast_matmul(&dense.t()?)?);

@@ -456,12 +456,11 @@ impl Llama {
     /// bf16 activations and f32 accumulation (`packed_gemm`: AVX-512 BF16 where the CPU has it).
     /// The arithmetic of PyTorch's bf16 autocast, at the speed of bf16 products; the LoRA factors,
     /// their gradients, norms, attention and the loss stay f32. On a checkpoint stored in bf16
-    /// (most are) no weight changes value. CPU only; dense weights only.
+    /// (most are) no weight changes value. Dense weights only. Off the CPU (a GPU), the same
+    /// arithmetic runs on the device's own bf16 matmuls: [`Llama::cast_base`].
     pub fn pack_base_bf16(&mut self) -> Result<()> {
         if !self.device.is_cpu() {
-            return Err(ClientError::Unsupported(
-                "the bf16 base is a CPU kernel; on a GPU load the model in bf16 instead".into(),
-            ));
+            return self.cast_base(DType::BF16);
         }
         if !super::packed_gemm::bf16_simd_available() {
             tracing::warn!(
@@ -494,6 +493,24 @@ impl Llama {
             .clone()
             .unwrap_or_else(|| FrozenWeight::Dense(self.embed_tokens.clone()));
         self.head = Some(head.packed_bf16()?);
+        Ok(())
+    }
+
+    /// Keeps every dense frozen projection and an untied output head as `dtype` tensors (bf16 on
+    /// a GPU), multiplied by the device's own matmul: each product casts the f32 activations to
+    /// `dtype` and its result back, so the LoRA factors, norms, attention, the loss and every
+    /// gradient stay f32 (PyTorch's bf16 autocast, without custom kernels). Works on any device;
+    /// on the CPU [`Llama::pack_base_bf16`] is the fast way to the same arithmetic. Tied
+    /// embeddings stay f32.
+    pub fn cast_base(&mut self, dtype: DType) -> Result<()> {
+        for block in &mut self.blocks {
+            for (_, linear) in block.linears_mut() {
+                linear.cast_weight(dtype)?;
+            }
+        }
+        if let Some(FrozenWeight::Dense(head)) = &self.head {
+            self.head = Some(FrozenWeight::Dense(head.to_dtype(dtype)?));
+        }
         Ok(())
     }
 

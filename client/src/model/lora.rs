@@ -207,6 +207,16 @@ impl LoraLinear {
         Ok(())
     }
 
+    /// Keeps a dense frozen weight as a `dtype` tensor from now on (see `Llama::cast_base`);
+    /// other weights are kept.
+    pub fn cast_weight(&mut self, dtype: DType) -> Result<()> {
+        self.unmerge()?;
+        if let FrozenWeight::Dense(weight) = &self.weight {
+            self.weight = FrozenWeight::Dense(weight.to_dtype(dtype)?);
+        }
+        Ok(())
+    }
+
     /// Keeps the frozen weight packed in f32 from now on, multiplied by `packed_gemm` (dense
     /// weights on CPUs with AVX-512F; others are kept).
     pub fn pack_weight_f32(&mut self) -> Result<()> {

@@ -620,6 +620,25 @@ mod tests {
         );
     }
 
+    /// The device-generic bf16 base (what `--bf16-base` runs on a GPU: candle's bf16 matmuls
+    /// with casts) trains like the f32 one within bf16's rounding; checked here on the CPU,
+    /// where candle runs the same ops.
+    #[test]
+    fn cast_bf16_base_passes_gradients_close_to_the_f32_model() {
+        assert_reduced_base_trains_like_f32(
+            "cast bf16",
+            &TinyModelSpec::default(),
+            |model| {
+                model.cast_base(DType::BF16).unwrap();
+                for (path, kind) in model.frozen_kinds() {
+                    assert_eq!(kind, "dense-bf16", "{path}");
+                }
+            },
+            0.01,
+            0.05,
+        );
+    }
+
     /// The f32-packed base computes the same function in the same precision: loss and
     /// gradients agree to f32 rounding (only the order of the sums differs), and every
     /// projection and the untied head really are packed where the CPU runs the kernel.
