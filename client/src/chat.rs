@@ -10,6 +10,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use minijinja::value::Kwargs;
 use minijinja::{Environment, Error as JinjaError, ErrorKind, Value, context};
 use tokenizers::Tokenizer;
 
@@ -266,10 +267,74 @@ fn environment() -> Environment<'static> {
             Err(JinjaError::new(ErrorKind::InvalidOperation, message))
         },
     );
+    environment.add_filter("tojson", python_tojson);
     // Llama 3.1+ templates print today's date in their system turn; a fixed date keeps the
     // rendered training text, and so the tokens every site trains on, reproducible.
     environment.add_function("strftime_now", |_format: String| "26 Jul 2024".to_string());
     environment
+}
+
+/// Jinja's `tojson` as transformers defines it, `json.dumps(value, ensure_ascii=False,
+/// indent=indent, sort_keys=sort_keys)`: `", "` and `": "` between items (`","` before a new line
+/// when indented), non-ASCII text as it is, nothing HTML-escaped. minijinja's own filter writes
+/// compact, HTML-safe JSON, which would change the tokens a template produces.
+fn python_tojson(value: &Value, kwargs: Kwargs) -> std::result::Result<Value, JinjaError> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    // Accepted and ignored, as transformers does with `separators` unset.
+    let _: Option<Value> = kwargs.get("ensure_ascii")?;
+    kwargs.assert_all_used()?;
+    let json = serde_json::to_value(value).map_err(|error| {
+        JinjaError::new(ErrorKind::InvalidOperation, format!("tojson: {error}"))
+    })?;
+    let mut out = String::new();
+    write_python_json(&json, indent, sort_keys.unwrap_or(false), 0, &mut out);
+    Ok(Value::from_safe_string(out))
+}
+
+fn write_python_json(
+    value: &serde_json::Value,
+    indent: Option<usize>,
+    sort_keys: bool,
+    level: usize,
+    out: &mut String,
+) {
+    use serde_json::Value as Json;
+    let (open, close, items): (char, char, Vec<(Option<&String>, &Json)>) = match value {
+        Json::Array(items) => ('[', ']', items.iter().map(|item| (None, item)).collect()),
+        Json::Object(entries) => {
+            let mut entries: Vec<_> = entries.iter().map(|(k, v)| (Some(k), v)).collect();
+            if sort_keys {
+                entries.sort_by(|a, b| a.0.cmp(&b.0));
+            }
+            ('{', '}', entries)
+        }
+        scalar => {
+            out.push_str(&scalar.to_string());
+            return;
+        }
+    };
+    out.push(open);
+    for (index, (key, item)) in items.iter().enumerate() {
+        match indent {
+            Some(width) => {
+                out.push_str(if index == 0 { "\n" } else { ",\n" });
+                out.push_str(&" ".repeat(width * (level + 1)));
+            }
+            None if index > 0 => out.push_str(", "),
+            None => {}
+        }
+        if let Some(key) = key {
+            out.push_str(&Json::String((*key).clone()).to_string());
+            out.push_str(": ");
+        }
+        write_python_json(item, indent, sort_keys, level + 1, out);
+    }
+    if let (Some(width), false) = (indent, items.is_empty()) {
+        out.push('\n');
+        out.push_str(&" ".repeat(width * level));
+    }
+    out.push(close);
 }
 
 fn jinja_error(error: JinjaError) -> ClientError {
@@ -376,6 +441,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(tools.render(&[("user", "x")], true).unwrap(), "ok");
+
+        // tojson as Python's json.dumps writes it: spaces after separators, keys in order (or
+        // sorted), text unescaped but for JSON's own escapes.
+        let json = ChatTemplate::new(
+            "{{ messages | tojson }}|{{ messages[0] | tojson(indent=2) }}|{{ [] | tojson }}\
+             {{ {} | tojson(indent=2) }}|{{ {'b': 1, 'a': [1.5, true, none]} | tojson(sort_keys=true) }}"
+                .into(),
+            String::new(),
+            String::new(),
+        )
+        .unwrap();
+        assert_eq!(
+            json.render(&[("user", "héllo <b>&'\"\n")], false).unwrap(),
+            "[{\"role\": \"user\", \"content\": \"héllo <b>&'\\\"\\n\"}]|\
+             {\n  \"role\": \"user\",\n  \"content\": \"héllo <b>&'\\\"\\n\"\n}|[]{}|\
+             {\"a\": [1.5, true, null], \"b\": 1}"
+        );
     }
 
     #[test]
