@@ -703,7 +703,7 @@ fn bench_train(args: &BenchTrainArgs) -> Result<()> {
     print!(
         ", {:.0} GFLOP/s ({:.0} MFLOP per token)",
         report.gflops,
-        bench.flop_per_token() / 1e6
+        bench.flop_per_token()? / 1e6
     );
     match report.peak {
         Some(peak) => println!(

@@ -29,10 +29,11 @@ pub struct Peak {
 /// milliseconds.
 const ITERATIONS: usize = 4_000_000;
 
-/// Measures both peaks (best of three timings each, a few tens of milliseconds in all); `None`
-/// on CPUs without AVX-512F.
+/// Both peaks (best of three timings each, a few tens of milliseconds in all), measured once per
+/// process; `None` on CPUs without AVX-512F.
 pub fn measure() -> Option<Peak> {
-    measure_with(ITERATIONS)
+    static PEAK: std::sync::OnceLock<Option<Peak>> = std::sync::OnceLock::new();
+    *PEAK.get_or_init(|| measure_with(ITERATIONS))
 }
 
 fn measure_with(iterations: usize) -> Option<Peak> {

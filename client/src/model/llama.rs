@@ -270,10 +270,8 @@ impl Llama {
 
     /// Removes every adapter: the base model again (merged adapters are unmerged first).
     pub fn detach_lora(&mut self) -> Result<()> {
-        for block in &mut self.blocks {
-            for (_, linear) in block.linears_mut() {
-                linear.detach()?;
-            }
+        for linear in self.projections_mut() {
+            linear.detach()?;
         }
         Ok(())
     }
@@ -291,20 +289,16 @@ impl Llama {
                 "merging into a quantized base is not supported; load it unquantized".into(),
             ));
         }
-        for block in &mut self.blocks {
-            for (_, linear) in block.linears_mut() {
-                linear.merge()?;
-            }
+        for linear in self.projections_mut() {
+            linear.merge()?;
         }
         Ok(())
     }
 
     /// Undoes [`Llama::merge_lora`].
     pub fn unmerge_lora(&mut self) -> Result<()> {
-        for block in &mut self.blocks {
-            for (_, linear) in block.linears_mut() {
-                linear.unmerge()?;
-            }
+        for linear in self.projections_mut() {
+            linear.unmerge()?;
         }
         Ok(())
     }
@@ -434,19 +428,17 @@ impl Llama {
     /// stay f32. Gradients still reach the LoRA factors below quantized layers (see `frozen.rs`).
     pub fn quantize_base(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<()> {
         use candle_core::quantized::GgmlDType;
-        for block in &mut self.blocks {
-            for (_, linear) in block.linears_mut() {
-                let (in_features, _) = linear.in_out();
-                let fitting = [dtype, GgmlDType::Q8_0]
-                    .into_iter()
-                    .find(|candidate| in_features % candidate.block_size() == 0);
-                match fitting {
-                    Some(fitting) => linear.quantize_weight(fitting)?,
-                    None => tracing::warn!(
-                        in_features,
-                        "a projection's rows are not whole blocks of {dtype:?} or Q8_0: kept in f32"
-                    ),
-                }
+        for linear in self.projections_mut() {
+            let (in_features, _) = linear.in_out();
+            let fitting = [dtype, GgmlDType::Q8_0]
+                .into_iter()
+                .find(|candidate| in_features % candidate.block_size() == 0);
+            match fitting {
+                Some(fitting) => linear.quantize_weight(fitting)?,
+                None => tracing::warn!(
+                    in_features,
+                    "a projection's rows are not whole blocks of {dtype:?} or Q8_0: kept in f32"
+                ),
             }
         }
         Ok(())
@@ -481,10 +473,8 @@ impl Llama {
                 );
             }
         }
-        for block in &mut self.blocks {
-            for (_, linear) in block.linears_mut() {
-                linear.pack_weight_bf16()?;
-            }
+        for linear in self.projections_mut() {
+            linear.pack_weight_bf16()?;
         }
         // Replaces an untied f32 head (same memory: bf16 packed twice); tied embeddings stay f32
         // for the lookup, and the head gets its own bf16 copy.
@@ -503,10 +493,8 @@ impl Llama {
     /// on the CPU [`Llama::pack_base_bf16`] is the fast way to the same arithmetic. Tied
     /// embeddings stay f32.
     pub fn cast_base(&mut self, dtype: DType) -> Result<()> {
-        for block in &mut self.blocks {
-            for (_, linear) in block.linears_mut() {
-                linear.cast_weight(dtype)?;
-            }
+        for linear in self.projections_mut() {
+            linear.cast_weight(dtype)?;
         }
         if let Some(FrozenWeight::Dense(head)) = &self.head {
             self.head = Some(FrozenWeight::Dense(head.to_dtype(dtype)?));
@@ -526,10 +514,8 @@ impl Llama {
         if !self.device.is_cpu() || !super::packed_gemm::f32_simd_available() {
             return Ok(());
         }
-        for block in &mut self.blocks {
-            for (_, linear) in block.linears_mut() {
-                linear.pack_weight_f32()?;
-            }
+        for linear in self.projections_mut() {
+            linear.pack_weight_f32()?;
         }
         if let Some(head) = &self.head {
             self.head = Some(head.packed_f32()?);
@@ -540,31 +526,35 @@ impl Llama {
     /// How each frozen projection, and the output head (`lm_head`), is held
     /// ([`FrozenWeight::kind`]).
     pub fn frozen_kinds(&self) -> Vec<(String, &'static str)> {
-        let mut kinds = Vec::new();
-        for (layer, block) in self.blocks.iter().enumerate() {
-            for (module, linear) in block.linears() {
-                kinds.push((
-                    fedlora_proto::adapter::module_path(layer, module),
-                    linear.frozen_weight().kind(),
-                ));
-            }
-        }
+        let mut kinds: Vec<_> = self
+            .projections()
+            .map(|(path, linear)| (path, linear.frozen_weight().kind()))
+            .collect();
         kinds.push(("lm_head".into(), self.head_weight().kind()));
         kinds
     }
 
     /// Each projection's module path and frozen weight type (`None`: dense f32).
     pub fn projection_dtypes(&self) -> Vec<(String, Option<candle_core::quantized::GgmlDType>)> {
-        let mut types = Vec::new();
-        for (layer, block) in self.blocks.iter().enumerate() {
-            for (module, linear) in block.linears() {
-                types.push((
-                    fedlora_proto::adapter::module_path(layer, module),
-                    linear.quantized_dtype(),
-                ));
-            }
-        }
-        types
+        self.projections()
+            .map(|(path, linear)| (path, linear.quantized_dtype()))
+            .collect()
+    }
+
+    /// Every projection with its module path (`model.layers.3.self_attn.q_proj`), in layer order.
+    fn projections(&self) -> impl Iterator<Item = (String, &LoraLinear)> {
+        self.blocks.iter().enumerate().flat_map(|(layer, block)| {
+            block.linears().map(move |(module, linear)| {
+                (fedlora_proto::adapter::module_path(layer, module), linear)
+            })
+        })
+    }
+
+    /// Every projection, mutably, in layer order.
+    fn projections_mut(&mut self) -> impl Iterator<Item = &mut LoraLinear> {
+        self.blocks
+            .iter_mut()
+            .flat_map(|block| block.linears_mut().map(|(_, linear)| linear))
     }
 
     /// Every weight under its Hugging Face name, with the attached LoRA factors merged into the

@@ -105,13 +105,30 @@ pub trait Word: sealed::Sealed + Copy + Default + Send + Sync + std::fmt::Debug 
     /// `rows` rows of `x` (`k` wide) as the `A` operand: bf16 packs them, f32 reads them as
     /// they are.
     fn a_operand(x: &[f32], rows: usize, k: usize) -> Cow<'_, [Self]>;
+    /// The vectorised micro-kernel for one tile (see [`Word::run`]).
+    ///
+    /// # Safety
+    /// As [`Word::run`] with `simd`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn simd_tile(tile: &Tile<'_, Self>, c: *mut f32, ldc: usize);
+
     /// Writes (or, with `tile.accumulate`, adds to) the tile's `rows × cols` of C at `c`, row
-    /// stride `ldc`, with the vectorised kernel when `simd`.
+    /// stride `ldc`, with the vectorised kernel when `simd`, else the portable loop.
     ///
     /// # Safety
     /// `c` must be valid for those writes and not written by anyone else meanwhile; `simd` only
-    /// where [`Word::simd_available`].
-    unsafe fn run(tile: &Tile<'_, Self>, c: *mut f32, ldc: usize, simd: bool);
+    /// where [`Word::simd_available`]; the tile's slices cover what it reads (`Tile::check`).
+    unsafe fn run(tile: &Tile<'_, Self>, c: *mut f32, ldc: usize, simd: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: as the caller vouches.
+            unsafe { Self::simd_tile(tile, c, ldc) };
+            return;
+        }
+        let _ = simd;
+        // SAFETY: as the caller vouches.
+        unsafe { portable(tile, c, ldc) }
+    }
 }
 
 impl Word for Bf16Pair {
@@ -136,17 +153,11 @@ impl Word for Bf16Pair {
         Cow::Owned(pack_a(x, rows, k))
     }
 
-    unsafe fn run(tile: &Tile<'_, Self>, c: *mut f32, ldc: usize, simd: bool) {
-        #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: `simd` only where the CPU has AVX-512F and AVX-512 BF16; the tile's slices
-            // were checked to cover every word the kernel reads; `c` as the caller vouches.
-            unsafe { by_height!(tile.rows, x86::bf16_kernel, tile, c, ldc) };
-            return;
-        }
-        let _ = simd;
-        // SAFETY: as the caller vouches.
-        unsafe { portable(tile, c, ldc) }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn simd_tile(tile: &Tile<'_, Self>, c: *mut f32, ldc: usize) {
+        // SAFETY: called only where the CPU has AVX-512F and AVX-512 BF16; the tile's slices
+        // were checked to cover every word the kernel reads; `c` as the caller vouches.
+        unsafe { by_height!(tile.rows, x86::bf16_kernel, tile, c, ldc) }
     }
 }
 
@@ -172,17 +183,11 @@ impl Word for f32 {
         Cow::Borrowed(x)
     }
 
-    unsafe fn run(tile: &Tile<'_, Self>, c: *mut f32, ldc: usize, simd: bool) {
-        #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: `simd` only where the CPU has AVX-512F; the tile's slices were checked to
-            // cover every value the kernel reads; `c` as the caller vouches.
-            unsafe { by_height!(tile.rows, x86::f32_kernel, tile, c, ldc) };
-            return;
-        }
-        let _ = simd;
-        // SAFETY: as the caller vouches.
-        unsafe { portable(tile, c, ldc) }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn simd_tile(tile: &Tile<'_, Self>, c: *mut f32, ldc: usize) {
+        // SAFETY: called only where the CPU has AVX-512F; the tile's slices were checked to
+        // cover every value the kernel reads; `c` as the caller vouches.
+        unsafe { by_height!(tile.rows, x86::f32_kernel, tile, c, ldc) }
     }
 }
 
