@@ -14,9 +14,11 @@ use fedlora_client::model::{LlamaConfig, fingerprint};
 use fedlora_client::tiny::{TinyModelSpec, write_tiny_model};
 use fedlora_coordinator::config::{FederationConfig, TrainingConfig};
 use fedlora_coordinator::rounds::Coordinator;
+use fedlora_coordinator::rounds::round_seed;
 use fedlora_coordinator::server::{self, RunningServer, ServerTransport};
 use fedlora_coordinator::store::{PgStore, RoundRow, Store};
-use fedlora_proto::adapter::{Adapter, LoraSpec, adapter_spec, sha256_hex};
+use fedlora_proto::adapter::{Adapter, Factor, LoraSpec, adapter_spec, sha256_hex};
+use fedlora_proto::factors::initial_factors;
 use fedlora_proto::v1::federation_client::FederationClient;
 use fedlora_proto::v1::{self as pb, next_task_response, submit_update_request};
 use tokio::task::JoinHandle;
@@ -75,6 +77,7 @@ struct Site {
     base: BasePrecision,
     state_dir: PathBuf,
     data: PathBuf,
+    max_rank: usize,
 }
 
 impl Site {
@@ -101,6 +104,7 @@ fn make_sites(dir: &Path, specs: &[(&'static str, usize)]) -> Vec<Site> {
                 },
                 state_dir: dir.join("state").join(name),
                 data,
+                max_rank: 16,
             }
         })
         .collect()
@@ -119,7 +123,7 @@ fn spawn_daemon(
         data_path: site.data.clone(),
         text_column: "text".into(),
         state_dir: site.state_dir.clone(),
-        max_rank: 16,
+        max_rank: site.max_rank,
         max_eval_windows: 16,
         base: site.base,
     };
@@ -553,5 +557,110 @@ async fn every_site_beats_the_base_model_after_two_rounds() {
             site.eval_loss,
             after.eval_loss
         );
+    }
+}
+
+/// `alternating` with clients of two ranks: round 0 trains B only, round 1 A only; the frozen
+/// factor comes through bit for bit, the lower-rank site trains and receives a prefix with the
+/// alpha that keeps the federation's scale, and each slot is the mean of the sites reaching it.
+#[sqlx::test(migrations = "./migrations")]
+async fn alternating_rounds_with_mixed_ranks(pool: sqlx::PgPool) {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("model");
+    write_tiny_model(&model_dir, &TinyModelSpec::default()).unwrap();
+    let mut sites = make_sites(dir.path(), &[("clinic", 150), ("bank", 250)]);
+    sites[0].max_rank = 2;
+    let lora = LoraSpec::new(4, 8.0, &["q_proj", "v_proj"]);
+    let config = FederationConfig {
+        strategy: "alternating".into(),
+        min_rank: Some(2),
+        lora: lora.clone(),
+        ..small_config(2, 2)
+    };
+    let store: Arc<dyn Store> = Arc::new(PgStore::from_pool(pool));
+    let running = start_coordinator(store.clone(), config).await;
+    let daemons = sites
+        .iter()
+        .map(|site| spawn_daemon(&running.url(), &model_dir, site))
+        .collect();
+    wait_all(daemons).await;
+    running.stop().await.unwrap();
+
+    let federation = store.create_or_get_federation("test", "", 0).await.unwrap();
+    assert_eq!(federation.state, "finished");
+    let rounds = rounds_oldest_first(store.as_ref(), federation.id).await;
+    let trained: Vec<&str> = rounds.iter().map(|round| round.trained.as_str()).collect();
+    assert_eq!(trained, ["b", "a", "both"]);
+    let model_config: LlamaConfig =
+        serde_json::from_str(&std::fs::read_to_string(model_dir.join("config.json")).unwrap())
+            .unwrap();
+    let dims = model_config.dims();
+    let start = initial_factors(&dims, &lora, round_seed(rounds[0].id)).unwrap();
+    let mut previous = start;
+    for (round, frozen) in rounds[..2].iter().zip(["lora_A.weight", "lora_B.weight"]) {
+        let global = global_adapter(store.as_ref(), round.id).await;
+        global
+            .validate(&adapter_spec(&dims, &lora).unwrap())
+            .unwrap();
+        let tasks = store.list_tasks(round.id).await.unwrap();
+        let mut ranks: Vec<i64> = tasks.iter().map(|task| task.rank).collect();
+        ranks.sort();
+        assert_eq!(ranks, [2, 4]);
+        let mut sent = Vec::new();
+        for site in &sites {
+            let dir = sent_adapter_dir(&site.state_dir, round.id as u64);
+            let (adapter, _) = read_adapter(&dir.join("adapter_model.safetensors"));
+            let peft: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(dir.join("adapter_config.json")).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(peft["r"], site.max_rank.min(4));
+            assert_eq!(peft["lora_alpha"], 8.0 * site.max_rank.min(4) as f64 / 4.0);
+            sent.push((site.num_examples() as f64, adapter));
+        }
+        for (name, tensor) in &global.tensors {
+            if name.ends_with(frozen) {
+                assert_eq!(
+                    tensor, &previous.tensors[name],
+                    "{name}: the frozen factor moved"
+                );
+                continue;
+            }
+            let factor = Factor::of_name(name).unwrap();
+            let columns = tensor.shape[1];
+            for (index, value) in tensor.data.iter().enumerate() {
+                let slot = if factor == Factor::A {
+                    index / columns
+                } else {
+                    index % columns
+                };
+                let reaching: Vec<(f64, f64)> = sent
+                    .iter()
+                    .filter_map(|(weight, adapter)| {
+                        let part = &adapter.tensors[name];
+                        let rank = part.shape[factor.rank_axis().unwrap()];
+                        (slot < rank).then(|| {
+                            let local = if factor == Factor::A {
+                                index
+                            } else {
+                                (index / columns) * rank + slot
+                            };
+                            (*weight, f64::from(part.data[local]))
+                        })
+                    })
+                    .collect();
+                let total: f64 = reaching.iter().map(|(weight, _)| weight).sum();
+                let expected: f64 = reaching
+                    .iter()
+                    .map(|(weight, value)| weight * value)
+                    .sum::<f64>()
+                    / total;
+                assert!(
+                    (f64::from(*value) - expected).abs() <= 1e-6 * expected.abs().max(1e-3),
+                    "{name}[{index}]: {value} vs {expected}"
+                );
+            }
+        }
+        previous = global;
     }
 }

@@ -25,7 +25,7 @@ use crate::error::{ClientError, Result};
 use crate::model::peft::write_peft_adapter;
 use crate::model::{BaseModel, Llama, QuantType, fingerprint};
 use crate::train::data::{SiteData, make_windows, trained_examples};
-use crate::train::{TrainConfig, evaluate, train};
+use crate::train::{TrainConfig, TrainedFactors, evaluate, train};
 
 /// How the daemon reaches the coordinator.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -279,8 +279,10 @@ async fn session(
             client_version: env!("CARGO_PKG_VERSION").into(),
             device: format!("{:?}", site.model.device()),
             lora_features: fedlora_proto::adapter::LORA_FEATURES
-                .map(String::from)
-                .to_vec(),
+                .iter()
+                .chain(&[fedlora_proto::factors::SINGLE_FACTOR])
+                .map(|feature| feature.to_string())
+                .collect(),
         })
         .await?
         .into_inner();
@@ -418,6 +420,17 @@ async fn run_task(
         cosine_decay: params.cosine_decay,
         max_grad_norm: (params.max_grad_norm > 0.0).then_some(f64::from(params.max_grad_norm)),
         grad_accumulation: (params.grad_accumulation as usize).max(1),
+        trained: match pb::TrainedFactors::try_from(task.trained) {
+            Ok(pb::TrainedFactors::Both) => TrainedFactors::Both,
+            Ok(pb::TrainedFactors::A) => TrainedFactors::A,
+            Ok(pb::TrainedFactors::B) => TrainedFactors::B,
+            Err(_) => {
+                return Err(ClientError::Protocol(format!(
+                    "task asks to train unknown factors {} (upgrade the client)",
+                    task.trained
+                )));
+            }
+        },
     };
     let windows = make_windows(&site.data.train, site.eos, seq_len);
     // The update's FedAvg weight: the examples this task's windows actually train on.

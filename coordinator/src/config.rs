@@ -3,6 +3,9 @@
 use fedlora_proto::adapter::LoraSpec;
 use serde::{Deserialize, Serialize};
 
+use crate::aggregate::strategy::check_settings;
+use crate::aggregate::{Robustness, ServerOptimizer};
+
 /// Hyper-parameters sent with every training task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,7 +57,19 @@ pub struct FederationConfig {
     pub clients_per_round: u32,
     /// After this long a round aggregates if `min_clients` updates arrived, else fails and is retried.
     pub round_timeout_secs: u64,
+    /// Aggregation strategy: `fedavg`, `ffa`, `alternating` or `svd` (see `aggregate::strategy`).
     pub strategy: String,
+    /// Server optimizer applied to each round's aggregate (none by default).
+    #[serde(default, skip_serializing_if = "ServerOptimizer::is_none")]
+    pub server_optimizer: ServerOptimizer,
+    /// Norm bounds and trimmed mean for federations that do not trust every site (off by default).
+    #[serde(default, skip_serializing_if = "Robustness::is_default")]
+    pub robustness: Robustness,
+    /// Lowest rank a client may train. `None`: every client trains `lora.rank`. Below it, a client
+    /// announcing a lower max rank gets a rank-rₖ task (rank alignment, see `fedlora_proto::factors`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_rank: Option<usize>,
+    /// LoRA configuration at the federation's (largest) rank.
     pub lora: LoraSpec,
     pub training: TrainingConfig,
     /// Keep individual updates after their round's aggregate is committed (default: delete them).
@@ -74,6 +89,9 @@ impl Default for FederationConfig {
             clients_per_round: 2,
             round_timeout_secs: 600,
             strategy: "fedavg".into(),
+            server_optimizer: ServerOptimizer::None,
+            robustness: Robustness::default(),
+            min_rank: None,
             lora: LoraSpec::new(8, 16.0, &["q_proj", "v_proj"]),
             training: TrainingConfig::default(),
             keep_updates: false,
@@ -114,14 +132,31 @@ impl FederationConfig {
         if self.round_timeout_secs == 0 {
             return fail("round_timeout_secs", "must be at least 1");
         }
-        if self.strategy != "fedavg" {
-            return fail("strategy", "only \"fedavg\" is available");
+        if let Err(error) = check_settings(&self.strategy, &self.server_optimizer, &self.robustness)
+        {
+            return Err(ConfigError {
+                field: "strategy",
+                message: error.to_string(),
+            });
         }
         if let Err(error) = self.lora.validate() {
             return Err(ConfigError {
                 field: "lora",
                 message: error.to_string(),
             });
+        }
+        if let Some(min_rank) = self.min_rank {
+            if min_rank == 0 || min_rank > self.lora.rank {
+                return fail("min_rank", "must be between 1 and lora.rank");
+            }
+            if min_rank < self.lora.rank
+                && (!self.lora.rank_pattern.is_empty() || !self.lora.alpha_pattern.is_empty())
+            {
+                return fail(
+                    "min_rank",
+                    "clients of lower rank cannot train a rank_pattern or alpha_pattern federation",
+                );
+            }
         }
         let training = &self.training;
         if training.local_steps == 0 || training.batch_size == 0 || training.seq_len < 2 {
@@ -157,6 +192,7 @@ impl FederationConfig {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
 
     #[test]
@@ -174,5 +210,33 @@ mod tests {
         let mut config = FederationConfig::default();
         config.lora.target_modules = vec!["wq".into()];
         assert_eq!(config.validate().map_err(|error| error.field), Err("lora"));
+        let config = FederationConfig {
+            strategy: "svd".into(),
+            server_optimizer: ServerOptimizer::Momentum {
+                learning_rate: 1.0,
+                momentum: 0.9,
+            },
+            ..FederationConfig::default()
+        };
+        assert_eq!(
+            config.validate().map_err(|error| error.field),
+            Err("strategy")
+        );
+        let config = FederationConfig {
+            min_rank: Some(9),
+            ..FederationConfig::default()
+        };
+        assert_eq!(
+            config.validate().map_err(|error| error.field),
+            Err("min_rank")
+        );
+    }
+
+    #[test]
+    fn configs_without_the_new_fields_still_parse_and_compare_equal() {
+        let json = serde_json::to_string(&FederationConfig::default()).unwrap();
+        assert!(!json.contains("server_optimizer") && !json.contains("min_rank"));
+        let parsed: FederationConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(parsed, FederationConfig::default());
     }
 }

@@ -16,6 +16,7 @@ use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::error;
 
+use crate::aggregate::Trained;
 use crate::rounds::{
     Coordinator, CoordinatorError, JoinRequest, NextTask, RoundKind, RoundSummary, UpdateMetrics,
     UpdateSubmission,
@@ -260,6 +261,11 @@ impl Federation for FederationService {
                     grad_accumulation: task.training.grad_accumulation,
                 }),
                 deadline_unix_ms: task.deadline_ms,
+                trained: match task.trained {
+                    Trained::Both => pb::TrainedFactors::Both,
+                    Trained::A => pb::TrainedFactors::A,
+                    Trained::B => pb::TrainedFactors::B,
+                } as i32,
             }),
             NextTask::Wait { retry_after_ms } => {
                 next_task_response::Kind::Wait(pb::Wait { retry_after_ms })

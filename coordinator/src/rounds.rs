@@ -15,10 +15,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fedlora_proto::adapter::{Adapter, LoraSpec, ModelDims, TensorSpec, adapter_spec, sha256_hex};
+use fedlora_proto::factors::{SINGLE_FACTOR, client_spec, initial_factors};
 use tokio::sync::{Mutex, Notify};
 use tracing::{info, instrument, warn};
 
-use crate::aggregate::{AggregateError, FedAvg};
+use crate::aggregate::{
+    Admission, AggregateError, OptimizerState, RoundAggregation, Strategy, Trained, strategy,
+};
 use crate::config::{FederationConfig, TrainingConfig};
 use crate::store::{
     ClientRow, EvaluationRow, FederationRow, GlobalAdapterRow, NewRound, NewUpdate, RoundRow,
@@ -105,7 +108,10 @@ pub struct TaskAssignment {
     pub task_id: String,
     pub round_id: i64,
     pub kind: RoundKind,
+    /// The LoRA configuration at this client's rank (its alpha keeps the federation's scale).
     pub lora: LoraSpec,
+    /// Which factors to train (the other stays as downloaded).
+    pub trained: Trained,
     pub training: TrainingConfig,
     /// Round whose global adapter to start from; `None` = fresh initialisation.
     pub base_round_id: Option<i64>,
@@ -184,6 +190,7 @@ pub struct RoundSummary {
 pub struct Coordinator {
     store: Arc<dyn Store>,
     config: FederationConfig,
+    strategy: Box<dyn Strategy>,
     federation_id: i64,
     /// Serialises task assignment and round transitions within this process.
     lock: Mutex<()>,
@@ -222,8 +229,11 @@ impl Coordinator {
         if stored != config {
             return Err(CoordinatorError::ConfigChanged { name: config.name });
         }
+        let strategy = strategy(&config.strategy)
+            .map_err(|error| CoordinatorError::Corrupt(error.to_string()))?;
         let coordinator = Arc::new(Self {
             store,
+            strategy,
             config,
             federation_id: federation.id,
             lock: Mutex::new(()),
@@ -319,10 +329,24 @@ impl Coordinator {
         if !missing.is_empty() {
             return Err(CoordinatorError::MissingFeatures(missing.join(", ")));
         }
-        let federation_rank = self.config.lora.max_rank();
-        if request.max_rank < federation_rank {
+        if self.trains_single_factors()
+            && !request
+                .lora_features
+                .iter()
+                .any(|offered| offered == SINGLE_FACTOR)
+        {
+            return Err(CoordinatorError::MissingFeatures(format!(
+                "{SINGLE_FACTOR} (the {} strategy trains one factor at a time)",
+                self.strategy.name()
+            )));
+        }
+        let required_rank = self
+            .config
+            .min_rank
+            .unwrap_or_else(|| self.config.lora.max_rank());
+        if request.max_rank < required_rank {
             return Err(CoordinatorError::InvalidJoin(format!(
-                "max rank {} is below the federation's rank {federation_rank}",
+                "max rank {} is below the federation's minimum rank {required_rank}",
                 request.max_rank
             )));
         }
@@ -429,11 +453,12 @@ impl Coordinator {
         if tasks.len() >= self.config.clients_per_round as usize {
             return Ok(wait);
         }
+        let client = self.client_row(client_id).await?;
         let task = TaskRow {
             id: new_task_id(round.id, client_id),
             round_id: round.id,
             client_id,
-            rank: self.config.lora.rank as i64,
+            rank: self.client_rank(&client) as i64,
             created_ms: now_ms(),
         };
         self.store.insert_task(&task).await?;
@@ -449,34 +474,70 @@ impl Coordinator {
 
     fn assignment(&self, round: &RoundRow, task: &TaskRow) -> Result<TaskAssignment> {
         let lora: LoraSpec = parse_json(&round.lora_json, "round lora")?;
+        let lora = lora
+            .at_rank(task.rank as usize)
+            .map_err(|error| CoordinatorError::Corrupt(format!("task {}: {error}", task.id)))?;
         let training: TrainingConfig = parse_json(&round.training_json, "round training")?;
         Ok(TaskAssignment {
             task_id: task.id.clone(),
             round_id: round.id,
             kind: round_kind(round)?,
             lora,
+            trained: round_trained(round)?,
             training,
             base_round_id: round.base_round_id,
-            // One seed per round: every client initialises the same LoRA A in a fresh round, so
-            // that averaging A and B separately does not mix unrelated subspaces. Clients mix in
-            // their own name for batch sampling.
-            seed: (round.id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            seed: round_seed(round.id),
             deadline_ms: round.deadline_ms,
         })
     }
 
-    /// The layout every update of `round` must have.
-    async fn round_spec(&self, round: &RoundRow) -> Result<Vec<TensorSpec>> {
+    /// Whether some round of this federation trains only one of the factors.
+    fn trains_single_factors(&self) -> bool {
+        (0..2).any(|round| self.strategy.trained(round) != Trained::Both)
+    }
+
+    /// The rank this client trains and receives adapters at.
+    fn client_rank(&self, client: &ClientRow) -> usize {
+        if self.config.min_rank.is_none() {
+            return self.config.lora.rank;
+        }
+        self.strategy
+            .configure_fit(0, client.max_rank.max(1) as usize, self.config.lora.rank)
+            .rank
+    }
+
+    async fn client_row(&self, client_id: i64) -> Result<ClientRow> {
+        self.store
+            .get_client(client_id)
+            .await?
+            .filter(|client| client.federation_id == self.federation_id)
+            .ok_or(CoordinatorError::UnknownClient(client_id))
+    }
+
+    async fn model_dims(&self) -> Result<ModelDims> {
         let federation = self.federation().await?;
-        let dims: ModelDims = parse_json(
+        parse_json(
             federation
                 .model_dims_json
                 .as_deref()
                 .ok_or_else(|| CoordinatorError::Corrupt("no model dims pinned".into()))?,
             "model dims",
-        )?;
+        )
+    }
+
+    /// The federation's layout in `round` (at its full rank).
+    async fn round_spec(&self, round: &RoundRow) -> Result<Vec<TensorSpec>> {
+        let dims = self.model_dims().await?;
         let lora: LoraSpec = parse_json(&round.lora_json, "round lora")?;
         adapter_spec(&dims, &lora).map_err(|error| CoordinatorError::Corrupt(error.to_string()))
+    }
+
+    /// The layout a client's update for `task` must have (at the task's rank).
+    async fn task_spec(&self, round: &RoundRow, task: &TaskRow) -> Result<Vec<TensorSpec>> {
+        let dims = self.model_dims().await?;
+        let lora: LoraSpec = parse_json(&round.lora_json, "round lora")?;
+        client_spec(&dims, &lora, task.rank as usize)
+            .map_err(|error| CoordinatorError::Corrupt(error.to_string()))
     }
 
     async fn owned_task(&self, client_id: i64, task_id: &str) -> Result<(TaskRow, RoundRow)> {
@@ -572,7 +633,7 @@ impl Coordinator {
                 "metrics must be finite numbers".into(),
             ));
         }
-        let spec = self.round_spec(&round).await?;
+        let spec = self.task_spec(&round, &task).await?;
         let bytes = submission.bytes;
         let bytes = tokio::task::spawn_blocking(move || {
             let adapter = Adapter::from_safetensors(&bytes)?;
@@ -727,9 +788,12 @@ impl Coordinator {
             .ok_or_else(|| CoordinatorError::Corrupt("round vanished".into()))
     }
 
-    /// With the lock held: `round` → aggregating → closed with its FedAvg global adapter, then the
-    /// next round. Streams the updates one at a time, so memory stays at about two adapters.
-    #[instrument(skip_all, fields(round_id = round.id))]
+    /// With the lock held: `round` → aggregating → closed with its global adapter (the
+    /// federation's strategy, robustness bounds and server optimizer), then the next round.
+    /// Streams the updates one at a time (memory: about two adapters for the mean strategies).
+    /// Updates refused here (a bound, a layout that passed intake but not aggregation) are
+    /// audited and left out; a round left with nothing to aggregate fails and is retried.
+    #[instrument(skip_all, fields(round_id = round.id, strategy = %round.strategy))]
     async fn aggregate_round(&self, round: &RoundRow) -> Result<()> {
         if round.state != "aggregating"
             && !self
@@ -740,12 +804,22 @@ impl Coordinator {
             return Ok(());
         }
         let spec = self.round_spec(round).await?;
+        let trained = round_trained(round)?;
+        let (start, state) = self.round_start(round).await?;
+        let strategy = strategy(&round.strategy)?;
+        let mut aggregation = RoundAggregation::new(
+            strategy.as_ref(),
+            &spec,
+            start,
+            trained,
+            &self.config.robustness,
+            &self.config.server_optimizer,
+        )?;
         let mut updates = self.store.list_updates(round.id).await?;
         // A canonical order (by client, not by arrival) makes the floating-point sums, and so the
         // global adapter, independent of which update happened to arrive first.
         updates.sort_by_key(|update| update.client_id);
-        let mut accumulator = FedAvg::new(&spec);
-        let mut examples = 0i64;
+        let (mut counted, mut examples) = (0i64, 0i64);
         for update in &updates {
             let bytes = self.store.update_bytes(update.id).await?.ok_or_else(|| {
                 CoordinatorError::Corrupt(format!(
@@ -754,20 +828,68 @@ impl Coordinator {
                 ))
             })?;
             let weight = update.num_examples as f64;
-            accumulator = tokio::task::spawn_blocking(move || {
-                let adapter = Adapter::from_safetensors(&bytes).map_err(AggregateError::Layout)?;
-                accumulator.add(&adapter, weight)?;
-                Ok::<_, AggregateError>(accumulator)
+            let (returned, outcome) = tokio::task::spawn_blocking(move || {
+                let outcome = aggregation.add_bytes(&bytes, weight);
+                (aggregation, outcome)
             })
             .await
-            .map_err(|error| CoordinatorError::Corrupt(format!("aggregation task: {error}")))??;
-            examples = examples.saturating_add(update.num_examples);
+            .map_err(|error| CoordinatorError::Corrupt(format!("aggregation task: {error}")))?;
+            aggregation = returned;
+            let refusal = match outcome {
+                Ok(Admission::Accepted {
+                    change_norm,
+                    clipped,
+                }) => {
+                    counted += 1;
+                    examples = examples.saturating_add(update.num_examples);
+                    if clipped {
+                        info!(
+                            update_id = update.id,
+                            change_norm, "update clipped to the norm bound"
+                        );
+                    }
+                    None
+                }
+                Ok(Admission::Rejected { change_norm, bound }) => Some(format!(
+                    "update {} left out of round {}: its change has norm {change_norm:.4}, above the bound {bound}",
+                    update.id, round.id
+                )),
+                Err(error) => Some(format!(
+                    "update {} left out of round {}: {error}",
+                    update.id, round.id
+                )),
+            };
+            if let Some(detail) = refusal {
+                warn!(update_id = update.id, client_id = update.client_id, %detail, "update left out");
+                self.record_audit(Some(update.client_id), "update_left_out", &detail)
+                    .await;
+            }
         }
-        let global = accumulator.finish()?;
+        let outcome = tokio::task::spawn_blocking(move || aggregation.finish(state))
+            .await
+            .map_err(|error| CoordinatorError::Corrupt(format!("aggregation task: {error}")))?;
+        let (global, state) = match outcome {
+            Ok(done) => done,
+            Err(AggregateError::NothingToAggregate) => {
+                let failure = format!("none of the {} updates could be aggregated", updates.len());
+                warn!(%failure, "round failed");
+                if self
+                    .store
+                    .transition_round(round.id, "aggregating", "failed", Some(&failure), now_ms())
+                    .await?
+                {
+                    let failed = self.reload(round.id).await?;
+                    self.start_next_round(&failed).await?;
+                }
+                return Ok(());
+            }
+            Err(error) => return Err(error.into()),
+        };
         let metadata = HashMap::from([
             ("format".to_string(), "pt".to_string()),
             ("fedlora.round_id".to_string(), round.id.to_string()),
             ("fedlora.strategy".to_string(), round.strategy.clone()),
+            ("fedlora.trained".to_string(), trained.as_str().to_string()),
         ]);
         let bytes = global
             .to_safetensors(Some(metadata))
@@ -776,18 +898,50 @@ impl Coordinator {
             round_id: round.id,
             sha256: sha256_hex(&bytes),
             bytes,
-            num_updates: updates.len() as i64,
+            num_updates: counted,
             num_examples: examples,
             created_ms: now_ms(),
+            optimizer_state: state.map(|state| state.to_bytes()).transpose()?,
         };
         self.store
             .commit_aggregate(&row, self.config.keep_updates)
             .await?;
-        info!(updates = updates.len(), examples, sha256 = %row.sha256, "round aggregated and closed");
+        info!(updates = counted, examples, sha256 = %row.sha256, "round aggregated and closed");
         let closed = self.reload(round.id).await?;
         self.start_next_round(&closed).await?;
         self.changed.notify_waiters();
         Ok(())
+    }
+
+    /// The factors every client started `round` from (the base round's global adapter, or the
+    /// seeded initialisation of a fresh round, which clients compute identically), and the server
+    /// optimizer's state after the base round.
+    async fn round_start(&self, round: &RoundRow) -> Result<(Adapter, Option<OptimizerState>)> {
+        match round.base_round_id {
+            Some(base) => {
+                let row = self
+                    .store
+                    .global_adapter(base)
+                    .await?
+                    .ok_or(CoordinatorError::NoSuchAdapter(base))?;
+                let adapter = Adapter::from_safetensors(&row.bytes).map_err(|error| {
+                    CoordinatorError::Corrupt(format!("global adapter of round {base}: {error}"))
+                })?;
+                let state = row
+                    .optimizer_state
+                    .as_deref()
+                    .map(OptimizerState::from_bytes)
+                    .transpose()?;
+                Ok((adapter, state))
+            }
+            None => {
+                let dims = self.model_dims().await?;
+                let lora: LoraSpec = parse_json(&round.lora_json, "round lora")?;
+                let start = initial_factors(&dims, &lora, round_seed(round.id))
+                    .map_err(|error| CoordinatorError::Corrupt(error.to_string()))?;
+                Ok((start, None))
+            }
+        }
     }
 
     /// With the lock held: what follows a closed or failed round.
@@ -830,6 +984,12 @@ impl Coordinator {
     }
 
     async fn insert_round(&self, kind: RoundKind, base_round_id: Option<i64>) -> Result<RoundRow> {
+        // Which factors train is decided by how many training rounds have closed: a failed
+        // round's retry trains what the failed round would have.
+        let trained = match kind {
+            RoundKind::Train => self.strategy.trained(self.closed_train_rounds().await?),
+            RoundKind::Evaluate => Trained::Both,
+        };
         let now = now_ms();
         let round = self
             .store
@@ -840,6 +1000,7 @@ impl Coordinator {
                 lora_json: to_json(&self.config.lora)?,
                 training_json: to_json(&self.config.training)?,
                 strategy: self.config.strategy.clone(),
+                trained: trained.as_str().into(),
                 deadline_ms: now + (self.config.round_timeout_secs as i64) * 1000,
                 now_ms: now,
             })
@@ -848,6 +1009,7 @@ impl Coordinator {
             round_id = round.id,
             kind = kind.as_str(),
             base_round_id,
+            trained = trained.as_str(),
             "round opened"
         );
         Ok(round)
@@ -889,13 +1051,32 @@ impl Coordinator {
         }
     }
 
-    /// The global adapter produced by `round_id`, for a known client.
+    /// The global adapter produced by `round_id`, for a known client: at the client's rank (the
+    /// leading slots of each factor) when that is below the federation's.
     pub async fn global_adapter(&self, client_id: i64, round_id: i64) -> Result<GlobalAdapterRow> {
-        self.client(client_id).await?;
-        self.store
+        let client = self.client(client_id).await?;
+        let mut row = self
+            .store
             .global_adapter(round_id)
             .await?
-            .ok_or(CoordinatorError::NoSuchAdapter(round_id))
+            .ok_or(CoordinatorError::NoSuchAdapter(round_id))?;
+        let rank = self.client_rank(&client);
+        if rank < self.config.lora.rank {
+            let spec = client_spec(&self.model_dims().await?, &self.config.lora, rank)
+                .map_err(|error| CoordinatorError::Corrupt(error.to_string()))?;
+            let bytes = std::mem::take(&mut row.bytes);
+            row.bytes = tokio::task::spawn_blocking(move || {
+                let metadata = Adapter::safetensors_metadata(&bytes)?;
+                Adapter::from_safetensors(&bytes)?
+                    .rank_prefix(&spec)?
+                    .to_safetensors(Some(metadata))
+            })
+            .await
+            .map_err(|error| CoordinatorError::Corrupt(format!("prefix task: {error}")))?
+            .map_err(|error| CoordinatorError::Corrupt(format!("global adapter: {error}")))?;
+            row.sha256 = sha256_hex(&row.bytes);
+        }
+        Ok(row)
     }
 
     /// Records a refused call in the audit log (best effort: a failing audit write is logged).
@@ -906,7 +1087,13 @@ impl Coordinator {
         error: &CoordinatorError,
     ) {
         warn!(client_id, rpc, %error, "request refused");
-        let mut detail = format!("{rpc}: {error}");
+        self.record_audit(client_id, "request_refused", &format!("{rpc}: {error}"))
+            .await;
+    }
+
+    /// Writes an audit row (best effort: a failing write is logged). Long details are cut.
+    async fn record_audit(&self, client_id: Option<i64>, kind: &str, detail: &str) {
+        let mut detail = detail.to_string();
         if detail.len() > MAX_AUDIT_DETAIL {
             let mut end = MAX_AUDIT_DETAIL;
             while !detail.is_char_boundary(end) {
@@ -929,7 +1116,7 @@ impl Coordinator {
             .record_audit(
                 Some(self.federation_id),
                 known_client,
-                "request_refused",
+                kind,
                 &detail,
                 now_ms(),
             )
@@ -1032,6 +1219,19 @@ fn round_kind(round: &RoundRow) -> Result<RoundKind> {
             round.id
         ))),
     }
+}
+
+fn round_trained(round: &RoundRow) -> Result<Trained> {
+    Trained::parse(&round.trained).ok_or_else(|| {
+        CoordinatorError::Corrupt(format!("round {} trains {:?}", round.id, round.trained))
+    })
+}
+
+/// One seed per round: every client initialises the same LoRA A in a fresh round (and the
+/// coordinator computes the same start), so averaging A and B separately does not mix unrelated
+/// subspaces. Clients mix in their own name for batch sampling.
+pub fn round_seed(round_id: i64) -> u64 {
+    (round_id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(json: &str, what: &str) -> Result<T> {

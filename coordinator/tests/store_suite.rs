@@ -32,6 +32,7 @@ fn new_round(federation_id: i64, base_round_id: Option<i64>, now_ms: i64) -> New
         lora_json: r#"{"rank":8}"#.to_string(),
         training_json: r#"{"steps":10}"#.to_string(),
         strategy: "fedavg".to_string(),
+        trained: "both".to_string(),
         deadline_ms: now_ms + 60_000,
         now_ms,
     }
@@ -72,6 +73,7 @@ fn adapter(round_id: i64) -> GlobalAdapterRow {
         num_updates: 2,
         num_examples: 250,
         created_ms: 9_000,
+        optimizer_state: None,
     }
 }
 
@@ -298,11 +300,16 @@ async fn rounds_insert_latest_list(store: &dyn Store) {
     let third = store
         .insert_round(&NewRound {
             kind: "evaluate".to_string(),
+            trained: "b".to_string(),
             ..new_round(federation.id, Some(second.id), 4_000)
         })
         .await
         .unwrap();
     assert_eq!(second.base_round_id, Some(first.id));
+    assert_eq!(
+        (second.trained.as_str(), third.trained.as_str()),
+        ("both", "b")
+    );
     assert_eq!(third.kind, "evaluate");
 
     assert_eq!(
@@ -331,11 +338,20 @@ async fn rounds_insert_latest_list(store: &dyn Store) {
     assert_eq!(store.latest_round(other.id).await.unwrap(), None);
     assert!(store.list_rounds(other.id, 10).await.unwrap().is_empty());
 
-    // The schema refuses unknown kinds.
+    // The schema refuses unknown kinds and factors.
     assert!(
         store
             .insert_round(&NewRound {
                 kind: "bogus".to_string(),
+                ..new_round(federation.id, None, 5_000)
+            })
+            .await
+            .is_err()
+    );
+    assert!(
+        store
+            .insert_round(&NewRound {
+                trained: "c".to_string(),
                 ..new_round(federation.id, None, 5_000)
             })
             .await
@@ -565,17 +581,18 @@ async fn commit_aggregate_closes_and_deletes_bytes(store: &dyn Store) {
     let (round, update_ids) = aggregating_round_with_updates(store).await;
     assert_eq!(store.global_adapter(round.id).await.unwrap(), None);
 
-    store
-        .commit_aggregate(&adapter(round.id), false)
-        .await
-        .unwrap();
+    let with_state = GlobalAdapterRow {
+        optimizer_state: Some(vec![5, 4, 3]),
+        ..adapter(round.id)
+    };
+    store.commit_aggregate(&with_state, false).await.unwrap();
     let closed = store.get_round(round.id).await.unwrap().unwrap();
     assert_eq!(closed.state, "closed");
     assert_eq!(closed.closed_ms, Some(9_000));
     assert_eq!(closed.failure, None);
     assert_eq!(
         store.global_adapter(round.id).await.unwrap(),
-        Some(adapter(round.id))
+        Some(with_state)
     );
     for update_id in &update_ids {
         assert_eq!(store.update_bytes(*update_id).await.unwrap(), None);

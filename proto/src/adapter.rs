@@ -423,6 +423,13 @@ impl Adapter {
         Ok(Self { tensors })
     }
 
+    /// The string metadata of safetensors bytes (empty when there is none).
+    pub fn safetensors_metadata(bytes: &[u8]) -> Result<HashMap<String, String>, AdapterError> {
+        let (_, metadata) = SafeTensors::read_metadata(bytes)
+            .map_err(|error| AdapterError::Malformed(error.to_string().to_lowercase()))?;
+        Ok(metadata.metadata().clone().unwrap_or_default())
+    }
+
     /// Checks that the adapter has exactly the tensors of `spec`, with their shapes, and only finite values.
     pub fn validate(&self, spec: &[TensorSpec]) -> Result<(), AdapterError> {
         for expected in spec {

@@ -5,6 +5,8 @@
 //! [`adapter`] types.
 
 pub mod adapter;
+pub mod factors;
+pub mod tensor_bytes;
 
 /// Generated protobuf and tonic code for `fedlora.v1`.
 #[allow(clippy::all, missing_docs, reason = "generated code")]

@@ -12,7 +12,7 @@ use fedlora_proto::adapter::{Adapter, AdapterTensor, Factor, LoraSpec, peft_key}
 
 use super::config::LlamaConfig;
 use super::frozen::FrozenWeight;
-use super::lora::{LoraFactors, LoraLinear, seeded_rng, to_adapter_tensor};
+use super::lora::{LoraFactors, LoraLinear, to_adapter_tensor};
 use crate::error::{ClientError, Result};
 
 #[derive(Debug, Clone)]
@@ -245,7 +245,6 @@ impl Llama {
     /// `alpha_pattern`, with DoRA magnitudes and dropout as `lora` asks.
     pub fn attach_lora(&mut self, lora: &LoraSpec, seed: u64) -> Result<()> {
         lora.validate()?;
-        let mut rng = seeded_rng(seed);
         let device = self.device.clone();
         for (layer, block) in self.blocks.iter_mut().enumerate() {
             for (name, linear) in block.linears_mut() {
@@ -253,11 +252,11 @@ impl Llama {
                 if lora.target_modules.iter().any(|target| target == name) {
                     let (in_features, out_features) = linear.in_out();
                     let mut factors = LoraFactors::peft_init(
-                        lora.rank_for(layer, name),
-                        in_features,
-                        out_features,
+                        seed,
+                        layer,
+                        name,
+                        (lora.rank_for(layer, name), in_features, out_features),
                         lora.scale_for(layer, name),
-                        &mut rng,
                         &device,
                     )?;
                     factors.dropout = lora.dropout;

@@ -28,19 +28,18 @@ pub struct LoraFactors {
 
 impl LoraFactors {
     /// PEFT's initialisation: A kaiming-uniform (a = √5, so U(−1/√in, 1/√in)), B zero, so the
-    /// adapted model starts equal to the base.
+    /// adapted model starts equal to the base. A is drawn as the coordinator draws it
+    /// ([`fedlora_proto::factors::lora_a_init`], keyed by seed, layer and module), so the
+    /// coordinator knows every round's starting point and a lower rank starts from a prefix.
     pub fn peft_init(
-        rank: usize,
-        in_features: usize,
-        out_features: usize,
+        seed: u64,
+        layer: usize,
+        module: &str,
+        (rank, in_features, out_features): (usize, usize, usize),
         scale: f64,
-        rng: &mut StdRng,
         device: &Device,
     ) -> Result<Self> {
-        let bound = 1.0 / (in_features as f32).sqrt();
-        let values: Vec<f32> = (0..rank * in_features)
-            .map(|_| rng.random_range(-bound..bound))
-            .collect();
+        let values = fedlora_proto::factors::lora_a_init(seed, layer, module, rank, in_features);
         let a = Var::from_tensor(&Tensor::from_vec(values, (rank, in_features), device)?)?;
         let b = Var::zeros((out_features, rank), DType::F32, device)?;
         Ok(Self {

@@ -9,6 +9,7 @@ use std::time::Instant;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use fedlora_proto::adapter::Factor;
 use rand::Rng;
 
 use crate::error::{ClientError, Result};
@@ -32,6 +33,26 @@ pub struct TrainConfig {
     pub max_grad_norm: Option<f64>,
     /// Micro-batches of `batch_size` accumulated into each optimizer step.
     pub grad_accumulation: usize,
+    /// Which LoRA factors train; the other keeps its value exactly.
+    pub trained: TrainedFactors,
+}
+
+/// Which LoRA factors a run trains (the coordinator's strategy decides; DoRA magnitudes always
+/// train).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TrainedFactors {
+    #[default]
+    Both,
+    /// `lora_A` only (B frozen).
+    A,
+    /// `lora_B` only (A frozen).
+    B,
+}
+
+impl TrainedFactors {
+    pub fn includes(self, factor: Factor) -> bool {
+        !matches!((self, factor), (Self::A, Factor::B) | (Self::B, Factor::A))
+    }
 }
 
 impl TrainConfig {
@@ -53,6 +74,7 @@ impl TrainConfig {
             cosine_decay: false,
             max_grad_norm: None,
             grad_accumulation: 1,
+            trained: TrainedFactors::Both,
         }
     }
 
@@ -190,7 +212,14 @@ pub fn train(
             config.seq_len + 1
         )));
     }
-    let vars = model.lora_vars();
+    let vars: Vec<Var> = model
+        .named_lora_vars()?
+        .into_iter()
+        .filter(|(name, _)| {
+            Factor::of_name(name).is_some_and(|factor| config.trained.includes(factor))
+        })
+        .map(|(_, var)| var)
+        .collect();
     if vars.is_empty() {
         return Err(ClientError::Protocol(
             "no lora factors attached to train".into(),
@@ -853,5 +882,60 @@ mod tests {
         // Evaluation weights by counted targets.
         let report = evaluate(model, &[response, short], 2, 8).unwrap();
         assert_eq!(report.tokens, 2 + 5);
+    }
+
+    /// The coordinator computes each fresh round's start with `initial_factors`; the client's
+    /// own initialisation must be the same numbers.
+    #[test]
+    fn fresh_factors_are_the_coordinators() {
+        let (_dir, mut base) = tiny();
+        let lora = LoraSpec::new(4, 8.0, &["q_proj", "down_proj"]);
+        base.model.attach_lora(&lora, 77).unwrap();
+        let ours = base.model.export_adapter().unwrap();
+        let theirs =
+            fedlora_proto::factors::initial_factors(&base.model.config().dims(), &lora, 77)
+                .unwrap();
+        assert_eq!(ours, theirs);
+    }
+
+    #[test]
+    fn a_frozen_factor_does_not_move() {
+        let (_dir, mut base) = tiny();
+        let lora = LoraSpec::new(4, 8.0, &["q_proj", "v_proj"]);
+        base.model.attach_lora(&lora, 3).unwrap();
+        let windows = sample_windows(16);
+        for (trained, frozen_suffix) in [
+            (TrainedFactors::B, "lora_A.weight"),
+            (TrainedFactors::A, "lora_B.weight"),
+        ] {
+            let mut model = base.model.clone();
+            // Start from non-zero B so that A's gradient is not zero.
+            let mut start = model.export_adapter().unwrap();
+            for (name, tensor) in &mut start.tensors {
+                if name.ends_with("lora_B.weight") {
+                    tensor
+                        .data
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(index, value)| {
+                            *value = 0.01 * ((index % 7) as f32 - 3.0);
+                        });
+                }
+            }
+            model.load_adapter(&start).unwrap();
+            let config = TrainConfig {
+                trained,
+                ..TrainConfig::simple(3, 1e-2, 2, 16, 9)
+            };
+            train(&model, &windows, &config, &mut |_, _| {}).unwrap();
+            let after = model.export_adapter().unwrap();
+            for (name, tensor) in &after.tensors {
+                if name.ends_with(frozen_suffix) {
+                    assert_eq!(tensor, &start.tensors[name], "{name} moved");
+                } else {
+                    assert_ne!(tensor, &start.tensors[name], "{name} did not train");
+                }
+            }
+        }
     }
 }

@@ -76,6 +76,8 @@ pub struct RoundRow {
     pub created_ms: i64,
     pub closed_ms: Option<i64>,
     pub failure: Option<String>,
+    /// Which LoRA factors the round trains: `both`, `a` or `b`.
+    pub trained: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -86,6 +88,7 @@ pub struct NewRound {
     pub lora_json: String,
     pub training_json: String,
     pub strategy: String,
+    pub trained: String,
     pub deadline_ms: i64,
     pub now_ms: i64,
 }
@@ -142,6 +145,8 @@ pub struct GlobalAdapterRow {
     pub num_updates: i64,
     pub num_examples: i64,
     pub created_ms: i64,
+    /// The server optimizer's moments after this round (safetensors), if it has any.
+    pub optimizer_state: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]

@@ -237,8 +237,8 @@ macro_rules! impl_store {
             async fn insert_round(&self, round: &NewRound) -> StoreResult<RoundRow> {
                 Ok(sqlx::query_as::<_, RoundRow>(
                     "INSERT INTO rounds (federation_id, kind, state, base_round_id, lora_json, \
-                     training_json, strategy, deadline_ms, created_ms) \
-                     VALUES ($1, $2, 'open', $3, $4, $5, $6, $7, $8) RETURNING *",
+                     training_json, strategy, deadline_ms, created_ms, trained) \
+                     VALUES ($1, $2, 'open', $3, $4, $5, $6, $7, $8, $9) RETURNING *",
                 )
                 .bind(round.federation_id)
                 .bind(&round.kind)
@@ -248,6 +248,7 @@ macro_rules! impl_store {
                 .bind(&round.strategy)
                 .bind(round.deadline_ms)
                 .bind(round.now_ms)
+                .bind(&round.trained)
                 .fetch_one(&self.pool)
                 .await?)
             }
@@ -440,8 +441,8 @@ macro_rules! impl_store {
                 }
                 sqlx::query(
                     "INSERT INTO global_adapters \
-                     (round_id, sha256, bytes, num_updates, num_examples, created_ms) \
-                     VALUES ($1, $2, $3, $4, $5, $6)",
+                     (round_id, sha256, bytes, num_updates, num_examples, created_ms, \
+                     optimizer_state) VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 )
                 .bind(adapter.round_id)
                 .bind(&adapter.sha256)
@@ -449,6 +450,7 @@ macro_rules! impl_store {
                 .bind(adapter.num_updates)
                 .bind(adapter.num_examples)
                 .bind(adapter.created_ms)
+                .bind(&adapter.optimizer_state)
                 .execute(&mut *transaction)
                 .await
                 .map_err(conflict_if_unique("global adapter already exists for this round"))?;

@@ -1,0 +1,245 @@
+//! Zero-copy views of an adapter's safetensors bytes, for consumers that stream over many updates
+//! (the coordinator's aggregation): the values are read straight from the wire bytes into an
+//! accumulator, with no per-update `Vec<f32>` in between.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use safetensors::tensor::{Dtype, SafeTensors, View};
+
+use crate::adapter::{Adapter, AdapterError, AdapterTensor};
+
+/// Floating-point types an adapter may use on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl WireDtype {
+    pub fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::Bf16 | Self::F16 => 2,
+        }
+    }
+
+    fn from_safetensors(name: &str, dtype: Dtype) -> Result<Self, AdapterError> {
+        match dtype {
+            Dtype::F32 => Ok(Self::F32),
+            Dtype::BF16 => Ok(Self::Bf16),
+            Dtype::F16 => Ok(Self::F16),
+            other => Err(AdapterError::UnsupportedDtype {
+                name: name.to_string(),
+                dtype: format!("{other:?}").to_lowercase(),
+            }),
+        }
+    }
+
+    fn safetensors(self) -> Dtype {
+        match self {
+            Self::F32 => Dtype::F32,
+            Self::Bf16 => Dtype::BF16,
+            Self::F16 => Dtype::F16,
+        }
+    }
+}
+
+/// One tensor of an encoded adapter, borrowed from the bytes.
+#[derive(Debug, Clone)]
+pub struct TensorBytes<'a> {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: WireDtype,
+    pub data: &'a [u8],
+}
+
+impl TensorBytes<'_> {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.data.len() / self.dtype.size()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// Index of the first NaN or infinity, from the exponent bits alone.
+    pub fn first_non_finite(&self) -> Option<usize> {
+        match self.dtype {
+            WireDtype::F32 => self.data.chunks_exact(4).position(|word| {
+                let bits = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
+                bits & 0x7F80_0000 == 0x7F80_0000
+            }),
+            WireDtype::Bf16 => self
+                .data
+                .chunks_exact(2)
+                .position(|pair| u16::from_le_bytes([pair[0], pair[1]]) & 0x7F80 == 0x7F80),
+            WireDtype::F16 => self
+                .data
+                .chunks_exact(2)
+                .position(|pair| u16::from_le_bytes([pair[0], pair[1]]) & 0x7C00 == 0x7C00),
+        }
+    }
+
+    /// `out[i] += weight · value[start + i]` for `out.len()` values from index `start`.
+    pub fn accumulate(&self, start: usize, weight: f64, out: &mut [f64]) {
+        let size = self.dtype.size();
+        let bytes = &self.data[start * size..(start + out.len()) * size];
+        match self.dtype {
+            WireDtype::F32 => {
+                for (sum, word) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    let value = f32::from_le_bytes([word[0], word[1], word[2], word[3]]);
+                    *sum += weight * f64::from(value);
+                }
+            }
+            WireDtype::Bf16 => {
+                for (sum, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    let bits = u32::from(u16::from_le_bytes([pair[0], pair[1]])) << 16;
+                    *sum += weight * f64::from(f32::from_bits(bits));
+                }
+            }
+            WireDtype::F16 => {
+                for (sum, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    let value = half::f16::from_le_bytes([pair[0], pair[1]]).to_f32();
+                    *sum += weight * f64::from(value);
+                }
+            }
+        }
+    }
+}
+
+/// Views of every tensor in safetensors `bytes` (checked: a float dtype, data length matching
+/// the shape). The header is parsed; no value is copied.
+pub fn tensor_views(bytes: &[u8]) -> Result<Vec<TensorBytes<'_>>, AdapterError> {
+    let file = SafeTensors::deserialize(bytes)
+        .map_err(|error| AdapterError::Malformed(error.to_string().to_lowercase()))?;
+    file.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let dtype = WireDtype::from_safetensors(&name, view.dtype())?;
+            let shape = view.shape().to_vec();
+            let data = view.data();
+            if data.len() != shape.iter().product::<usize>() * dtype.size() {
+                return Err(AdapterError::Malformed(format!(
+                    "tensor {name:?} holds {} bytes for shape {shape:?}",
+                    data.len()
+                )));
+            }
+            Ok(TensorBytes {
+                name,
+                shape,
+                dtype,
+                data,
+            })
+        })
+        .collect()
+}
+
+/// A tensor converted to a wire dtype on encoding.
+struct Encoded<'a> {
+    tensor: &'a AdapterTensor,
+    dtype: WireDtype,
+}
+
+impl View for Encoded<'_> {
+    fn dtype(&self) -> Dtype {
+        self.dtype.safetensors()
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.tensor.shape
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        let values = self.tensor.data.iter();
+        Cow::Owned(match self.dtype {
+            WireDtype::F32 => values.flat_map(|value| value.to_le_bytes()).collect(),
+            WireDtype::Bf16 => values
+                .flat_map(|value| half::bf16::from_f32(*value).to_le_bytes())
+                .collect(),
+            WireDtype::F16 => values
+                .flat_map(|value| half::f16::from_f32(*value).to_le_bytes())
+                .collect(),
+        })
+    }
+
+    fn data_len(&self) -> usize {
+        self.tensor.data.len() * self.dtype.size()
+    }
+}
+
+impl Adapter {
+    /// Encodes as safetensors in `dtype` (round to nearest even for bf16 and f16).
+    pub fn to_safetensors_as(
+        &self,
+        dtype: WireDtype,
+        metadata: Option<HashMap<String, String>>,
+    ) -> Result<Vec<u8>, AdapterError> {
+        safetensors::tensor::serialize(
+            self.tensors
+                .iter()
+                .map(|(name, tensor)| (name.as_str(), Encoded { tensor, dtype })),
+            metadata,
+        )
+        .map_err(|error| AdapterError::Malformed(error.to_string().to_lowercase()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    fn adapter() -> Adapter {
+        let mut adapter = Adapter::default();
+        adapter.tensors.insert(
+            "x.lora_A.weight".into(),
+            AdapterTensor {
+                shape: vec![2, 3],
+                data: vec![1.0, -2.5, 0.125, 3.0, 1e-3, -7.0],
+            },
+        );
+        adapter
+    }
+
+    #[test]
+    fn every_dtype_round_trips_and_accumulates() {
+        for dtype in [WireDtype::F32, WireDtype::Bf16, WireDtype::F16] {
+            let bytes = adapter().to_safetensors_as(dtype, None).unwrap();
+            let decoded = Adapter::from_safetensors(&bytes).unwrap();
+            let views = tensor_views(&bytes).unwrap();
+            assert_eq!(views.len(), 1);
+            assert_eq!(views[0].dtype, dtype);
+            assert_eq!(views[0].len(), 6);
+            assert_eq!(views[0].first_non_finite(), None);
+            let mut sums = vec![1.0; 4];
+            views[0].accumulate(2, 2.0, &mut sums);
+            let values = &decoded.tensors["x.lora_A.weight"].data;
+            for (index, sum) in sums.iter().enumerate() {
+                assert_eq!(*sum, 1.0 + 2.0 * f64::from(values[2 + index]), "{dtype:?}");
+            }
+            // Exactly representable values survive every dtype.
+            assert_eq!(values[0], 1.0);
+            assert_eq!(values[1], -2.5);
+        }
+    }
+
+    #[test]
+    fn non_finite_values_are_found_in_every_dtype() {
+        for dtype in [WireDtype::F32, WireDtype::Bf16, WireDtype::F16] {
+            for poison in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let mut adapter = adapter();
+                adapter.tensors.get_mut("x.lora_A.weight").unwrap().data[4] = poison;
+                let bytes = adapter.to_safetensors_as(dtype, None).unwrap();
+                assert_eq!(tensor_views(&bytes).unwrap()[0].first_non_finite(), Some(4));
+            }
+        }
+        // f16 overflows to infinity on encoding: also caught.
+        let mut adapter = adapter();
+        adapter.tensors.get_mut("x.lora_A.weight").unwrap().data[1] = 1e6;
+        let bytes = adapter.to_safetensors_as(WireDtype::F16, None).unwrap();
+        assert_eq!(tensor_views(&bytes).unwrap()[0].first_non_finite(), Some(1));
+    }
+}
