@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use fedlora_client::daemon::{self, BasePrecision, ClientTransport, DaemonConfig, DaemonEvent};
 use fedlora_client::tiny::{TinyModelSpec, write_tiny_model};
+use fedlora_coordinator::aggregate::{NormAction, Robustness, ServerOptimizer};
 use fedlora_coordinator::config::{FederationConfig, TrainingConfig};
 use fedlora_coordinator::rounds::Coordinator;
 use fedlora_coordinator::server::{self, ServerTransport};
@@ -32,7 +33,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the coordinator: rounds, aggregation and storage, served over gRPC.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run a site's client daemon: join, train on local data, upload adapters, until finished.
     Client(ClientArgs),
     /// Show the federation's state (over gRPC).
@@ -45,6 +46,9 @@ pub enum Command {
     Demo(DemoArgs),
     /// Measure local LoRA training throughput (tokens/s) on a random model of fixed dimensions.
     BenchTrain(BenchTrainArgs),
+    /// Measure aggregation: many synthetic updates of a 7B-shaped adapter (32 layers, q/v,
+    /// 4096², r=16) streamed through a strategy, against copying the same bytes.
+    BenchAggregate(BenchAggregateArgs),
     /// Generate text with a base model (HF directory or .gguf file) and an optional LoRA adapter.
     Generate(GenerateArgs),
     /// Fold PEFT adapters into their base model and write a plain Hugging Face checkpoint.
@@ -171,6 +175,24 @@ pub struct BenchTrainArgs {
     pub bf16_base: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct BenchAggregateArgs {
+    /// Updates to aggregate.
+    #[arg(long, default_value_t = 1000)]
+    pub clients: usize,
+    #[arg(long, default_value = "fedavg", value_parser = ["fedavg", "ffa", "alternating", "svd"])]
+    pub strategy: String,
+    /// Clients' ranks, cycled over the clients (each at most 16), e.g. 4,8,16.
+    #[arg(long, value_delimiter = ',', default_value = "16")]
+    pub ranks: Vec<usize>,
+    /// Dtype of the updates on the wire.
+    #[arg(long, default_value = "bf16", value_parser = ["bf16", "f16", "f32"])]
+    pub dtype: String,
+    /// Distinct updates made per rank and cycled (they stay in memory).
+    #[arg(long, default_value_t = 4)]
+    pub distinct: usize,
+}
+
 /// Transport security choice shared by every networked command.
 #[derive(Debug, Args)]
 pub struct TransportArgs {
@@ -271,6 +293,40 @@ pub struct ServeArgs {
     /// Keep individual updates after aggregation (default: delete them once the round closes).
     #[arg(long)]
     pub keep_updates: bool,
+    /// How updates become the next global adapter: fedavg (means of A and B), ffa (A frozen, B
+    /// averaged: exact), alternating (B in even rounds, A in odd: exact), svd (the exact product
+    /// re-factorised; not linear). See the README's "Aggregation".
+    #[arg(long, default_value = "fedavg", value_parser = ["fedavg", "ffa", "alternating", "svd"])]
+    pub strategy: String,
+    /// Let clients with a lower max rank join, down to this rank: each trains its own rank with
+    /// an alpha that keeps the federation's scale [default: every client trains --rank].
+    #[arg(long)]
+    pub min_rank: Option<usize>,
+    /// Server optimizer on each round's aggregate (Reddi et al. 2021).
+    #[arg(long, default_value = "none", value_parser = ["none", "fedavgm", "fedadam", "fedyogi"])]
+    pub server_optimizer: String,
+    /// Server learning rate [default: 1 for fedavgm, 0.001 for fedadam/fedyogi].
+    #[arg(long)]
+    pub server_lr: Option<f64>,
+    /// FedAvgM's momentum, or FedAdam/FedYogi's beta1 [default: 0.9].
+    #[arg(long)]
+    pub server_beta1: Option<f64>,
+    /// FedAdam/FedYogi's beta2 [default: 0.99].
+    #[arg(long)]
+    pub server_beta2: Option<f64>,
+    /// FedAdam/FedYogi's tau (adaptivity) [default: 0.001].
+    #[arg(long)]
+    pub server_tau: Option<f64>,
+    /// Bound on the L2 norm of each update's change to the round's starting factors.
+    #[arg(long)]
+    pub max_update_norm: Option<f64>,
+    /// What happens to an update above --max-update-norm: clip it to the bound, or leave it out.
+    #[arg(long, default_value = "clip", value_parser = ["clip", "reject"])]
+    pub norm_action: String,
+    /// Coordinate-wise trimmed mean: drop this fraction of the largest and of the smallest values
+    /// of every coordinate (0 = plain weighted mean; for federations that do not trust every site).
+    #[arg(long, default_value_t = 0.0)]
+    pub trim_fraction: f64,
     #[command(flatten)]
     pub transport: TransportArgs,
 }
@@ -390,13 +446,14 @@ pub struct DemoArgs {
 
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Client(args) => client(args).await,
         Command::Status(args) => status(args).await,
         Command::Rounds(args) => rounds(args).await,
         Command::InitTinyModel(args) => init_tiny_model(&args),
         Command::Demo(args) => run_demo(args).await,
         Command::BenchTrain(args) => bench_train(&args),
+        Command::BenchAggregate(args) => bench_aggregate(&args),
         Command::Generate(args) => generate(&args),
         Command::Merge(args) => merge(&args),
         Command::Combine(args) => combine(&args),
@@ -455,6 +512,24 @@ async fn serve(args: ServeArgs) -> Result<()> {
             grad_accumulation: args.grad_accumulation,
         },
         keep_updates: args.keep_updates,
+        strategy: args.strategy,
+        min_rank: args.min_rank,
+        server_optimizer: ServerOptimizer::from_name(
+            &args.server_optimizer,
+            args.server_lr,
+            args.server_beta1,
+            args.server_beta2,
+            args.server_tau,
+        )?,
+        robustness: Robustness {
+            max_update_norm: args.max_update_norm,
+            norm_action: if args.norm_action == "reject" {
+                NormAction::Reject
+            } else {
+                NormAction::Clip
+            },
+            trim_fraction: args.trim_fraction,
+        },
         ..FederationConfig::default()
     };
     config.validate()?;
@@ -716,6 +791,35 @@ fn bench_train(args: &BenchTrainArgs) -> Result<()> {
         ),
         None => println!(),
     }
+    Ok(())
+}
+
+fn bench_aggregate(args: &BenchAggregateArgs) -> Result<()> {
+    use fedlora_coordinator::bench::{AggregateBench, run};
+    use fedlora_proto::tensor_bytes::WireDtype;
+    let mut bench = AggregateBench::llama_7b(args.clients, &args.strategy, args.ranks.clone());
+    bench.dtype = match args.dtype.as_str() {
+        "f32" => WireDtype::F32,
+        "f16" => WireDtype::F16,
+        _ => WireDtype::Bf16,
+    };
+    bench.distinct = args.distinct;
+    let report = run(&bench)?;
+    // One line, which scripts/bench_aggregate.sh parses.
+    println!(
+        "{}: {} updates of {:.2} M parameters ({}, ranks {:?}): {:.2} s, {:.2} GB/s of updates \
+         (copying the same bytes: {:.2} GB/s), peak rss {}",
+        args.strategy,
+        args.clients,
+        report.parameters as f64 / 1e6,
+        args.dtype,
+        args.ranks,
+        report.seconds,
+        report.gigabytes_per_second(),
+        report.memcpy_gigabytes_per_second(),
+        fedlora_client::bench::peak_rss_bytes()
+            .map_or("unknown".into(), |bytes| format!("{} MiB", bytes >> 20))
+    );
     Ok(())
 }
 

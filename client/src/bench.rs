@@ -193,7 +193,7 @@ pub fn run_train_bench(
 }
 
 /// `VmHWM` from `/proc/self/status` (Linux), in bytes.
-fn peak_rss_bytes() -> Option<u64> {
+pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

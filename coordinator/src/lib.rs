@@ -2,6 +2,7 @@
 //! participant, metric and global adapter in a [`store::Store`].
 
 pub mod aggregate;
+pub mod bench;
 pub mod config;
 pub mod grpc;
 pub mod rounds;

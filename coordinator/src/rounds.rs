@@ -205,6 +205,9 @@ pub fn now_ms() -> i64 {
 }
 
 const WAIT_RETRY_MS: u32 = 1_000;
+/// Updates read from the store and aggregated together: the mean strategies sweep their sums
+/// once per batch, so memory is this many updates plus one adapter of f64 sums.
+pub const AGGREGATION_BATCH: usize = 8;
 const MAX_CLIENT_NAME: usize = 64;
 const MAX_TASK_ID: usize = 96;
 const MAX_AUDIT_DETAIL: usize = 512;
@@ -790,7 +793,8 @@ impl Coordinator {
 
     /// With the lock held: `round` → aggregating → closed with its global adapter (the
     /// federation's strategy, robustness bounds and server optimizer), then the next round.
-    /// Streams the updates one at a time (memory: about two adapters for the mean strategies).
+    /// Reads the updates [`AGGREGATION_BATCH`] at a time (memory: that many updates plus one
+    /// adapter of f64 sums for the mean strategies).
     /// Updates refused here (a bound, a layout that passed intake but not aggregation) are
     /// audited and left out; a round left with nothing to aggregate fails and is retried.
     #[instrument(skip_all, fields(round_id = round.id, strategy = %round.strategy))]
@@ -820,49 +824,58 @@ impl Coordinator {
         // global adapter, independent of which update happened to arrive first.
         updates.sort_by_key(|update| update.client_id);
         let (mut counted, mut examples) = (0i64, 0i64);
-        for update in &updates {
-            let bytes = self.store.update_bytes(update.id).await?.ok_or_else(|| {
-                CoordinatorError::Corrupt(format!(
-                    "bytes of update {} are gone before aggregation",
-                    update.id
-                ))
-            })?;
-            let weight = update.num_examples as f64;
-            let (returned, outcome) = tokio::task::spawn_blocking(move || {
-                let outcome = aggregation.add_bytes(&bytes, weight);
-                (aggregation, outcome)
+        for chunk in updates.chunks(AGGREGATION_BATCH) {
+            let mut batch = Vec::with_capacity(chunk.len());
+            for update in chunk {
+                let bytes = self.store.update_bytes(update.id).await?.ok_or_else(|| {
+                    CoordinatorError::Corrupt(format!(
+                        "bytes of update {} are gone before aggregation",
+                        update.id
+                    ))
+                })?;
+                batch.push((bytes, update.num_examples as f64));
+            }
+            let (returned, outcomes) = tokio::task::spawn_blocking(move || {
+                let borrowed: Vec<(&[u8], f64)> = batch
+                    .iter()
+                    .map(|(bytes, weight)| (bytes.as_slice(), *weight))
+                    .collect();
+                let outcomes = aggregation.add_many_bytes(&borrowed);
+                (aggregation, outcomes)
             })
             .await
             .map_err(|error| CoordinatorError::Corrupt(format!("aggregation task: {error}")))?;
             aggregation = returned;
-            let refusal = match outcome {
-                Ok(Admission::Accepted {
-                    change_norm,
-                    clipped,
-                }) => {
-                    counted += 1;
-                    examples = examples.saturating_add(update.num_examples);
-                    if clipped {
-                        info!(
-                            update_id = update.id,
-                            change_norm, "update clipped to the norm bound"
-                        );
+            for (update, outcome) in chunk.iter().zip(outcomes) {
+                let refusal = match outcome {
+                    Ok(Admission::Accepted {
+                        change_norm,
+                        clipped,
+                    }) => {
+                        counted += 1;
+                        examples = examples.saturating_add(update.num_examples);
+                        if clipped {
+                            info!(
+                                update_id = update.id,
+                                change_norm, "update clipped to the norm bound"
+                            );
+                        }
+                        None
                     }
-                    None
+                    Ok(Admission::Rejected { change_norm, bound }) => Some(format!(
+                        "update {} left out of round {}: its change has norm {change_norm:.4}, above the bound {bound}",
+                        update.id, round.id
+                    )),
+                    Err(error) => Some(format!(
+                        "update {} left out of round {}: {error}",
+                        update.id, round.id
+                    )),
+                };
+                if let Some(detail) = refusal {
+                    warn!(update_id = update.id, client_id = update.client_id, %detail, "update left out");
+                    self.record_audit(Some(update.client_id), "update_left_out", &detail)
+                        .await;
                 }
-                Ok(Admission::Rejected { change_norm, bound }) => Some(format!(
-                    "update {} left out of round {}: its change has norm {change_norm:.4}, above the bound {bound}",
-                    update.id, round.id
-                )),
-                Err(error) => Some(format!(
-                    "update {} left out of round {}: {error}",
-                    update.id, round.id
-                )),
-            };
-            if let Some(detail) = refusal {
-                warn!(update_id = update.id, client_id = update.client_id, %detail, "update left out");
-                self.record_audit(Some(update.client_id), "update_left_out", &detail)
-                    .await;
             }
         }
         let outcome = tokio::task::spawn_blocking(move || aggregation.finish(state))

@@ -16,8 +16,13 @@ use std::collections::BTreeMap;
 use fedlora_proto::adapter::{Adapter, AdapterTensor, Factor, TensorSpec};
 use fedlora_proto::tensor_bytes::{TensorBytes, tensor_views};
 
+use rayon::prelude::*;
+
 use super::strategy::Trained;
 use super::{AggregateError, Result, Slotted, check_layout, check_update, check_weight};
+
+/// Sums per block in [`SlotMean::add_many_bytes`] (32 KiB of f64; for B a whole number of rows).
+const BLOCK: usize = 4096;
 
 /// Streaming per-slot weighted mean of the trained factors.
 #[derive(Debug, Clone)]
@@ -84,37 +89,102 @@ impl SlotMean {
     /// As [`SlotMean::add`] for an update still in its safetensors bytes (f32, bf16 or f16): the
     /// values go straight from the bytes into the sums, with the same checks first.
     pub fn add_bytes(&mut self, bytes: &[u8], weight: f64) -> Result<()> {
-        check_weight(weight)?;
-        let views = tensor_views(bytes)?;
-        let tensors: BTreeMap<&str, &TensorBytes> = views
-            .iter()
-            .map(|view| (view.name.as_str(), view))
+        self.add_many_bytes(&[(bytes, weight)])
+            .pop()
+            .unwrap_or(Err(AggregateError::NothingToAggregate))
+    }
+
+    /// [`SlotMean::add_bytes`] for several updates at once, one result per update (a refused
+    /// update adds nothing; the others are added). The sums are swept in cache-sized blocks, each
+    /// block taking every update in turn, so the f64 sums cross the memory bus once per batch
+    /// rather than once per update; tensors are spread over threads.
+    pub fn add_many_bytes(&mut self, batch: &[(&[u8], f64)]) -> Vec<Result<()>> {
+        let layout = &self.layout;
+        let checked: Vec<Result<(Vec<TensorBytes>, Vec<usize>)>> = batch
+            .par_iter()
+            .map(|(bytes, weight)| {
+                check_weight(*weight)?;
+                let views = tensor_views(bytes)?;
+                let tensors: BTreeMap<&str, &TensorBytes> = views
+                    .iter()
+                    .map(|view| (view.name.as_str(), view))
+                    .collect();
+                let ranks = check_layout(layout, &tensors)?;
+                Ok((views, ranks))
+            })
             .collect();
-        let ranks = check_layout(&self.layout, &tensors)?;
-        for (index, slot) in self.layout.iter().enumerate() {
-            if !self.trained.includes(slot.factor) {
-                continue;
-            }
-            let Some(view) = tensors.get(slot.name.as_str()) else {
-                continue;
-            };
-            let rank = ranks[index];
-            let sum = &mut self.sums[index];
-            if slot.factor == Factor::B && rank < slot.rank() {
-                let full = slot.rank();
-                for (row, sums) in sum.chunks_exact_mut(full).enumerate() {
-                    view.accumulate(row * rank, weight, &mut sums[..rank]);
-                }
-            } else {
-                let values = view.len();
-                view.accumulate(0, weight, &mut sum[..values]);
-            }
-            for reached in &mut self.slot_weights[index][..rank.min(slot.rank())] {
-                *reached += weight;
-            }
+        let mut results = Vec::with_capacity(batch.len());
+        let mut accepted: Vec<(Vec<TensorBytes>, Vec<usize>, f64)> = Vec::new();
+        for (outcome, (_, weight)) in checked.into_iter().zip(batch) {
+            results.push(outcome.map(|(views, ranks)| {
+                accepted.push((views, ranks, *weight));
+            }));
         }
-        self.updates += 1;
-        Ok(())
+        // Each accepted update's views in layout order.
+        let ordered: Vec<(Vec<&TensorBytes>, &[usize], f64)> = accepted
+            .iter()
+            .map(|(views, ranks, weight)| {
+                let by_name: BTreeMap<&str, &TensorBytes> = views
+                    .iter()
+                    .map(|view| (view.name.as_str(), view))
+                    .collect();
+                let in_order = self
+                    .layout
+                    .iter()
+                    .filter_map(|slot| by_name.get(slot.name.as_str()).copied())
+                    .collect();
+                (in_order, ranks.as_slice(), *weight)
+            })
+            .collect();
+        let trained = self.trained;
+        self.layout
+            .par_iter()
+            .zip(self.sums.par_iter_mut())
+            .zip(self.slot_weights.par_iter_mut())
+            .enumerate()
+            .for_each(|(index, ((slot, sum), reached))| {
+                if !trained.includes(slot.factor) {
+                    return;
+                }
+                let full = slot.rank();
+                let block = if slot.factor == Factor::B {
+                    (BLOCK / full).max(1) * full
+                } else {
+                    BLOCK
+                };
+                let mut block_start = 0;
+                while block_start < sum.len() {
+                    let block_end = (block_start + block).min(sum.len());
+                    for (views, ranks, weight) in &ordered {
+                        let (view, rank) = (views[index], ranks[index]);
+                        if slot.factor == Factor::B && rank < full {
+                            // Rows of `full` sums, of which the first `rank` are this update's.
+                            let first_row = block_start / full;
+                            let rows = sum[block_start..block_end].chunks_exact_mut(full);
+                            for (row, sums) in rows.enumerate() {
+                                view.accumulate(
+                                    (first_row + row) * rank,
+                                    *weight,
+                                    &mut sums[..rank],
+                                );
+                            }
+                        } else {
+                            let end = block_end.min(view.len());
+                            if end > block_start {
+                                view.accumulate(block_start, *weight, &mut sum[block_start..end]);
+                            }
+                        }
+                    }
+                    block_start = block_end;
+                }
+                for (_, ranks, weight) in &ordered {
+                    for weight_sum in &mut reached[..ranks[index].min(full)] {
+                        *weight_sum += weight;
+                    }
+                }
+            });
+        self.updates += ordered.len();
+        results
     }
 
     /// Number of updates added so far.

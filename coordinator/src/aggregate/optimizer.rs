@@ -74,6 +74,56 @@ fn tau() -> f64 {
 }
 
 impl ServerOptimizer {
+    /// `name` (`none`, `fedavgm`, `fedadam`, `fedyogi`) with its defaults, each overridden where
+    /// given: `beta1` is FedAvgM's momentum.
+    pub fn from_name(
+        name: &str,
+        learning_rate: Option<f64>,
+        beta1: Option<f64>,
+        beta2: Option<f64>,
+        tau: Option<f64>,
+    ) -> Result<Self> {
+        let adaptive = |yogi: bool| {
+            let (learning_rate, beta1, beta2, tau) = (
+                learning_rate.unwrap_or_else(adaptive_rate),
+                beta1.unwrap_or_else(point_nine),
+                beta2.unwrap_or_else(self::beta2),
+                tau.unwrap_or_else(self::tau),
+            );
+            if yogi {
+                Self::Yogi {
+                    learning_rate,
+                    beta1,
+                    beta2,
+                    tau,
+                }
+            } else {
+                Self::Adam {
+                    learning_rate,
+                    beta1,
+                    beta2,
+                    tau,
+                }
+            }
+        };
+        let optimizer = match name {
+            "none" => Self::None,
+            "fedavgm" => Self::Momentum {
+                learning_rate: learning_rate.unwrap_or_else(one),
+                momentum: beta1.unwrap_or_else(point_nine),
+            },
+            "fedadam" => adaptive(false),
+            "fedyogi" => adaptive(true),
+            other => {
+                return Err(AggregateError::Config(format!(
+                    "unknown server optimizer {other:?} (expected none, fedavgm, fedadam or fedyogi)"
+                )));
+            }
+        };
+        optimizer.validate()?;
+        Ok(optimizer)
+    }
+
     pub fn is_none(&self) -> bool {
         matches!(self, Self::None)
     }
@@ -381,6 +431,12 @@ mod tests {
             }
         );
         assert!(parsed.validate().is_ok());
+        assert_eq!(
+            ServerOptimizer::from_name("fedadam", Some(0.01), None, None, None).unwrap(),
+            parsed
+        );
+        assert!(ServerOptimizer::from_name("sgd", None, None, None, None).is_err());
+        assert!(ServerOptimizer::from_name("fedavgm", None, Some(1.5), None, None).is_err());
         let bad = ServerOptimizer::Momentum {
             learning_rate: 1.0,
             momentum: 1.0,

@@ -355,6 +355,29 @@ impl RoundAggregation {
         self.add(Adapter::from_safetensors(bytes)?, weight)
     }
 
+    /// [`RoundAggregation::add_bytes`] for a batch, one result per update. The mean strategies
+    /// without a norm bound sweep their sums once for the whole batch.
+    pub fn add_many_bytes(&mut self, batch: &[(&[u8], f64)]) -> Vec<Result<Admission>> {
+        if let (Accumulator::Mean(mean), None) =
+            (&mut self.accumulator, self.robustness.max_update_norm)
+        {
+            return mean
+                .add_many_bytes(batch)
+                .into_iter()
+                .map(|result| {
+                    result.map(|()| Admission::Accepted {
+                        change_norm: f64::NAN,
+                        clipped: false,
+                    })
+                })
+                .collect();
+        }
+        batch
+            .iter()
+            .map(|(bytes, weight)| self.add_bytes(bytes, *weight))
+            .collect()
+    }
+
     pub fn updates(&self) -> usize {
         self.accumulator.updates()
     }
