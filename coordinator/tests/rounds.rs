@@ -406,3 +406,177 @@ async fn a_restarted_coordinator_finishes_an_interrupted_aggregation() {
         Err(CoordinatorError::ConfigChanged { .. })
     ));
 }
+
+/// FedAvgM through the driver: round 1 starts from the seeded initialisation (which the
+/// coordinator computes as clients do), round 2 from round 1's global adapter and the momentum
+/// stored with it.
+#[tokio::test]
+async fn server_momentum_carries_over_between_rounds() {
+    use fedlora_coordinator::aggregate::ServerOptimizer;
+    use fedlora_coordinator::rounds::round_seed;
+    use fedlora_proto::factors::initial_factors;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let config = FederationConfig {
+        server_optimizer: ServerOptimizer::Momentum {
+            learning_rate: 1.0,
+            momentum: 0.5,
+        },
+        ..config(2, 2)
+    };
+    let coordinator = Coordinator::start(store.clone(), config.clone())
+        .await
+        .unwrap();
+    let a = coordinator.join(&join_request("a")).await.unwrap().id;
+    let b = coordinator.join(&join_request("b")).await.unwrap().id;
+    let mut globals = Vec::new();
+    let mut first_round = 0;
+    for seed in [1.0f32, -0.5] {
+        let (task_a, task_b) = (task(&coordinator, a).await, task(&coordinator, b).await);
+        if globals.is_empty() {
+            first_round = task_a.round_id;
+        }
+        // Both sites send the same adapter, so the plain aggregate is that adapter.
+        let update = adapter(&config, seed);
+        for (client, task) in [(a, &task_a), (b, &task_b)] {
+            coordinator
+                .submit_update(submission(client, task, &update, 10))
+                .await
+                .unwrap();
+        }
+        let row = store
+            .global_adapter(task_a.round_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            row.optimizer_state.is_some(),
+            "momentum stored with the adapter"
+        );
+        globals.push((update, Adapter::from_safetensors(&row.bytes).unwrap()));
+    }
+    let start = initial_factors(&dims(), &config.lora, round_seed(first_round)).unwrap();
+    // Round 1: m = Δ₁ = x̄₁ − x₀, so the global adapter is x̄₁ itself.
+    assert_eq!(globals[0].1, globals[0].0);
+    // Round 2: m = 0.5·Δ₁ + Δ₂, global = x₁ + m = x̄₂ + 0.5·(x̄₁ − x₀).
+    for (name, tensor) in &globals[1].1.tensors {
+        for (index, value) in tensor.data.iter().enumerate() {
+            let expected = globals[1].0.tensors[name].data[index]
+                + 0.5 * (globals[0].0.tensors[name].data[index] - start.tensors[name].data[index]);
+            assert!(
+                (value - expected).abs() < 1e-5,
+                "{name}[{index}]: {value} vs {expected}"
+            );
+        }
+    }
+}
+
+/// A norm bound that rejects: the far update is left out and audited, the round closes with the
+/// honest one; a round where every update is left out fails and is retried.
+#[tokio::test]
+async fn updates_over_the_norm_bound_are_left_out_and_audited() {
+    use fedlora_coordinator::aggregate::{NormAction, Robustness};
+    use fedlora_coordinator::rounds::round_seed;
+    use fedlora_proto::factors::initial_factors;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let config = FederationConfig {
+        min_clients: 1,
+        robustness: Robustness {
+            max_update_norm: Some(0.5),
+            norm_action: NormAction::Reject,
+            trim_fraction: 0.0,
+        },
+        ..config(2, 2)
+    };
+    let coordinator = Coordinator::start(store.clone(), config.clone())
+        .await
+        .unwrap();
+    let a = coordinator.join(&join_request("a")).await.unwrap().id;
+    let b = coordinator.join(&join_request("b")).await.unwrap().id;
+    let (task_a, task_b) = (task(&coordinator, a).await, task(&coordinator, b).await);
+    let start = initial_factors(&dims(), &config.lora, round_seed(task_a.round_id)).unwrap();
+    let mut honest = start.clone();
+    honest.tensors.values_mut().next().unwrap().data[0] += 0.1;
+    coordinator
+        .submit_update(submission(a, &task_a, &adapter(&config, 5.0), 10))
+        .await
+        .unwrap();
+    coordinator
+        .submit_update(submission(b, &task_b, &honest, 10))
+        .await
+        .unwrap();
+    let round = store.get_round(task_a.round_id).await.unwrap().unwrap();
+    assert_eq!(round.state, "closed");
+    let global = store.global_adapter(round.id).await.unwrap().unwrap();
+    assert_eq!(global.num_updates, 1);
+    assert_eq!(Adapter::from_safetensors(&global.bytes).unwrap(), honest);
+    let audit = store.list_audit(10).await.unwrap();
+    assert!(audit.iter().any(|event| event.kind == "update_left_out"
+        && event.client_id == Some(a)
+        && event.detail.contains("above the bound 0.5")));
+
+    // Round 2: both far away; nothing left to aggregate, so the round fails and is retried.
+    let (task_a, task_b) = (task(&coordinator, a).await, task(&coordinator, b).await);
+    for (client, task) in [(a, &task_a), (b, &task_b)] {
+        coordinator
+            .submit_update(submission(client, task, &adapter(&config, 9.0), 10))
+            .await
+            .unwrap();
+    }
+    let failed = store.get_round(task_a.round_id).await.unwrap().unwrap();
+    assert_eq!(failed.state, "failed");
+    assert!(failed.failure.unwrap().contains("none of the 2 updates"));
+    let retry = task(&coordinator, a).await;
+    assert_eq!(retry.base_round_id, Some(round.id));
+    assert_ne!(retry.round_id, failed.id);
+}
+
+/// `ffa` needs clients that can freeze a factor; lower ranks need `min_rank`; tasks carry the
+/// client's rank with the alpha that keeps the federation's scale.
+#[tokio::test]
+async fn strategies_gate_joins_and_shape_tasks() {
+    use fedlora_coordinator::aggregate::Trained;
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = FederationConfig {
+        strategy: "ffa".into(),
+        min_rank: Some(2),
+        ..config(1, 2)
+    };
+    let coordinator = Coordinator::start(store(&dir).await, config.clone())
+        .await
+        .unwrap();
+    let error = coordinator.join(&join_request("old")).await.unwrap_err();
+    assert!(
+        matches!(&error, CoordinatorError::MissingFeatures(missing) if missing.contains("single_factor"))
+    );
+    let able = |name: &str, max_rank: usize| JoinRequest {
+        max_rank,
+        lora_features: fedlora_proto::adapter::LORA_FEATURES
+            .iter()
+            .chain(&[fedlora_proto::factors::SINGLE_FACTOR])
+            .map(|feature| feature.to_string())
+            .collect(),
+        ..join_request(name)
+    };
+    assert!(matches!(
+        coordinator.join(&able("tiny", 1)).await,
+        Err(CoordinatorError::InvalidJoin(_))
+    ));
+    let low = coordinator.join(&able("low", 2)).await.unwrap().id;
+    let high = coordinator.join(&able("high", 64)).await.unwrap().id;
+    let low_task = task(&coordinator, low).await;
+    let high_task = task(&coordinator, high).await;
+    assert_eq!(low_task.trained, Trained::B);
+    assert_eq!((low_task.lora.rank, low_task.lora.alpha), (2, 4.0));
+    assert_eq!((high_task.lora.rank, high_task.lora.alpha), (8, 16.0));
+    // An update at the federation's rank does not fit the rank-2 task.
+    let error = coordinator
+        .submit_update(submission(low, &low_task, &adapter(&config, 1.0), 10))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, CoordinatorError::InvalidUpdate(_)));
+}
