@@ -6,4 +6,5 @@
 pub mod admin;
 pub mod cli;
 pub mod demo;
+pub mod quality;
 pub mod sites;
