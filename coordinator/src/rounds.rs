@@ -883,9 +883,23 @@ impl Coordinator {
             .map_err(|error| CoordinatorError::Corrupt(format!("aggregation task: {error}")))?;
         let (global, state) = match outcome {
             Ok(done) => done,
-            Err(AggregateError::NothingToAggregate) => {
-                let failure = format!("none of the {} updates could be aggregated", updates.len());
+            // Whatever the updates did to the aggregation (nothing left, a non-finite result, a
+            // decomposition that failed), the round fails and is retried from the same base:
+            // aggregating the same updates again would only fail again.
+            Err(error) => {
+                let failure = match error {
+                    AggregateError::NothingToAggregate => {
+                        format!("none of the {} updates could be aggregated", updates.len())
+                    }
+                    other => format!("aggregation failed: {other}"),
+                };
                 warn!(%failure, "round failed");
+                self.record_audit(
+                    None,
+                    "round_failed",
+                    &format!("round {}: {failure}", round.id),
+                )
+                .await;
                 if self
                     .store
                     .transition_round(round.id, "aggregating", "failed", Some(&failure), now_ms())
@@ -896,7 +910,6 @@ impl Coordinator {
                 }
                 return Ok(());
             }
-            Err(error) => return Err(error.into()),
         };
         let metadata = HashMap::from([
             ("format".to_string(), "pt".to_string()),
@@ -1073,7 +1086,13 @@ impl Coordinator {
             .global_adapter(round_id)
             .await?
             .ok_or(CoordinatorError::NoSuchAdapter(round_id))?;
-        let rank = self.client_rank(&client);
+        // The rank of the client's task in the current round, which its training validates the
+        // download against (a client that rejoined with another max rank keeps its task's rank).
+        let task = match self.store.latest_round(self.federation_id).await? {
+            Some(latest) => self.store.task_for_client(latest.id, client_id).await?,
+            None => None,
+        };
+        let rank = task.map_or_else(|| self.client_rank(&client), |task| task.rank as usize);
         if rank < self.config.lora.rank {
             let spec = client_spec(&self.model_dims().await?, &self.config.lora, rank)
                 .map_err(|error| CoordinatorError::Corrupt(error.to_string()))?;

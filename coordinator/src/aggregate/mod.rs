@@ -54,6 +54,8 @@ pub enum AggregateError {
     Linalg { name: String, message: String },
     #[error("invalid aggregation settings: {0}")]
     Config(String),
+    #[error("the aggregate of {0:?} is not finite (updates or server optimizer overflowed)")]
+    NonFiniteResult(String),
 }
 
 pub type Result<T, E = AggregateError> = std::result::Result<T, E>;

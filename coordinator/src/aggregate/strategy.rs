@@ -136,7 +136,7 @@ impl Accumulator {
         match self {
             Self::Mean(mean) => mean.finish(start),
             Self::Trimmed(trimmed) => trimmed.finish(start),
-            Self::Svd(svd) => svd.finish(),
+            Self::Svd(svd) => svd.finish(start),
         }
     }
 }
@@ -382,14 +382,38 @@ impl RoundAggregation {
         self.accumulator.updates()
     }
 
+    /// Whether this round's aggregate is a linear function of the updates: a linear strategy
+    /// with no trimmed mean and no norm bound (both need each update on its own).
+    pub fn is_linear(&self, strategy: &dyn Strategy) -> bool {
+        strategy.is_linear()
+            && self.robustness.trim_fraction == 0.0
+            && self.robustness.max_update_norm.is_none()
+    }
+
     /// The next global adapter and the server optimizer's state (`state` is the previous one).
+    /// A result that is not finite everywhere (finite updates can still overflow f32 in a sum, a
+    /// singular value or an optimizer step) is an error, never a global adapter.
     pub fn finish(
         self,
         state: Option<OptimizerState>,
     ) -> Result<(Adapter, Option<OptimizerState>)> {
         let aggregate = self.accumulator.finish(Some(&self.start))?;
-        self.optimizer
-            .step(&self.start, aggregate, state, self.trained)
+        let (global, state) = self
+            .optimizer
+            .step(&self.start, aggregate, state, self.trained)?;
+        let tensors = global
+            .tensors
+            .iter()
+            .map(|(name, tensor)| (name, &tensor.data));
+        let moments = state
+            .iter()
+            .flat_map(|state| state.m.iter().chain(&state.v));
+        for (name, values) in tensors.chain(moments) {
+            if values.iter().any(|value| !value.is_finite()) {
+                return Err(AggregateError::NonFiniteResult(name.clone()));
+            }
+        }
+        Ok((global, state))
     }
 }
 
@@ -512,5 +536,50 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn an_overflowing_result_is_an_error_not_a_global_adapter() {
+        let lora = LoraSpec::new(2, 4.0, &["q_proj"]);
+        let spec = adapter_spec(&dims(), &lora).unwrap();
+        let start = Adapter::zeros(&spec);
+        let mut huge = start.clone();
+        for tensor in huge.tensors.values_mut() {
+            tensor.data.fill(3e38);
+        }
+        let fedavg = strategy("fedavg").unwrap();
+        let optimizer = ServerOptimizer::Momentum {
+            learning_rate: 2.0,
+            momentum: 0.0,
+        };
+        let mut round = RoundAggregation::new(
+            fedavg.as_ref(),
+            &spec,
+            start,
+            Trained::Both,
+            &Robustness::default(),
+            &optimizer,
+        )
+        .unwrap();
+        // A server optimizer acts on the sum, so the round stays linear; a norm bound does not.
+        assert!(round.is_linear(fedavg.as_ref()));
+        let bounded = RoundAggregation::new(
+            fedavg.as_ref(),
+            &spec,
+            Adapter::zeros(&spec),
+            Trained::Both,
+            &Robustness {
+                max_update_norm: Some(1.0),
+                ..Robustness::default()
+            },
+            &optimizer,
+        )
+        .unwrap();
+        assert!(!bounded.is_linear(fedavg.as_ref()));
+        round.add(huge, 1.0).unwrap();
+        assert!(matches!(
+            round.finish(None),
+            Err(AggregateError::NonFiniteResult(_))
+        ));
     }
 }

@@ -49,8 +49,12 @@ impl SvdAggregate {
         self.updates.len()
     }
 
-    /// The re-factorised global adapter at the federation's rank.
-    pub fn finish(self) -> Result<Adapter> {
+    /// The re-factorised global adapter at the federation's rank. Slots beyond the product's
+    /// rank (fewer stacked ranks than the federation's, or singular values that vanish) take A's
+    /// rows from `start` (the seeded initialisation in a fresh round) and zero in B: B·A is
+    /// unchanged, and a client of the full rank can still train them (with both factors zero,
+    /// neither would ever get a gradient).
+    pub fn finish(self, start: Option<&Adapter>) -> Result<Adapter> {
         let total: f64 = self.updates.iter().map(|(weight, _)| weight).sum();
         if self.updates.is_empty() || total <= 0.0 {
             return Err(AggregateError::NothingToAggregate);
@@ -96,7 +100,14 @@ impl SvdAggregate {
                     )
                 })
                 .collect();
-            let (a, b) = refactorise(&terms, a_slot, b_slot)?;
+            let (mut a, b, kept) = refactorise(&terms, a_slot, b_slot)?;
+            if let Some(origin) = start
+                .and_then(|start| start.tensors.get(&a_slot.name))
+                .filter(|origin| origin.shape == a_slot.shape)
+            {
+                let start_row = kept * a_slot.shape[1];
+                a.data[start_row..].copy_from_slice(&origin.data[start_row..]);
+            }
             adapter.tensors.insert(a_slot.name.clone(), a);
             adapter.tensors.insert(b_slot.name.clone(), b);
         }
@@ -104,12 +115,13 @@ impl SvdAggregate {
     }
 }
 
-/// Σ pₖ Bₖ Aₖ for one module, re-factorised to the slots' rank.
+/// Σ pₖ Bₖ Aₖ for one module, re-factorised to the slots' rank: (A, B, slots filled). Slots
+/// from the returned count on are zero.
 fn refactorise(
     terms: &[(f64, &AdapterTensor, &AdapterTensor)],
     a_slot: &Slotted,
     b_slot: &Slotted,
-) -> Result<(AdapterTensor, AdapterTensor)> {
+) -> Result<(AdapterTensor, AdapterTensor, usize)> {
     let (rank, in_features) = (a_slot.shape[0], a_slot.shape[1]);
     let out_features = b_slot.shape[0];
     let stacked: usize = terms.iter().map(|(_, a, _)| a.shape[0]).sum();
@@ -141,7 +153,15 @@ fn refactorise(
         message: format!("{error:?}"),
     })?;
     let singular = svd.S().column_vector();
-    let keep = rank.min(singular.nrows());
+    // Directions whose singular value vanishes next to the largest carry nothing.
+    let largest = if singular.nrows() > 0 {
+        singular[0]
+    } else {
+        0.0
+    };
+    let keep = (0..rank.min(singular.nrows()))
+        .take_while(|&slot| singular[slot] > largest * 1e-9 && singular[slot] > 0.0)
+        .count();
     let left = &q_b * svd.U().subcols(0, keep);
     let right = &q_a * svd.V().subcols(0, keep);
     let mut a = AdapterTensor::zeros(&a_slot.shape);
@@ -155,7 +175,7 @@ fn refactorise(
             b.data[row * rank + slot] = (left[(row, slot)] * root) as f32;
         }
     }
-    Ok((a, b))
+    Ok((a, b, keep))
 }
 
 #[cfg(test)]
@@ -239,7 +259,7 @@ mod tests {
         for (weight, update) in &weighted {
             svd.add((*update).clone(), *weight).unwrap();
         }
-        let global = svd.finish().unwrap();
+        let global = svd.finish(None).unwrap();
         global.validate(&spec).unwrap();
         for module in [
             "base_model.model.model.layers.0.self_attn.q_proj",
@@ -264,7 +284,7 @@ mod tests {
         for update in &updates {
             svd.add(update.clone(), 1.0).unwrap();
         }
-        let global = svd.finish().unwrap();
+        let global = svd.finish(None).unwrap();
         let module = "base_model.model.model.layers.1.self_attn.v_proj";
         let exact = dense(&weighted, module);
         let error = relative_error(&dense(&[(1.0, &global)], module), &exact);
@@ -286,6 +306,39 @@ mod tests {
         assert!(svd.add(poisoned, 1.0).is_err());
         assert!(svd.add(filled(&spec, 2), f64::INFINITY).is_err());
         assert_eq!(svd.updates(), 0);
-        assert_eq!(svd.finish(), Err(AggregateError::NothingToAggregate));
+        assert_eq!(svd.finish(None), Err(AggregateError::NothingToAggregate));
+    }
+
+    #[test]
+    fn slots_beyond_the_products_rank_keep_a_trainable_start() {
+        // Two rank-2 clients in a rank-8 federation: 4 slots carry the product, the other 4
+        // take A from the start and zero in B.
+        let lora = LoraSpec::new(8, 16.0, &["q_proj"]);
+        let spec = adapter_spec(&dims(), &lora).unwrap();
+        let low = client_spec(&dims(), &lora, 2).unwrap();
+        let start = filled(&spec, 42);
+        let mut svd = SvdAggregate::new(&spec).unwrap();
+        let updates = [filled(&low, 1), filled(&low, 2)];
+        for update in &updates {
+            svd.add(update.clone(), 1.0).unwrap();
+        }
+        let global = svd.finish(Some(&start)).unwrap();
+        let module = "base_model.model.model.layers.0.self_attn.q_proj";
+        let a = &global.tensors[&format!("{module}.lora_A.weight")];
+        let b = &global.tensors[&format!("{module}.lora_B.weight")];
+        let columns = a.shape[1];
+        assert_eq!(
+            a.data[4 * columns..],
+            start.tensors[&format!("{module}.lora_A.weight")].data[4 * columns..]
+        );
+        assert!(
+            b.data
+                .chunks(8)
+                .all(|row| row[4..].iter().all(|v| *v == 0.0))
+        );
+        assert!(a.data[..4 * columns].iter().any(|v| *v != 0.0));
+        let weighted: Vec<(f64, &Adapter)> = updates.iter().map(|update| (1.0, update)).collect();
+        let error = relative_error(&dense(&[(1.0, &global)], module), &dense(&weighted, module));
+        assert!(error < 1e-5, "{error}");
     }
 }
