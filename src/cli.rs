@@ -334,10 +334,11 @@ pub struct ServeArgs {
     /// Keep individual updates after aggregation (default: delete them once the round closes).
     #[arg(long)]
     pub keep_updates: bool,
-    /// How updates become the next global adapter: fedavg (means of A and B), ffa (A frozen, B
-    /// averaged: exact), alternating (B in even rounds, A in odd: exact), svd (the exact product
-    /// re-factorised; not linear). See the README's "Aggregation".
-    #[arg(long, default_value = "fedavg", value_parser = ["fedavg", "ffa", "alternating", "svd"])]
+    /// How updates become the next global adapter: svd (the exact product Σ p·B·A re-factorised;
+    /// best held-out loss in `bench-quality`), fedavg (means of A and B, linear), ffa (A frozen, B
+    /// averaged: exact, linear), alternating (B in even rounds, A in odd: exact, linear). See the
+    /// README's "Aggregation".
+    #[arg(long, default_value = "svd", value_parser = ["svd", "fedavg", "ffa", "alternating"])]
     pub strategy: String,
     /// Let clients with a lower max rank join, down to this rank: each trains its own rank with
     /// an alpha that keeps the federation's scale [default: every client trains --rank].

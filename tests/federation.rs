@@ -66,6 +66,8 @@ fn small_config(rounds: u32, clients_per_round: u32) -> FederationConfig {
             seq_len: 32,
             ..TrainingConfig::default()
         },
+        // The global adapter is checked against the example-weighted means of the updates.
+        strategy: "fedavg".into(),
         ..FederationConfig::default()
     }
 }

@@ -88,7 +88,8 @@ impl Default for FederationConfig {
             min_clients: 2,
             clients_per_round: 2,
             round_timeout_secs: 600,
-            strategy: "fedavg".into(),
+            // The winner of `fedlora bench-quality` (README, "Aggregation").
+            strategy: "svd".into(),
             server_optimizer: ServerOptimizer::None,
             robustness: Robustness::default(),
             min_rank: None,

@@ -33,6 +33,8 @@ fn config(rounds: u32, clients_per_round: u32) -> FederationConfig {
         rounds,
         min_clients: 2,
         clients_per_round,
+        // These tests check the plain weighted means; the default strategy is svd.
+        strategy: "fedavg".into(),
         ..FederationConfig::default()
     }
 }

@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 
 use faer::Mat;
 use fedlora_proto::adapter::{Adapter, AdapterTensor, Factor, TensorSpec};
+use rayon::prelude::*;
 
 use super::{AggregateError, Result, Slotted, check_update, check_weight};
 
@@ -83,31 +84,42 @@ impl SvdAggregate {
                 }
             }
         }
-        for (module, pair) in modules {
-            let (Some(a_slot), Some(b_slot)) = pair else {
-                return Err(AggregateError::Config(format!(
+        let pairs = modules
+            .into_iter()
+            .map(|(module, pair)| match pair {
+                (Some(a_slot), Some(b_slot)) => Ok((a_slot, b_slot)),
+                _ => Err(AggregateError::Config(format!(
                     "module {module:?} lacks a lora_A or lora_B tensor"
-                )));
-            };
-            let terms: Vec<(f64, &AdapterTensor, &AdapterTensor)> = self
-                .updates
-                .iter()
-                .map(|(weight, update)| {
-                    (
-                        weight / total,
-                        &update.tensors[&a_slot.name],
-                        &update.tensors[&b_slot.name],
-                    )
-                })
-                .collect();
-            let (mut a, b, kept) = refactorise(&terms, a_slot, b_slot)?;
-            if let Some(origin) = start
-                .and_then(|start| start.tensors.get(&a_slot.name))
-                .filter(|origin| origin.shape == a_slot.shape)
-            {
-                let start_row = kept * a_slot.shape[1];
-                a.data[start_row..].copy_from_slice(&origin.data[start_row..]);
-            }
+                ))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // Modules are independent: one per rayon task (faer's own kernels share the same pool).
+        let factors = pairs
+            .par_iter()
+            .map(|(a_slot, b_slot)| {
+                let terms: Vec<(f64, &AdapterTensor, &AdapterTensor)> = self
+                    .updates
+                    .iter()
+                    .map(|(weight, update)| {
+                        (
+                            weight / total,
+                            &update.tensors[&a_slot.name],
+                            &update.tensors[&b_slot.name],
+                        )
+                    })
+                    .collect();
+                let (mut a, b, kept) = refactorise(&terms, a_slot, b_slot)?;
+                if let Some(origin) = start
+                    .and_then(|start| start.tensors.get(&a_slot.name))
+                    .filter(|origin| origin.shape == a_slot.shape)
+                {
+                    let start_row = kept * a_slot.shape[1];
+                    a.data[start_row..].copy_from_slice(&origin.data[start_row..]);
+                }
+                Ok((a_slot, b_slot, a, b))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (a_slot, b_slot, a, b) in factors {
             adapter.tensors.insert(a_slot.name.clone(), a);
             adapter.tensors.insert(b_slot.name.clone(), b);
         }
