@@ -1193,11 +1193,15 @@ impl Coordinator {
                     .iter()
                     .map(|update| (update.train_loss, update.num_examples as f64)),
             );
-            let mean_eval_loss = weighted_mean(
-                evaluations
-                    .iter()
-                    .map(|evaluation| (evaluation.eval_loss, evaluation.num_tokens as f64)),
-            );
+            // The strategy's `aggregate_evaluate` (token-weighted for the built-in ones).
+            let reports: Vec<(f64, u64)> = evaluations
+                .iter()
+                .map(|evaluation| (evaluation.eval_loss, evaluation.num_tokens.max(0) as u64))
+                .collect();
+            let mean_eval_loss = self
+                .strategy
+                .aggregate_evaluate(&reports)
+                .unwrap_or(f64::NAN);
             let clients = tasks
                 .iter()
                 .map(|task| {
