@@ -582,3 +582,57 @@ async fn strategies_gate_joins_and_shape_tasks() {
         .unwrap_err();
     assert!(matches!(error, CoordinatorError::InvalidUpdate(_)));
 }
+
+/// A lower-rank site downloads global adapters cut to its task's rank, even after it rejoins
+/// announcing a larger max rank mid-round.
+#[tokio::test]
+async fn downloads_are_cut_to_the_tasks_rank() {
+    use fedlora_proto::factors::client_spec;
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = FederationConfig {
+        min_rank: Some(2),
+        ..config(2, 2)
+    };
+    let coordinator = Coordinator::start(store(&dir).await, config.clone())
+        .await
+        .unwrap();
+    let with_rank = |name: &str, max_rank: usize| JoinRequest {
+        max_rank,
+        ..join_request(name)
+    };
+    let low = coordinator.join(&with_rank("low", 2)).await.unwrap().id;
+    let high = coordinator.join(&with_rank("high", 8)).await.unwrap().id;
+    let (low_task, high_task) = (
+        task(&coordinator, low).await,
+        task(&coordinator, high).await,
+    );
+    let low_spec = client_spec(&dims(), &config.lora, 2).unwrap();
+    let mut low_update = Adapter::zeros(&low_spec);
+    for tensor in low_update.tensors.values_mut() {
+        tensor.data.fill(0.25);
+    }
+    coordinator
+        .submit_update(submission(low, &low_task, &low_update, 10))
+        .await
+        .unwrap();
+    coordinator
+        .submit_update(submission(high, &high_task, &adapter(&config, 1.0), 10))
+        .await
+        .unwrap();
+    let first_round = low_task.round_id;
+    // Round 2: the low site holds a rank-2 task, then rejoins claiming rank 8.
+    let second = task(&coordinator, low).await;
+    assert_eq!(second.lora.rank, 2);
+    coordinator.join(&with_rank("low", 8)).await.unwrap();
+    let row = coordinator.global_adapter(low, first_round).await.unwrap();
+    let downloaded = Adapter::from_safetensors(&row.bytes).unwrap();
+    downloaded.validate(&low_spec).unwrap();
+    assert_eq!(row.sha256, sha256_hex(&row.bytes));
+    // The high site gets the full rank.
+    let full = coordinator.global_adapter(high, first_round).await.unwrap();
+    Adapter::from_safetensors(&full.bytes)
+        .unwrap()
+        .validate(&spec(&config))
+        .unwrap();
+}
