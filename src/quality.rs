@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use fedlora_client::model::{BaseModel, Llama, default_device};
 use fedlora_client::train::data::{SiteData, Window, make_windows, trained_examples};
-use fedlora_client::train::{TrainConfig, TrainedFactors, evaluate, train};
+use fedlora_client::train::{TrainConfig, evaluate, train};
 use fedlora_coordinator::aggregate::{
     Robustness, RoundAggregation, ServerOptimizer, Trained, strategy,
 };
@@ -142,11 +142,7 @@ impl QualityBench {
 
     fn train_config(&self, steps: usize, seed: u64, trained: Trained) -> TrainConfig {
         TrainConfig {
-            trained: match trained {
-                Trained::Both => TrainedFactors::Both,
-                Trained::A => TrainedFactors::A,
-                Trained::B => TrainedFactors::B,
-            },
+            trained,
             ..TrainConfig::simple(
                 steps,
                 self.learning_rate,

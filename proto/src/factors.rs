@@ -42,6 +42,43 @@ impl Factor {
     }
 }
 
+/// Which LoRA factors a training round trains. DoRA magnitudes always train.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Trained {
+    #[default]
+    Both,
+    A,
+    B,
+}
+
+impl Trained {
+    pub fn includes(self, factor: Factor) -> bool {
+        match (self, factor) {
+            (Self::Both, _) | (_, Factor::Magnitude) => true,
+            (Self::A, Factor::A) | (Self::B, Factor::B) => true,
+            (Self::A, Factor::B) | (Self::B, Factor::A) => false,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Both => "both",
+            Self::A => "a",
+            Self::B => "b",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "both" => Some(Self::Both),
+            "a" => Some(Self::A),
+            "b" => Some(Self::B),
+            _ => None,
+        }
+    }
+}
+
 impl LoraSpec {
     /// The spec a client of rank `rank` trains: that rank, with the alpha that keeps the
     /// federation's scale. Refused for federations with `rank_pattern` (their ranks are per module

@@ -38,22 +38,8 @@ pub struct TrainConfig {
 }
 
 /// Which LoRA factors a run trains (the coordinator's strategy decides; DoRA magnitudes always
-/// train).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum TrainedFactors {
-    #[default]
-    Both,
-    /// `lora_A` only (B frozen).
-    A,
-    /// `lora_B` only (A frozen).
-    B,
-}
-
-impl TrainedFactors {
-    pub fn includes(self, factor: Factor) -> bool {
-        !matches!((self, factor), (Self::A, Factor::B) | (Self::B, Factor::A))
-    }
-}
+/// train): the type the coordinator uses, from `fedlora_proto`.
+pub use fedlora_proto::factors::Trained as TrainedFactors;
 
 impl TrainConfig {
     /// A constant learning rate, no clipping, no accumulation.

@@ -18,51 +18,14 @@
 
 use std::fmt;
 
-use fedlora_proto::adapter::{Adapter, Factor, TensorSpec};
-use serde::{Deserialize, Serialize};
+use fedlora_proto::adapter::{Adapter, TensorSpec};
+pub use fedlora_proto::factors::Trained;
 
 use super::mean::SlotMean;
 use super::optimizer::{OptimizerState, ServerOptimizer};
 use super::robust::{NormAction, Robustness, TrimmedMean, change_norm, scale_change};
 use super::svd::SvdAggregate;
 use super::{AggregateError, Result, Slotted, check_update};
-
-/// Which LoRA factors a training round trains. DoRA magnitudes always train.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Trained {
-    #[default]
-    Both,
-    A,
-    B,
-}
-
-impl Trained {
-    pub fn includes(self, factor: Factor) -> bool {
-        match (self, factor) {
-            (Self::Both, _) | (_, Factor::Magnitude) => true,
-            (Self::A, Factor::A) | (Self::B, Factor::B) => true,
-            (Self::A, Factor::B) | (Self::B, Factor::A) => false,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Both => "both",
-            Self::A => "a",
-            Self::B => "b",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Self> {
-        match text {
-            "both" => Some(Self::Both),
-            "a" => Some(Self::A),
-            "b" => Some(Self::B),
-            _ => None,
-        }
-    }
-}
 
 /// The built-in strategies, by their configuration names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
