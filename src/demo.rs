@@ -200,6 +200,23 @@ pub fn show(bar: &ProgressBar, event: &DaemonEvent) {
                 "round {round_id}: training, loss {loss:.3}, {tokens_per_second:.0} tokens/s"
             ));
         }
+        DaemonEvent::Downloaded {
+            round_id,
+            bytes,
+            reused,
+            ..
+        } => {
+            let reused = if reused.is_empty() {
+                String::new()
+            } else {
+                let names: Vec<String> = reused.iter().map(ToString::to_string).collect();
+                format!(" ({} already held)", names.join(", "))
+            };
+            bar.set_message(format!(
+                "round {round_id}: got {} KiB global adapter{reused}",
+                bytes / 1024
+            ));
+        }
         DaemonEvent::Uploaded {
             round_id, bytes, ..
         } => {

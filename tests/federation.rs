@@ -18,7 +18,7 @@ use fedlora_coordinator::rounds::round_seed;
 use fedlora_coordinator::server::{self, RunningServer, ServerTransport};
 use fedlora_coordinator::store::{PgStore, RoundRow, Store};
 use fedlora_proto::adapter::{Adapter, Factor, LoraSpec, adapter_spec, sha256_hex};
-use fedlora_proto::factors::initial_factors;
+use fedlora_proto::factors::{client_spec, initial_factors};
 use fedlora_proto::v1::federation_client::FederationClient;
 use fedlora_proto::v1::{self as pb, next_task_response, submit_update_request};
 use tokio::task::JoinHandle;
@@ -136,14 +136,20 @@ fn spawn_daemon(
     ))
 }
 
-async fn wait_all(daemons: Vec<JoinHandle<fedlora_client::error::Result<daemon::DaemonSummary>>>) {
+async fn wait_all(
+    daemons: Vec<JoinHandle<fedlora_client::error::Result<daemon::DaemonSummary>>>,
+) -> Vec<daemon::DaemonSummary> {
+    let mut summaries = Vec::new();
     for daemon in daemons {
-        tokio::time::timeout(Duration::from_secs(300), daemon)
-            .await
-            .expect("daemon finished in time")
-            .unwrap()
-            .unwrap();
+        summaries.push(
+            tokio::time::timeout(Duration::from_secs(300), daemon)
+                .await
+                .expect("daemon finished in time")
+                .unwrap()
+                .unwrap(),
+        );
     }
+    summaries
 }
 
 fn read_adapter(path: &Path) -> (Adapter, String) {
@@ -192,7 +198,12 @@ async fn two_clients_two_rounds_on_postgres(pool: sqlx::PgPool) {
         .iter()
         .map(|site| spawn_daemon(&running.url(), &model_dir, site))
         .collect();
-    wait_all(daemons).await;
+    let summaries = wait_all(daemons).await;
+    // fedavg moves both factors every round: every download is whole.
+    for summary in &summaries {
+        assert_eq!(summary.factors_reused, 0, "{summary:?}");
+        assert!(summary.downloaded_bytes > 0);
+    }
     running.stop().await.unwrap();
 
     let federation = store.create_or_get_federation("test", "", 0).await.unwrap();
@@ -585,7 +596,7 @@ async fn alternating_rounds_with_mixed_ranks(pool: sqlx::PgPool) {
         .iter()
         .map(|site| spawn_daemon(&running.url(), &model_dir, site))
         .collect();
-    wait_all(daemons).await;
+    let summaries = wait_all(daemons).await;
     running.stop().await.unwrap();
 
     let federation = store.create_or_get_federation("test", "", 0).await.unwrap();
@@ -593,6 +604,12 @@ async fn alternating_rounds_with_mixed_ranks(pool: sqlx::PgPool) {
     let rounds = rounds_oldest_first(store.as_ref(), federation.id).await;
     let trained: Vec<&str> = rounds.iter().map(|round| round.trained.as_str()).collect();
     assert_eq!(trained, ["b", "a", "both"]);
+    // Round 2 starts from round 1's global adapter, whose A is the seeded start every site
+    // computed itself; round 3 from round 2's, whose B round 2 froze. Neither is sent again;
+    // the evaluation round's download changed both.
+    for summary in &summaries {
+        assert_eq!(summary.factors_reused, 2, "{summary:?}");
+    }
     let model_config: LlamaConfig =
         serde_json::from_str(&std::fs::read_to_string(model_dir.join("config.json")).unwrap())
             .unwrap();
@@ -618,6 +635,16 @@ async fn alternating_rounds_with_mixed_ranks(pool: sqlx::PgPool) {
             .unwrap();
             assert_eq!(peft["r"], site.max_rank.min(4));
             assert_eq!(peft["lora_alpha"], 8.0 * site.max_rank.min(4) as f64 / 4.0);
+            // The site trained from the previous global adapter's frozen factor at its rank,
+            // whether it was downloaded or filled from what the site held.
+            let start = previous
+                .rank_prefix(&client_spec(&dims, &lora, site.max_rank.min(4)).unwrap())
+                .unwrap();
+            for (name, tensor) in &adapter.tensors {
+                if name.ends_with(frozen) {
+                    assert_eq!(tensor, &start.tensors[name], "{}: {name}", site.name);
+                }
+            }
             sent.push((site.num_examples() as f64, adapter));
         }
         for (name, tensor) in &global.tensors {
@@ -664,5 +691,59 @@ async fn alternating_rounds_with_mixed_ranks(pool: sqlx::PgPool) {
             }
         }
         previous = global;
+    }
+}
+
+/// `ffa`: A stays the seeded start every site computes itself, so no download ever carries it.
+#[sqlx::test(migrations = "./migrations")]
+async fn ffa_never_sends_the_frozen_a(pool: sqlx::PgPool) {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("model");
+    write_tiny_model(&model_dir, &TinyModelSpec::default()).unwrap();
+    let sites = make_sites(dir.path(), &[("clinic", 120), ("bank", 160)]);
+    let config = FederationConfig {
+        strategy: "ffa".into(),
+        ..small_config(2, 2)
+    };
+    let lora = config.lora.clone();
+    let store: Arc<dyn Store> = Arc::new(PgStore::from_pool(pool));
+    let running = start_coordinator(store.clone(), config).await;
+    let daemons = sites
+        .iter()
+        .map(|site| spawn_daemon(&running.url(), &model_dir, site))
+        .collect();
+    let summaries = wait_all(daemons).await;
+    running.stop().await.unwrap();
+
+    let federation = store.create_or_get_federation("test", "", 0).await.unwrap();
+    let rounds = rounds_oldest_first(store.as_ref(), federation.id).await;
+    assert_eq!(
+        rounds.len(),
+        3,
+        "two training rounds and the evaluation round"
+    );
+    let model_config: LlamaConfig =
+        serde_json::from_str(&std::fs::read_to_string(model_dir.join("config.json")).unwrap())
+            .unwrap();
+    let start = initial_factors(&model_config.dims(), &lora, round_seed(rounds[0].id)).unwrap();
+    let mut whole_bytes = 0;
+    for round in &rounds[..2] {
+        let global = global_adapter(store.as_ref(), round.id).await;
+        whole_bytes = global.to_safetensors(None).unwrap().len() as u64;
+        assert_eq!(
+            global.factor_digest(Factor::A),
+            start.factor_digest(Factor::A),
+            "round {}: A moved",
+            round.id
+        );
+    }
+    for summary in &summaries {
+        // Rounds 2 and 3 start from global adapters; both downloads left A out.
+        assert_eq!(summary.factors_reused, 2, "{summary:?}");
+        assert!(
+            summary.downloaded_bytes < 2 * whole_bytes * 3 / 4,
+            "{} bytes downloaded; a whole adapter is {whole_bytes}",
+            summary.downloaded_bytes
+        );
     }
 }

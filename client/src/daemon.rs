@@ -10,11 +10,11 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fedlora_proto::CHUNK_BYTES;
-use fedlora_proto::adapter::{Adapter, LoraSpec, adapter_spec, sha256_hex};
+use fedlora_proto::adapter::{Adapter, Factor, LoraSpec, adapter_spec, sha256_hex};
 use fedlora_proto::v1::federation_client::FederationClient;
 use fedlora_proto::v1::{self as pb, next_task_response, submit_update_request};
 use tonic::Code;
@@ -100,6 +100,14 @@ pub enum DaemonEvent {
         /// Training throughput so far in this task.
         tokens_per_second: f32,
     },
+    /// A global adapter arrived: `bytes` on the wire, `reused` the factors left out because this
+    /// site already held them.
+    Downloaded {
+        round_id: u64,
+        adapter_round: u64,
+        bytes: usize,
+        reused: Vec<Factor>,
+    },
     Uploaded {
         round_id: u64,
         bytes: usize,
@@ -124,6 +132,10 @@ pub struct DaemonSummary {
     pub rounds_trained: u32,
     /// Held-out loss of the last global adapter evaluated.
     pub last_eval_loss: Option<f32>,
+    /// Bytes of global adapters downloaded.
+    pub downloaded_bytes: u64,
+    /// Factors a download left out because this site held them already.
+    pub factors_reused: u32,
 }
 
 struct Site {
@@ -131,6 +143,25 @@ struct Site {
     data: Arc<SiteData>,
     eos: u32,
     fingerprint: String,
+    /// The adapter the last task started from (a global adapter is public to the federation), so
+    /// that a download can leave out the factors that did not change.
+    held: Mutex<Option<Adapter>>,
+}
+
+impl Site {
+    fn held(&self) -> Option<Adapter> {
+        self.held.lock().map_or_else(
+            |poisoned| poisoned.into_inner().clone(),
+            |held| held.clone(),
+        )
+    }
+
+    fn hold(&self, adapter: Adapter) {
+        match self.held.lock() {
+            Ok(mut held) => *held = Some(adapter),
+            Err(poisoned) => *poisoned.into_inner() = Some(adapter),
+        }
+    }
 }
 
 const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
@@ -153,6 +184,8 @@ pub async fn run(
         client_id: String::new(),
         rounds_trained: 0,
         last_eval_loss: None,
+        downloaded_bytes: 0,
+        factors_reused: 0,
     };
     let mut backoff = INITIAL_BACKOFF;
     loop {
@@ -240,6 +273,7 @@ fn load_site(config: &DaemonConfig) -> Result<Site> {
         model: base.model,
         data: Arc::new(data),
         eos: base.eos_token_id,
+        held: Mutex::new(None),
     })
 }
 
@@ -372,10 +406,25 @@ async fn run_task(
     });
     let mut model = site.model.clone();
     model.attach_lora(&lora, params.seed)?;
+    let spec = adapter_spec(&model.config().dims(), &lora)?;
     if task.global_adapter_round > 0 {
-        let adapter = download(client, client_id, task.global_adapter_round).await?;
-        adapter.validate(&adapter_spec(&model.config().dims(), &lora)?)?;
-        model.load_adapter(&adapter)?;
+        let held = site.held();
+        let download =
+            download(client, client_id, task.global_adapter_round, held.as_ref()).await?;
+        download.adapter.validate(&spec)?;
+        model.load_adapter(&download.adapter)?;
+        summary.downloaded_bytes += download.bytes as u64;
+        summary.factors_reused += download.reused.len() as u32;
+        observer(&DaemonEvent::Downloaded {
+            round_id: task.round_id,
+            adapter_round: task.global_adapter_round,
+            bytes: download.bytes,
+            reused: download.reused,
+        });
+        site.hold(download.adapter);
+    } else {
+        // The seeded start, which the coordinator computes identically.
+        site.hold(model.export_adapter()?);
     }
 
     let seq_len = params.seq_len.max(2) as usize;
@@ -527,38 +576,79 @@ fn site_seed(client_name: &str) -> u64 {
         })
 }
 
-/// Streams a round's global adapter and checks its length and sha256.
+/// A global adapter as it arrived.
+struct Download {
+    adapter: Adapter,
+    /// Bytes on the wire.
+    bytes: usize,
+    /// Factors filled from what the site held.
+    reused: Vec<Factor>,
+}
+
+/// Streams a round's global adapter and checks its length and sha256. The digests of `held`'s
+/// factors go with the request; the factors the coordinator leaves out are filled from `held`.
 async fn download(
     client: &mut FederationClient<Channel>,
     client_id: &str,
     round_id: u64,
-) -> Result<Adapter> {
+    held: Option<&Adapter>,
+) -> Result<Download> {
+    let digest = |factor| {
+        held.map(|held| held.factor_digest(factor))
+            .unwrap_or_default()
+    };
     let mut stream = client
         .download_adapter(pb::DownloadAdapterRequest {
             client_id: client_id.to_string(),
             round_id,
+            held_lora_a_digest: digest(Factor::A),
+            held_lora_b_digest: digest(Factor::B),
         })
         .await?
         .into_inner();
     let mut bytes = Vec::new();
-    let mut expected: Option<(u64, String)> = None;
-    while let Some(chunk) = stream.message().await? {
-        if expected.is_none() {
-            expected = Some((chunk.total_bytes, chunk.sha256.clone()));
+    let mut first: Option<pb::AdapterChunk> = None;
+    while let Some(mut chunk) = stream.message().await? {
+        if first.is_none() {
             bytes.reserve(chunk.total_bytes.min(1 << 30) as usize);
+            bytes.append(&mut chunk.data);
+            first = Some(chunk);
+        } else {
+            bytes.extend_from_slice(&chunk.data);
         }
-        bytes.extend_from_slice(&chunk.data);
     }
-    let (total, sha256) = expected.ok_or_else(|| {
+    let first = first.ok_or_else(|| {
         ClientError::Protocol(format!("global adapter of round {round_id} is empty"))
     })?;
-    if bytes.len() as u64 != total || sha256_hex(&bytes) != sha256 {
+    if bytes.len() as u64 != first.total_bytes || sha256_hex(&bytes) != first.sha256 {
         return Err(ClientError::Protocol(format!(
-            "global adapter of round {round_id} arrived corrupt ({} of {total} bytes, sha256 mismatch or truncation)",
-            bytes.len()
+            "global adapter of round {round_id} arrived corrupt ({} of {} bytes, sha256 mismatch or truncation)",
+            bytes.len(),
+            first.total_bytes
         )));
     }
-    Ok(Adapter::from_safetensors(&bytes)?)
+    let mut adapter = Adapter::from_safetensors(&bytes)?;
+    let mut reused = Vec::new();
+    for (factor, omitted) in [
+        (Factor::A, first.omits_lora_a),
+        (Factor::B, first.omits_lora_b),
+    ] {
+        if !omitted {
+            continue;
+        }
+        let held = held.ok_or_else(|| {
+            ClientError::Protocol(format!(
+                "the global adapter of round {round_id} leaves out {factor}, which this site does not hold"
+            ))
+        })?;
+        adapter.fill_factor(held, factor);
+        reused.push(factor);
+    }
+    Ok(Download {
+        adapter,
+        bytes: bytes.len(),
+        reused,
+    })
 }
 
 /// Keeps the exact bytes sent for `round_id`, in PEFT layout, so the site can audit what left it.

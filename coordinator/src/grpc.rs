@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedlora_proto::CHUNK_BYTES;
-use fedlora_proto::adapter::ModelDims;
+use fedlora_proto::adapter::{Factor, ModelDims};
 use fedlora_proto::v1::admin_server::Admin;
 use fedlora_proto::v1::federation_server::Federation;
 use fedlora_proto::v1::{self as pb, next_task_response, submit_update_request};
@@ -18,8 +18,8 @@ use tracing::error;
 
 use crate::aggregate::Trained;
 use crate::rounds::{
-    Coordinator, CoordinatorError, JoinRequest, NextTask, RoundKind, RoundSummary, UpdateMetrics,
-    UpdateSubmission,
+    Coordinator, CoordinatorError, HeldFactors, JoinRequest, NextTask, RoundKind, RoundSummary,
+    UpdateMetrics, UpdateSubmission,
 };
 
 /// Longest a `NextTask` long poll is held open, whatever the client asks.
@@ -287,7 +287,15 @@ impl Federation for FederationService {
         let client_id = parse_client_id(&request.client_id).map_err(|error| to_status(&error))?;
         let round_id = i64::try_from(request.round_id)
             .map_err(|_| to_status(&CoordinatorError::NoSuchAdapter(-1)))?;
-        let adapter = match self.coordinator.global_adapter(client_id, round_id).await {
+        let held = HeldFactors {
+            a: Some(request.held_lora_a_digest).filter(|digest| !digest.is_empty()),
+            b: Some(request.held_lora_b_digest).filter(|digest| !digest.is_empty()),
+        };
+        let adapter = match self
+            .coordinator
+            .global_adapter(client_id, round_id, &held)
+            .await
+        {
             Ok(adapter) => adapter,
             Err(error) => {
                 return Err(self
@@ -309,6 +317,8 @@ impl Federation for FederationService {
                     } else {
                         String::new()
                     },
+                    omits_lora_a: index == 0 && adapter.omitted.contains(&Factor::A),
+                    omits_lora_b: index == 0 && adapter.omitted.contains(&Factor::B),
                 })
             })
             .collect();

@@ -14,7 +14,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fedlora_proto::adapter::{Adapter, LoraSpec, ModelDims, TensorSpec, adapter_spec, sha256_hex};
+use fedlora_proto::adapter::{
+    Adapter, AdapterError, Factor, LoraSpec, ModelDims, TensorSpec, adapter_spec, sha256_hex,
+};
 use fedlora_proto::factors::{SINGLE_FACTOR, client_spec, initial_factors};
 use tokio::sync::{Mutex, Notify};
 use tracing::{info, instrument, warn};
@@ -184,6 +186,30 @@ pub struct RoundSummary {
     pub mean_train_loss: f64,
     pub mean_eval_loss: f64,
     pub clients: Vec<ClientRoundMetric>,
+}
+
+/// Digests ([`Adapter::factor_digest`]) of the factors a client already holds at its task's rank.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeldFactors {
+    pub a: Option<String>,
+    pub b: Option<String>,
+}
+
+impl HeldFactors {
+    pub fn is_empty(&self) -> bool {
+        self.a.is_none() && self.b.is_none()
+    }
+}
+
+/// A global adapter as one client downloads it.
+#[derive(Debug, Clone)]
+pub struct AdapterDownload {
+    pub round_id: i64,
+    /// Safetensors bytes at the client's rank, without the factors in `omitted`.
+    pub bytes: Vec<u8>,
+    pub sha256: String,
+    /// Factors left out because the client holds them already.
+    pub omitted: Vec<Factor>,
 }
 
 /// The coordinator of one federation.
@@ -1078,10 +1104,16 @@ impl Coordinator {
     }
 
     /// The global adapter produced by `round_id`, for a known client: at the client's rank (the
-    /// leading slots of each factor) when that is below the federation's.
-    pub async fn global_adapter(&self, client_id: i64, round_id: i64) -> Result<GlobalAdapterRow> {
+    /// leading slots of each factor) when that is below the federation's, without the factors
+    /// whose digests the client says it already holds.
+    pub async fn global_adapter(
+        &self,
+        client_id: i64,
+        round_id: i64,
+        held: &HeldFactors,
+    ) -> Result<AdapterDownload> {
         let client = self.client(client_id).await?;
-        let mut row = self
+        let row = self
             .store
             .global_adapter(round_id)
             .await?
@@ -1093,22 +1125,54 @@ impl Coordinator {
             None => None,
         };
         let rank = task.map_or_else(|| self.client_rank(&client), |task| task.rank as usize);
-        if rank < self.config.lora.rank {
-            let spec = client_spec(&self.model_dims().await?, &self.config.lora, rank)
-                .map_err(|error| CoordinatorError::Corrupt(error.to_string()))?;
-            let bytes = std::mem::take(&mut row.bytes);
-            row.bytes = tokio::task::spawn_blocking(move || {
-                let metadata = Adapter::safetensors_metadata(&bytes)?;
-                Adapter::from_safetensors(&bytes)?
-                    .rank_prefix(&spec)?
-                    .to_safetensors(Some(metadata))
-            })
-            .await
-            .map_err(|error| CoordinatorError::Corrupt(format!("prefix task: {error}")))?
-            .map_err(|error| CoordinatorError::Corrupt(format!("global adapter: {error}")))?;
-            row.sha256 = sha256_hex(&row.bytes);
+        let spec = if rank < self.config.lora.rank {
+            Some(
+                client_spec(&self.model_dims().await?, &self.config.lora, rank)
+                    .map_err(|error| CoordinatorError::Corrupt(error.to_string()))?,
+            )
+        } else {
+            None
+        };
+        if spec.is_none() && held.is_empty() {
+            return Ok(AdapterDownload {
+                round_id,
+                bytes: row.bytes,
+                sha256: row.sha256,
+                omitted: Vec::new(),
+            });
         }
-        Ok(row)
+        let held = held.clone();
+        let stored = row.bytes;
+        let (bytes, omitted) = tokio::task::spawn_blocking(move || {
+            let metadata = Adapter::safetensors_metadata(&stored)?;
+            let mut adapter = Adapter::from_safetensors(&stored)?;
+            if let Some(spec) = &spec {
+                adapter = adapter.rank_prefix(spec)?;
+            }
+            let mut omitted = Vec::new();
+            for (factor, digest) in [(Factor::A, &held.a), (Factor::B, &held.b)] {
+                if digest
+                    .as_deref()
+                    .is_some_and(|digest| digest == adapter.factor_digest(factor))
+                {
+                    adapter.remove_factor(factor);
+                    omitted.push(factor);
+                }
+            }
+            if spec.is_none() && omitted.is_empty() {
+                return Ok((stored, omitted));
+            }
+            Ok::<_, AdapterError>((adapter.to_safetensors(Some(metadata))?, omitted))
+        })
+        .await
+        .map_err(|error| CoordinatorError::Corrupt(format!("download task: {error}")))?
+        .map_err(|error| CoordinatorError::Corrupt(format!("global adapter: {error}")))?;
+        Ok(AdapterDownload {
+            round_id,
+            sha256: sha256_hex(&bytes),
+            bytes,
+            omitted,
+        })
     }
 
     /// Records a refused call in the audit log (best effort: a failing audit write is logged).

@@ -8,11 +8,11 @@ use std::time::Duration;
 use fedlora_coordinator::aggregate::fedavg;
 use fedlora_coordinator::config::FederationConfig;
 use fedlora_coordinator::rounds::{
-    Coordinator, CoordinatorError, JoinRequest, NextTask, RoundKind, TaskAssignment, UpdateMetrics,
-    UpdateSubmission,
+    Coordinator, CoordinatorError, HeldFactors, JoinRequest, NextTask, RoundKind, TaskAssignment,
+    UpdateMetrics, UpdateSubmission,
 };
 use fedlora_coordinator::store::{SqliteStore, Store};
-use fedlora_proto::adapter::{Adapter, ModelDims, TensorSpec, adapter_spec, sha256_hex};
+use fedlora_proto::adapter::{Adapter, Factor, ModelDims, TensorSpec, adapter_spec, sha256_hex};
 
 const FINGERPRINT: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
@@ -625,12 +625,40 @@ async fn downloads_are_cut_to_the_tasks_rank() {
     let second = task(&coordinator, low).await;
     assert_eq!(second.lora.rank, 2);
     coordinator.join(&with_rank("low", 8)).await.unwrap();
-    let row = coordinator.global_adapter(low, first_round).await.unwrap();
+    let row = coordinator
+        .global_adapter(low, first_round, &HeldFactors::default())
+        .await
+        .unwrap();
     let downloaded = Adapter::from_safetensors(&row.bytes).unwrap();
     downloaded.validate(&low_spec).unwrap();
     assert_eq!(row.sha256, sha256_hex(&row.bytes));
+    assert!(row.omitted.is_empty());
+    // A client that holds A at its rank gets only B, and fills A back from what it holds.
+    let held = HeldFactors {
+        a: Some(downloaded.factor_digest(Factor::A)),
+        b: Some("0".repeat(64)),
+    };
+    let lean = coordinator
+        .global_adapter(low, first_round, &held)
+        .await
+        .unwrap();
+    assert_eq!(lean.omitted, [Factor::A]);
+    assert_eq!(lean.sha256, sha256_hex(&lean.bytes));
+    assert!(lean.bytes.len() < row.bytes.len());
+    let mut filled = Adapter::from_safetensors(&lean.bytes).unwrap();
+    assert!(
+        filled
+            .tensors
+            .keys()
+            .all(|name| Factor::of_name(name) != Some(Factor::A))
+    );
+    filled.fill_factor(&downloaded, Factor::A);
+    assert_eq!(filled, downloaded);
     // The high site gets the full rank.
-    let full = coordinator.global_adapter(high, first_round).await.unwrap();
+    let full = coordinator
+        .global_adapter(high, first_round, &HeldFactors::default())
+        .await
+        .unwrap();
     Adapter::from_safetensors(&full.bytes)
         .unwrap()
         .validate(&spec(&config))

@@ -237,6 +237,50 @@ impl Adapter {
     }
 }
 
+impl Adapter {
+    /// A digest of one factor: sha256 over its tensors' names, shapes and f32 values, in name
+    /// order. A client sends the digests of the factors it holds with a download request; the
+    /// coordinator leaves out each factor whose digest matches the global adapter's, so `ffa`
+    /// never resends its frozen A and `alternating` never resends the factor the last round froze.
+    pub fn factor_digest(&self, factor: Factor) -> String {
+        use sha2::{Digest, Sha256};
+        let mut hasher = Sha256::new();
+        for (name, tensor) in &self.tensors {
+            if Factor::of_name(name) != Some(factor) {
+                continue;
+            }
+            hasher.update((name.len() as u64).to_le_bytes());
+            hasher.update(name.as_bytes());
+            hasher.update((tensor.shape.len() as u64).to_le_bytes());
+            for dim in &tensor.shape {
+                hasher.update((*dim as u64).to_le_bytes());
+            }
+            for value in &tensor.data {
+                hasher.update(value.to_le_bytes());
+            }
+        }
+        hex::encode(hasher.finalize())
+    }
+
+    /// Removes `factor`'s tensors, returning how many there were.
+    pub fn remove_factor(&mut self, factor: Factor) -> usize {
+        let before = self.tensors.len();
+        self.tensors
+            .retain(|name, _| Factor::of_name(name) != Some(factor));
+        before - self.tensors.len()
+    }
+
+    /// Copies `factor`'s tensors from `held` (a download that left them out). The caller
+    /// validates the result against its layout.
+    pub fn fill_factor(&mut self, held: &Adapter, factor: Factor) {
+        for (name, tensor) in &held.tensors {
+            if Factor::of_name(name) == Some(factor) {
+                self.tensors.insert(name.clone(), tensor.clone());
+            }
+        }
+    }
+}
+
 /// The layout of a client of rank `rank` in a federation of `lora` on `dims`.
 pub fn client_spec(
     dims: &ModelDims,
@@ -260,6 +304,41 @@ mod tests {
             num_key_value_heads: 1,
             head_dim: 4,
         }
+    }
+
+    #[test]
+    fn factor_digests_see_only_their_factor() {
+        let lora = LoraSpec::new(4, 8.0, &["q_proj", "v_proj"]);
+        let start = initial_factors(&dims(), &lora, 7).unwrap();
+        let mut moved = start.clone();
+        for (name, tensor) in &mut moved.tensors {
+            if Factor::of_name(name) == Some(Factor::B) {
+                tensor.data[0] = 0.5;
+            }
+        }
+        assert_eq!(
+            start.factor_digest(Factor::A),
+            moved.factor_digest(Factor::A)
+        );
+        assert_ne!(
+            start.factor_digest(Factor::B),
+            moved.factor_digest(Factor::B)
+        );
+        // Same values, other rank: the shapes differ, so do the digests.
+        let spec = client_spec(&dims(), &lora, 2).unwrap();
+        assert_ne!(
+            start.rank_prefix(&spec).unwrap().factor_digest(Factor::A),
+            start.factor_digest(Factor::A)
+        );
+        // Leaving A out and filling it back from a held copy restores the adapter exactly.
+        let mut sent = moved.clone();
+        assert_eq!(sent.remove_factor(Factor::A), 4);
+        assert!(
+            sent.validate(&adapter_spec(&dims(), &lora).unwrap())
+                .is_err()
+        );
+        sent.fill_factor(&start, Factor::A);
+        assert_eq!(sent, moved);
     }
 
     #[test]
