@@ -12,7 +12,9 @@ use fedlora_coordinator::aggregate::{NormAction, Robustness, ServerOptimizer};
 use fedlora_coordinator::config::{FederationConfig, TrainingConfig};
 use fedlora_coordinator::rounds::Coordinator;
 use fedlora_coordinator::server::{self, ServerTransport};
+use fedlora_coordinator::tls::ServerTls;
 use fedlora_proto::adapter::LoraSpec;
+use fedlora_proto::tls::ClientTls;
 use fedlora_proto::v1::admin_client::AdminClient;
 use fedlora_proto::v1::{GetStatusRequest, ListRoundsRequest};
 use tracing::info;
@@ -55,6 +57,10 @@ pub enum Command {
     BenchQuality(BenchQualityArgs),
     /// Generate text with a base model (HF directory or .gguf file) and an optional LoRA adapter.
     Generate(GenerateArgs),
+    /// The federation's certificate authority: issue, revoke and list the certificates of the
+    /// coordinator, sites and operators.
+    #[command(subcommand)]
+    Ca(crate::ca::CaCommand),
     /// Fold PEFT adapters into their base model and write a plain Hugging Face checkpoint.
     Merge(MergeArgs),
     /// Combine PEFT adapters into one, exactly: ΔW = Σ weight·ΔW (factors concatenated).
@@ -234,23 +240,67 @@ pub struct BenchQualityArgs {
     pub eval_windows: usize,
 }
 
-/// Transport security choice shared by every networked command.
+/// Transport security shared by every networked command: mutual TLS with certificates from the
+/// federation's CA (`fedlora ca`), or plaintext on loopback with --insecure.
 #[derive(Debug, Args)]
 pub struct TransportArgs {
-    /// Use plaintext gRPC. Required until mutual TLS lands; use only on loopback or a trusted network.
-    #[arg(long)]
+    /// The federation's CA certificate (ca.pem from `fedlora ca init`).
+    #[arg(long, env = "FEDLORA_CA_CERT", required_unless_present = "insecure")]
+    pub ca_cert: Option<PathBuf>,
+    /// This program's certificate (from `fedlora ca issue-coordinator|issue-client|issue-admin`).
+    #[arg(long, env = "FEDLORA_CERT", required_unless_present = "insecure")]
+    pub cert: Option<PathBuf>,
+    /// Its private key.
+    #[arg(long, env = "FEDLORA_KEY", required_unless_present = "insecure")]
+    pub key: Option<PathBuf>,
+    /// Plaintext gRPC instead of mutual TLS, for trials on one machine: the coordinator serves it
+    /// only on a loopback address, and no caller has an identity.
+    #[arg(long, conflicts_with_all = ["ca_cert", "cert", "key"])]
     pub insecure: bool,
 }
 
 impl TransportArgs {
-    fn require_insecure(&self) -> Result<()> {
-        if !self.insecure {
-            bail!(
-                "transport security (mutual tls) is not available in this version; pass --insecure to \
-                 use plaintext grpc, only on loopback or a network you trust"
-            );
+    /// The three PEM paths, unless --insecure.
+    fn files(&self) -> Result<Option<(&PathBuf, &PathBuf, &PathBuf)>> {
+        if self.insecure {
+            return Ok(None);
         }
-        Ok(())
+        match (&self.ca_cert, &self.cert, &self.key) {
+            (Some(ca), Some(cert), Some(key)) => Ok(Some((ca, cert, key))),
+            _ => bail!("mutual tls needs --ca-cert, --cert and --key (or --insecure on loopback)"),
+        }
+    }
+
+    fn server(&self) -> Result<ServerTransport> {
+        let Some((ca, cert, key)) = self.files()? else {
+            return Ok(ServerTransport::Insecure);
+        };
+        let read = |path: &PathBuf| {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+        };
+        Ok(ServerTransport::MutualTls(ServerTls::from_pem(
+            &read(ca)?,
+            &read(cert)?,
+            &read(key)?,
+        )?))
+    }
+
+    fn client(&self) -> Result<ClientTransport> {
+        Ok(match self.files()? {
+            None => ClientTransport::Insecure,
+            Some((ca, cert, key)) => {
+                ClientTransport::MutualTls(ClientTls::from_files(ca, cert, key)?)
+            }
+        })
+    }
+
+    /// `address` as given, or the default for the transport.
+    fn coordinator_url(&self, address: Option<&str>) -> String {
+        match address {
+            Some(address) => address.to_string(),
+            None if self.insecure => "http://127.0.0.1:50051".into(),
+            None => "https://localhost:50051".into(),
+        }
     }
 }
 
@@ -375,9 +425,10 @@ pub struct ServeArgs {
 
 #[derive(Debug, Args)]
 pub struct ClientArgs {
-    /// Coordinator address.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    pub coordinator: String,
+    /// Coordinator address [default: https://localhost:50051, or http://127.0.0.1:50051 with
+    /// --insecure]. With mutual TLS the coordinator's certificate must name its host.
+    #[arg(long)]
+    pub coordinator: Option<String>,
     /// This site's name in the federation (letters, digits, '-', '_', '.').
     #[arg(long)]
     pub name: String,
@@ -427,9 +478,10 @@ pub struct ClientArgs {
 
 #[derive(Debug, Args)]
 pub struct AdminArgs {
-    /// Coordinator address.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    pub coordinator: String,
+    /// Coordinator address [default: https://localhost:50051, or http://127.0.0.1:50051 with
+    /// --insecure]. With mutual TLS the coordinator's certificate must name its host.
+    #[arg(long)]
+    pub coordinator: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -498,6 +550,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::BenchAggregate(args) => bench_aggregate(&args),
         Command::BenchQuality(args) => bench_quality(args),
         Command::Generate(args) => generate(&args),
+        Command::Ca(command) => crate::ca::run(command).await,
         Command::Merge(args) => merge(&args),
         Command::Combine(args) => combine(&args),
     }
@@ -527,7 +580,13 @@ async fn shutdown_signal() {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
-    args.transport.require_insecure()?;
+    let transport = args.transport.server()?;
+    if matches!(transport, ServerTransport::Insecure) && !args.listen.ip().is_loopback() {
+        bail!(
+            "refusing plaintext grpc on {}: --insecure binds only to loopback (127.0.0.1 or ::1); use mutual tls elsewhere",
+            args.listen
+        );
+    }
     let config = FederationConfig {
         name: args.federation,
         rounds: args.rounds,
@@ -585,13 +644,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         "fedlora coordinator listening on {address} (store: {})",
         redact(&args.database_url)
     );
-    server::serve(
-        coordinator,
-        listener,
-        ServerTransport::Insecure,
-        shutdown_signal(),
-    )
-    .await?;
+    server::serve(coordinator, listener, transport, shutdown_signal()).await?;
     Ok(())
 }
 
@@ -615,13 +668,13 @@ fn redact(url: &str) -> String {
 }
 
 async fn client(args: ClientArgs) -> Result<()> {
-    args.transport.require_insecure()?;
+    let transport = args.transport.client()?;
     let state_dir = args
         .state_dir
         .unwrap_or_else(|| PathBuf::from(format!("fedlora-client-{}", args.name)));
     let config = DaemonConfig {
-        coordinator: args.coordinator,
-        transport: ClientTransport::Insecure,
+        coordinator: args.transport.coordinator_url(args.coordinator.as_deref()),
+        transport,
         client_name: args.name,
         model_dir: args.model,
         data_path: args.data,
@@ -682,10 +735,18 @@ async fn client(args: ClientArgs) -> Result<()> {
 }
 
 async fn admin_client(args: &AdminArgs) -> Result<AdminClient<tonic::transport::Channel>> {
-    args.transport.require_insecure()?;
-    AdminClient::connect(args.coordinator.clone())
+    let url = args.transport.coordinator_url(args.coordinator.as_deref());
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone())
+        .with_context(|| format!("coordinator address {url:?}"))?
+        .connect_timeout(std::time::Duration::from_secs(10));
+    if let ClientTransport::MutualTls(tls) = args.transport.client()? {
+        endpoint = tls.configure(&url, endpoint)?;
+    }
+    let channel = endpoint
+        .connect()
         .await
-        .with_context(|| format!("connecting to the coordinator at {}", args.coordinator))
+        .with_context(|| format!("connecting to the coordinator at {url}"))?;
+    Ok(AdminClient::new(channel))
 }
 
 async fn status(args: AdminArgs) -> Result<()> {

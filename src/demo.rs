@@ -10,12 +10,16 @@ use anyhow::{Context, Result, bail};
 use fedlora_client::daemon::{self, BasePrecision, ClientTransport, DaemonConfig, DaemonEvent};
 use fedlora_client::tiny::{TinyModelSpec, write_tiny_model};
 use fedlora_coordinator::config::{FederationConfig, TrainingConfig};
+use fedlora_coordinator::pki::{CertificateAuthority, IssueRequest, Role};
 use fedlora_coordinator::rounds::Coordinator;
 use fedlora_coordinator::server::{self, ServerTransport};
+use fedlora_coordinator::tls::ServerTls;
 use fedlora_proto::adapter::LoraSpec;
+use fedlora_proto::tls::ClientTls;
 use fedlora_proto::v1::admin_client::AdminClient;
 use fedlora_proto::v1::{ListRoundsRequest, RoundInfo};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tonic::transport::Endpoint;
 
 use crate::sites::{SITE_NAMES, write_site_jsonl};
 
@@ -106,13 +110,34 @@ pub async fn run(options: DemoOptions) -> Result<DemoReport> {
         ..FederationConfig::default()
     };
     let coordinator = Coordinator::start(store, config).await?;
-    let server = server::spawn(
-        coordinator,
-        ([127, 0, 0, 1], 0).into(),
-        ServerTransport::Insecure,
-    )
-    .await?;
+    // Mutual TLS as in a real federation: a CA for this run, a certificate for the coordinator,
+    // one per site and one for the operator who lists the rounds at the end.
+    let ca = CertificateAuthority::init(&dir.join("ca"), "demo", 1)?;
+    let ca_pem = ca.cert_pem()?;
+    let credentials = |name: &str, role: Role| -> Result<(String, String)> {
+        let request = IssueRequest {
+            subject_alt_names: vec!["127.0.0.1".into()],
+            ..IssueRequest::new(name, role, 1)
+        };
+        let issued = ca.issue(&request)?;
+        let key = issued
+            .key_pem
+            .context("the demo's certificate authority made no key")?;
+        Ok((issued.cert_pem, key))
+    };
+    let (server_cert, server_key) = credentials("localhost", Role::Coordinator)?;
+    let transport =
+        ServerTransport::MutualTls(ServerTls::from_pem(&ca_pem, &server_cert, &server_key)?);
+    let server = server::spawn(coordinator, ([127, 0, 0, 1], 0).into(), transport).await?;
     let url = server.url();
+    let client_tls = |name: &str, role: Role| -> Result<ClientTls> {
+        let (cert_pem, key_pem) = credentials(name, role)?;
+        Ok(ClientTls {
+            ca_pem: ca_pem.clone(),
+            cert_pem,
+            key_pem,
+        })
+    };
 
     let bars = MultiProgress::with_draw_target(if options.show_progress {
         ProgressDrawTarget::stderr()
@@ -135,7 +160,7 @@ pub async fn run(options: DemoOptions) -> Result<DemoReport> {
         let observer: daemon::Observer = Arc::new(move |event: &DaemonEvent| show(&bar, event));
         let config = DaemonConfig {
             coordinator: url.clone(),
-            transport: ClientTransport::Insecure,
+            transport: ClientTransport::MutualTls(client_tls(site, Role::Client)?),
             client_name: site.to_string(),
             model_dir: model_dir.clone(),
             data_path,
@@ -154,7 +179,11 @@ pub async fn run(options: DemoOptions) -> Result<DemoReport> {
     for daemon in daemons {
         daemon.await.context("client task panicked")??;
     }
-    let mut admin = AdminClient::connect(url).await?;
+    let channel = client_tls("operator", Role::Admin)?
+        .configure(&url, Endpoint::from_shared(url.clone())?)?
+        .connect()
+        .await?;
+    let mut admin = AdminClient::new(channel);
     let rounds = admin
         .list_rounds(ListRoundsRequest { limit: 1000 })
         .await?

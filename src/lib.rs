@@ -4,6 +4,7 @@
 //! `fedlora-proto`.
 
 pub mod admin;
+pub mod ca;
 pub mod cli;
 pub mod demo;
 pub mod quality;

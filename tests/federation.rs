@@ -13,16 +13,21 @@ use fedlora_client::daemon::{
 use fedlora_client::model::{LlamaConfig, fingerprint};
 use fedlora_client::tiny::{TinyModelSpec, write_tiny_model};
 use fedlora_coordinator::config::{FederationConfig, TrainingConfig};
+use fedlora_coordinator::pki::{CertificateAuthority, IssueRequest, Role};
 use fedlora_coordinator::rounds::Coordinator;
 use fedlora_coordinator::rounds::round_seed;
 use fedlora_coordinator::server::{self, RunningServer, ServerTransport};
-use fedlora_coordinator::store::{PgStore, RoundRow, Store};
+use fedlora_coordinator::store::{PgStore, RevokedRow, RoundRow, Store};
+use fedlora_coordinator::tls::ServerTls;
 use fedlora_proto::adapter::{Adapter, Factor, LoraSpec, adapter_spec, sha256_hex};
 use fedlora_proto::factors::{client_spec, initial_factors};
+use fedlora_proto::tls::ClientTls;
+use fedlora_proto::v1::admin_client::AdminClient;
 use fedlora_proto::v1::federation_client::FederationClient;
 use fedlora_proto::v1::{self as pb, next_task_response, submit_update_request};
 use tokio::task::JoinHandle;
 use tonic::Code;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 async fn start_coordinator(store: Arc<dyn Store>, config: FederationConfig) -> RunningServer {
     let coordinator = Coordinator::start(store, config).await.unwrap();
@@ -117,9 +122,18 @@ fn spawn_daemon(
     model_dir: &Path,
     site: &Site,
 ) -> JoinHandle<fedlora_client::error::Result<daemon::DaemonSummary>> {
+    spawn_daemon_over(url, model_dir, site, ClientTransport::Insecure)
+}
+
+fn spawn_daemon_over(
+    url: &str,
+    model_dir: &Path,
+    site: &Site,
+    transport: ClientTransport,
+) -> JoinHandle<fedlora_client::error::Result<daemon::DaemonSummary>> {
     let config = DaemonConfig {
         coordinator: url.to_string(),
-        transport: ClientTransport::Insecure,
+        transport,
         client_name: site.name.to_string(),
         model_dir: model_dir.to_path_buf(),
         data_path: site.data.clone(),
@@ -285,9 +299,19 @@ async fn join_raw(
     name: &str,
     model_dir: &Path,
 ) -> (FederationClient<tonic::transport::Channel>, String) {
+    let mut client = FederationClient::connect(url.to_string()).await.unwrap();
+    let client_id = join_as(&mut client, name, model_dir).await.unwrap();
+    (client, client_id)
+}
+
+/// Joins as `name` on an open connection; returns the client id.
+async fn join_as(
+    client: &mut FederationClient<tonic::transport::Channel>,
+    name: &str,
+    model_dir: &Path,
+) -> Result<String, tonic::Status> {
     let config = LlamaConfig::from_file(&model_dir.join("config.json")).unwrap();
     let dims = config.dims();
-    let mut client = FederationClient::connect(url.to_string()).await.unwrap();
     let joined = client
         .join(pb::JoinRequest {
             client_name: name.into(),
@@ -301,10 +325,9 @@ async fn join_raw(
                 .map(String::from)
                 .to_vec(),
         })
-        .await
-        .unwrap()
+        .await?
         .into_inner();
-    (client, joined.client_id)
+    Ok(joined.client_id)
 }
 
 async fn next_task(
@@ -746,4 +769,306 @@ async fn ffa_never_sends_the_frozen_a(pool: sqlx::PgPool) {
             summary.downloaded_bytes
         );
     }
+}
+
+/// Certificates of one federation's CA (and of a stranger's) for the security tests.
+struct TestPki {
+    _dir: tempfile::TempDir,
+    ca: CertificateAuthority,
+    ca_pem: String,
+}
+
+impl TestPki {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::init(dir.path(), "test", 30).unwrap();
+        let ca_pem = ca.cert_pem().unwrap();
+        Self {
+            _dir: dir,
+            ca,
+            ca_pem,
+        }
+    }
+
+    fn issue_with(&self, request: IssueRequest) -> (ClientTls, String) {
+        let issued = self.ca.issue(&request).unwrap();
+        let tls = ClientTls {
+            ca_pem: self.ca_pem.clone(),
+            cert_pem: issued.cert_pem,
+            key_pem: issued.key_pem.unwrap(),
+        };
+        (tls, issued.record.serial)
+    }
+
+    fn issue(&self, name: &str, role: Role) -> ClientTls {
+        self.issue_with(IssueRequest::new(name, role, 5)).0
+    }
+
+    /// The coordinator's side: a certificate for localhost and 127.0.0.1.
+    fn server(&self) -> ServerTransport {
+        let request = IssueRequest {
+            subject_alt_names: vec!["127.0.0.1".into()],
+            ..IssueRequest::new("localhost", Role::Coordinator, 5)
+        };
+        let issued = self.ca.issue(&request).unwrap();
+        ServerTransport::MutualTls(
+            ServerTls::from_pem(&self.ca_pem, &issued.cert_pem, &issued.key_pem.unwrap()).unwrap(),
+        )
+    }
+}
+
+/// A connection to `url` presenting `tls`'s certificate; `Err` when the transport fails.
+async fn tls_channel(url: &str, tls: &ClientTls) -> Result<Channel, String> {
+    let endpoint = tls
+        .configure(url, Endpoint::from_shared(url.to_string()).unwrap())
+        .map_err(|error| error.to_string())?;
+    endpoint.connect().await.map_err(|error| error.to_string())
+}
+
+/// Waits (up to 5 s) for an audit row of `kind` whose detail contains `needle`.
+async fn await_audit(store: &dyn Store, kind: &str, needle: &str) {
+    for _ in 0..50 {
+        let rows = store.list_audit(500).await.unwrap();
+        if rows
+            .iter()
+            .any(|row| row.kind == kind && row.detail.contains(needle))
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rows = store.list_audit(500).await.unwrap();
+    panic!("no {kind} audit row containing {needle:?}; rows: {rows:#?}");
+}
+
+/// Mutual TLS end to end: two sites run a round with their certificates while hostile callers
+/// (no certificate, another CA, expired, revoked, the wrong role, another site's client id, a
+/// claimed name) are each refused with a specific status and an audit row, and the round still
+/// closes with the honest sites' exact weighted mean.
+#[sqlx::test(migrations = "./migrations")]
+async fn mutual_tls_identities_and_roles(pool: sqlx::PgPool) {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("model");
+    write_tiny_model(&model_dir, &TinyModelSpec::default()).unwrap();
+    let sites = make_sites(dir.path(), &[("clinic", 120), ("bank", 160)]);
+    let store: Arc<dyn Store> = Arc::new(PgStore::from_pool(pool));
+    let pki = TestPki::new();
+    let coordinator = Coordinator::start(store.clone(), small_config(1, 2))
+        .await
+        .unwrap();
+    let running = server::spawn(coordinator, ([127, 0, 0, 1], 0).into(), pki.server())
+        .await
+        .unwrap();
+    let url = running.url();
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+
+    // The clinic joins with its certificate (its daemon joins again below, as the same client).
+    let clinic_tls = pki.issue("clinic", Role::Client);
+    let mut clinic = FederationClient::new(tls_channel(&url, &clinic_tls).await.unwrap());
+    let clinic_id = join_as(&mut clinic, "clinic", &model_dir).await.unwrap();
+
+    // 1. No client certificate: the handshake passes, every call is refused.
+    let anonymous = ClientTls {
+        cert_pem: String::new(),
+        key_pem: String::new(),
+        ..clinic_tls.clone()
+    };
+    let channel = Endpoint::from_shared(url.clone())
+        .unwrap()
+        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&anonymous.ca_pem)))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let status = join_as(
+        &mut FederationClient::new(channel.clone()),
+        "clinic",
+        &model_dir,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(
+        status.message().contains("no client certificate"),
+        "{status:?}"
+    );
+    let status = AdminClient::new(channel)
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    await_audit(
+        store.as_ref(),
+        "request_refused",
+        "join: no client certificate",
+    )
+    .await;
+
+    // 2. A certificate from another CA, even with a site's name: refused in the handshake.
+    let stranger = TestPki::new().issue("clinic", Role::Client);
+    let stranger = ClientTls {
+        ca_pem: pki.ca_pem.clone(),
+        ..stranger
+    };
+    let refused = match tls_channel(&url, &stranger).await {
+        Ok(channel) => join_as(&mut FederationClient::new(channel), "clinic", &model_dir)
+            .await
+            .map(|_| ())
+            .map_err(|status| status.to_string()),
+        Err(error) => Err(error),
+    };
+    assert!(refused.is_err(), "a stranger's certificate was accepted");
+    await_audit(store.as_ref(), "connection_refused", "tls handshake failed").await;
+
+    // 3. An expired certificate of the federation's CA: refused in the handshake.
+    let (expired, _) = pki.issue_with(IssueRequest {
+        valid_from_secs: -3 * 86_400,
+        valid_for_secs: 86_400,
+        ..IssueRequest::new("expired-site", Role::Client, 1)
+    });
+    let refused = match tls_channel(&url, &expired).await {
+        Ok(channel) => join_as(
+            &mut FederationClient::new(channel),
+            "expired-site",
+            &model_dir,
+        )
+        .await
+        .map(|_| ())
+        .map_err(|status| status.to_string()),
+        Err(error) => Err(error),
+    };
+    assert!(refused.is_err(), "an expired certificate was accepted");
+    await_audit(store.as_ref(), "connection_refused", "expired").await;
+
+    // 4. Revoked: accepted, revoked in the store, refused on its next call on the same
+    //    connection, without a restart.
+    let (leaver_tls, leaver_serial) = pki.issue_with(IssueRequest::new("leaver", Role::Client, 5));
+    let mut leaver = FederationClient::new(tls_channel(&url, &leaver_tls).await.unwrap());
+    join_as(&mut leaver, "leaver", &model_dir).await.unwrap();
+    store
+        .revoke_certificate(&RevokedRow {
+            serial: leaver_serial.clone(),
+            name: "leaver".into(),
+            reason: "left the federation".into(),
+            revoked_ms: 1,
+        })
+        .await
+        .unwrap();
+    let status = join_as(&mut leaver, "leaver", &model_dir)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("revoked"), "{status:?}");
+    await_audit(store.as_ref(), "request_refused", &leaver_serial).await;
+
+    // 5. Roles: an admin certificate on the Federation service, a client one on Admin.
+    let ops_tls = pki.issue("ops", Role::Admin);
+    let ops_channel = tls_channel(&url, &ops_tls).await.unwrap();
+    let status = join_as(
+        &mut FederationClient::new(ops_channel.clone()),
+        "ops",
+        &model_dir,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    let status = AdminClient::new(tls_channel(&url, &clinic_tls).await.unwrap())
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    await_audit(
+        store.as_ref(),
+        "request_refused",
+        "may not call the admin service",
+    )
+    .await;
+    let status = AdminClient::new(ops_channel)
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.federation_name, "test");
+
+    // 6. A valid site acting as another: its name claim, and the clinic's client id on every
+    //    client-bound call, are refused.
+    let mallory_tls = pki.issue("mallory", Role::Client);
+    let mut mallory = FederationClient::new(tls_channel(&url, &mallory_tls).await.unwrap());
+    let status = join_as(&mut mallory, "clinic", &model_dir)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    let status = mallory
+        .next_task(pb::NextTaskRequest {
+            client_id: clinic_id.clone(),
+            wait_ms: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    let status = mallory
+        .download_adapter(pb::DownloadAdapterRequest {
+            client_id: clinic_id.clone(),
+            round_id: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    let status = mallory
+        .submit_evaluation(pb::SubmitEvaluationRequest {
+            client_id: clinic_id.clone(),
+            task_id: "any".into(),
+            eval_loss: 1.0,
+            num_eval_tokens: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    let status = upload(&mut mallory, &clinic_id, "any", b"bytes", "0")
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    await_audit(store.as_ref(), "request_refused", "submit_update: client").await;
+
+    // 7. Plaintext against the TLS port fails.
+    let plain = format!("http://{}", running.addr);
+    assert!(
+        match FederationClient::connect(plain).await {
+            Ok(mut client) => client.join(pb::JoinRequest::default()).await.is_err(),
+            Err(_) => true,
+        },
+        "plaintext call accepted"
+    );
+
+    // The honest sites, over mutual TLS, close the round with the exact weighted mean.
+    let daemons = sites
+        .iter()
+        .map(|site| {
+            let tls = if site.name == "clinic" {
+                clinic_tls.clone()
+            } else {
+                pki.issue(site.name, Role::Client)
+            };
+            spawn_daemon_over(&url, &model_dir, site, ClientTransport::MutualTls(tls))
+        })
+        .collect();
+    let summaries = wait_all(daemons).await;
+    running.stop().await.unwrap();
+    assert_eq!(summaries[0].client_id, clinic_id);
+    let federation = store.create_or_get_federation("test", "", 0).await.unwrap();
+    assert_eq!(federation.state, "finished");
+    let rounds = rounds_oldest_first(store.as_ref(), federation.id).await;
+    let global = global_adapter(store.as_ref(), rounds[0].id).await;
+    let mut parts = Vec::new();
+    for site in &sites {
+        let path = sent_adapter_dir(&site.state_dir, rounds[0].id as u64)
+            .join("adapter_model.safetensors");
+        parts.push((site.num_examples() as f64, read_adapter(&path).0));
+    }
+    let parts: Vec<(f64, &Adapter)> = parts
+        .iter()
+        .map(|(weight, adapter)| (*weight, adapter))
+        .collect();
+    assert_weighted_mean(&global, &parts);
 }

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use fedlora_proto::CHUNK_BYTES;
 use fedlora_proto::adapter::{Adapter, Factor, LoraSpec, adapter_spec, sha256_hex};
+use fedlora_proto::tls::ClientTls;
 use fedlora_proto::v1::federation_client::FederationClient;
 use fedlora_proto::v1::{self as pb, next_task_response, submit_update_request};
 use tonic::Code;
@@ -31,13 +32,15 @@ use crate::train::{TrainConfig, TrainedFactors, evaluate, train};
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ClientTransport {
-    /// Plaintext HTTP/2; only when chosen explicitly (`--insecure`).
+    /// Plaintext HTTP/2; only when chosen explicitly (`--insecure`), to a loopback coordinator.
     Insecure,
+    /// TLS 1.3 with this site's certificate from the federation's CA.
+    MutualTls(ClientTls),
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct DaemonConfig {
-    /// `http://host:port` of the coordinator.
+    /// `https://host:port` of the coordinator (`http://` with [`ClientTransport::Insecure`]).
     pub coordinator: String,
     pub transport: ClientTransport,
     pub client_name: String,
@@ -287,8 +290,14 @@ async fn connect(config: &DaemonConfig) -> Result<FederationClient<Channel>> {
         .tcp_keepalive(Some(Duration::from_secs(60)))
         // No call may hang forever: long polls last seconds, uploads of large adapters minutes.
         .timeout(Duration::from_secs(600));
-    let channel = match config.transport {
+    let channel = match &config.transport {
         ClientTransport::Insecure => endpoint.connect().await?,
+        ClientTransport::MutualTls(tls) => {
+            tls.configure(&config.coordinator, endpoint)
+                .map_err(|error| ClientError::Protocol(error.to_string()))?
+                .connect()
+                .await?
+        }
     };
     Ok(FederationClient::new(channel))
 }

@@ -17,10 +17,12 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::error;
 
 use crate::aggregate::Trained;
+use crate::pki::{self, PeerIdentity, Role};
 use crate::rounds::{
     Coordinator, CoordinatorError, HeldFactors, JoinRequest, NextTask, RoundKind, RoundSummary,
     UpdateMetrics, UpdateSubmission,
 };
+use crate::tls::PeerInfo;
 
 /// Longest a `NextTask` long poll is held open, whatever the client asks.
 const MAX_LONG_POLL: Duration = Duration::from_secs(30);
@@ -36,7 +38,8 @@ pub fn to_status(error: &CoordinatorError) -> Status {
     let code = match error {
         E::InvalidJoin(_) | E::InvalidUpdate(_) => Code::InvalidArgument,
         E::UnknownClient(_) | E::UnknownTask(_) | E::NoSuchAdapter(_) => Code::NotFound,
-        E::NotYourTask(_) => Code::PermissionDenied,
+        E::NotYourTask(_) | E::Forbidden(_) => Code::PermissionDenied,
+        E::Unauthenticated(_) => Code::Unauthenticated,
         E::ModelMismatch(_)
         | E::MissingFeatures(_)
         | E::StaleRound { .. }
@@ -59,6 +62,66 @@ fn is_refusal(error: &CoordinatorError) -> bool {
     )
 }
 
+/// The caller of an RPC, from the client certificate its TLS handshake verified: refuses a call
+/// without one, with an expired or revoked one, or from the wrong role for `service`. `None` on a
+/// plaintext (`--insecure`, loopback-only) server, where no caller has an identity. Refusals are
+/// audited.
+async fn authenticate(
+    coordinator: &Coordinator,
+    extensions: &tonic::Extensions,
+    service: Role,
+    rpc: &str,
+) -> Result<Option<PeerIdentity>, Status> {
+    let Some(peer) = extensions.get::<PeerInfo>() else {
+        return Ok(None);
+    };
+    let checked = async {
+        let der = peer.certificate.as_ref().ok_or_else(|| {
+            CoordinatorError::Unauthenticated(
+                "no client certificate: the coordinator accepts only callers with a certificate from the federation's ca".into(),
+            )
+        })?;
+        let identity = pki::identify(der).map_err(|error| {
+            CoordinatorError::Unauthenticated(format!("unusable client certificate: {error}"))
+        })?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_secs() as i64);
+        if now > identity.not_after_unix {
+            return Err(CoordinatorError::Unauthenticated(format!(
+                "the certificate of {:?} has expired",
+                identity.name
+            )));
+        }
+        if coordinator.is_revoked(&identity.serial).await? {
+            return Err(CoordinatorError::Unauthenticated(format!(
+                "the certificate {} of {:?} is revoked",
+                identity.serial, identity.name
+            )));
+        }
+        if identity.role != service {
+            let allowed = match service {
+                Role::Admin => "admin",
+                Role::Client | Role::Coordinator => "federation",
+            };
+            return Err(CoordinatorError::Forbidden(format!(
+                "a {} certificate ({:?}) may not call the {allowed} service",
+                identity.role, identity.name
+            )));
+        }
+        Ok(identity)
+    };
+    match checked.await {
+        Ok(identity) => Ok(Some(identity)),
+        Err(error) => {
+            if is_refusal(&error) {
+                coordinator.audit_rejection(None, rpc, &error).await;
+            }
+            Err(to_status(&error))
+        }
+    }
+}
+
 fn parse_client_id(client_id: &str) -> Result<i64, CoordinatorError> {
     client_id
         .parse()
@@ -79,6 +142,27 @@ impl FederationService {
         Self { coordinator }
     }
 
+    /// Authenticates a site's call for `client_id` (from the request): its certificate, and that
+    /// the client is the certificate's. Returns the parsed client id.
+    async fn authorize(
+        &self,
+        extensions: &tonic::Extensions,
+        client_id: &str,
+        rpc: &str,
+    ) -> Result<i64, Status> {
+        let caller = authenticate(&self.coordinator, extensions, Role::Client, rpc).await?;
+        let client_id = parse_client_id(client_id).map_err(|error| to_status(&error))?;
+        if let Some(caller) = caller
+            && let Err(error) = self
+                .coordinator
+                .check_client_owner(client_id, &caller.name)
+                .await
+        {
+            return Err(self.refuse(Some(client_id), rpc, error).await);
+        }
+        Ok(client_id)
+    }
+
     /// Audits a refusal and converts it to a status.
     async fn refuse(&self, client_id: Option<i64>, rpc: &str, error: CoordinatorError) -> Status {
         if is_refusal(&error) {
@@ -89,11 +173,13 @@ impl FederationService {
         to_status(&error)
     }
 
-    /// Reads an upload: the header, an early permission check, then at most `total_bytes` of
+    /// Reads an upload: the header, early permission checks (the client is the caller's, the task
+    /// the client's), then at most `total_bytes` of
     /// chunks within [`UPLOAD_TIMEOUT`]. Refusals come back as `(client_id if known, error)`.
     async fn receive_update(
         &self,
         mut stream: Streaming<pb::SubmitUpdateRequest>,
+        caller: Option<PeerIdentity>,
     ) -> Result<UpdateSubmission, (Option<i64>, CoordinatorError, Status)> {
         let limit = self.coordinator.config().max_update_bytes;
         let plain = |status: Status| {
@@ -116,6 +202,12 @@ impl FederationService {
             let status = to_status(&error);
             (Some(client_id), error, status)
         };
+        if let Some(caller) = &caller {
+            self.coordinator
+                .check_client_owner(client_id, &caller.name)
+                .await
+                .map_err(refuse)?;
+        }
         if header.total_bytes > limit {
             return Err(refuse(CoordinatorError::TooLarge {
                 size: header.total_bytes,
@@ -204,7 +296,25 @@ impl Federation for FederationService {
         &self,
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
-        let request = request.into_inner();
+        let caller = authenticate(
+            &self.coordinator,
+            request.extensions(),
+            Role::Client,
+            "join",
+        )
+        .await?;
+        let mut request = request.into_inner();
+        if let Some(caller) = caller {
+            // The site's name is its certificate's; a different claim is refused.
+            if !request.client_name.is_empty() && request.client_name != caller.name {
+                let error = CoordinatorError::Forbidden(format!(
+                    "client_name {:?} does not match the certificate's name {:?}",
+                    request.client_name, caller.name
+                ));
+                return Err(self.refuse(None, "join", error).await);
+            }
+            request.client_name = caller.name;
+        }
         let shape = request.model_shape.unwrap_or_default();
         let join = JoinRequest {
             client_name: request.client_name,
@@ -232,8 +342,14 @@ impl Federation for FederationService {
         &self,
         request: Request<pb::NextTaskRequest>,
     ) -> Result<Response<pb::NextTaskResponse>, Status> {
+        let client_id = self
+            .authorize(
+                request.extensions(),
+                &request.get_ref().client_id,
+                "next_task",
+            )
+            .await?;
         let request = request.into_inner();
-        let client_id = parse_client_id(&request.client_id).map_err(|error| to_status(&error))?;
         let wait = Duration::from_millis(u64::from(request.wait_ms)).min(MAX_LONG_POLL);
         let next = match self.coordinator.next_task(client_id, wait).await {
             Ok(next) => next,
@@ -283,8 +399,14 @@ impl Federation for FederationService {
         &self,
         request: Request<pb::DownloadAdapterRequest>,
     ) -> Result<Response<Self::DownloadAdapterStream>, Status> {
+        let client_id = self
+            .authorize(
+                request.extensions(),
+                &request.get_ref().client_id,
+                "download_adapter",
+            )
+            .await?;
         let request = request.into_inner();
-        let client_id = parse_client_id(&request.client_id).map_err(|error| to_status(&error))?;
         let round_id = i64::try_from(request.round_id)
             .map_err(|_| to_status(&CoordinatorError::NoSuchAdapter(-1)))?;
         let held = HeldFactors {
@@ -329,7 +451,14 @@ impl Federation for FederationService {
         &self,
         request: Request<Streaming<pb::SubmitUpdateRequest>>,
     ) -> Result<Response<pb::SubmitReceipt>, Status> {
-        let submission = match self.receive_update(request.into_inner()).await {
+        let caller = authenticate(
+            &self.coordinator,
+            request.extensions(),
+            Role::Client,
+            "submit_update",
+        )
+        .await?;
+        let submission = match self.receive_update(request.into_inner(), caller).await {
             Ok(submission) => submission,
             Err((client_id, error, status)) => {
                 if is_refusal(&error) {
@@ -355,8 +484,14 @@ impl Federation for FederationService {
         &self,
         request: Request<pb::SubmitEvaluationRequest>,
     ) -> Result<Response<pb::SubmitEvaluationResponse>, Status> {
+        let client_id = self
+            .authorize(
+                request.extensions(),
+                &request.get_ref().client_id,
+                "submit_evaluation",
+            )
+            .await?;
         let request = request.into_inner();
-        let client_id = parse_client_id(&request.client_id).map_err(|error| to_status(&error))?;
         match self
             .coordinator
             .submit_evaluation(
@@ -418,8 +553,15 @@ fn round_to_pb(summary: RoundSummary) -> pb::RoundInfo {
 impl Admin for AdminService {
     async fn get_status(
         &self,
-        _request: Request<pb::GetStatusRequest>,
+        request: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
+        authenticate(
+            &self.coordinator,
+            request.extensions(),
+            Role::Admin,
+            "get_status",
+        )
+        .await?;
         let status = self
             .coordinator
             .status()
@@ -446,6 +588,13 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::ListRoundsRequest>,
     ) -> Result<Response<pb::ListRoundsResponse>, Status> {
+        authenticate(
+            &self.coordinator,
+            request.extensions(),
+            Role::Admin,
+            "list_rounds",
+        )
+        .await?;
         let limit = match request.into_inner().limit {
             0 => 50,
             limit => limit.min(1000),

@@ -5,6 +5,8 @@ pub mod aggregate;
 pub mod bench;
 pub mod config;
 pub mod grpc;
+pub mod pki;
 pub mod rounds;
 pub mod server;
 pub mod store;
+pub mod tls;

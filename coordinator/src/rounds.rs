@@ -42,6 +42,12 @@ pub enum CoordinatorError {
     UnknownTask(String),
     #[error("task {0:?} belongs to another client")]
     NotYourTask(String),
+    /// No usable certificate: none, unreadable, expired or revoked.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A valid certificate that may not do this: the wrong role, or another site's client.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("base model mismatch: {0}")]
     ModelMismatch(String),
     #[error("this client cannot train the federation's lora options: {0} (upgrade the client)")]
@@ -1173,6 +1179,33 @@ impl Coordinator {
             bytes,
             omitted,
         })
+    }
+
+    /// Whether the certificate with this serial (lowercase hex) is revoked.
+    pub async fn is_revoked(&self, serial: &str) -> Result<bool> {
+        Ok(self.store.is_revoked(serial).await?)
+    }
+
+    /// Refuses a call for `client_id` from a site whose certificate names another client.
+    pub async fn check_client_owner(&self, client_id: i64, certificate_name: &str) -> Result<()> {
+        let client = self.client(client_id).await?;
+        if client.name != certificate_name {
+            return Err(CoordinatorError::Forbidden(format!(
+                "client {client_id} is not the client of certificate {certificate_name:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Records a connection refused during its TLS handshake (best effort).
+    pub async fn audit_connection_refused(
+        &self,
+        remote: Option<std::net::SocketAddr>,
+        reason: &str,
+    ) {
+        let remote = remote.map_or_else(|| "unknown address".to_string(), |addr| addr.to_string());
+        self.record_audit(None, "connection_refused", &format!("{remote}: {reason}"))
+            .await;
     }
 
     /// Records a refused call in the audit log (best effort: a failing audit write is logged).

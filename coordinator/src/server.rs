@@ -14,13 +14,27 @@ use tracing::{info, warn};
 
 use crate::grpc::{AdminService, FederationService};
 use crate::rounds::Coordinator;
+use crate::tls::{self, ServerTls};
 
 /// How connections are secured.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum ServerTransport {
-    /// Plaintext HTTP/2. Only ever chosen explicitly (`--insecure`); mutual TLS replaces it.
+    /// Plaintext HTTP/2, for loopback only: only ever chosen explicitly (`--insecure`), and
+    /// refused on any other address. No caller has an identity.
     Insecure,
+    /// TLS 1.3 with client certificates of the federation's CA (see [`crate::tls`]).
+    MutualTls(ServerTls),
+}
+
+impl ServerTransport {
+    /// `http` or `https`.
+    pub fn scheme(&self) -> &'static str {
+        match self {
+            Self::Insecure => "http",
+            Self::MutualTls(_) => "https",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +50,10 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("server task failed: {0}")]
     Task(String),
+    #[error(
+        "refusing plaintext grpc on {0}: --insecure binds only to loopback (127.0.0.1 or ::1); use mutual tls elsewhere"
+    )]
+    InsecureNotLoopback(SocketAddr),
 }
 
 /// Binds `addr` (port 0 picks a free port) and returns the listener and its actual address.
@@ -58,12 +76,15 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let local = listener.local_addr().ok();
-    match transport {
-        ServerTransport::Insecure if local.is_some_and(|addr| addr.ip().is_loopback()) => {
-            info!(addr = ?local, "serving plaintext grpc on loopback (--insecure)");
-        }
-        ServerTransport::Insecure => {
-            warn!(addr = ?local, "serving plaintext grpc (--insecure): no transport security");
+    if let ServerTransport::Insecure = transport {
+        match local {
+            Some(addr) if addr.ip().is_loopback() => {
+                info!(%addr, "serving plaintext grpc on loopback (--insecure)");
+            }
+            Some(addr) => return Err(ServeError::InsecureNotLoopback(addr)),
+            None => {
+                return Err(ServeError::Task("the listener has no local address".into()));
+            }
         }
     }
     let ticker = {
@@ -78,14 +99,31 @@ pub async fn serve(
             }
         })
     };
-    info!(addr = ?local, federation = %coordinator.config().name, "coordinator listening");
-    let result = tonic::transport::Server::builder()
+    info!(addr = ?local, federation = %coordinator.config().name, scheme = transport.scheme(), "coordinator listening");
+    let router = tonic::transport::Server::builder()
         .add_service(FederationServer::new(FederationService::new(
             coordinator.clone(),
         )))
-        .add_service(AdminServer::new(AdminService::new(coordinator)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await;
+        .add_service(AdminServer::new(AdminService::new(coordinator.clone())));
+    let result = match transport {
+        ServerTransport::Insecure => {
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                .await
+        }
+        ServerTransport::MutualTls(tls) => {
+            let handle = tokio::runtime::Handle::current();
+            let auditor = coordinator.clone();
+            let on_refused: tls::OnRefused = Arc::new(move |remote, reason| {
+                let auditor = auditor.clone();
+                handle
+                    .spawn(async move { auditor.audit_connection_refused(remote, &reason).await });
+            });
+            router
+                .serve_with_incoming_shutdown(tls::incoming(listener, &tls, on_refused), shutdown)
+                .await
+        }
+    };
     ticker.abort();
     info!("coordinator stopped");
     Ok(result?)
@@ -94,14 +132,15 @@ pub async fn serve(
 /// A coordinator serving on a background task, for embedding (the demo, tests).
 pub struct RunningServer {
     pub addr: SocketAddr,
+    scheme: &'static str,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<(), ServeError>>,
 }
 
 impl RunningServer {
-    /// `http://ADDR`, for clients.
+    /// `http://ADDR` or `https://ADDR`, for clients.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// Stops accepting calls, drains the ones in flight, and waits for the server to end.
@@ -120,9 +159,15 @@ pub async fn spawn(
     transport: ServerTransport,
 ) -> Result<RunningServer, ServeError> {
     let (listener, addr) = bind(addr).await?;
+    let scheme = transport.scheme();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(serve(coordinator, listener, transport, async move {
         let _ = stopped.await;
     }));
-    Ok(RunningServer { addr, stop, task })
+    Ok(RunningServer {
+        addr,
+        scheme,
+        stop,
+        task,
+    })
 }

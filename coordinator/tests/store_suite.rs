@@ -5,8 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
 use fedlora_coordinator::store::{
-    ClientRow, EvaluationRow, FederationRow, GlobalAdapterRow, NewRound, NewUpdate, RoundRow,
-    Store, StoreError, TaskRow,
+    ClientRow, EvaluationRow, FederationRow, GlobalAdapterRow, NewRound, NewUpdate, RevokedRow,
+    RoundRow, Store, StoreError, TaskRow,
 };
 
 const CONFIG_JSON: &str = r#"{"min_clients":2}"#;
@@ -790,6 +790,33 @@ async fn audit_newest_first(store: &dyn Store) {
     assert_eq!(newest_two, events[..2].to_vec());
 }
 
+async fn revocations_are_kept_once(store: &dyn Store) {
+    let serial = "4f3e2d1c0b0a09080706050403020100";
+    assert!(!store.is_revoked(serial).await.unwrap());
+    let revoked = RevokedRow {
+        serial: serial.into(),
+        name: "clinic".into(),
+        reason: "laptop stolen".into(),
+        revoked_ms: 5_000,
+    };
+    assert!(store.revoke_certificate(&revoked).await.unwrap());
+    // A second revocation changes nothing: the first record stays.
+    let again = RevokedRow {
+        reason: "again".into(),
+        revoked_ms: 6_000,
+        ..revoked.clone()
+    };
+    assert!(!store.revoke_certificate(&again).await.unwrap());
+    assert!(store.is_revoked(serial).await.unwrap());
+    assert!(
+        !store
+            .is_revoked("4f3e2d1c0b0a09080706050403020101")
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.list_revoked().await.unwrap(), [revoked]);
+}
+
 async fn concurrent_create_and_commit_happen_once(store: &dyn Store) {
     // Racing creators of the same federation all get the one row.
     let (first, second, third, fourth) = tokio::join!(
@@ -871,6 +898,7 @@ store_suite!(
     commit_aggregate_refuses_round_not_aggregating,
     evaluations_insert_list_and_conflict,
     audit_newest_first,
+    revocations_are_kept_once,
     concurrent_create_and_commit_happen_once,
 );
 

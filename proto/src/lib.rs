@@ -7,6 +7,7 @@
 pub mod adapter;
 pub mod factors;
 pub mod tensor_bytes;
+pub mod tls;
 
 /// Generated protobuf and tonic code for `fedlora.v1`.
 #[allow(clippy::all, missing_docs, reason = "generated code")]

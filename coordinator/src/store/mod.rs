@@ -173,6 +173,16 @@ pub struct AuditRow {
     pub created_ms: i64,
 }
 
+/// A revoked certificate.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct RevokedRow {
+    /// Lowercase hex serial number.
+    pub serial: String,
+    pub name: String,
+    pub reason: String,
+    pub revoked_ms: i64,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Returns the federation named `name`, creating it with `config_json` if it does not exist.
@@ -262,6 +272,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<()>;
     /// The newest audit events first, at most `limit`.
     async fn list_audit(&self, limit: i64) -> StoreResult<Vec<AuditRow>>;
+
+    /// Revokes a certificate; returns false when it was revoked already (the first record stays).
+    async fn revoke_certificate(&self, revoked: &RevokedRow) -> StoreResult<bool>;
+    async fn is_revoked(&self, serial: &str) -> StoreResult<bool>;
+    /// Every revoked certificate, oldest first.
+    async fn list_revoked(&self) -> StoreResult<Vec<RevokedRow>>;
 }
 
 /// Opens the store named by `url`: `postgres://…`/`postgresql://…` or `sqlite://PATH` (created if

@@ -11,7 +11,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 
 use super::{
     AuditRow, ClientRow, EvaluationRow, FederationRow, GlobalAdapterRow, NewRound, NewUpdate,
-    RoundRow, Store, StoreError, StoreResult, TaskRow, UpdateRow,
+    RevokedRow, RoundRow, Store, StoreError, StoreResult, TaskRow, UpdateRow,
 };
 
 /// Connections of a PostgreSQL pool.
@@ -530,6 +530,37 @@ macro_rules! impl_store {
                     "SELECT * FROM audit_events ORDER BY id DESC LIMIT $1",
                 )
                 .bind(limit)
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            async fn revoke_certificate(&self, revoked: &RevokedRow) -> StoreResult<bool> {
+                let result = sqlx::query(
+                    "INSERT INTO revoked_certificates (serial, name, reason, revoked_ms) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (serial) DO NOTHING",
+                )
+                .bind(&revoked.serial)
+                .bind(&revoked.name)
+                .bind(&revoked.reason)
+                .bind(revoked.revoked_ms)
+                .execute(&self.pool)
+                .await?;
+                Ok(result.rows_affected() == 1)
+            }
+
+            async fn is_revoked(&self, serial: &str) -> StoreResult<bool> {
+                let found: Option<(String,)> =
+                    sqlx::query_as("SELECT serial FROM revoked_certificates WHERE serial = $1")
+                        .bind(serial)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                Ok(found.is_some())
+            }
+
+            async fn list_revoked(&self) -> StoreResult<Vec<RevokedRow>> {
+                Ok(sqlx::query_as::<_, RevokedRow>(
+                    "SELECT * FROM revoked_certificates ORDER BY revoked_ms, serial",
+                )
                 .fetch_all(&self.pool)
                 .await?)
             }
