@@ -648,6 +648,22 @@ async fn serve(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
+/// Whether `url`'s host is this machine.
+fn is_loopback_url(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
+        None => authority
+            .rsplit_once(':')
+            .map_or(authority, |(host, _)| host),
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// A database URL without its password, for messages.
 fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -669,11 +685,17 @@ fn redact(url: &str) -> String {
 
 async fn client(args: ClientArgs) -> Result<()> {
     let transport = args.transport.client()?;
+    let url = args.transport.coordinator_url(args.coordinator.as_deref());
+    if matches!(transport, ClientTransport::Insecure) && !is_loopback_url(&url) {
+        bail!(
+            "refusing to send adapters in plaintext to {url}: --insecure is for a coordinator on this machine (127.0.0.1, ::1 or localhost); use mutual tls"
+        );
+    }
     let state_dir = args
         .state_dir
         .unwrap_or_else(|| PathBuf::from(format!("fedlora-client-{}", args.name)));
     let config = DaemonConfig {
-        coordinator: args.transport.coordinator_url(args.coordinator.as_deref()),
+        coordinator: url,
         transport,
         client_name: args.name,
         model_dir: args.model,
@@ -818,7 +840,7 @@ async fn run_demo(args: DemoArgs) -> Result<()> {
     };
     options.training.local_steps = args.local_steps;
     eprintln!(
-        "fedlora demo: a coordinator (embedded store) and {} sites ({}) over gRPC on 127.0.0.1, {} rounds",
+        "fedlora demo: a coordinator (embedded store) and {} sites ({}) over gRPC with mutual TLS on 127.0.0.1, {} rounds",
         options.sites,
         crate::sites::SITE_NAMES.join(", "),
         options.rounds
@@ -1117,4 +1139,29 @@ where
         .parse()
         .map_err(|error| format!("{value:?} in {text:?}: {error}"))?;
     Ok((pattern.to_string(), value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_urls() {
+        for url in [
+            "http://127.0.0.1:50051",
+            "http://localhost:50051",
+            "http://[::1]:50051/",
+            "http://127.1.2.3",
+        ] {
+            assert!(is_loopback_url(url), "{url}");
+        }
+        for url in [
+            "http://10.0.0.5:50051",
+            "http://coordinator.internal:50051",
+            "http://[2001:db8::1]:50051",
+            "http://localhost.evil.example:50051",
+        ] {
+            assert!(!is_loopback_url(url), "{url}");
+        }
+    }
 }

@@ -13,6 +13,7 @@ use fedlora_client::daemon::{
 use fedlora_client::model::{LlamaConfig, fingerprint};
 use fedlora_client::tiny::{TinyModelSpec, write_tiny_model};
 use fedlora_coordinator::config::{FederationConfig, TrainingConfig};
+use fedlora_coordinator::limits::Limits;
 use fedlora_coordinator::pki::{CertificateAuthority, IssueRequest, Role};
 use fedlora_coordinator::rounds::Coordinator;
 use fedlora_coordinator::rounds::round_seed;
@@ -853,7 +854,11 @@ async fn mutual_tls_identities_and_roles(pool: sqlx::PgPool) {
     let sites = make_sites(dir.path(), &[("clinic", 120), ("bank", 160)]);
     let store: Arc<dyn Store> = Arc::new(PgStore::from_pool(pool));
     let pki = TestPki::new();
-    let coordinator = Coordinator::start(store.clone(), small_config(1, 2))
+    let limits = Limits {
+        requests_per_minute: 40,
+        ..Limits::default()
+    };
+    let coordinator = Coordinator::start_with_limits(store.clone(), small_config(1, 2), limits)
         .await
         .unwrap();
     let running = server::spawn(coordinator, ([127, 0, 0, 1], 0).into(), pki.server())
@@ -867,42 +872,37 @@ async fn mutual_tls_identities_and_roles(pool: sqlx::PgPool) {
     let mut clinic = FederationClient::new(tls_channel(&url, &clinic_tls).await.unwrap());
     let clinic_id = join_as(&mut clinic, "clinic", &model_dir).await.unwrap();
 
-    // 1. No client certificate: the handshake passes, every call is refused.
-    let anonymous = ClientTls {
-        cert_pem: String::new(),
-        key_pem: String::new(),
-        ..clinic_tls.clone()
-    };
+    // 1. No client certificate: refused in the handshake; the first call fails.
     let channel = Endpoint::from_shared(url.clone())
         .unwrap()
-        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&anonymous.ca_pem)))
+        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&pki.ca_pem)))
         .unwrap()
         .connect()
-        .await
-        .unwrap();
-    let status = join_as(
-        &mut FederationClient::new(channel.clone()),
-        "clinic",
-        &model_dir,
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
-    assert!(
-        status.message().contains("no client certificate"),
-        "{status:?}"
-    );
-    let status = AdminClient::new(channel)
-        .get_status(pb::GetStatusRequest {})
+        .await;
+    if let Ok(channel) = channel {
+        let status = join_as(
+            &mut FederationClient::new(channel.clone()),
+            "clinic",
+            &model_dir,
+        )
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
-    await_audit(
-        store.as_ref(),
-        "request_refused",
-        "join: no client certificate",
-    )
-    .await;
+        // tonic reports the server's TLS alert as a transport error.
+        assert_eq!(status.code(), Code::Unknown, "{status:?}");
+        assert!(
+            format!("{status:?}").contains("CertificateRequired"),
+            "{status:?}"
+        );
+        let status = AdminClient::new(channel)
+            .get_status(pb::GetStatusRequest {})
+            .await
+            .unwrap_err();
+        assert!(
+            format!("{status:?}").contains("CertificateRequired"),
+            "{status:?}"
+        );
+    }
+    await_audit(store.as_ref(), "connection_refused", "no certificates").await;
 
     // 2. A certificate from another CA, even with a site's name: refused in the handshake.
     let stranger = TestPki::new().issue("clinic", Role::Client);
@@ -918,7 +918,31 @@ async fn mutual_tls_identities_and_roles(pool: sqlx::PgPool) {
         Err(error) => Err(error),
     };
     assert!(refused.is_err(), "a stranger's certificate was accepted");
-    await_audit(store.as_ref(), "connection_refused", "tls handshake failed").await;
+    // Same CA name, another key: "badsignature" (another name would be "unknownissuer").
+    await_audit(
+        store.as_ref(),
+        "connection_refused",
+        "invalid peer certificate",
+    )
+    .await;
+
+    // 2b. The coordinator's own certificate as a caller: server-only usage, refused.
+    let request = IssueRequest {
+        subject_alt_names: vec!["127.0.0.1".into()],
+        ..IssueRequest::new("impostor", Role::Coordinator, 5)
+    };
+    let (server_as_client, _) = pki.issue_with(request);
+    let refused = match tls_channel(&url, &server_as_client).await {
+        Ok(channel) => join_as(&mut FederationClient::new(channel), "impostor", &model_dir)
+            .await
+            .map(|_| ())
+            .map_err(|status| status.to_string()),
+        Err(error) => Err(error),
+    };
+    assert!(
+        refused.is_err(),
+        "a server certificate was accepted from a caller"
+    );
 
     // 3. An expired certificate of the federation's CA: refused in the handshake.
     let (expired, _) = pki.issue_with(IssueRequest {
@@ -972,6 +996,12 @@ async fn mutual_tls_identities_and_roles(pool: sqlx::PgPool) {
     .await
     .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    await_audit(
+        store.as_ref(),
+        "request_refused",
+        "join: a admin certificate (\"ops\") may not call the federation service",
+    )
+    .await;
     let status = AdminClient::new(tls_channel(&url, &clinic_tls).await.unwrap())
         .get_status(pb::GetStatusRequest {})
         .await
@@ -1031,7 +1061,29 @@ async fn mutual_tls_identities_and_roles(pool: sqlx::PgPool) {
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     await_audit(store.as_ref(), "request_refused", "submit_update: client").await;
 
-    // 7. Plaintext against the TLS port fails.
+    // 7. A caller over its rate limit (40 calls a minute here): refused, audited once.
+    let flooder_tls = pki.issue("flooder", Role::Client);
+    let mut flooder = FederationClient::new(tls_channel(&url, &flooder_tls).await.unwrap());
+    for _ in 0..40 {
+        join_as(&mut flooder, "flooder", &model_dir).await.unwrap();
+    }
+    for _ in 0..3 {
+        let status = join_as(&mut flooder, "flooder", &model_dir)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    }
+    await_audit(store.as_ref(), "request_refused", "more than 40 calls").await;
+    let rate_rows = store
+        .list_audit(500)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|row| row.detail.contains("more than 40 calls"))
+        .count();
+    assert_eq!(rate_rows, 1, "one audit row per caller and minute");
+
+    // 8. Plaintext against the TLS port fails.
     let plain = format!("http://{}", running.addr);
     assert!(
         match FederationClient::connect(plain).await {

@@ -17,6 +17,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::error;
 
 use crate::aggregate::Trained;
+use crate::limits::Hit;
 use crate::pki::{self, PeerIdentity, Role};
 use crate::rounds::{
     Coordinator, CoordinatorError, HeldFactors, JoinRequest, NextTask, RoundKind, RoundSummary,
@@ -46,7 +47,7 @@ pub fn to_status(error: &CoordinatorError) -> Status {
         | E::WrongTaskKind { .. }
         | E::ConfigChanged { .. } => Code::FailedPrecondition,
         E::AlreadySubmitted(_) => Code::AlreadyExists,
-        E::TooLarge { .. } => Code::ResourceExhausted,
+        E::TooLarge { .. } | E::RateLimited(_) => Code::ResourceExhausted,
         E::Store(_) | E::Aggregate(_) | E::Corrupt(_) => {
             error!(%error, "internal error");
             return Status::internal("internal error; see the coordinator's log");
@@ -62,25 +63,40 @@ fn is_refusal(error: &CoordinatorError) -> bool {
     )
 }
 
+/// How the services know their callers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Authentication {
+    /// Every call must come over a mutual-TLS connection ([`PeerInfo`] with a certificate of
+    /// the federation's CA); anything else is refused.
+    MutualTls,
+    /// Plaintext on loopback (`--insecure`): callers have no identity and nothing is checked.
+    /// Only `server::serve` chooses it, and only on a loopback address.
+    InsecureLoopback,
+}
+
 /// The caller of an RPC, from the client certificate its TLS handshake verified: refuses a call
-/// without one, with an expired or revoked one, or from the wrong role for `service`. `None` on a
-/// plaintext (`--insecure`, loopback-only) server, where no caller has an identity. Refusals are
-/// audited.
+/// without one, with an expired or revoked one, from the wrong role for `service`, or over the
+/// caller's rate limit. `None` only under [`Authentication::InsecureLoopback`]. Refusals before
+/// the caller is known are audited at a bounded rate per address.
 async fn authenticate(
     coordinator: &Coordinator,
+    mode: Authentication,
     extensions: &tonic::Extensions,
     service: Role,
     rpc: &str,
 ) -> Result<Option<PeerIdentity>, Status> {
-    let Some(peer) = extensions.get::<PeerInfo>() else {
+    if mode == Authentication::InsecureLoopback {
         return Ok(None);
-    };
+    }
+    let peer = extensions.get::<PeerInfo>();
     let checked = async {
-        let der = peer.certificate.as_ref().ok_or_else(|| {
-            CoordinatorError::Unauthenticated(
-                "no client certificate: the coordinator accepts only callers with a certificate from the federation's ca".into(),
-            )
-        })?;
+        let der = peer
+            .and_then(|peer| peer.certificate.as_ref())
+            .ok_or_else(|| {
+                CoordinatorError::Unauthenticated(
+                    "no client certificate: the coordinator accepts only callers with a certificate from the federation's ca".into(),
+                )
+            })?;
         let identity = pki::identify(der).map_err(|error| {
             CoordinatorError::Unauthenticated(format!("unusable client certificate: {error}"))
         })?;
@@ -111,10 +127,27 @@ async fn authenticate(
         }
         Ok(identity)
     };
-    match checked.await {
-        Ok(identity) => Ok(Some(identity)),
+    let identity = match checked.await {
+        Ok(identity) => identity,
         Err(error) => {
             if is_refusal(&error) {
+                coordinator
+                    .audit_stranger(peer.and_then(|peer| peer.remote), rpc, &error)
+                    .await;
+            }
+            return Err(to_status(&error));
+        }
+    };
+    match coordinator.admit_request(&identity.name) {
+        Hit::Allowed => Ok(Some(identity)),
+        hit => {
+            let error = CoordinatorError::RateLimited(format!(
+                "{:?} made more than {} calls in a minute; slow down",
+                identity.name,
+                coordinator.limits().requests_per_minute
+            ));
+            // One audit row per caller and minute, however hard it pushes.
+            if hit == Hit::FirstRefusal {
                 coordinator.audit_rejection(None, rpc, &error).await;
             }
             Err(to_status(&error))
@@ -135,11 +168,12 @@ fn lora_to_pb(lora: &fedlora_proto::adapter::LoraSpec) -> pb::LoraConfig {
 /// Clients' service.
 pub struct FederationService {
     coordinator: Arc<Coordinator>,
+    mode: Authentication,
 }
 
 impl FederationService {
-    pub fn new(coordinator: Arc<Coordinator>) -> Self {
-        Self { coordinator }
+    pub fn new(coordinator: Arc<Coordinator>, mode: Authentication) -> Self {
+        Self { coordinator, mode }
     }
 
     /// Authenticates a site's call for `client_id` (from the request): its certificate, and that
@@ -150,7 +184,8 @@ impl FederationService {
         client_id: &str,
         rpc: &str,
     ) -> Result<i64, Status> {
-        let caller = authenticate(&self.coordinator, extensions, Role::Client, rpc).await?;
+        let caller =
+            authenticate(&self.coordinator, self.mode, extensions, Role::Client, rpc).await?;
         let client_id = parse_client_id(client_id).map_err(|error| to_status(&error))?;
         if let Some(caller) = caller
             && let Err(error) = self
@@ -158,7 +193,8 @@ impl FederationService {
                 .check_client_owner(client_id, &caller.name)
                 .await
         {
-            return Err(self.refuse(Some(client_id), rpc, error).await);
+            // Audited without a client id: the id named belongs to someone else.
+            return Err(self.refuse(None, rpc, error).await);
         }
         Ok(client_id)
     }
@@ -182,6 +218,7 @@ impl FederationService {
         caller: Option<PeerIdentity>,
     ) -> Result<UpdateSubmission, (Option<i64>, CoordinatorError, Status)> {
         let limit = self.coordinator.config().max_update_bytes;
+        let max_chunks = self.coordinator.limits().max_update_chunks;
         let plain = |status: Status| {
             let error = CoordinatorError::InvalidUpdate(status.message().to_string());
             (None, error, status)
@@ -202,11 +239,14 @@ impl FederationService {
             let status = to_status(&error);
             (Some(client_id), error, status)
         };
-        if let Some(caller) = &caller {
-            self.coordinator
+        if let Some(caller) = &caller
+            && let Err(error) = self
+                .coordinator
                 .check_client_owner(client_id, &caller.name)
                 .await
-                .map_err(refuse)?;
+        {
+            let status = to_status(&error);
+            return Err((None, error, status));
         }
         if header.total_bytes > limit {
             return Err(refuse(CoordinatorError::TooLarge {
@@ -222,7 +262,14 @@ impl FederationService {
         let body = async {
             // Grow with the bytes that actually arrive, never with what the header claims.
             let mut bytes = Vec::with_capacity(total.min(4 * CHUNK_BYTES as u64) as usize);
+            let mut chunks = 0u32;
             while let Some(part) = next_part(&mut stream).await? {
+                chunks += 1;
+                if chunks > max_chunks {
+                    return Err(Status::resource_exhausted(format!(
+                        "upload in more than {max_chunks} chunks"
+                    )));
+                }
                 let submit_update_request::Part::Chunk(chunk) = part else {
                     return Err(Status::invalid_argument("a second header in one upload"));
                 };
@@ -298,6 +345,7 @@ impl Federation for FederationService {
     ) -> Result<Response<pb::JoinResponse>, Status> {
         let caller = authenticate(
             &self.coordinator,
+            self.mode,
             request.extensions(),
             Role::Client,
             "join",
@@ -453,6 +501,7 @@ impl Federation for FederationService {
     ) -> Result<Response<pb::SubmitReceipt>, Status> {
         let caller = authenticate(
             &self.coordinator,
+            self.mode,
             request.extensions(),
             Role::Client,
             "submit_update",
@@ -513,11 +562,12 @@ impl Federation for FederationService {
 /// Operators' service.
 pub struct AdminService {
     coordinator: Arc<Coordinator>,
+    mode: Authentication,
 }
 
 impl AdminService {
-    pub fn new(coordinator: Arc<Coordinator>) -> Self {
-        Self { coordinator }
+    pub fn new(coordinator: Arc<Coordinator>, mode: Authentication) -> Self {
+        Self { coordinator, mode }
     }
 }
 
@@ -557,6 +607,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::StatusResponse>, Status> {
         authenticate(
             &self.coordinator,
+            self.mode,
             request.extensions(),
             Role::Admin,
             "get_status",
@@ -590,6 +641,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ListRoundsResponse>, Status> {
         authenticate(
             &self.coordinator,
+            self.mode,
             request.extensions(),
             Role::Admin,
             "list_rounds",

@@ -5,6 +5,7 @@ pub mod aggregate;
 pub mod bench;
 pub mod config;
 pub mod grpc;
+pub mod limits;
 pub mod pki;
 pub mod rounds;
 pub mod server;

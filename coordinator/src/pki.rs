@@ -78,6 +78,8 @@ pub enum PkiError {
     UnknownHolder(String),
     #[error("malformed certificate: {0}")]
     Malformed(String),
+    #[error("invalid validity: {0}")]
+    Validity(String),
     #[error("record {path}: {error}")]
     Record {
         path: PathBuf,
@@ -103,11 +105,22 @@ pub struct IssuedRecord {
 }
 
 /// A certificate and, when it was made here, its key (PEM).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Issued {
     pub record: IssuedRecord,
     pub cert_pem: String,
     pub key_pem: Option<String>,
+}
+
+impl fmt::Debug for Issued {
+    // Never print the key.
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter
+            .debug_struct("Issued")
+            .field("record", &self.record)
+            .field("key_made_here", &self.key_pem.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// What to issue.
@@ -148,9 +161,10 @@ pub struct PeerIdentity {
     pub not_after_unix: i64,
 }
 
-/// Checks a holder name (it becomes a CN and a file name).
+/// Checks a holder name (it becomes a CN and a file name; `ca` is the CA certificate's file).
 pub fn check_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
+    let ok = name != "ca"
+        && !name.is_empty()
         && name.len() <= 64
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())
         && name
@@ -191,7 +205,21 @@ impl CertificateAuthority {
         if ca.cert_path().exists() || ca.key_path().exists() {
             return Err(PkiError::AlreadyInitialised(dir.to_path_buf()));
         }
+        if days == 0 {
+            return Err(PkiError::Validity("a ca valid for 0 days".into()));
+        }
         create_dir(&dir.join(ISSUED))?;
+        #[cfg(unix)]
+        {
+            // Only the CA's owner may look inside.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(
+                |error| PkiError::Io {
+                    path: dir.to_path_buf(),
+                    error,
+                },
+            )?;
+        }
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         let mut subject = DistinguishedName::new();
@@ -204,8 +232,8 @@ impl CertificateAuthority {
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         params.serial_number = Some(random_serial());
-        params.not_before = at(-60);
-        params.not_after = at(i64::from(days) * 86_400);
+        params.not_before = at(-60)?;
+        params.not_after = at(i64::from(days) * 86_400)?;
         let cert = params.self_signed(&key)?;
         write_private(&ca.key_path(), key.serialize_pem().as_bytes())?;
         write(&ca.cert_path(), cert.pem().as_bytes())?;
@@ -232,6 +260,12 @@ impl CertificateAuthority {
     /// Issues a certificate and records it. The key, when made here, is returned and not kept.
     pub fn issue(&self, request: &IssueRequest) -> Result<Issued> {
         check_name(&request.name)?;
+        if request.valid_for_secs <= 0 {
+            return Err(PkiError::Validity(format!(
+                "a certificate valid for {} s",
+                request.valid_for_secs
+            )));
+        }
         let ca_key = KeyPair::from_pem(&read(&self.key_path())?)?;
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem()?, ca_key)?;
         let mut params = CertificateParams::default();
@@ -241,8 +275,10 @@ impl CertificateAuthority {
         subject.push(DnType::OrganizationName, "fedlora");
         params.distinguished_name = subject;
         params.serial_number = Some(random_serial());
-        params.not_before = at(request.valid_from_secs);
-        params.not_after = at(request.valid_from_secs + request.valid_for_secs);
+        params.not_before = at(request.valid_from_secs)?;
+        params.not_after = at(request
+            .valid_from_secs
+            .saturating_add(request.valid_for_secs))?;
         params.use_authority_key_identifier_extension = true;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         match request.role {
@@ -404,13 +440,21 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
-fn at(offset_secs: i64) -> time::OffsetDateTime {
+/// Now plus `offset_secs`, refusing dates X.509 cannot hold.
+fn at(offset_secs: i64) -> Result<time::OffsetDateTime> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
         .as_secs() as i64;
-    time::OffsetDateTime::from_unix_timestamp(now + offset_secs)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+    let date = time::OffsetDateTime::from_unix_timestamp(now.saturating_add(offset_secs))
+        .map_err(|error| PkiError::Validity(error.to_string().to_lowercase()))?;
+    if date.year() > 9999 {
+        return Err(PkiError::Validity(format!(
+            "{} days is too long",
+            offset_secs / 86_400
+        )));
+    }
+    Ok(date)
 }
 
 fn read(path: &Path) -> Result<String> {
@@ -513,6 +557,19 @@ mod tests {
             ca.issue(&IssueRequest::new("../etc", Role::Client, 1)),
             Err(PkiError::InvalidName(_))
         ));
+        assert!(matches!(
+            ca.issue(&IssueRequest::new("ca", Role::Client, 1)),
+            Err(PkiError::InvalidName(_))
+        ));
+        assert!(matches!(
+            ca.issue(&IssueRequest::new("zero", Role::Client, 0)),
+            Err(PkiError::Validity(_))
+        ));
+        assert!(matches!(
+            ca.issue(&IssueRequest::new("forever", Role::Client, u32::MAX)),
+            Err(PkiError::Validity(_))
+        ));
+        assert!(!format!("{clinic:?}").contains("PRIVATE KEY"));
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

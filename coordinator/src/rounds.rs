@@ -25,6 +25,7 @@ use crate::aggregate::{
     Admission, AggregateError, OptimizerState, RoundAggregation, Strategy, Trained, strategy,
 };
 use crate::config::{FederationConfig, TrainingConfig};
+use crate::limits::{Hit, Limits, WindowCounter};
 use crate::store::{
     ClientRow, EvaluationRow, FederationRow, GlobalAdapterRow, NewRound, NewUpdate, RoundRow,
     Store, StoreError, TaskRow,
@@ -48,6 +49,9 @@ pub enum CoordinatorError {
     /// A valid certificate that may not do this: the wrong role, or another site's client.
     #[error("{0}")]
     Forbidden(String),
+    /// A caller over its calls-per-minute limit.
+    #[error("rate limit: {0}")]
+    RateLimited(String),
     #[error("base model mismatch: {0}")]
     ModelMismatch(String),
     #[error("this client cannot train the federation's lora options: {0} (upgrade the client)")]
@@ -228,6 +232,11 @@ pub struct Coordinator {
     lock: Mutex<()>,
     /// Woken on every round transition, for long-polling `next_task` callers.
     changed: Notify,
+    limits: Limits,
+    /// Calls per caller per minute.
+    requests: WindowCounter,
+    /// Audit rows of refusals before authentication, per remote address per minute.
+    stranger_audits: WindowCounter,
 }
 
 pub fn now_ms() -> i64 {
@@ -249,6 +258,15 @@ impl Coordinator {
     /// `aggregating` is aggregated, a finished round is followed by the next, an empty federation
     /// gets its first round.
     pub async fn start(store: Arc<dyn Store>, config: FederationConfig) -> Result<Arc<Self>> {
+        Self::start_with_limits(store, config, Limits::default()).await
+    }
+
+    /// [`Coordinator::start`] with operational limits other than the defaults.
+    pub async fn start_with_limits(
+        store: Arc<dyn Store>,
+        config: FederationConfig,
+        limits: Limits,
+    ) -> Result<Arc<Self>> {
         config
             .validate()
             .map_err(|error| CoordinatorError::Corrupt(error.to_string()))?;
@@ -273,6 +291,12 @@ impl Coordinator {
             federation_id: federation.id,
             lock: Mutex::new(()),
             changed: Notify::new(),
+            requests: WindowCounter::new(limits.requests_per_minute, Duration::from_secs(60)),
+            stranger_audits: WindowCounter::new(
+                limits.audits_per_minute_per_address,
+                Duration::from_secs(60),
+            ),
+            limits,
         });
         coordinator.resume().await?;
         Ok(coordinator)
@@ -1119,6 +1143,12 @@ impl Coordinator {
         held: &HeldFactors,
     ) -> Result<AdapterDownload> {
         let client = self.client(client_id).await?;
+        // Only this federation's rounds: a store may hold several federations.
+        self.store
+            .get_round(round_id)
+            .await?
+            .filter(|round| round.federation_id == self.federation_id)
+            .ok_or(CoordinatorError::NoSuchAdapter(round_id))?;
         let row = self
             .store
             .global_adapter(round_id)
@@ -1186,10 +1216,17 @@ impl Coordinator {
         Ok(self.store.is_revoked(serial).await?)
     }
 
-    /// Refuses a call for `client_id` from a site whose certificate names another client.
+    /// Refuses a call for `client_id` from a site whose certificate names another client. An
+    /// unknown id is refused the same way, so that ids cannot be probed; nothing is touched.
     pub async fn check_client_owner(&self, client_id: i64, certificate_name: &str) -> Result<()> {
-        let client = self.client(client_id).await?;
-        if client.name != certificate_name {
+        let owned = self
+            .store
+            .get_client(client_id)
+            .await?
+            .is_some_and(|client| {
+                client.federation_id == self.federation_id && client.name == certificate_name
+            });
+        if !owned {
             return Err(CoordinatorError::Forbidden(format!(
                 "client {client_id} is not the client of certificate {certificate_name:?}"
             )));
@@ -1197,15 +1234,57 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Records a connection refused during its TLS handshake (best effort).
+    /// The operational limits this coordinator runs with.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Counts a call by `caller` (a certificate name) against the per-minute limit.
+    pub fn admit_request(&self, caller: &str) -> Hit {
+        self.requests.hit(caller)
+    }
+
+    /// Records a connection refused during its TLS handshake (best effort, at most
+    /// `audits_per_minute_per_address` rows per address).
     pub async fn audit_connection_refused(
         &self,
         remote: Option<std::net::SocketAddr>,
         reason: &str,
     ) {
+        let address = remote.map_or_else(
+            || "unknown address".to_string(),
+            |addr| addr.ip().to_string(),
+        );
+        if self.stranger_audits.hit(&address) != Hit::Allowed {
+            return;
+        }
         let remote = remote.map_or_else(|| "unknown address".to_string(), |addr| addr.to_string());
         self.record_audit(None, "connection_refused", &format!("{remote}: {reason}"))
             .await;
+    }
+
+    /// Records a call refused before its caller was authenticated (logged always; audited at
+    /// most `audits_per_minute_per_address` times per address and minute).
+    pub async fn audit_stranger(
+        &self,
+        remote: Option<std::net::SocketAddr>,
+        rpc: &str,
+        error: &CoordinatorError,
+    ) {
+        let address = remote.map_or_else(
+            || "unknown address".to_string(),
+            |addr| addr.ip().to_string(),
+        );
+        warn!(%address, rpc, %error, "request refused");
+        if self.stranger_audits.hit(&address) != Hit::Allowed {
+            return;
+        }
+        self.record_audit(
+            None,
+            "request_refused",
+            &format!("{rpc}: {error} (from {address})"),
+        )
+        .await;
     }
 
     /// Records a refused call in the audit log (best effort: a failing audit write is logged).

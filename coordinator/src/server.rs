@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
-use crate::grpc::{AdminService, FederationService};
+use crate::grpc::{AdminService, Authentication, FederationService};
 use crate::rounds::Coordinator;
 use crate::tls::{self, ServerTls};
 
@@ -100,11 +100,24 @@ pub async fn serve(
         })
     };
     info!(addr = ?local, federation = %coordinator.config().name, scheme = transport.scheme(), "coordinator listening");
+    let mode = match transport {
+        ServerTransport::Insecure => Authentication::InsecureLoopback,
+        ServerTransport::MutualTls(_) => Authentication::MutualTls,
+    };
     let router = tonic::transport::Server::builder()
+        // Notice peers that vanished, and let no connection live forever: a revoked or expired
+        // certificate is also refused per call, but a fresh handshake re-checks the chain.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .max_connection_age(Duration::from_secs(3600))
         .add_service(FederationServer::new(FederationService::new(
             coordinator.clone(),
+            mode,
         )))
-        .add_service(AdminServer::new(AdminService::new(coordinator.clone())));
+        .add_service(AdminServer::new(AdminService::new(
+            coordinator.clone(),
+            mode,
+        )));
     let result = match transport {
         ServerTransport::Insecure => {
             router
@@ -120,7 +133,15 @@ pub async fn serve(
                     .spawn(async move { auditor.audit_connection_refused(remote, &reason).await });
             });
             router
-                .serve_with_incoming_shutdown(tls::incoming(listener, &tls, on_refused), shutdown)
+                .serve_with_incoming_shutdown(
+                    tls::incoming(
+                        listener,
+                        &tls,
+                        coordinator.limits().max_connections,
+                        on_refused,
+                    ),
+                    shutdown,
+                )
                 .await
         }
     };
@@ -170,4 +191,31 @@ pub async fn spawn(
         stop,
         task,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+    use crate::config::FederationConfig;
+
+    #[tokio::test]
+    async fn plaintext_is_refused_off_loopback() {
+        let store = crate::store::connect("sqlite::memory:").await.unwrap();
+        let coordinator = Coordinator::start(store, FederationConfig::default())
+            .await
+            .unwrap();
+        let (listener, _) = bind(([0, 0, 0, 0], 0).into()).await.unwrap();
+        let served = serve(
+            coordinator,
+            listener,
+            ServerTransport::Insecure,
+            std::future::pending(),
+        )
+        .await;
+        assert!(
+            matches!(served, Err(ServeError::InsecureNotLoopback(_))),
+            "{served:?}"
+        );
+    }
 }

@@ -1,10 +1,10 @@
 //! The coordinator's TLS acceptor: TLS 1.3 only (rustls with ring), the coordinator's certificate,
-//! and client certificates verified against the federation's CA during the handshake (chain,
-//! expiry, client-auth usage). Handshakes run on their own tasks with a deadline, so a slow or
-//! silent peer holds up nobody. A connection without a client certificate is let through to be
-//! refused by every RPC with `UNAUTHENTICATED` and an audit row; a certificate that fails
-//! verification ends the handshake, which is logged and audited here (other failed handshakes,
-//! such as TCP probes, are only logged).
+//! and a client certificate required and verified against the federation's CA during the
+//! handshake (chain, expiry, client-auth usage). Handshakes run on their own tasks with a
+//! deadline, so a slow or silent peer holds up nobody, and at most `max_connections` connections
+//! are open at once. A missing or failing certificate ends the handshake, which is logged and
+//! audited (at a bounded rate per address); other failed handshakes, such as TCP probes, are
+//! only logged. No connection without a verified certificate ever reaches the services.
 //!
 //! Each accepted connection carries a [`PeerInfo`] that tonic puts into every request's
 //! extensions; the services read the caller's identity from it (see `grpc.rs`).
@@ -22,6 +22,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
@@ -69,7 +70,6 @@ impl ServerTls {
         }
         let verifier =
             WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .allow_unauthenticated()
                 .build()?;
         let key =
             PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|error| TlsError::Pem {
@@ -116,6 +116,8 @@ pub struct PeerInfo {
 pub struct TlsConnection {
     stream: tokio_rustls::server::TlsStream<TcpStream>,
     info: PeerInfo,
+    /// Held while the connection is open.
+    _slot: OwnedSemaphorePermit,
 }
 
 impl Connected for TlsConnection {
@@ -174,7 +176,9 @@ fn refused_certificate(error: &io::Error) -> bool {
         .is_some_and(|error| {
             matches!(
                 error,
-                rustls::Error::InvalidCertificate(_) | rustls::Error::InvalidCertRevocationList(_)
+                rustls::Error::InvalidCertificate(_)
+                    | rustls::Error::NoCertificatesPresented
+                    | rustls::Error::InvalidCertRevocationList(_)
             )
         })
 }
@@ -187,12 +191,22 @@ pub type OnRefused = Arc<dyn Fn(Option<SocketAddr>, String) + Send + Sync>;
 pub fn incoming(
     listener: TcpListener,
     tls: &ServerTls,
+    max_connections: usize,
     on_refused: OnRefused,
 ) -> ReceiverStream<io::Result<TlsConnection>> {
     let acceptor = TlsAcceptor::from(tls.config.clone());
+    let slots = Arc::new(Semaphore::new(max_connections.max(1)));
     let (sender, receiver) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
         loop {
+            // A free slot first: with all taken, new connections wait in the listen backlog.
+            let slot = tokio::select! {
+                () = sender.closed() => return,
+                slot = slots.clone().acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => return,
+                },
+            };
             let accepted = tokio::select! {
                 () = sender.closed() => return,
                 accepted = listener.accept() => accepted,
@@ -226,6 +240,7 @@ pub fn incoming(
                                 remote: Some(remote),
                                 certificate,
                             },
+                            _slot: slot,
                         };
                         let _ = sender.send(Ok(connection)).await;
                     }
