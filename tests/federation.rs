@@ -22,6 +22,7 @@ use fedlora_coordinator::store::{PgStore, RevokedRow, RoundRow, Store};
 use fedlora_coordinator::tls::ServerTls;
 use fedlora_proto::adapter::{Adapter, Factor, LoraSpec, adapter_spec, sha256_hex};
 use fedlora_proto::factors::{client_spec, initial_factors};
+use fedlora_proto::tensor_bytes::WireDtype;
 use fedlora_proto::tls::ClientTls;
 use fedlora_proto::v1::admin_client::AdminClient;
 use fedlora_proto::v1::federation_client::FederationClient;
@@ -356,11 +357,41 @@ async fn upload(
     bytes: &[u8],
     claimed_sha256: &str,
 ) -> Result<pb::SubmitReceipt, tonic::Status> {
+    upload_parts(
+        client,
+        client_id,
+        task_id,
+        bytes.len() as u64,
+        claimed_sha256,
+        &[bytes],
+    )
+    .await
+}
+
+/// A hostile upload and the status it must get.
+struct Hostile<'a> {
+    case: &'static str,
+    /// What the header announces.
+    total: u64,
+    claimed: String,
+    chunks: Vec<&'a [u8]>,
+    code: Code,
+}
+
+/// An upload whose header announces `total_bytes`, sent as the given chunks.
+async fn upload_parts(
+    client: &mut FederationClient<tonic::transport::Channel>,
+    client_id: &str,
+    task_id: &str,
+    total_bytes: u64,
+    claimed_sha256: &str,
+    chunks: &[&[u8]],
+) -> Result<pb::SubmitReceipt, tonic::Status> {
     let header = pb::UpdateHeader {
         client_id: client_id.into(),
         task_id: task_id.into(),
         num_examples: 50,
-        total_bytes: bytes.len() as u64,
+        total_bytes,
         sha256: claimed_sha256.into(),
         metrics: Some(pb::TrainMetrics {
             steps: 1,
@@ -373,9 +404,9 @@ async fn upload(
     let mut messages = vec![pb::SubmitUpdateRequest {
         part: Some(submit_update_request::Part::Header(header)),
     }];
-    messages.push(pb::SubmitUpdateRequest {
-        part: Some(submit_update_request::Part::Chunk(bytes.to_vec())),
-    });
+    messages.extend(chunks.iter().map(|chunk| pb::SubmitUpdateRequest {
+        part: Some(submit_update_request::Part::Chunk(chunk.to_vec())),
+    }));
     client
         .submit_update(tokio_stream::iter(messages))
         .await
@@ -393,7 +424,20 @@ async fn malformed_updates_are_refused_and_the_round_goes_on(pool: sqlx::PgPool)
     let sites = make_sites(dir.path(), &[("clinic", 120), ("bank", 160)]);
     let store: Arc<dyn Store> = Arc::new(PgStore::from_pool(pool));
     let config = small_config(1, 3);
-    let running = start_coordinator(store.clone(), config.clone()).await;
+    let limits = Limits {
+        max_update_chunks: 8,
+        ..Limits::default()
+    };
+    let coordinator = Coordinator::start_with_limits(store.clone(), config.clone(), limits)
+        .await
+        .unwrap();
+    let running = server::spawn(
+        coordinator,
+        ([127, 0, 0, 1], 0).into(),
+        ServerTransport::Insecure,
+    )
+    .await
+    .unwrap();
 
     let (mut mallory, mallory_id) = join_raw(&running.url(), "mallory", &model_dir).await;
     let task = next_task(&mut mallory, &mallory_id)
@@ -479,6 +523,113 @@ async fn malformed_updates_are_refused_and_the_round_goes_on(pool: sqlx::PgPool)
             .any(|event| event.detail.contains("non-finite"))
     );
 
+    // More hostile uploads, each refused with its own status while the round stays open.
+    let sha = sha256_hex(&bytes);
+    let len = bytes.len() as u64;
+    let halves: [&[u8]; 2] = [&bytes[..bytes.len() / 2], &bytes[bytes.len() / 2..]];
+    let mut higher_rank = good.clone();
+    let a_name = higher_rank
+        .tensors
+        .keys()
+        .find(|name| name.ends_with("lora_A.weight"))
+        .unwrap()
+        .clone();
+    let a = higher_rank.tensors.get_mut(&a_name).unwrap();
+    a.shape[0] += 1;
+    a.data.extend(vec![0.0; a.shape[1]]);
+    let higher_rank = higher_rank.to_safetensors(None).unwrap();
+    // The first tensor's dtype rewritten from F32 to I32 (same width, same header length).
+    let mut integer = bytes.clone();
+    let at = integer
+        .windows(5)
+        .position(|window| window == b"\"F32\"")
+        .unwrap();
+    integer[at + 1] = b'I';
+    let many: Vec<&[u8]> = bytes.chunks(bytes.len().div_ceil(16)).collect();
+    let cases = [
+        Hostile {
+            case: "oversized",
+            total: config.max_update_bytes + 1,
+            claimed: sha.clone(),
+            chunks: vec![&bytes[..]],
+            code: Code::ResourceExhausted,
+        },
+        Hostile {
+            case: "truncated stream",
+            total: len + 10,
+            claimed: sha.clone(),
+            chunks: vec![&bytes[..]],
+            code: Code::InvalidArgument,
+        },
+        Hostile {
+            case: "overlong stream",
+            total: len - 10,
+            claimed: sha.clone(),
+            chunks: vec![&bytes[..]],
+            code: Code::InvalidArgument,
+        },
+        Hostile {
+            case: "16 chunks over a limit of 8",
+            total: len,
+            claimed: sha.clone(),
+            chunks: many,
+            code: Code::ResourceExhausted,
+        },
+        Hostile {
+            case: "higher rank than the task's",
+            total: higher_rank.len() as u64,
+            claimed: sha256_hex(&higher_rank),
+            chunks: vec![&higher_rank[..]],
+            code: Code::InvalidArgument,
+        },
+        Hostile {
+            case: "integer dtype",
+            total: len,
+            claimed: sha256_hex(&integer),
+            chunks: vec![&integer[..]],
+            code: Code::InvalidArgument,
+        },
+        Hostile {
+            case: "sha256 mismatch, in two chunks",
+            total: len,
+            claimed: sha256_hex(b"not it"),
+            chunks: halves.to_vec(),
+            code: Code::InvalidArgument,
+        },
+    ];
+    for hostile in cases {
+        let status = upload_parts(
+            &mut mallory,
+            &mallory_id,
+            &task.task_id,
+            hostile.total,
+            &hostile.claimed,
+            &hostile.chunks,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(status.code(), hostile.code, "{}: {status:?}", hostile.case);
+    }
+    let status = upload(&mut mallory, "999999", &task.task_id, &bytes, &sha)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "unknown client: {status:?}");
+    let refused = store.list_audit(100).await.unwrap();
+    for needle in [
+        "exceeds the limit",
+        "truncated",
+        "longer than",
+        "more than 8 chunks",
+        "shape",
+        "dtype",
+        "unknown client",
+    ] {
+        assert!(
+            refused.iter().any(|event| event.detail.contains(needle)),
+            "no audit row for {needle:?}: {refused:#?}"
+        );
+    }
+
     // The round went on: mallory's valid update is accepted, twice with the same receipt.
     let receipt = upload(
         &mut mallory,
@@ -499,6 +650,18 @@ async fn malformed_updates_are_refused_and_the_round_goes_on(pool: sqlx::PgPool)
     .await
     .unwrap();
     assert_eq!(receipt, again);
+    // A replay with other bytes for the same task: ALREADY_EXISTS.
+    let other = good.to_safetensors_as(WireDtype::Bf16, None).unwrap();
+    let status = upload(
+        &mut mallory,
+        &mallory_id,
+        &task.task_id,
+        &other,
+        &sha256_hex(&other),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
     let daemons = sites
         .iter()
         .map(|site| spawn_daemon(&running.url(), &model_dir, site))

@@ -18,6 +18,7 @@ use fedlora_proto::adapter::{
     Adapter, AdapterError, Factor, LoraSpec, ModelDims, TensorSpec, adapter_spec, sha256_hex,
 };
 use fedlora_proto::factors::{SINGLE_FACTOR, client_spec, initial_factors};
+use fedlora_proto::tensor_bytes::validate_bytes;
 use tokio::sync::{Mutex, Notify};
 use tracing::{info, instrument, warn};
 
@@ -694,10 +695,10 @@ impl Coordinator {
         }
         let spec = self.task_spec(&round, &task).await?;
         let bytes = submission.bytes;
+        // Validated on the bytes, without decoding them (fedlora_proto::tensor_bytes).
         let bytes = tokio::task::spawn_blocking(move || {
-            let adapter = Adapter::from_safetensors(&bytes)?;
-            adapter.validate(&spec)?;
-            Ok::<_, fedlora_proto::adapter::AdapterError>(bytes)
+            validate_bytes(&bytes, &spec)?;
+            Ok::<_, AdapterError>(bytes)
         })
         .await
         .map_err(|error| CoordinatorError::Corrupt(format!("validation task: {error}")))?
