@@ -77,6 +77,19 @@ pub struct ModelDims {
 }
 
 impl ModelDims {
+    /// A two-layer toy model's dimensions, shared by tests and the fuzz target.
+    #[doc(hidden)]
+    pub fn toy() -> Self {
+        Self {
+            num_layers: 2,
+            hidden_size: 8,
+            intermediate_size: 12,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            head_dim: 4,
+        }
+    }
+
     /// `(in_features, out_features)` of a Llama linear layer, by PEFT module name.
     pub fn module_in_out(&self, module: &str) -> Result<(usize, usize), AdapterError> {
         let q_out = self.num_attention_heads * self.head_dim;
@@ -432,36 +445,67 @@ impl Adapter {
 
     /// Checks that the adapter has exactly the tensors of `spec`, with their shapes, and only finite values.
     pub fn validate(&self, spec: &[TensorSpec]) -> Result<(), AdapterError> {
-        for expected in spec {
-            let tensor = self
-                .tensors
-                .get(&expected.name)
-                .ok_or_else(|| AdapterError::MissingTensor(expected.name.clone()))?;
-            if tensor.shape != expected.shape {
-                return Err(AdapterError::ShapeMismatch {
-                    name: expected.name.clone(),
-                    expected: expected.shape.to_vec(),
-                    got: tensor.shape.clone(),
-                });
-            }
-            if let Some(index) = tensor.data.iter().position(|value| !value.is_finite()) {
-                return Err(AdapterError::NonFinite {
-                    name: expected.name.clone(),
-                    index,
-                });
-            }
-        }
-        if self.tensors.len() != spec.len() {
-            let unexpected = self
-                .tensors
-                .keys()
-                .find(|name| !spec.iter().any(|expected| &expected.name == *name));
-            if let Some(name) = unexpected {
-                return Err(AdapterError::UnexpectedTensor(name.clone()));
-            }
-        }
-        Ok(())
+        check_against_spec(
+            spec,
+            self.tensors
+                .iter()
+                .map(|(name, tensor)| (name.as_str(), tensor)),
+        )
     }
+}
+
+/// A tensor as the layout check sees it: decoded ([`AdapterTensor`]) or still in its bytes
+/// (`tensor_bytes::TensorBytes`).
+pub(crate) trait CheckedTensor {
+    fn shape(&self) -> &[usize];
+    /// Index of the first NaN or infinity.
+    fn first_non_finite(&self) -> Option<usize>;
+}
+
+impl CheckedTensor for AdapterTensor {
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn first_non_finite(&self) -> Option<usize> {
+        self.data.iter().position(|value| !value.is_finite())
+    }
+}
+
+/// The one layout rule of both validators: exactly the tensors of `spec`, with their shapes, and
+/// only finite values; the first problem is the error.
+pub(crate) fn check_against_spec<'a, T: CheckedTensor + 'a>(
+    spec: &[TensorSpec],
+    tensors: impl IntoIterator<Item = (&'a str, &'a T)>,
+) -> Result<(), AdapterError> {
+    let by_name: HashMap<&str, &T> = tensors.into_iter().collect();
+    for expected in spec {
+        let tensor = by_name
+            .get(expected.name.as_str())
+            .ok_or_else(|| AdapterError::MissingTensor(expected.name.clone()))?;
+        if tensor.shape() != expected.shape.as_slice() {
+            return Err(AdapterError::ShapeMismatch {
+                name: expected.name.clone(),
+                expected: expected.shape.to_vec(),
+                got: tensor.shape().to_vec(),
+            });
+        }
+        if let Some(index) = tensor.first_non_finite() {
+            return Err(AdapterError::NonFinite {
+                name: expected.name.clone(),
+                index,
+            });
+        }
+    }
+    if by_name.len() != spec.len() {
+        let unexpected = by_name
+            .keys()
+            .find(|name| !spec.iter().any(|expected| expected.name == **name));
+        if let Some(name) = unexpected {
+            return Err(AdapterError::UnexpectedTensor((*name).to_string()));
+        }
+    }
+    Ok(())
 }
 
 fn decode_floats(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, AdapterError> {

@@ -296,14 +296,7 @@ mod tests {
     use super::*;
 
     fn dims() -> ModelDims {
-        ModelDims {
-            num_layers: 2,
-            hidden_size: 8,
-            intermediate_size: 12,
-            num_attention_heads: 2,
-            num_key_value_heads: 1,
-            head_dim: 4,
-        }
+        ModelDims::toy()
     }
 
     #[test]

@@ -7,7 +7,9 @@ use std::collections::HashMap;
 
 use safetensors::tensor::{Dtype, SafeTensors, View};
 
-use crate::adapter::{Adapter, AdapterError, AdapterTensor, TensorSpec};
+use crate::adapter::{
+    Adapter, AdapterError, AdapterTensor, CheckedTensor, TensorSpec, check_against_spec,
+};
 
 /// Floating-point types an adapter may use on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,37 +157,17 @@ fn accumulate_as<const SIZE: usize>(
 /// of the time and memory; it is what the coordinator runs on every upload.
 pub fn validate_bytes(bytes: &[u8], spec: &[TensorSpec]) -> Result<(), AdapterError> {
     let views = tensor_views(bytes)?;
-    let by_name: HashMap<&str, &TensorBytes<'_>> = views
-        .iter()
-        .map(|view| (view.name.as_str(), view))
-        .collect();
-    for expected in spec {
-        let view = by_name
-            .get(expected.name.as_str())
-            .ok_or_else(|| AdapterError::MissingTensor(expected.name.clone()))?;
-        if view.shape != expected.shape {
-            return Err(AdapterError::ShapeMismatch {
-                name: expected.name.clone(),
-                expected: expected.shape.to_vec(),
-                got: view.shape.clone(),
-            });
-        }
-        if let Some(index) = view.first_non_finite() {
-            return Err(AdapterError::NonFinite {
-                name: expected.name.clone(),
-                index,
-            });
-        }
+    check_against_spec(spec, views.iter().map(|view| (view.name.as_str(), view)))
+}
+
+impl CheckedTensor for TensorBytes<'_> {
+    fn shape(&self) -> &[usize] {
+        &self.shape
     }
-    if by_name.len() != spec.len() {
-        let unexpected = by_name
-            .keys()
-            .find(|name| !spec.iter().any(|expected| expected.name == **name));
-        if let Some(name) = unexpected {
-            return Err(AdapterError::UnexpectedTensor((*name).to_string()));
-        }
+
+    fn first_non_finite(&self) -> Option<usize> {
+        TensorBytes::first_non_finite(self)
     }
-    Ok(())
 }
 
 /// Views of every tensor in safetensors `bytes` (checked: a float dtype, data length matching

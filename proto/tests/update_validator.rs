@@ -10,14 +10,7 @@ use fedlora_proto::tensor_bytes::{WireDtype, validate_bytes};
 use proptest::prelude::*;
 
 fn spec() -> Vec<TensorSpec> {
-    let dims = ModelDims {
-        num_layers: 2,
-        hidden_size: 8,
-        intermediate_size: 12,
-        num_attention_heads: 2,
-        num_key_value_heads: 1,
-        head_dim: 4,
-    };
+    let dims = ModelDims::toy();
     adapter_spec(&dims, &LoraSpec::new(2, 4.0, &["q_proj", "v_proj"])).unwrap()
 }
 
