@@ -10,6 +10,7 @@ use fedlora_client::daemon::{self, BasePrecision, ClientTransport, DaemonConfig,
 use fedlora_client::tiny::{TinyModelSpec, write_tiny_model};
 use fedlora_coordinator::aggregate::{NormAction, Robustness, ServerOptimizer};
 use fedlora_coordinator::config::{FederationConfig, TrainingConfig};
+use fedlora_coordinator::limits::Limits;
 use fedlora_coordinator::rounds::Coordinator;
 use fedlora_coordinator::server::{self, ServerTransport};
 use fedlora_coordinator::tls::ServerTls;
@@ -419,6 +420,21 @@ pub struct ServeArgs {
     /// of every coordinate (0 = plain weighted mean; for federations that do not trust every site).
     #[arg(long, default_value_t = 0.0)]
     pub trim_fraction: f64,
+    /// Calls a caller (a certificate's name) may make per minute; more get RESOURCE_EXHAUSTED.
+    /// A site's daemon makes a few per round. Not part of the federation's settings: it may
+    /// change across restarts, as may the limits below.
+    #[arg(long, default_value_t = Limits::default().requests_per_minute)]
+    pub requests_per_minute: u32,
+    /// Open TLS connections the coordinator holds at once; more wait to be accepted.
+    #[arg(long, default_value_t = Limits::default().max_connections)]
+    pub max_connections: usize,
+    /// Chunks one upload may arrive in (1 MiB each from fedlora clients).
+    #[arg(long, default_value_t = Limits::default().max_update_chunks)]
+    pub max_update_chunks: u32,
+    /// Audit rows per minute per remote address for calls refused before authentication
+    /// (always logged): strangers cannot fill the database.
+    #[arg(long, default_value_t = Limits::default().audits_per_minute_per_address)]
+    pub audits_per_minute: u32,
     #[command(flatten)]
     pub transport: TransportArgs,
 }
@@ -638,7 +654,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let store = fedlora_coordinator::store::connect(&args.database_url)
         .await
         .with_context(|| format!("opening the store at {}", redact(&args.database_url)))?;
-    let coordinator = Coordinator::start(store, config).await?;
+    let limits = Limits {
+        requests_per_minute: args.requests_per_minute,
+        audits_per_minute_per_address: args.audits_per_minute,
+        max_connections: args.max_connections,
+        max_update_chunks: args.max_update_chunks,
+    };
+    let coordinator = Coordinator::start_with_limits(store, config, limits).await?;
     let (listener, address) = server::bind(args.listen).await?;
     eprintln!(
         "fedlora coordinator listening on {address} (store: {})",
