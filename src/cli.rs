@@ -659,6 +659,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         audits_per_minute_per_address: args.audits_per_minute,
         max_connections: args.max_connections,
         max_update_chunks: args.max_update_chunks,
+        ..Limits::default()
     };
     let coordinator = Coordinator::start_with_limits(store, config, limits).await?;
     let (listener, address) = server::bind(args.listen).await?;

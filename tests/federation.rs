@@ -426,6 +426,7 @@ async fn malformed_updates_are_refused_and_the_round_goes_on(pool: sqlx::PgPool)
     let config = small_config(1, 3);
     let limits = Limits {
         max_update_chunks: 8,
+        upload_idle_timeout: Duration::from_secs(1),
         ..Limits::default()
     };
     let coordinator = Coordinator::start_with_limits(store.clone(), config.clone(), limits)
@@ -610,6 +611,21 @@ async fn malformed_updates_are_refused_and_the_round_goes_on(pool: sqlx::PgPool)
         .unwrap_err();
         assert_eq!(status.code(), hostile.code, "{}: {status:?}", hostile.case);
     }
+    // A stream that sends its header and then nothing: cut off at the idle deadline.
+    let header = pb::SubmitUpdateRequest {
+        part: Some(submit_update_request::Part::Header(pb::UpdateHeader {
+            client_id: mallory_id.clone(),
+            task_id: task.task_id.clone(),
+            num_examples: 50,
+            total_bytes: len,
+            sha256: sha.clone(),
+            metrics: None,
+        })),
+    };
+    let never_ends =
+        tokio_stream::StreamExt::chain(tokio_stream::iter(vec![header]), tokio_stream::pending());
+    let status = mallory.submit_update(never_ends).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     let status = upload(&mut mallory, "999999", &task.task_id, &bytes, &sha)
         .await
         .unwrap_err();
@@ -623,6 +639,7 @@ async fn malformed_updates_are_refused_and_the_round_goes_on(pool: sqlx::PgPool)
         "shape",
         "dtype",
         "unknown client",
+        "stalled",
     ] {
         assert!(
             refused.iter().any(|event| event.detail.contains(needle)),

@@ -27,10 +27,6 @@ use crate::tls::PeerInfo;
 
 /// Longest a `NextTask` long poll is held open, whatever the client asks.
 const MAX_LONG_POLL: Duration = Duration::from_secs(30);
-/// An upload that sends nothing for this long is cut off.
-const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// An upload must complete within this long after its header.
-const UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Maps a coordinator error to the gRPC status a client sees. Internal failures are not described
 /// to the caller (they are logged here).
@@ -211,7 +207,7 @@ impl FederationService {
 
     /// Reads an upload: the header, early permission checks (the client is the caller's, the task
     /// the client's), then at most `total_bytes` of
-    /// chunks within [`UPLOAD_TIMEOUT`]. Refusals come back as `(client_id if known, error)`.
+    /// chunks within `Limits::upload_timeout`. Refusals come back as `(client_id if known, error)`.
     async fn receive_update(
         &self,
         mut stream: Streaming<pb::SubmitUpdateRequest>,
@@ -219,11 +215,13 @@ impl FederationService {
     ) -> Result<UpdateSubmission, (Option<i64>, CoordinatorError, Status)> {
         let limit = self.coordinator.config().max_update_bytes;
         let max_chunks = self.coordinator.limits().max_update_chunks;
+        let idle = self.coordinator.limits().upload_idle_timeout;
+        let upload_timeout = self.coordinator.limits().upload_timeout;
         let plain = |status: Status| {
             let error = CoordinatorError::InvalidUpdate(status.message().to_string());
             (None, error, status)
         };
-        let header = match next_part(&mut stream).await.map_err(plain)? {
+        let header = match next_part(&mut stream, idle).await.map_err(plain)? {
             Some(submit_update_request::Part::Header(header)) => header,
             _ => {
                 return Err(plain(Status::invalid_argument(
@@ -263,7 +261,7 @@ impl FederationService {
             // Grow with the bytes that actually arrive, never with what the header claims.
             let mut bytes = Vec::with_capacity(total.min(4 * CHUNK_BYTES as u64) as usize);
             let mut chunks = 0u32;
-            while let Some(part) = next_part(&mut stream).await? {
+            while let Some(part) = next_part(&mut stream, idle).await? {
                 chunks += 1;
                 if chunks > max_chunks {
                     return Err(Status::resource_exhausted(format!(
@@ -288,7 +286,7 @@ impl FederationService {
             }
             Ok(bytes)
         };
-        let bytes = match tokio::time::timeout(UPLOAD_TIMEOUT, body).await {
+        let bytes = match tokio::time::timeout(upload_timeout, body).await {
             Ok(Ok(bytes)) => bytes,
             Ok(Err(status)) => {
                 let error = CoordinatorError::InvalidUpdate(status.message().to_string());
@@ -321,11 +319,13 @@ impl FederationService {
 
 async fn next_part(
     stream: &mut Streaming<pb::SubmitUpdateRequest>,
+    idle: Duration,
 ) -> Result<Option<submit_update_request::Part>, Status> {
-    match tokio::time::timeout(UPLOAD_IDLE_TIMEOUT, stream.message()).await {
-        Err(_) => Err(Status::deadline_exceeded(
-            "upload stalled: no data for 60 s",
-        )),
+    match tokio::time::timeout(idle, stream.message()).await {
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "upload stalled: no data for {} s",
+            idle.as_secs_f64()
+        ))),
         Ok(Err(status)) => Err(status),
         Ok(Ok(None)) => Ok(None),
         Ok(Ok(Some(message))) => message

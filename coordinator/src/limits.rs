@@ -1,6 +1,6 @@
 //! Operational limits of a running coordinator (not part of the federation's stored config, so
 //! they can change across restarts): call rates per caller, audit rows per remote address,
-//! connections, and upload chunks. Counters are per process.
+//! connections, and upload chunks and deadlines. Counters are per process.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -20,6 +20,10 @@ pub struct Limits {
     pub max_connections: usize,
     /// Chunks one upload may arrive in.
     pub max_update_chunks: u32,
+    /// An upload that sends nothing for this long is cut off (`DEADLINE_EXCEEDED`).
+    pub upload_idle_timeout: Duration,
+    /// An upload must be complete this long after its header.
+    pub upload_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -29,6 +33,8 @@ impl Default for Limits {
             audits_per_minute_per_address: 30,
             max_connections: 512,
             max_update_chunks: 4096,
+            upload_idle_timeout: Duration::from_secs(60),
+            upload_timeout: Duration::from_secs(600),
         }
     }
 }
