@@ -152,6 +152,24 @@ fn spawn_daemon_over(
     ))
 }
 
+/// Runs a federation to its end on a plaintext loopback coordinator, one daemon per site;
+/// returns the daemons' summaries in site order.
+async fn run_federation(
+    store: Arc<dyn Store>,
+    config: FederationConfig,
+    model_dir: &Path,
+    sites: &[Site],
+) -> Vec<daemon::DaemonSummary> {
+    let running = start_coordinator(store, config).await;
+    let daemons = sites
+        .iter()
+        .map(|site| spawn_daemon(&running.url(), model_dir, site))
+        .collect();
+    let summaries = wait_all(daemons).await;
+    running.stop().await.unwrap();
+    summaries
+}
+
 async fn wait_all(
     daemons: Vec<JoinHandle<fedlora_client::error::Result<daemon::DaemonSummary>>>,
 ) -> Vec<daemon::DaemonSummary> {
@@ -209,18 +227,12 @@ async fn two_clients_two_rounds_on_postgres(pool: sqlx::PgPool) {
     write_tiny_model(&model_dir, &TinyModelSpec::default()).unwrap();
     let sites = make_sites(dir.path(), &[("clinic", 150), ("bank", 250)]);
     let store: Arc<dyn Store> = Arc::new(PgStore::from_pool(pool));
-    let running = start_coordinator(store.clone(), small_config(2, 2)).await;
-    let daemons = sites
-        .iter()
-        .map(|site| spawn_daemon(&running.url(), &model_dir, site))
-        .collect();
-    let summaries = wait_all(daemons).await;
+    let summaries = run_federation(store.clone(), small_config(2, 2), &model_dir, &sites).await;
     // fedavg moves both factors every round: every download is whole.
     for summary in &summaries {
         assert_eq!(summary.factors_reused, 0, "{summary:?}");
         assert!(summary.downloaded_bytes > 0);
     }
-    running.stop().await.unwrap();
 
     let federation = store.create_or_get_federation("test", "", 0).await.unwrap();
     assert_eq!(federation.state, "finished");
@@ -795,13 +807,7 @@ async fn alternating_rounds_with_mixed_ranks(pool: sqlx::PgPool) {
         ..small_config(2, 2)
     };
     let store: Arc<dyn Store> = Arc::new(PgStore::from_pool(pool));
-    let running = start_coordinator(store.clone(), config).await;
-    let daemons = sites
-        .iter()
-        .map(|site| spawn_daemon(&running.url(), &model_dir, site))
-        .collect();
-    let summaries = wait_all(daemons).await;
-    running.stop().await.unwrap();
+    let summaries = run_federation(store.clone(), config, &model_dir, &sites).await;
 
     let federation = store.create_or_get_federation("test", "", 0).await.unwrap();
     assert_eq!(federation.state, "finished");
@@ -911,13 +917,7 @@ async fn ffa_never_sends_the_frozen_a(pool: sqlx::PgPool) {
     };
     let lora = config.lora.clone();
     let store: Arc<dyn Store> = Arc::new(PgStore::from_pool(pool));
-    let running = start_coordinator(store.clone(), config).await;
-    let daemons = sites
-        .iter()
-        .map(|site| spawn_daemon(&running.url(), &model_dir, site))
-        .collect();
-    let summaries = wait_all(daemons).await;
-    running.stop().await.unwrap();
+    let summaries = run_federation(store.clone(), config, &model_dir, &sites).await;
 
     let federation = store.create_or_get_federation("test", "", 0).await.unwrap();
     let rounds = rounds_oldest_first(store.as_ref(), federation.id).await;
