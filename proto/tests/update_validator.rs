@@ -2,7 +2,8 @@
 //! every upload) never panics, and accepts exactly what decoding and `Adapter::validate` accept.
 //! Inputs are valid updates in every wire dtype, then mutated: bytes flipped in the header and in
 //! the data, truncated, extended, NaN/Inf written into values, header lengths forged. The same
-//! check is the `cargo fuzz` target in `fuzz/` (which needs a nightly toolchain).
+//! check is the `cargo fuzz` target in `fuzz/` (`scripts/fuzz.sh`), whose seed corpus
+//! (`fuzz/seeds/update_validator/`) is checked here to be current valid updates.
 #![allow(clippy::unwrap_used, reason = "tests")]
 
 use fedlora_proto::adapter::{Adapter, LoraSpec, ModelDims, TensorSpec, adapter_spec};
@@ -111,5 +112,37 @@ proptest! {
     fn arbitrary_bytes_are_refused_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
         let (fast, decoded) = verdicts(&bytes, &spec());
         prop_assert!(!fast && !decoded);
+    }
+}
+
+/// The fuzz target's seed corpus is one valid update per wire dtype, made by `valid_update`.
+/// `FEDLORA_WRITE_FUZZ_SEEDS=1` rewrites it after a format change.
+#[test]
+fn fuzz_seed_corpus_is_current() {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/update_validator");
+    let write = std::env::var_os("FEDLORA_WRITE_FUZZ_SEEDS").is_some();
+    if write {
+        std::fs::create_dir_all(&dir).unwrap();
+    }
+    for (name, dtype) in [
+        ("f32", WireDtype::F32),
+        ("bf16", WireDtype::Bf16),
+        ("f16", WireDtype::F16),
+    ] {
+        let path = dir.join(format!("valid-{name}.safetensors"));
+        let expected = valid_update(7, dtype);
+        if write {
+            std::fs::write(&path, &expected).unwrap();
+        }
+        let seed =
+            std::fs::read(&path).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+        assert_eq!(
+            seed,
+            expected,
+            "{} is stale: run with FEDLORA_WRITE_FUZZ_SEEDS=1",
+            path.display()
+        );
+        assert_eq!(verdicts(&seed, &spec()), (true, true));
     }
 }
