@@ -308,16 +308,6 @@ async fn two_clients_two_rounds_on_postgres(pool: sqlx::PgPool) {
     );
 }
 
-async fn join_raw(
-    url: &str,
-    name: &str,
-    model_dir: &Path,
-) -> (FederationClient<tonic::transport::Channel>, String) {
-    let mut client = FederationClient::connect(url.to_string()).await.unwrap();
-    let client_id = join_as(&mut client, name, model_dir).await.unwrap();
-    (client, client_id)
-}
-
 /// Joins as `name` on an open connection; returns the client id.
 async fn join_as(
     client: &mut FederationClient<tonic::transport::Channel>,
@@ -425,9 +415,10 @@ async fn upload_parts(
         .map(tonic::Response::into_inner)
 }
 
-/// A participant sends malformed updates; each is refused with INVALID_ARGUMENT (or NOT_FOUND for
-/// an unknown task) and audited, and the round still closes with the exact weighted mean of the
-/// accepted updates.
+/// A participant with a valid certificate sends malformed updates over mutual TLS; each is
+/// refused with its own status (INVALID_ARGUMENT, NOT_FOUND for an unknown task,
+/// RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, PERMISSION_DENIED, ALREADY_EXISTS) and audited, and the
+/// round still closes with the exact weighted mean of the accepted updates.
 #[sqlx::test(migrations = "./migrations")]
 async fn malformed_updates_are_refused_and_the_round_goes_on(pool: sqlx::PgPool) {
     let dir = tempfile::tempdir().unwrap();
@@ -444,15 +435,16 @@ async fn malformed_updates_are_refused_and_the_round_goes_on(pool: sqlx::PgPool)
     let coordinator = Coordinator::start_with_limits(store.clone(), config.clone(), limits)
         .await
         .unwrap();
-    let running = server::spawn(
-        coordinator,
-        ([127, 0, 0, 1], 0).into(),
-        ServerTransport::Insecure,
-    )
-    .await
-    .unwrap();
+    let pki = TestPki::new();
+    let running = server::spawn(coordinator, ([127, 0, 0, 1], 0).into(), pki.server())
+        .await
+        .unwrap();
+    let url = running.url();
+    assert!(url.starts_with("https://"), "{url}");
 
-    let (mut mallory, mallory_id) = join_raw(&running.url(), "mallory", &model_dir).await;
+    let mallory_tls = pki.issue("mallory", Role::Client);
+    let mut mallory = FederationClient::new(tls_channel(&url, &mallory_tls).await.unwrap());
+    let mallory_id = join_as(&mut mallory, "mallory", &model_dir).await.unwrap();
     let task = next_task(&mut mallory, &mallory_id)
         .await
         .expect("a task for mallory");
@@ -559,6 +551,18 @@ async fn malformed_updates_are_refused_and_the_round_goes_on(pool: sqlx::PgPool)
         .unwrap();
     integer[at + 1] = b'I';
     let many: Vec<&[u8]> = bytes.chunks(bytes.len().div_ceil(16)).collect();
+    // The task's tensors and 2000 more: refused from the header's length, before it is parsed.
+    let mut crowded = good.clone();
+    for index in 0..2000 {
+        crowded.tensors.insert(
+            format!("extra.{index}.lora_A.weight"),
+            fedlora_proto::adapter::AdapterTensor {
+                shape: vec![1],
+                data: vec![0.0],
+            },
+        );
+    }
+    let crowded = crowded.to_safetensors(None).unwrap();
     let cases = [
         Hostile {
             case: "oversized",
@@ -603,6 +607,13 @@ async fn malformed_updates_are_refused_and_the_round_goes_on(pool: sqlx::PgPool)
             code: Code::InvalidArgument,
         },
         Hostile {
+            case: "2000 tensors more than the task's",
+            total: crowded.len() as u64,
+            claimed: sha256_hex(&crowded),
+            chunks: vec![&crowded[..]],
+            code: Code::InvalidArgument,
+        },
+        Hostile {
             case: "sha256 mismatch, in two chunks",
             total: len,
             claimed: sha256_hex(b"not it"),
@@ -638,10 +649,15 @@ async fn malformed_updates_are_refused_and_the_round_goes_on(pool: sqlx::PgPool)
         tokio_stream::StreamExt::chain(tokio_stream::iter(vec![header]), tokio_stream::pending());
     let status = mallory.submit_update(never_ends).await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    // A client id that is not mallory's (here: no client at all) is refused as another's.
     let status = upload(&mut mallory, "999999", &task.task_id, &bytes, &sha)
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::NotFound, "unknown client: {status:?}");
+    assert_eq!(
+        status.code(),
+        Code::PermissionDenied,
+        "unknown client: {status:?}"
+    );
     let refused = store.list_audit(100).await.unwrap();
     for needle in [
         "exceeds the limit",
@@ -650,7 +666,8 @@ async fn malformed_updates_are_refused_and_the_round_goes_on(pool: sqlx::PgPool)
         "more than 8 chunks",
         "shape",
         "dtype",
-        "unknown client",
+        "header of",
+        "client 999999 is not the client of certificate \"mallory\"",
         "stalled",
     ] {
         assert!(
@@ -693,7 +710,10 @@ async fn malformed_updates_are_refused_and_the_round_goes_on(pool: sqlx::PgPool)
     assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
     let daemons = sites
         .iter()
-        .map(|site| spawn_daemon(&running.url(), &model_dir, site))
+        .map(|site| {
+            let tls = pki.issue(site.name, Role::Client);
+            spawn_daemon_over(&url, &model_dir, site, ClientTransport::MutualTls(tls))
+        })
         .collect();
     // Mallory also answers the final evaluation round so that it can close.
     loop {

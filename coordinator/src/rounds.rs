@@ -18,7 +18,7 @@ use fedlora_proto::adapter::{
     Adapter, AdapterError, Factor, LoraSpec, ModelDims, TensorSpec, adapter_spec, sha256_hex,
 };
 use fedlora_proto::factors::{SINGLE_FACTOR, client_spec, initial_factors};
-use fedlora_proto::tensor_bytes::validate_bytes;
+use fedlora_proto::tensor_bytes::{check_header_size, validate_bytes};
 use tokio::sync::{Mutex, Notify};
 use tracing::{info, instrument, warn};
 
@@ -697,6 +697,7 @@ impl Coordinator {
         let bytes = submission.bytes;
         // Validated on the bytes, without decoding them (fedlora_proto::tensor_bytes).
         let bytes = tokio::task::spawn_blocking(move || {
+            check_header_size(&bytes, &spec)?;
             validate_bytes(&bytes, &spec)?;
             Ok::<_, AdapterError>(bytes)
         })

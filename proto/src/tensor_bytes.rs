@@ -149,6 +149,41 @@ fn accumulate_as<const SIZE: usize>(
     }
 }
 
+/// Header bytes allowed per tensor of the task: a PEFT name, dtype, shape and offsets take about
+/// 150.
+pub const HEADER_BYTES_PER_TENSOR: u64 = 512;
+/// Header bytes allowed on top, for `__metadata__` and alignment padding.
+pub const HEADER_BYTES_SLACK: u64 = 4096;
+
+/// The largest safetensors header an update for `spec` may announce.
+pub fn header_limit(spec: &[TensorSpec]) -> u64 {
+    HEADER_BYTES_SLACK + HEADER_BYTES_PER_TENSOR * spec.len() as u64
+}
+
+/// Refuses an update whose header is larger than the task's tensors can need, from its 8-byte
+/// length prefix and before anything is parsed: this bounds the tensor count, so a header of a
+/// million entries (well within the update byte limit) costs no JSON parse and no memory.
+pub fn check_header_size(bytes: &[u8], spec: &[TensorSpec]) -> Result<(), AdapterError> {
+    let prefix: [u8; 8] = bytes
+        .get(..8)
+        .and_then(|prefix| prefix.try_into().ok())
+        .ok_or_else(|| {
+            AdapterError::Malformed(format!(
+                "{} bytes is shorter than the 8-byte header length",
+                bytes.len()
+            ))
+        })?;
+    let announced = u64::from_le_bytes(prefix);
+    let limit = header_limit(spec);
+    if announced > limit {
+        return Err(AdapterError::Malformed(format!(
+            "header of {announced} bytes exceeds the limit of {limit} for the task's {} tensors",
+            spec.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Validates an update's safetensors bytes against the task's layout without decoding a value
 /// into memory: the header parsed (dtype f32, bf16 or f16; data lengths matching shapes), exactly
 /// the tensors of `spec` with their shapes, and every value finite. It accepts exactly what
@@ -262,6 +297,37 @@ mod tests {
             },
         );
         adapter
+    }
+
+    #[test]
+    fn oversized_headers_are_refused_before_parsing() {
+        let spec = vec![TensorSpec {
+            name: "x.lora_A.weight".into(),
+            shape: vec![2, 3],
+        }];
+        let bytes = adapter().to_safetensors(None).unwrap();
+        check_header_size(&bytes, &spec).unwrap();
+        validate_bytes(&bytes, &spec).unwrap();
+        // The same update with its header padded by spaces (valid safetensors) past the limit.
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let padding = header_limit(&spec) as usize + 1 - header_len;
+        let mut padded = (header_limit(&spec) + 1).to_le_bytes().to_vec();
+        padded.extend_from_slice(&bytes[8..8 + header_len]);
+        padded.extend(std::iter::repeat_n(b' ', padding));
+        padded.extend_from_slice(&bytes[8 + header_len..]);
+        validate_bytes(&padded, &spec).unwrap();
+        let error = check_header_size(&padded, &spec).unwrap_err().to_string();
+        assert!(
+            error.contains("header of 4609 bytes exceeds the limit of 4608"),
+            "{error}"
+        );
+        let error = check_header_size(&bytes[..7], &spec)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("shorter than the 8-byte header length"),
+            "{error}"
+        );
     }
 
     #[test]
