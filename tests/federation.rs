@@ -1164,6 +1164,37 @@ async fn mutual_tls_identities_and_roles(pool: sqlx::PgPool) {
     assert!(refused.is_err(), "an expired certificate was accepted");
     await_audit(store.as_ref(), "connection_refused", "expired").await;
 
+    // 3b. A daemon holding such a certificate stops with an error that says so, instead of
+    //     retrying forever: only a new certificate can mend it.
+    std::fs::create_dir_all(dir.path().join("refused")).unwrap();
+    let refused_sites = make_sites(&dir.path().join("refused"), &[("expired-site", 20)]);
+    for (case, tls, alert) in [
+        ("expired", expired.clone(), "CertificateExpired"),
+        ("another ca", stranger.clone(), "DecryptError"),
+    ] {
+        let daemon = spawn_daemon_over(
+            &url,
+            &model_dir,
+            &refused_sites[0],
+            ClientTransport::MutualTls(tls),
+        );
+        let error = tokio::time::timeout(Duration::from_secs(60), daemon)
+            .await
+            .expect("the daemon stopped instead of retrying")
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            matches!(&error, fedlora_client::error::ClientError::CertificateRefused { alert: got } if got == alert),
+            "{case}: {error}"
+        );
+        assert!(
+            error
+                .to_string()
+                .contains("refused this site's certificate"),
+            "{error}"
+        );
+    }
+
     // 4. Revoked: accepted, revoked in the store, refused on its next call on the same
     //    connection, without a restart.
     let (leaver_tls, leaver_serial) = pki.issue_with(IssueRequest::new("leaver", Role::Client, 5));

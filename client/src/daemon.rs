@@ -205,6 +205,11 @@ pub async fn run(
                 observer(&DaemonEvent::Finished { reason });
                 return Ok(summary);
             }
+            Err(error) if let Some(alert) = fedlora_proto::tls::refused_certificate(&error) => {
+                return Err(ClientError::CertificateRefused {
+                    alert: format!("{alert:?}"),
+                });
+            }
             Err(error) if is_transient(&error) => {
                 observer(&DaemonEvent::Retrying {
                     error: error.to_string(),

@@ -38,6 +38,10 @@ pub enum ClientError {
     Rpc(#[from] tonic::Status),
     #[error("cannot reach the coordinator: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error(
+        "the coordinator refused this site's certificate (tls alert {alert}): check --cert, --key and --ca-cert, and ask the federation's operator for a new certificate if it expired or was revoked"
+    )]
+    CertificateRefused { alert: String },
     #[error("protocol error: {0}")]
     Protocol(String),
 }

@@ -73,3 +73,102 @@ impl ClientTls {
         )?)
     }
 }
+
+/// Alerts that refuse the caller's own certificate: none sent, another CA's, expired, revoked,
+/// not for client use, or a key that does not match it.
+const CERTIFICATE_ALERTS: [rustls::AlertDescription; 9] = {
+    use rustls::AlertDescription as Alert;
+    [
+        Alert::CertificateRequired,
+        Alert::BadCertificate,
+        Alert::UnsupportedCertificate,
+        Alert::CertificateRevoked,
+        Alert::CertificateExpired,
+        Alert::CertificateUnknown,
+        Alert::UnknownCA,
+        Alert::AccessDenied,
+        Alert::DecryptError,
+    ]
+};
+
+/// The TLS alert with which the coordinator refused the caller's own certificate, when that is
+/// what `error` (a failed connect or call, with its sources) comes down to. Only the holder can
+/// mend these (a new certificate or the right files), so retrying is pointless. Problems with the
+/// coordinator's certificate are not included: they are mended on the coordinator's side.
+pub fn refused_certificate(
+    error: &(dyn std::error::Error + 'static),
+) -> Option<rustls::AlertDescription> {
+    let mut next = Some(error);
+    while let Some(current) = next {
+        if let Some(alert) =
+            received_alert(current).filter(|alert| CERTIFICATE_ALERTS.contains(alert))
+        {
+            return Some(alert);
+        }
+        next = current.source();
+    }
+    None
+}
+
+/// The fatal alert `error` itself reports having received.
+fn received_alert(error: &(dyn std::error::Error + 'static)) -> Option<rustls::AlertDescription> {
+    if let Some(rustls::Error::AlertReceived(alert)) = error.downcast_ref::<rustls::Error>() {
+        return Some(*alert);
+    }
+    // tokio-rustls wraps rustls' error in an io::Error, but h2 keeps only an io error's kind and
+    // text (`h2::proto::Error::Io`), so on a call the alert comes back as rustls' text:
+    // "received fatal alert: {alert:?}".
+    let io = error.downcast_ref::<std::io::Error>()?;
+    if let Some(rustls::Error::AlertReceived(alert)) = io
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        return Some(*alert);
+    }
+    if io.kind() != std::io::ErrorKind::InvalidData {
+        return None;
+    }
+    let text = io.to_string();
+    let name = text.strip_prefix("received fatal alert: ")?;
+    CERTIFICATE_ALERTS
+        .into_iter()
+        .find(|alert| format!("{alert:?}") == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("call failed")]
+    struct Wrapper(#[source] std::io::Error);
+
+    #[test]
+    fn finds_certificate_alerts_behind_io_errors_only() {
+        let refused = Wrapper(std::io::Error::other(rustls::Error::AlertReceived(
+            rustls::AlertDescription::UnknownCA,
+        )));
+        assert_eq!(
+            refused_certificate(&refused),
+            Some(rustls::AlertDescription::UnknownCA)
+        );
+        let other_alert = Wrapper(std::io::Error::other(rustls::Error::AlertReceived(
+            rustls::AlertDescription::ProtocolVersion,
+        )));
+        assert_eq!(refused_certificate(&other_alert), None);
+        // The coordinator's certificate failing our check is not the caller's to mend.
+        let theirs = rustls::Error::InvalidCertificate(rustls::CertificateError::Expired);
+        assert_eq!(refused_certificate(&theirs), None);
+        // What h2 hands back: the io error's kind and text only.
+        let through_h2 = Wrapper(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "received fatal alert: CertificateExpired",
+        ));
+        assert_eq!(
+            refused_certificate(&through_h2),
+            Some(rustls::AlertDescription::CertificateExpired)
+        );
+        let plain = Wrapper(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert_eq!(refused_certificate(&plain), None);
+    }
+}
