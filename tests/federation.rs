@@ -1230,7 +1230,7 @@ async fn mutual_tls_identities_and_roles(pool: sqlx::PgPool) {
     await_audit(
         store.as_ref(),
         "request_refused",
-        "join: a admin certificate (\"ops\") may not call the federation service",
+        "join: the admin certificate of \"ops\" may not call the federation service",
     )
     .await;
     let status = AdminClient::new(tls_channel(&url, &clinic_tls).await.unwrap())

@@ -117,7 +117,7 @@ async fn authenticate(
                 Role::Client | Role::Coordinator => "federation",
             };
             return Err(CoordinatorError::Forbidden(format!(
-                "a {} certificate ({:?}) may not call the {allowed} service",
+                "the {} certificate of {:?} may not call the {allowed} service",
                 identity.role, identity.name
             )));
         }
@@ -659,5 +659,162 @@ impl Admin for AdminService {
         Ok(Response::new(pb::ListRoundsResponse {
             rounds: rounds.into_iter().map(round_to_pb).collect(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+
+    use super::*;
+    use crate::config::FederationConfig;
+    use crate::pki::{CertificateAuthority, IssueRequest};
+    use crate::store::RevokedRow;
+
+    /// The extensions a call from 10.0.0.7 gets, with `certificate` as its verified leaf.
+    fn call_from(certificate: Option<&CertificateDer<'static>>) -> tonic::Extensions {
+        let mut extensions = tonic::Extensions::new();
+        extensions.insert(PeerInfo {
+            remote: Some(([10, 0, 0, 7], 40_000).into()),
+            certificate: certificate.map(|der| Arc::new(der.to_vec())),
+        });
+        extensions
+    }
+
+    /// What the handshake cannot see: a certificate that expired on an open connection (or a
+    /// resumed session), one revoked since, a missing one, one of the wrong role. Each call
+    /// checks them itself, fails closed and audits the refusal.
+    #[tokio::test]
+    async fn every_call_checks_its_certificate() {
+        let store = crate::store::connect("sqlite::memory:").await.unwrap();
+        let coordinator = Coordinator::start(store.clone(), FederationConfig::default())
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::init(dir.path(), "test", 30).unwrap();
+        let issue = |request: IssueRequest| {
+            let issued = ca.issue(&request).unwrap();
+            let der = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+            (der, issued.record.serial)
+        };
+        let (site, _) = issue(IssueRequest::new("clinic", Role::Client, 5));
+        let (lapsed, _) = issue(IssueRequest {
+            valid_from_secs: -3 * 86_400,
+            valid_for_secs: 86_400,
+            ..IssueRequest::new("lapsed", Role::Client, 1)
+        });
+        let (operator, _) = issue(IssueRequest::new("ops", Role::Admin, 5));
+        let (leaver, leaver_serial) = issue(IssueRequest::new("leaver", Role::Client, 5));
+        let check = |extensions: tonic::Extensions, service: Role| {
+            let coordinator = coordinator.clone();
+            async move {
+                authenticate(
+                    &coordinator,
+                    Authentication::MutualTls,
+                    &extensions,
+                    service,
+                    "join",
+                )
+                .await
+            }
+        };
+
+        let caller = check(call_from(Some(&site)), Role::Client)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (caller.name.as_str(), caller.role),
+            ("clinic", Role::Client)
+        );
+
+        let refusals = [
+            (
+                call_from(Some(&lapsed)),
+                Role::Client,
+                Code::Unauthenticated,
+                "the certificate of \"lapsed\" has expired",
+            ),
+            (
+                call_from(None),
+                Role::Client,
+                Code::Unauthenticated,
+                "no client certificate",
+            ),
+            (
+                tonic::Extensions::new(),
+                Role::Client,
+                Code::Unauthenticated,
+                "no client certificate",
+            ),
+            (
+                call_from(Some(&CertificateDer::from(vec![0x30, 0x03, 1, 2, 3]))),
+                Role::Client,
+                Code::Unauthenticated,
+                "unusable client certificate",
+            ),
+            (
+                call_from(Some(&operator)),
+                Role::Client,
+                Code::PermissionDenied,
+                "the admin certificate of \"ops\" may not call the federation service",
+            ),
+            (
+                call_from(Some(&site)),
+                Role::Admin,
+                Code::PermissionDenied,
+                "may not call the admin service",
+            ),
+        ];
+        for (extensions, service, code, message) in refusals {
+            let status = check(extensions, service).await.unwrap_err();
+            assert_eq!(status.code(), code, "{message}: {status:?}");
+            assert!(status.message().contains(message), "{status:?}");
+        }
+
+        // Revoked after the handshake: the next call is refused.
+        check(call_from(Some(&leaver)), Role::Client).await.unwrap();
+        store
+            .revoke_certificate(&RevokedRow {
+                serial: leaver_serial.clone(),
+                name: "leaver".into(),
+                reason: "left".into(),
+                revoked_ms: 1,
+            })
+            .await
+            .unwrap();
+        let status = check(call_from(Some(&leaver)), Role::Client)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        assert!(status.message().contains("is revoked"), "{status:?}");
+
+        let audit = store.list_audit(50).await.unwrap();
+        for needle in [
+            "has expired",
+            "no client certificate",
+            "may not call",
+            "is revoked",
+        ] {
+            assert!(
+                audit
+                    .iter()
+                    .any(|row| row.detail.contains(needle) && row.detail.contains("10.0.0.7")),
+                "no audit row for {needle:?}: {audit:#?}"
+            );
+        }
+        // Plaintext on loopback has no identities and checks nothing.
+        let anyone = authenticate(
+            &coordinator,
+            Authentication::InsecureLoopback,
+            &tonic::Extensions::new(),
+            Role::Client,
+            "join",
+        )
+        .await
+        .unwrap();
+        assert!(anyone.is_none());
     }
 }
