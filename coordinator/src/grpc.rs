@@ -105,6 +105,13 @@ async fn authenticate(
                 identity.name
             )));
         }
+        let federation = &coordinator.config().name;
+        if identity.federation != *federation {
+            return Err(CoordinatorError::Forbidden(format!(
+                "the certificate of {:?} is for federation {:?}; this coordinator serves {federation:?}",
+                identity.name, identity.federation
+            )));
+        }
         if coordinator.is_revoked(&identity.serial).await? {
             return Err(CoordinatorError::Unauthenticated(format!(
                 "the certificate {} of {:?} is revoked",
@@ -693,12 +700,18 @@ mod tests {
             .await
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let ca = CertificateAuthority::init(dir.path(), "test", 30).unwrap();
-        let issue = |request: IssueRequest| {
+        let ca = CertificateAuthority::init(&dir.path().join("ca"), "default", 30).unwrap();
+        let issue_by = |ca: &CertificateAuthority, request: IssueRequest| {
             let issued = ca.issue(&request).unwrap();
             let der = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
             (der, issued.record.serial)
         };
+        let issue = |request: IssueRequest| issue_by(&ca, request);
+        // A CA shared with another federation would pass the handshake; its certificates name
+        // their federation.
+        let neighbours =
+            CertificateAuthority::init(&dir.path().join("other"), "other", 30).unwrap();
+        let (neighbour, _) = issue_by(&neighbours, IssueRequest::new("clinic", Role::Client, 5));
         let (site, _) = issue(IssueRequest::new("clinic", Role::Client, 5));
         let (lapsed, _) = issue(IssueRequest {
             valid_from_secs: -3 * 86_400,
@@ -767,6 +780,12 @@ mod tests {
                 Code::PermissionDenied,
                 "may not call the admin service",
             ),
+            (
+                call_from(Some(&neighbour)),
+                Role::Client,
+                Code::PermissionDenied,
+                "the certificate of \"clinic\" is for federation \"other\"; this coordinator serves \"default\"",
+            ),
         ];
         for (extensions, service, code, message) in refusals {
             let status = check(extensions, service).await.unwrap_err();
@@ -796,6 +815,7 @@ mod tests {
             "has expired",
             "no client certificate",
             "may not call",
+            "is for federation",
             "is revoked",
         ] {
             assert!(

@@ -156,6 +156,8 @@ impl IssueRequest {
 pub struct PeerIdentity {
     pub name: String,
     pub role: Role,
+    /// The federation the certificate was issued for (subject O, copied from the CA's).
+    pub federation: String,
     /// Lowercase hex of the serial number (the revocation key).
     pub serial: String,
     pub not_after_unix: i64,
@@ -227,7 +229,7 @@ impl CertificateAuthority {
             DnType::CommonName,
             format!("fedlora federation CA {federation}"),
         );
-        subject.push(DnType::OrganizationName, "fedlora");
+        subject.push(DnType::OrganizationName, federation);
         params.distinguished_name = subject;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
@@ -267,12 +269,15 @@ impl CertificateAuthority {
             )));
         }
         let ca_key = KeyPair::from_pem(&read(&self.key_path())?)?;
-        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem()?, ca_key)?;
+        let ca_pem = self.cert_pem()?;
+        let federation = federation_of_pem(&ca_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
         let mut params = CertificateParams::default();
         let mut subject = DistinguishedName::new();
         subject.push(DnType::CommonName, request.name.as_str());
         subject.push(DnType::OrganizationalUnitName, request.role.as_str());
-        subject.push(DnType::OrganizationName, "fedlora");
+        // The CA's federation: a coordinator accepts only its own federation's certificates.
+        subject.push(DnType::OrganizationName, federation);
         params.distinguished_name = subject;
         params.serial_number = Some(random_serial());
         params.not_before = at(request.valid_from_secs)?;
@@ -400,12 +405,35 @@ pub fn identify(der: &[u8]) -> Result<PeerIdentity> {
     let role = text(subject.iter_organizational_unit().next())
         .and_then(|role| Role::parse(&role))
         .ok_or_else(|| PkiError::Malformed(format!("certificate of {name:?} names no role")))?;
+    let federation = text(subject.iter_organization().next()).ok_or_else(|| {
+        PkiError::Malformed(format!("certificate of {name:?} names no federation"))
+    })?;
     Ok(PeerIdentity {
         name,
         role,
+        federation,
         serial: hex_of(cert.raw_serial()),
         not_after_unix: cert.validity().not_after.timestamp(),
     })
+}
+
+/// The federation a CA certificate (PEM) was made for: its subject O.
+pub fn federation_of_pem(pem: &str) -> Result<String> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|error| PkiError::Malformed(error.to_string().to_lowercase()))?;
+    federation_of_der(&pem.contents)
+}
+
+/// The federation a certificate (DER) names: its subject O.
+pub fn federation_of_der(der: &[u8]) -> Result<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|error| PkiError::Malformed(error.to_string().to_lowercase()))?;
+    cert.subject()
+        .iter_organization()
+        .next()
+        .and_then(|value| value.as_str().ok())
+        .map(str::to_string)
+        .ok_or_else(|| PkiError::Malformed("the ca certificate names no federation".into()))
 }
 
 /// The subject common name of a CA-less DER certificate, for messages.
@@ -518,6 +546,8 @@ mod tests {
         let identity = identify(&der).unwrap();
         assert_eq!(identity.name, "clinic-1");
         assert_eq!(identity.role, Role::Client);
+        assert_eq!(identity.federation, "test");
+        assert_eq!(federation_of_pem(&ca.cert_pem().unwrap()).unwrap(), "test");
         assert_eq!(identity.serial, clinic.record.serial);
         assert_eq!(identity.serial.len(), 32);
         assert!(identity.not_after_unix - clinic.record.not_before_unix > 9 * 86_400);

@@ -54,6 +54,10 @@ pub enum ServeError {
         "refusing plaintext grpc on {0}: --insecure binds only to loopback (127.0.0.1 or ::1); use mutual tls elsewhere"
     )]
     InsecureNotLoopback(SocketAddr),
+    #[error(
+        "the ca certificate was made for federation {ca:?}, but this coordinator serves {federation:?}: run `fedlora ca init --federation {federation}` for it, or serve --federation {ca:?}"
+    )]
+    CaOfAnotherFederation { ca: String, federation: String },
 }
 
 /// Binds `addr` (port 0 picks a free port) and returns the listener and its actual address.
@@ -85,6 +89,15 @@ pub async fn serve(
             None => {
                 return Err(ServeError::Task("the listener has no local address".into()));
             }
+        }
+    }
+    if let ServerTransport::MutualTls(tls) = &transport {
+        let federation = &coordinator.config().name;
+        if !tls.trusts_federation(federation) {
+            return Err(ServeError::CaOfAnotherFederation {
+                ca: tls.federations().join(", "),
+                federation: federation.clone(),
+            });
         }
     }
     let ticker = {
@@ -216,6 +229,44 @@ mod tests {
         assert!(
             matches!(served, Err(ServeError::InsecureNotLoopback(_))),
             "{served:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_ca_made_for_another_federation_is_refused_at_start() {
+        let store = crate::store::connect("sqlite::memory:").await.unwrap();
+        let coordinator = Coordinator::start(store, FederationConfig::default())
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ca = crate::pki::CertificateAuthority::init(dir.path(), "other", 30).unwrap();
+        let issued = ca
+            .issue(&crate::pki::IssueRequest::new(
+                "localhost",
+                crate::pki::Role::Coordinator,
+                5,
+            ))
+            .unwrap();
+        let tls = ServerTls::from_pem(
+            &ca.cert_pem().unwrap(),
+            &issued.cert_pem,
+            &issued.key_pem.unwrap(),
+        )
+        .unwrap();
+        assert!(tls.trusts_federation("other"));
+        let (listener, _) = bind(([127, 0, 0, 1], 0).into()).await.unwrap();
+        let served = serve(
+            coordinator,
+            listener,
+            ServerTransport::MutualTls(tls),
+            std::future::pending(),
+        )
+        .await;
+        let error = served.unwrap_err().to_string();
+        assert!(
+            error
+                .contains("made for federation \"other\", but this coordinator serves \"default\""),
+            "{error}"
         );
     }
 }

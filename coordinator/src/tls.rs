@@ -51,6 +51,8 @@ pub enum TlsError {
 #[derive(Clone)]
 pub struct ServerTls {
     config: Arc<ServerConfig>,
+    /// The federations the trusted CA certificates were made for (their subject O).
+    federations: Vec<String>,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -65,7 +67,9 @@ impl ServerTls {
     pub fn from_pem(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = RootCertStore::empty();
+        let mut federations = Vec::new();
         for ca in certificates(ca_pem, "federation ca certificate")? {
+            federations.extend(crate::pki::federation_of_der(&ca).ok());
             roots.add(ca)?;
         }
         let verifier =
@@ -83,7 +87,19 @@ impl ServerTls {
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Self {
             config: Arc::new(config),
+            federations,
         })
+    }
+
+    /// Whether a trusted CA was made for `federation` (`fedlora ca init --federation`): its
+    /// certificates name their federation, and the coordinator accepts only its own.
+    pub fn trusts_federation(&self, federation: &str) -> bool {
+        self.federations.iter().any(|name| name == federation)
+    }
+
+    /// The federations the trusted CA certificates were made for.
+    pub fn federations(&self) -> &[String] {
+        &self.federations
     }
 }
 
