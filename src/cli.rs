@@ -431,6 +431,10 @@ pub struct ServeArgs {
     /// Chunks one upload may arrive in (1 MiB each from fedlora clients).
     #[arg(long, default_value_t = Limits::default().max_update_chunks)]
     pub max_update_chunks: u32,
+    /// The largest gRPC message a caller may send, such as one upload chunk; larger ones are
+    /// refused (RESOURCE_EXHAUSTED) before they are buffered.
+    #[arg(long, default_value_t = Limits::default().max_message_bytes)]
+    pub max_message_bytes: usize,
     /// Audit rows per minute per remote address for calls refused before authentication
     /// (always logged): strangers cannot fill the database.
     #[arg(long, default_value_t = Limits::default().audits_per_minute_per_address)]
@@ -659,6 +663,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         audits_per_minute_per_address: args.audits_per_minute,
         max_connections: args.max_connections,
         max_update_chunks: args.max_update_chunks,
+        max_message_bytes: args.max_message_bytes,
         ..Limits::default()
     };
     let coordinator = Coordinator::start_with_limits(store, config, limits).await?;

@@ -551,6 +551,7 @@ async fn malformed_updates_are_refused_and_the_round_goes_on(pool: sqlx::PgPool)
         .unwrap();
     integer[at + 1] = b'I';
     let many: Vec<&[u8]> = bytes.chunks(bytes.len().div_ceil(16)).collect();
+    let huge_chunk = vec![0u8; 5 << 20];
     // The task's tensors and 2000 more: refused from the header's length, before it is parsed.
     let mut crowded = good.clone();
     for index in 0..2000 {
@@ -605,6 +606,13 @@ async fn malformed_updates_are_refused_and_the_round_goes_on(pool: sqlx::PgPool)
             claimed: sha256_hex(&integer),
             chunks: vec![&integer[..]],
             code: Code::InvalidArgument,
+        },
+        Hostile {
+            case: "a 5 MiB chunk over the 4 MiB message limit",
+            total: huge_chunk.len() as u64,
+            claimed: sha.clone(),
+            chunks: vec![&huge_chunk[..]],
+            code: Code::ResourceExhausted,
         },
         Hostile {
             case: "2000 tensors more than the task's",
@@ -664,6 +672,7 @@ async fn malformed_updates_are_refused_and_the_round_goes_on(pool: sqlx::PgPool)
         "truncated",
         "longer than",
         "more than 8 chunks",
+        "upload message larger than the limit of 4194304 bytes",
         "shape",
         "dtype",
         "header of",
@@ -716,23 +725,47 @@ async fn malformed_updates_are_refused_and_the_round_goes_on(pool: sqlx::PgPool)
         })
         .collect();
     // Mallory also answers the final evaluation round so that it can close.
-    loop {
+    let evaluation = loop {
         if let Some(task) = next_task(&mut mallory, &mallory_id).await {
             assert_eq!(task.kind, pb::TaskKind::Evaluate as i32);
-            mallory
-                .submit_evaluation(pb::SubmitEvaluationRequest {
-                    client_id: mallory_id.clone(),
-                    task_id: task.task_id,
-                    eval_loss: 5.0,
-                    num_eval_tokens: 10,
-                })
-                .await
-                .unwrap();
-            break;
+            let evaluation = pb::SubmitEvaluationRequest {
+                client_id: mallory_id.clone(),
+                task_id: task.task_id,
+                eval_loss: 5.0,
+                num_eval_tokens: 10,
+            };
+            mallory.submit_evaluation(evaluation.clone()).await.unwrap();
+            break evaluation;
         }
-    }
+    };
     wait_all(daemons).await;
+
+    // Late and early: an evaluation for the closed round, a download of a round that never was.
+    let status = mallory.submit_evaluation(evaluation).await.unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::FailedPrecondition,
+        "stale round: {status:?}"
+    );
+    let status = mallory
+        .download_adapter(pb::DownloadAdapterRequest {
+            client_id: mallory_id.clone(),
+            round_id: 1_000_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "future round: {status:?}");
     running.stop().await.unwrap();
+    let refused = store.list_audit(200).await.unwrap();
+    for needle in ["is closed", "1000000"] {
+        assert!(
+            refused
+                .iter()
+                .any(|event| event.kind == "request_refused" && event.detail.contains(needle)),
+            "no audit row for {needle:?}: {refused:#?}"
+        );
+    }
 
     let federation = store.create_or_get_federation("test", "", 0).await.unwrap();
     let rounds = rounds_oldest_first(store.as_ref(), federation.id).await;

@@ -17,7 +17,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::error;
 
 use crate::aggregate::Trained;
-use crate::limits::Hit;
+use crate::limits::{Hit, Limits};
 use crate::pki::{self, PeerIdentity, Role};
 use crate::rounds::{
     Coordinator, CoordinatorError, HeldFactors, JoinRequest, NextTask, RoundKind, RoundSummary,
@@ -221,14 +221,14 @@ impl FederationService {
         caller: Option<PeerIdentity>,
     ) -> Result<UpdateSubmission, (Option<i64>, CoordinatorError, Status)> {
         let limit = self.coordinator.config().max_update_bytes;
-        let max_chunks = self.coordinator.limits().max_update_chunks;
-        let idle = self.coordinator.limits().upload_idle_timeout;
-        let upload_timeout = self.coordinator.limits().upload_timeout;
+        let limits = self.coordinator.limits().clone();
+        let max_chunks = limits.max_update_chunks;
+        let upload_timeout = limits.upload_timeout;
         let plain = |status: Status| {
             let error = CoordinatorError::InvalidUpdate(status.message().to_string());
             (None, error, status)
         };
-        let header = match next_part(&mut stream, idle).await.map_err(plain)? {
+        let header = match next_part(&mut stream, &limits).await.map_err(plain)? {
             Some(submit_update_request::Part::Header(header)) => header,
             _ => {
                 return Err(plain(Status::invalid_argument(
@@ -268,7 +268,7 @@ impl FederationService {
             // Grow with the bytes that actually arrive, never with what the header claims.
             let mut bytes = Vec::with_capacity(total.min(4 * CHUNK_BYTES as u64) as usize);
             let mut chunks = 0u32;
-            while let Some(part) = next_part(&mut stream, idle).await? {
+            while let Some(part) = next_part(&mut stream, &limits).await? {
                 chunks += 1;
                 if chunks > max_chunks {
                     return Err(Status::resource_exhausted(format!(
@@ -326,13 +326,21 @@ impl FederationService {
 
 async fn next_part(
     stream: &mut Streaming<pb::SubmitUpdateRequest>,
-    idle: Duration,
+    limits: &Limits,
 ) -> Result<Option<submit_update_request::Part>, Status> {
+    let idle = limits.upload_idle_timeout;
     match tokio::time::timeout(idle, stream.message()).await {
         Err(_) => Err(Status::deadline_exceeded(format!(
             "upload stalled: no data for {} s",
             idle.as_secs_f64()
         ))),
+        // tonic refuses a message over `max_decoding_message_size` before buffering it.
+        Ok(Err(status)) if status.code() == Code::OutOfRange => {
+            Err(Status::resource_exhausted(format!(
+                "upload message larger than the limit of {} bytes",
+                limits.max_message_bytes
+            )))
+        }
         Ok(Err(status)) => Err(status),
         Ok(Ok(None)) => Ok(None),
         Ok(Ok(Some(message))) => message

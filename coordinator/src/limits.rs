@@ -1,6 +1,6 @@
 //! Operational limits of a running coordinator (not part of the federation's stored config, so
 //! they can change across restarts): call rates per caller, audit rows per remote address,
-//! connections, and upload chunks and deadlines. Counters are per process.
+//! connections, and upload messages, chunks and deadlines. Counters are per process.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -20,6 +20,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// Chunks one upload may arrive in.
     pub max_update_chunks: u32,
+    /// The largest gRPC message a caller may send, such as one upload chunk (fedlora clients send
+    /// 1 MiB chunks); a larger one is refused before it is buffered.
+    pub max_message_bytes: usize,
     /// An upload that sends nothing for this long is cut off (`DEADLINE_EXCEEDED`).
     pub upload_idle_timeout: Duration,
     /// An upload must be complete this long after its header.
@@ -33,6 +36,7 @@ impl Default for Limits {
             audits_per_minute_per_address: 30,
             max_connections: 512,
             max_update_chunks: 4096,
+            max_message_bytes: 4 << 20,
             upload_idle_timeout: Duration::from_secs(60),
             upload_timeout: Duration::from_secs(600),
         }

@@ -117,20 +117,21 @@ pub async fn serve(
         ServerTransport::Insecure => Authentication::InsecureLoopback,
         ServerTransport::MutualTls(_) => Authentication::MutualTls,
     };
+    let max_message = coordinator.limits().max_message_bytes;
     let router = tonic::transport::Server::builder()
         // Notice peers that vanished, and let no connection live forever: a revoked or expired
         // certificate is also refused per call, but a fresh handshake re-checks the chain.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .max_connection_age(Duration::from_secs(3600))
-        .add_service(FederationServer::new(FederationService::new(
-            coordinator.clone(),
-            mode,
-        )))
-        .add_service(AdminServer::new(AdminService::new(
-            coordinator.clone(),
-            mode,
-        )));
+        .add_service(
+            FederationServer::new(FederationService::new(coordinator.clone(), mode))
+                .max_decoding_message_size(max_message),
+        )
+        .add_service(
+            AdminServer::new(AdminService::new(coordinator.clone(), mode))
+                .max_decoding_message_size(max_message),
+        );
     let result = match transport {
         ServerTransport::Insecure => {
             router
