@@ -601,6 +601,10 @@ async fn shutdown_signal() {
 
 async fn serve(args: ServeArgs) -> Result<()> {
     let transport = args.transport.server()?;
+    // Before the store is touched: a CA of another federation must not create this one.
+    if let ServerTransport::MutualTls(tls) = &transport {
+        tls.check_federation(&args.federation)?;
+    }
     if matches!(transport, ServerTransport::Insecure) && !args.listen.ip().is_loopback() {
         bail!(
             "refusing plaintext grpc on {}: --insecure binds only to loopback (127.0.0.1 or ::1); use mutual tls elsewhere",
@@ -666,6 +670,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         max_message_bytes: args.max_message_bytes,
         ..Limits::default()
     };
+    limits.validate()?;
     let coordinator = Coordinator::start_with_limits(store, config, limits).await?;
     let (listener, address) = server::bind(args.listen).await?;
     eprintln!(

@@ -255,6 +255,9 @@ pub fn show(bar: &ProgressBar, event: &DaemonEvent) {
             ));
         }
         DaemonEvent::Retrying { error, .. } => bar.set_message(format!("retrying: {error}")),
+        DaemonEvent::CertificateRefused { alert } => {
+            bar.set_message(format!("certificate refused ({alert}), retrying"));
+        }
         DaemonEvent::Finished { .. } => bar.finish_with_message("done"),
     }
 }

@@ -127,15 +127,11 @@ fn spawn_daemon(
     spawn_daemon_over(url, model_dir, site, ClientTransport::Insecure)
 }
 
-fn spawn_daemon_over(
-    url: &str,
-    model_dir: &Path,
-    site: &Site,
-    transport: ClientTransport,
-) -> JoinHandle<fedlora_client::error::Result<daemon::DaemonSummary>> {
-    let config = DaemonConfig {
+/// A daemon's settings for `site` over plaintext.
+fn daemon_config(url: &str, model_dir: &Path, site: &Site) -> DaemonConfig {
+    DaemonConfig {
         coordinator: url.to_string(),
-        transport,
+        transport: ClientTransport::Insecure,
         client_name: site.name.to_string(),
         model_dir: model_dir.to_path_buf(),
         data_path: site.data.clone(),
@@ -144,6 +140,18 @@ fn spawn_daemon_over(
         max_rank: site.max_rank,
         max_eval_windows: 16,
         base: site.base,
+    }
+}
+
+fn spawn_daemon_over(
+    url: &str,
+    model_dir: &Path,
+    site: &Site,
+    transport: ClientTransport,
+) -> JoinHandle<fedlora_client::error::Result<daemon::DaemonSummary>> {
+    let config = DaemonConfig {
+        transport,
+        ..daemon_config(url, model_dir, site)
     };
     tokio::spawn(daemon::run(
         config,
@@ -552,18 +560,21 @@ async fn malformed_updates_are_refused_and_the_round_goes_on(pool: sqlx::PgPool)
     integer[at + 1] = b'I';
     let many: Vec<&[u8]> = bytes.chunks(bytes.len().div_ceil(16)).collect();
     let huge_chunk = vec![0u8; 5 << 20];
-    // The task's tensors and 2000 more: refused from the header's length, before it is parsed.
-    let mut crowded = good.clone();
-    for index in 0..2000 {
-        crowded.tensors.insert(
-            format!("extra.{index}.lora_A.weight"),
-            fedlora_proto::adapter::AdapterTensor {
-                shape: vec![1],
-                data: vec![0.0],
-            },
-        );
-    }
-    let crowded = crowded.to_safetensors(None).unwrap();
+    let largest = fedlora_proto::tensor_bytes::max_update_len(&spec);
+    // A valid bf16 update whose header is padded (with spaces, as safetensors allows) past the
+    // task's header limit: refused from the header's length prefix, before it is parsed. (Extra
+    // tensors would be refused even earlier: their bytes exceed the largest valid update.)
+    let header_limit = fedlora_proto::tensor_bytes::header_limit(&spec);
+    let crowded = {
+        let compact = good.to_safetensors_as(WireDtype::Bf16, None).unwrap();
+        let header_len = u64::from_le_bytes(compact[..8].try_into().unwrap()) as usize;
+        let mut padded = (header_limit + 1).to_le_bytes().to_vec();
+        padded.extend_from_slice(&compact[8..8 + header_len]);
+        padded.resize(8 + header_limit as usize + 1, b' ');
+        padded.extend_from_slice(&compact[8 + header_len..]);
+        padded
+    };
+    assert!((crowded.len() as u64) < largest);
     let cases = [
         Hostile {
             case: "oversized",
@@ -609,13 +620,20 @@ async fn malformed_updates_are_refused_and_the_round_goes_on(pool: sqlx::PgPool)
         },
         Hostile {
             case: "a 5 MiB chunk over the 4 MiB message limit",
-            total: huge_chunk.len() as u64,
+            total: len,
             claimed: sha.clone(),
             chunks: vec![&huge_chunk[..]],
             code: Code::ResourceExhausted,
         },
         Hostile {
-            case: "2000 tensors more than the task's",
+            case: "more bytes than any valid update for the task",
+            total: largest + 1,
+            claimed: sha.clone(),
+            chunks: vec![&bytes[..]],
+            code: Code::ResourceExhausted,
+        },
+        Hostile {
+            case: "a header longer than the task's tensors need",
             total: crowded.len() as u64,
             claimed: sha256_hex(&crowded),
             chunks: vec![&crowded[..]],
@@ -668,14 +686,26 @@ async fn malformed_updates_are_refused_and_the_round_goes_on(pool: sqlx::PgPool)
     );
     let refused = store.list_audit(100).await.unwrap();
     for needle in [
-        "exceeds the limit",
+        &format!(
+            "update of {} bytes exceeds the limit of {} bytes",
+            config.max_update_bytes + 1,
+            config.max_update_bytes
+        ),
+        &format!(
+            "update of {} bytes exceeds the limit of {largest} bytes",
+            largest + 1
+        ),
         "truncated",
         "longer than",
         "more than 8 chunks",
         "upload message larger than the limit of 4194304 bytes",
         "shape",
         "dtype",
-        "header of",
+        &format!(
+            "header of {} bytes exceeds the limit of {header_limit} for the task's {} tensors",
+            header_limit + 1,
+            spec.len()
+        ),
         "client 999999 is not the client of certificate \"mallory\"",
         "stalled",
     ] {
@@ -1197,36 +1227,49 @@ async fn mutual_tls_identities_and_roles(pool: sqlx::PgPool) {
     assert!(refused.is_err(), "an expired certificate was accepted");
     await_audit(store.as_ref(), "connection_refused", "expired").await;
 
-    // 3b. A daemon holding such a certificate stops with an error that says so, instead of
-    //     retrying forever: only a new certificate can mend it.
+    // 3b. A daemon whose own clock confirms the refusal (expired) stops with an error that says
+    //     so; one refused for another reason (another CA's certificate) keeps retrying every
+    //     30 s, reporting the refusal, since a refusal alone may be the coordinator's fault or a
+    //     forged alert.
     std::fs::create_dir_all(dir.path().join("refused")).unwrap();
     let refused_sites = make_sites(&dir.path().join("refused"), &[("expired-site", 20)]);
-    for (case, tls, alert) in [
-        ("expired", expired.clone(), "CertificateExpired"),
-        ("another ca", stranger.clone(), "DecryptError"),
-    ] {
-        let daemon = spawn_daemon_over(
-            &url,
-            &model_dir,
-            &refused_sites[0],
-            ClientTransport::MutualTls(tls),
-        );
-        let error = tokio::time::timeout(Duration::from_secs(60), daemon)
-            .await
-            .expect("the daemon stopped instead of retrying")
-            .unwrap()
-            .unwrap_err();
-        assert!(
-            matches!(&error, fedlora_client::error::ClientError::CertificateRefused { alert: got } if got == alert),
-            "{case}: {error}"
-        );
-        assert!(
-            error
-                .to_string()
-                .contains("refused this site's certificate"),
-            "{error}"
-        );
-    }
+    let daemon = spawn_daemon_over(
+        &url,
+        &model_dir,
+        &refused_sites[0],
+        ClientTransport::MutualTls(expired.clone()),
+    );
+    let error = tokio::time::timeout(Duration::from_secs(60), daemon)
+        .await
+        .expect("the daemon stopped instead of retrying")
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(&error, fedlora_client::error::ClientError::CertificateRefused { alert, detail }
+            if alert == "CertificateExpired" && detail.starts_with("it expired on")),
+        "{error}"
+    );
+    let (events, mut refusals) = tokio::sync::mpsc::unbounded_channel();
+    let config = DaemonConfig {
+        transport: ClientTransport::MutualTls(stranger.clone()),
+        ..daemon_config(&url, &model_dir, &refused_sites[0])
+    };
+    let daemon = tokio::spawn(daemon::run(
+        config,
+        Arc::new(move |event: &daemon::DaemonEvent| {
+            if let daemon::DaemonEvent::CertificateRefused { alert } = event {
+                let _ = events.send(alert.clone());
+            }
+        }),
+        std::future::pending(),
+    ));
+    let alert = tokio::time::timeout(Duration::from_secs(60), refusals.recv())
+        .await
+        .expect("the refusal was reported")
+        .unwrap();
+    assert_eq!(alert, "DecryptError");
+    assert!(!daemon.is_finished(), "the daemon kept retrying");
+    daemon.abort();
 
     // 4. Revoked: accepted, revoked in the store, refused on its next call on the same
     //    connection, without a restart.

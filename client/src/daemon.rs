@@ -20,7 +20,7 @@ use fedlora_proto::v1::federation_client::FederationClient;
 use fedlora_proto::v1::{self as pb, next_task_response, submit_update_request};
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
-use tracing::{info, instrument, warn};
+use tracing::{error, info, instrument, warn};
 
 use crate::error::{ClientError, Result};
 use crate::model::peft::write_peft_adapter;
@@ -120,6 +120,12 @@ pub enum DaemonEvent {
         error: String,
         after_ms: u64,
     },
+    /// The coordinator refused this site's certificate in the TLS handshake (`alert`), while
+    /// this machine's clock says it is valid: retried every 30 s, since only the holder's files or
+    /// the coordinator's CA setup can mend it.
+    CertificateRefused {
+        alert: String,
+    },
     Finished {
         reason: String,
     },
@@ -205,24 +211,39 @@ pub async fn run(
                 observer(&DaemonEvent::Finished { reason });
                 return Ok(summary);
             }
-            Err(error) if let Some(alert) = fedlora_proto::tls::refused_certificate(&error) => {
-                return Err(ClientError::CertificateRefused {
-                    alert: format!("{alert:?}"),
-                });
-            }
-            Err(error) if is_transient(&error) => {
-                observer(&DaemonEvent::Retrying {
-                    error: error.to_string(),
-                    after_ms: backoff.as_millis() as u64,
-                });
-                warn!(%error, ?backoff, "coordinator call failed; retrying");
+            Err(error) => {
+                let wait = if let Some(alert) = fedlora_proto::tls::refused_certificate(&error) {
+                    let alert = format!("{alert:?}");
+                    // Stop only when this machine's clock confirms the refusal: an alert alone
+                    // may come from a misconfigured coordinator or be forged on the path.
+                    if let ClientTransport::MutualTls(tls) = &config.transport
+                        && let Some(detail) = tls.lapsed(std::time::SystemTime::now())
+                    {
+                        return Err(ClientError::CertificateRefused { alert, detail });
+                    }
+                    error!(
+                        %alert,
+                        "the coordinator refused this site's certificate; check --cert, --key and --ca-cert, or ask the federation's operator whether the coordinator trusts this federation's ca; retrying every {} s",
+                        MAX_BACKOFF.as_secs()
+                    );
+                    observer(&DaemonEvent::CertificateRefused { alert });
+                    MAX_BACKOFF
+                } else if is_transient(&error) {
+                    observer(&DaemonEvent::Retrying {
+                        error: error.to_string(),
+                        after_ms: backoff.as_millis() as u64,
+                    });
+                    warn!(%error, ?backoff, "coordinator call failed; retrying");
+                    backoff
+                } else {
+                    return Err(error);
+                };
                 tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(wait) => {}
                     () = &mut shutdown => return Ok(summary),
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
-            Err(error) => return Err(error),
         }
     }
 }

@@ -39,9 +39,9 @@ pub enum ClientError {
     #[error("cannot reach the coordinator: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error(
-        "the coordinator refused this site's certificate (tls alert {alert}): check --cert, --key and --ca-cert, and ask the federation's operator for a new certificate if it expired or was revoked"
+        "the coordinator refused this site's certificate (tls alert {alert}): {detail}; ask the federation's operator for a new one (`fedlora ca issue-client`) and pass it with --cert and --key"
     )]
-    CertificateRefused { alert: String },
+    CertificateRefused { alert: String, detail: String },
     #[error("protocol error: {0}")]
     Protocol(String),
 }

@@ -260,7 +260,7 @@ impl FederationService {
             }));
         }
         self.coordinator
-            .check_upload(client_id, &header.task_id)
+            .check_upload(client_id, &header.task_id, header.total_bytes)
             .await
             .map_err(refuse)?;
         let total = header.total_bytes;

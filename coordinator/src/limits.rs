@@ -43,6 +43,36 @@ impl Default for Limits {
     }
 }
 
+/// A limit that would refuse every honest caller.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid limit: {0}")]
+pub struct InvalidLimit(String);
+
+impl Limits {
+    /// Refuses limits that no honest federation could work under: a message limit below one
+    /// upload chunk (`fedlora_proto::CHUNK_BYTES`) and its framing, or zero counts and durations.
+    pub fn validate(&self) -> Result<(), InvalidLimit> {
+        let least_message = fedlora_proto::CHUNK_BYTES + (64 << 10);
+        if self.max_message_bytes < least_message {
+            return Err(InvalidLimit(format!(
+                "max_message_bytes {} is below one upload chunk and its framing ({least_message} bytes)",
+                self.max_message_bytes
+            )));
+        }
+        let zero = [
+            ("requests_per_minute", self.requests_per_minute == 0),
+            ("max_connections", self.max_connections == 0),
+            ("max_update_chunks", self.max_update_chunks == 0),
+            ("upload_idle_timeout", self.upload_idle_timeout.is_zero()),
+            ("upload_timeout", self.upload_timeout.is_zero()),
+        ];
+        if let Some((name, _)) = zero.iter().find(|(_, is_zero)| *is_zero) {
+            return Err(InvalidLimit(format!("{name} must be above zero")));
+        }
+        Ok(())
+    }
+}
+
 /// The outcome of counting one event against a [`WindowCounter`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hit {
@@ -101,7 +131,34 @@ impl WindowCounter {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
+
+    #[test]
+    fn limits_that_refuse_every_honest_caller_are_invalid() {
+        Limits::default().validate().unwrap();
+        let small = Limits {
+            max_message_bytes: 1 << 20,
+            ..Limits::default()
+        };
+        assert!(
+            small
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("below one upload chunk")
+        );
+        let zero = Limits {
+            max_update_chunks: 0,
+            ..Limits::default()
+        };
+        assert!(
+            zero.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("max_update_chunks must be above zero")
+        );
+    }
 
     #[test]
     fn counts_per_key_and_window() {

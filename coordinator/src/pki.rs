@@ -1,6 +1,7 @@
 //! The federation's certificate authority, made with rcgen: the coordinator's server certificate,
-//! and client and admin certificates whose subject carries the holder's name (CN) and role (OU).
-//! Identity and role come only from a certificate the CA signed, never from what a caller says.
+//! and client and admin certificates whose subject carries the holder's name (CN), role (OU) and
+//! federation (O, copied from the CA's, whose CN is `fedlora federation CA {O}`). Identity, role
+//! and federation come only from a certificate the CA signed, never from what a caller says.
 //!
 //! A CA directory holds:
 //! - `ca.pem`: the CA certificate, given to the coordinator, every site and every operator;
@@ -225,10 +226,7 @@ impl CertificateAuthority {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         let mut subject = DistinguishedName::new();
-        subject.push(
-            DnType::CommonName,
-            format!("fedlora federation CA {federation}"),
-        );
+        subject.push(DnType::CommonName, ca_common_name(federation));
         subject.push(DnType::OrganizationName, federation);
         params.distinguished_name = subject;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -417,23 +415,40 @@ pub fn identify(der: &[u8]) -> Result<PeerIdentity> {
     })
 }
 
-/// The federation a CA certificate (PEM) was made for: its subject O.
+/// The federation a CA certificate (PEM) was made for; see [`ca_federation`].
 pub fn federation_of_pem(pem: &str) -> Result<String> {
     let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
         .map_err(|error| PkiError::Malformed(error.to_string().to_lowercase()))?;
-    federation_of_der(&pem.contents)
+    ca_federation(&pem.contents)?.ok_or_else(|| {
+        PkiError::Malformed("the ca certificate was not made for a federation".into())
+    })
 }
 
-/// The federation a certificate (DER) names: its subject O.
-pub fn federation_of_der(der: &[u8]) -> Result<String> {
+/// The federation a CA certificate (DER) was made for by `fedlora ca init`: subject O, when
+/// the CN agrees (`fedlora federation CA {O}`). `None` for other CAs, and for CAs made before
+/// certificates named their federation (their O was always "fedlora").
+pub fn ca_federation(der: &[u8]) -> Result<Option<String>> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|error| PkiError::Malformed(error.to_string().to_lowercase()))?;
-    cert.subject()
+    let subject = cert.subject();
+    let organization = subject
         .iter_organization()
         .next()
-        .and_then(|value| value.as_str().ok())
-        .map(str::to_string)
-        .ok_or_else(|| PkiError::Malformed("the ca certificate names no federation".into()))
+        .and_then(|value| value.as_str().ok());
+    let common_name = subject
+        .iter_common_name()
+        .next()
+        .and_then(|value| value.as_str().ok());
+    Ok(match (organization, common_name) {
+        (Some(federation), Some(cn)) if cn == ca_common_name(federation) => {
+            Some(federation.to_string())
+        }
+        _ => None,
+    })
+}
+
+fn ca_common_name(federation: &str) -> String {
+    format!("fedlora federation CA {federation}")
 }
 
 /// The subject common name of a CA-less DER certificate, for messages.

@@ -18,7 +18,7 @@ use fedlora_proto::adapter::{
     Adapter, AdapterError, Factor, LoraSpec, ModelDims, TensorSpec, adapter_spec, sha256_hex,
 };
 use fedlora_proto::factors::{SINGLE_FACTOR, client_spec, initial_factors};
-use fedlora_proto::tensor_bytes::{check_header_size, validate_bytes};
+use fedlora_proto::tensor_bytes::{check_header_size, max_update_len, validate_bytes};
 use tokio::sync::{Mutex, Notify};
 use tracing::{info, instrument, warn};
 
@@ -269,6 +269,9 @@ impl Coordinator {
         limits: Limits,
     ) -> Result<Arc<Self>> {
         config
+            .validate()
+            .map_err(|error| CoordinatorError::Corrupt(error.to_string()))?;
+        limits
             .validate()
             .map_err(|error| CoordinatorError::Corrupt(error.to_string()))?;
         let config_json = serde_json::to_string(&config)
@@ -620,9 +623,15 @@ impl Coordinator {
         Ok((task, round))
     }
 
-    /// Checks, from an upload's header alone, that the client may upload for this task at all, so
-    /// that a stranger's stream is refused before its bytes are read.
-    pub async fn check_upload(&self, client_id: i64, task_id: &str) -> Result<()> {
+    /// Checks, from an upload's header alone, that the client may upload for this task at all and
+    /// that `total_bytes` fits the largest valid update for it, so that a stranger's or an
+    /// oversized stream is refused before its bytes are read.
+    pub async fn check_upload(
+        &self,
+        client_id: i64,
+        task_id: &str,
+        total_bytes: u64,
+    ) -> Result<()> {
         self.client(client_id).await?;
         let (task, round) = self.owned_task(client_id, task_id).await?;
         if round_kind(&round)? != RoundKind::Train {
@@ -630,6 +639,14 @@ impl Coordinator {
                 task_id: task.id,
                 kind: round.kind,
                 message: "it takes an evaluation, not an update",
+            });
+        }
+        // No upload may be larger than the largest valid update for its task.
+        let limit = max_update_len(&self.task_spec(&round, &task).await?);
+        if total_bytes > limit {
+            return Err(CoordinatorError::TooLarge {
+                size: total_bytes,
+                limit,
             });
         }
         Ok(())

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::grpc::{AdminService, Authentication, FederationService};
 use crate::rounds::Coordinator;
-use crate::tls::{self, ServerTls};
+use crate::tls::{self, ServerTls, TlsError};
 
 /// How connections are secured.
 #[derive(Debug, Clone)]
@@ -54,10 +54,8 @@ pub enum ServeError {
         "refusing plaintext grpc on {0}: --insecure binds only to loopback (127.0.0.1 or ::1); use mutual tls elsewhere"
     )]
     InsecureNotLoopback(SocketAddr),
-    #[error(
-        "the ca certificate was made for federation {ca:?}, but this coordinator serves {federation:?}: run `fedlora ca init --federation {federation}` for it, or serve --federation {ca:?}"
-    )]
-    CaOfAnotherFederation { ca: String, federation: String },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// Binds `addr` (port 0 picks a free port) and returns the listener and its actual address.
@@ -92,13 +90,7 @@ pub async fn serve(
         }
     }
     if let ServerTransport::MutualTls(tls) = &transport {
-        let federation = &coordinator.config().name;
-        if !tls.trusts_federation(federation) {
-            return Err(ServeError::CaOfAnotherFederation {
-                ca: tls.federations().join(", "),
-                federation: federation.clone(),
-            });
-        }
+        tls.check_federation(&coordinator.config().name)?;
     }
     let ticker = {
         let coordinator = coordinator.clone();
@@ -193,6 +185,9 @@ pub async fn spawn(
     addr: SocketAddr,
     transport: ServerTransport,
 ) -> Result<RunningServer, ServeError> {
+    if let ServerTransport::MutualTls(tls) = &transport {
+        tls.check_federation(&coordinator.config().name)?;
+    }
     let (listener, addr) = bind(addr).await?;
     let scheme = transport.scheme();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -209,7 +204,7 @@ pub async fn spawn(
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, reason = "tests")]
+    #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
     use super::*;
     use crate::config::FederationConfig;
 
@@ -248,25 +243,46 @@ mod tests {
                 5,
             ))
             .unwrap();
-        let tls = ServerTls::from_pem(
-            &ca.cert_pem().unwrap(),
-            &issued.cert_pem,
-            &issued.key_pem.unwrap(),
-        )
-        .unwrap();
-        assert!(tls.trusts_federation("other"));
+        let issued_key = issued.key_pem.clone().unwrap();
+        let tls =
+            ServerTls::from_pem(&ca.cert_pem().unwrap(), &issued.cert_pem, &issued_key).unwrap();
+        tls.check_federation("other").unwrap();
         let (listener, _) = bind(([127, 0, 0, 1], 0).into()).await.unwrap();
-        let served = serve(
-            coordinator,
-            listener,
-            ServerTransport::MutualTls(tls),
-            std::future::pending(),
+        let served = tokio::time::timeout(
+            Duration::from_secs(10),
+            serve(
+                coordinator,
+                listener,
+                ServerTransport::MutualTls(tls),
+                std::future::pending(),
+            ),
         )
-        .await;
+        .await
+        .expect("refused at once");
         let error = served.unwrap_err().to_string();
         assert!(
             error
                 .contains("made for federation \"other\", but this coordinator serves \"default\""),
+            "{error}"
+        );
+        // A CA that names no federation of its own (made elsewhere, or before certificates named
+        // their federation, when every CA's O was "fedlora").
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "fedlora federation CA radiology");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "fedlora");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let old_key = rcgen::KeyPair::generate().unwrap();
+        let old_ca = params.self_signed(&old_key).unwrap();
+        let both = format!("{}{}", ca.cert_pem().unwrap(), old_ca.pem());
+        let tls = ServerTls::from_pem(&both, &issued.cert_pem, &issued_key).unwrap();
+        let error = tls.check_federation("other").unwrap_err().to_string();
+        assert!(error.contains("was not made for a federation"), "{error}");
+        assert!(
+            error.contains("fedlora ca init --dir NEW_DIR --federation other"),
             "{error}"
         );
     }

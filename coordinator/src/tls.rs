@@ -45,14 +45,22 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("client certificate verifier: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error(
+        "the trusted ca certificate was made for federation {ca:?}, but this coordinator serves {federation:?}: give --ca-cert the ca.pem of {federation:?}'s ca (`fedlora ca init --federation {federation}`)"
+    )]
+    CaOfAnotherFederation { ca: String, federation: String },
+    #[error(
+        "the trusted ca certificate was not made for a federation (a ca from before certificates named their federation, or not made by `fedlora ca init`): make a new ca with `fedlora ca init --dir NEW_DIR --federation {federation}` and issue every certificate again from it"
+    )]
+    CaOfNoFederation { federation: String },
 }
 
 /// The coordinator's side of mutual TLS.
 #[derive(Clone)]
 pub struct ServerTls {
     config: Arc<ServerConfig>,
-    /// The federations the trusted CA certificates were made for (their subject O).
-    federations: Vec<String>,
+    /// The federation each trusted CA certificate was made for (`None`: not made for one).
+    federations: Vec<Option<String>>,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -69,7 +77,7 @@ impl ServerTls {
         let mut roots = RootCertStore::empty();
         let mut federations = Vec::new();
         for ca in certificates(ca_pem, "federation ca certificate")? {
-            federations.extend(crate::pki::federation_of_der(&ca).ok());
+            federations.push(crate::pki::ca_federation(&ca).ok().flatten());
             roots.add(ca)?;
         }
         let verifier =
@@ -91,15 +99,27 @@ impl ServerTls {
         })
     }
 
-    /// Whether a trusted CA was made for `federation` (`fedlora ca init --federation`): its
-    /// certificates name their federation, and the coordinator accepts only its own.
-    pub fn trusts_federation(&self, federation: &str) -> bool {
-        self.federations.iter().any(|name| name == federation)
-    }
-
-    /// The federations the trusted CA certificates were made for.
-    pub fn federations(&self) -> &[String] {
-        &self.federations
+    /// Checks that every trusted CA was made for `federation` (`fedlora ca init --federation`),
+    /// so that no certificate of another federation passes the handshake. Calls check each
+    /// certificate's own federation as well.
+    pub fn check_federation(&self, federation: &str) -> Result<(), TlsError> {
+        for made_for in &self.federations {
+            match made_for {
+                Some(name) if name == federation => {}
+                Some(name) => {
+                    return Err(TlsError::CaOfAnotherFederation {
+                        ca: name.clone(),
+                        federation: federation.to_string(),
+                    });
+                }
+                None => {
+                    return Err(TlsError::CaOfNoFederation {
+                        federation: federation.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -90,6 +90,13 @@ impl ModelDims {
         }
     }
 
+    /// The update layout the validator's property test and fuzz target check against: the toy
+    /// model with rank 2 on q and v, one definition so that the two cannot drift apart.
+    #[doc(hidden)]
+    pub fn toy_update_spec() -> Result<Vec<TensorSpec>, AdapterError> {
+        adapter_spec(&Self::toy(), &LoraSpec::new(2, 4.0, &["q_proj", "v_proj"]))
+    }
+
     /// `(in_features, out_features)` of a Llama linear layer, by PEFT module name.
     pub fn module_in_out(&self, module: &str) -> Result<(usize, usize), AdapterError> {
         let q_out = self.num_attention_heads * self.head_dim;

@@ -160,9 +160,20 @@ pub fn header_limit(spec: &[TensorSpec]) -> u64 {
     HEADER_BYTES_SLACK + HEADER_BYTES_PER_TENSOR * spec.len() as u64
 }
 
+/// The most bytes a valid update for `spec` can take: the header length prefix, the largest
+/// header allowed, and every value in f32 (the widest wire dtype). An upload announcing more is
+/// refused from its first message, before any chunk is buffered.
+pub fn max_update_len(spec: &[TensorSpec]) -> u64 {
+    let values: u64 = spec
+        .iter()
+        .map(|tensor| tensor.shape.iter().product::<usize>() as u64)
+        .sum();
+    8 + header_limit(spec) + 4 * values
+}
+
 /// Refuses an update whose header is larger than the task's tensors can need, from its 8-byte
 /// length prefix and before anything is parsed: this bounds the tensor count, so a header of a
-/// million entries (well within the update byte limit) costs no JSON parse and no memory.
+/// million entries (well within the update byte limit) costs no JSON parse.
 pub fn check_header_size(bytes: &[u8], spec: &[TensorSpec]) -> Result<(), AdapterError> {
     let prefix: [u8; 8] = bytes
         .get(..8)
@@ -321,6 +332,9 @@ mod tests {
             error.contains("header of 4609 bytes exceeds the limit of 4608"),
             "{error}"
         );
+        // The largest valid update: f32 values, the largest header allowed.
+        assert_eq!(max_update_len(&spec), 8 + 4608 + 6 * 4);
+        assert!(bytes.len() as u64 <= max_update_len(&spec));
         let error = check_header_size(&bytes[..7], &spec)
             .unwrap_err()
             .to_string();

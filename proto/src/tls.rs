@@ -60,6 +60,25 @@ impl ClientTls {
         })
     }
 
+    /// Why this certificate is not valid at `now` by this machine's clock (expired, or not yet
+    /// valid), or `None` when it is valid or unreadable (the handshake then says more).
+    pub fn lapsed(&self, now: std::time::SystemTime) -> Option<String> {
+        let (_, pem) = x509_parser::pem::parse_x509_pem(self.cert_pem.as_bytes()).ok()?;
+        let cert = pem.parse_x509().ok()?;
+        let now = now.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64;
+        let validity = cert.validity();
+        if now > validity.not_after.timestamp() {
+            return Some(format!("it expired on {}", validity.not_after));
+        }
+        if now < validity.not_before.timestamp() {
+            return Some(format!(
+                "it is not valid before {} (check this machine's clock)",
+                validity.not_before
+            ));
+        }
+        None
+    }
+
     /// `endpoint` set up to verify the coordinator against the CA and to present this
     /// certificate. The coordinator's certificate must name the address's host.
     pub fn configure(&self, url: &str, endpoint: Endpoint) -> Result<Endpoint, ClientTlsError> {
@@ -92,9 +111,10 @@ const CERTIFICATE_ALERTS: [rustls::AlertDescription; 9] = {
 };
 
 /// The TLS alert with which the coordinator refused the caller's own certificate, when that is
-/// what `error` (a failed connect or call, with its sources) comes down to. Only the holder can
-/// mend these (a new certificate or the right files), so retrying is pointless. Problems with the
-/// coordinator's certificate are not included: they are mended on the coordinator's side.
+/// what `error` (a failed connect or call, with its sources) comes down to. It is a hint, not
+/// proof: the coordinator may trust the wrong CA or have a wrong clock, and an alert sent before
+/// the handshake is encrypted can be forged by anyone on the path. Problems with the
+/// coordinator's certificate as this side sees it are not included.
 pub fn refused_certificate(
     error: &(dyn std::error::Error + 'static),
 ) -> Option<rustls::AlertDescription> {

@@ -6,13 +6,12 @@
 //! (`fuzz/seeds/update_validator/`) is checked here to be current valid updates.
 #![allow(clippy::unwrap_used, reason = "tests")]
 
-use fedlora_proto::adapter::{Adapter, LoraSpec, ModelDims, TensorSpec, adapter_spec};
+use fedlora_proto::adapter::{Adapter, ModelDims, TensorSpec};
 use fedlora_proto::tensor_bytes::{WireDtype, validate_bytes};
 use proptest::prelude::*;
 
 fn spec() -> Vec<TensorSpec> {
-    let dims = ModelDims::toy();
-    adapter_spec(&dims, &LoraSpec::new(2, 4.0, &["q_proj", "v_proj"])).unwrap()
+    ModelDims::toy_update_spec().unwrap()
 }
 
 fn valid_update(seed: u64, dtype: WireDtype) -> Vec<u8> {
