@@ -23,8 +23,7 @@ use tokio::sync::{Mutex, Notify};
 use tracing::{info, instrument, warn};
 
 use crate::aggregate::{
-    Admission, AggregateError, NormAction, OptimizerState, RoundAggregation, Strategy, Trained,
-    strategy, update_change_norm,
+    Admission, AggregateError, OptimizerState, RoundAggregation, Strategy, Trained, strategy,
 };
 use crate::config::{FederationConfig, TrainingConfig};
 use crate::limits::{Hit, Limits, WindowCounter};
@@ -722,7 +721,6 @@ impl Coordinator {
         .await
         .map_err(|error| CoordinatorError::Corrupt(format!("validation task: {error}")))?
         .map_err(|error| CoordinatorError::InvalidUpdate(error.to_string()))?;
-        let bytes = self.check_norm_bound(&round, bytes).await?;
 
         let _guard = self.lock.lock().await;
         let round = self
@@ -772,37 +770,6 @@ impl Coordinator {
         self.complete_if_ready(&round).await?;
         self.changed.notify_waiters();
         Ok(receipt(&stored.id, round.id, sha256))
-    }
-
-    /// Refuses an update whose change from the round's start exceeds the federation's norm bound,
-    /// when the bound rejects (`NormAction::Reject`): the site learns at once, and the round never
-    /// stores it. The round's aggregation measures the same norm again (and clips under `Clip`).
-    async fn check_norm_bound(&self, round: &RoundRow, bytes: Vec<u8>) -> Result<Vec<u8>> {
-        let robustness = &self.config.robustness;
-        let Some(bound) = robustness.max_update_norm else {
-            return Ok(bytes);
-        };
-        if robustness.norm_action != NormAction::Reject {
-            return Ok(bytes);
-        }
-        let spec = self.round_spec(round).await?;
-        let trained = round_trained(round)?;
-        let (start, _) = self.round_start(round).await?;
-        let (bytes, norm) = tokio::task::spawn_blocking(move || {
-            let norm = Adapter::from_safetensors(&bytes)
-                .map_err(AggregateError::from)
-                .and_then(|update| update_change_norm(&spec, &start, trained, &update));
-            (bytes, norm)
-        })
-        .await
-        .map_err(|error| CoordinatorError::Corrupt(format!("norm task: {error}")))?;
-        let norm = norm.map_err(|error| CoordinatorError::InvalidUpdate(error.to_string()))?;
-        if norm > bound {
-            return Err(CoordinatorError::InvalidUpdate(format!(
-                "the update changes the adapter by {norm:.4} (l2 norm over the trained factors), above the federation's bound {bound}"
-            )));
-        }
-        Ok(bytes)
     }
 
     /// Records the held-out loss a client measured for the global adapter its task started from.

@@ -474,22 +474,18 @@ async fn server_momentum_carries_over_between_rounds() {
     }
 }
 
-/// A norm bound that rejects: an update over it is refused at upload with a message naming the
-/// bound (the site may send another), the round closes with the honest ones; updates over the
-/// bound that reach aggregation anyway are left out and audited, and a round where every update
-/// is left out fails and is retried.
+/// A norm bound that rejects: the far update is left out and audited, the round closes with the
+/// honest one; a round where every update is left out fails and is retried.
 #[tokio::test]
-async fn updates_over_the_norm_bound_are_refused_and_left_out() {
+async fn updates_over_the_norm_bound_are_left_out_and_audited() {
     use fedlora_coordinator::aggregate::{NormAction, Robustness};
     use fedlora_coordinator::rounds::round_seed;
-    use fedlora_coordinator::store::NewUpdate;
     use fedlora_proto::factors::initial_factors;
 
     let dir = tempfile::tempdir().unwrap();
     let store = store(&dir).await;
     let config = FederationConfig {
         min_clients: 1,
-        round_timeout_secs: 1,
         robustness: Robustness {
             max_update_norm: Some(0.5),
             norm_action: NormAction::Reject,
@@ -506,60 +502,35 @@ async fn updates_over_the_norm_bound_are_refused_and_left_out() {
     let start = initial_factors(&dims(), &config.lora, round_seed(task_a.round_id)).unwrap();
     let mut honest = start.clone();
     honest.tensors.values_mut().next().unwrap().data[0] += 0.1;
-    let error = coordinator
+    coordinator
         .submit_update(submission(a, &task_a, &adapter(&config, 5.0), 10))
         .await
-        .unwrap_err();
-    assert!(
-        matches!(&error, CoordinatorError::InvalidUpdate(message)
-            if message.contains("above the federation's bound 0.5")),
-        "{error}"
-    );
-    for (client, task) in [(a, &task_a), (b, &task_b)] {
-        coordinator
-            .submit_update(submission(client, task, &honest, 10))
-            .await
-            .unwrap();
-    }
+        .unwrap();
+    coordinator
+        .submit_update(submission(b, &task_b, &honest, 10))
+        .await
+        .unwrap();
     let round = store.get_round(task_a.round_id).await.unwrap().unwrap();
     assert_eq!(round.state, "closed");
     let global = store.global_adapter(round.id).await.unwrap().unwrap();
-    assert_eq!(global.num_updates, 2);
+    assert_eq!(global.num_updates, 1);
     assert_eq!(Adapter::from_safetensors(&global.bytes).unwrap(), honest);
-
-    // Round 2: far updates in the store (as if intake had let them through) reach aggregation
-    // at the deadline: each is left out and audited, nothing is left, the round fails and is
-    // retried.
-    let (task_a, task_b) = (task(&coordinator, a).await, task(&coordinator, b).await);
-    for (client, task) in [(a, &task_a), (b, &task_b)] {
-        let bytes = adapter(&config, 9.0).to_safetensors(None).unwrap();
-        store
-            .insert_update(&NewUpdate {
-                task_id: task.task_id.clone(),
-                round_id: task.round_id,
-                client_id: client,
-                num_examples: 10,
-                sha256: sha256_hex(&bytes),
-                bytes,
-                train_loss: 2.0,
-                local_eval_loss: 2.5,
-                steps: 1,
-                tokens: 8,
-                train_seconds: 0.1,
-                now_ms: 1,
-            })
-            .await
-            .unwrap();
-    }
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    coordinator.tick().await.unwrap();
-    let failed = store.get_round(task_a.round_id).await.unwrap().unwrap();
-    assert_eq!(failed.state, "failed");
-    assert!(failed.failure.unwrap().contains("none of the 2 updates"));
     let audit = store.list_audit(10).await.unwrap();
     assert!(audit.iter().any(|event| event.kind == "update_left_out"
         && event.client_id == Some(a)
         && event.detail.contains("above the bound 0.5")));
+
+    // Round 2: both far away; nothing left to aggregate, so the round fails and is retried.
+    let (task_a, task_b) = (task(&coordinator, a).await, task(&coordinator, b).await);
+    for (client, task) in [(a, &task_a), (b, &task_b)] {
+        coordinator
+            .submit_update(submission(client, task, &adapter(&config, 9.0), 10))
+            .await
+            .unwrap();
+    }
+    let failed = store.get_round(task_a.round_id).await.unwrap().unwrap();
+    assert_eq!(failed.state, "failed");
+    assert!(failed.failure.unwrap().contains("none of the 2 updates"));
     let retry = task(&coordinator, a).await;
     assert_eq!(retry.base_round_id, Some(round.id));
     assert_ne!(retry.round_id, failed.id);

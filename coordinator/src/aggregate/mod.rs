@@ -26,7 +26,7 @@ use fedlora_proto::tensor_bytes::TensorBytes;
 
 pub use mean::{SlotMean, fedavg};
 pub use optimizer::{OptimizerState, ServerOptimizer};
-pub use robust::{NormAction, Robustness, update_change_norm};
+pub use robust::{NormAction, Robustness};
 pub use strategy::{
     Admission, FitPlan, RoundAggregation, Strategy, StrategyKind, Trained, strategy,
 };

@@ -87,21 +87,6 @@ pub(crate) fn change_norm(
     Ok(squares.sqrt())
 }
 
-/// What the round will measure of `update` against the norm bound: ‖update − start‖₂ over the
-/// trained factors, where `spec` is the federation's layout and `start` the round's starting
-/// adapter. The coordinator refuses an update over the bound at upload when the bound rejects,
-/// so that the site gets an answer instead of a silent omission at aggregation.
-pub fn update_change_norm(
-    spec: &[TensorSpec],
-    start: &Adapter,
-    trained: Trained,
-    update: &Adapter,
-) -> Result<f64> {
-    let layout = Slotted::layout(spec)?;
-    let ranks = check_update(&layout, update)?;
-    change_norm(&layout, &ranks, update, start, trained)
-}
-
 /// Scales the change of `update` from `start` by `factor` (in place), for the trained factors.
 pub(crate) fn scale_change(
     layout: &[Slotted],
