@@ -20,5 +20,5 @@ else
     toolchain=()
     export RUSTC_BOOTSTRAP=1
 fi
-exec cargo "${toolchain[@]}" fuzz run update_validator corpus/update_validator seeds/update_validator -- \
+exec cargo ${toolchain[@]+"${toolchain[@]}"} fuzz run update_validator corpus/update_validator seeds/update_validator -- \
     -max_total_time="$seconds" -print_final_stats=1

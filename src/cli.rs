@@ -659,9 +659,6 @@ async fn serve(args: ServeArgs) -> Result<()> {
         ..FederationConfig::default()
     };
     config.validate()?;
-    let store = fedlora_coordinator::store::connect(&args.database_url)
-        .await
-        .with_context(|| format!("opening the store at {}", redact(&args.database_url)))?;
     let limits = Limits {
         requests_per_minute: args.requests_per_minute,
         audits_per_minute_per_address: args.audits_per_minute,
@@ -671,6 +668,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
         ..Limits::default()
     };
     limits.validate()?;
+    let store = fedlora_coordinator::store::connect(&args.database_url)
+        .await
+        .with_context(|| format!("opening the store at {}", redact(&args.database_url)))?;
     let coordinator = Coordinator::start_with_limits(store, config, limits).await?;
     let (listener, address) = server::bind(args.listen).await?;
     eprintln!(

@@ -1241,7 +1241,7 @@ async fn mutual_tls_identities_and_roles(pool: sqlx::PgPool) {
     );
     let error = tokio::time::timeout(Duration::from_secs(60), daemon)
         .await
-        .expect("the daemon stopped instead of retrying")
+        .expect("the daemon with an expired certificate kept retrying")
         .unwrap()
         .unwrap_err();
     assert!(
@@ -1268,7 +1268,6 @@ async fn mutual_tls_identities_and_roles(pool: sqlx::PgPool) {
         .expect("the refusal was reported")
         .unwrap();
     assert_eq!(alert, "DecryptError");
-    assert!(!daemon.is_finished(), "the daemon kept retrying");
     daemon.abort();
 
     // 4. Revoked: accepted, revoked in the store, refused on its next call on the same

@@ -157,18 +157,27 @@ pub const HEADER_BYTES_SLACK: u64 = 4096;
 
 /// The largest safetensors header an update for `spec` may announce.
 pub fn header_limit(spec: &[TensorSpec]) -> u64 {
-    HEADER_BYTES_SLACK + HEADER_BYTES_PER_TENSOR * spec.len() as u64
+    HEADER_BYTES_PER_TENSOR
+        .saturating_mul(spec.len() as u64)
+        .saturating_add(HEADER_BYTES_SLACK)
 }
 
 /// The most bytes a valid update for `spec` can take: the header length prefix, the largest
 /// header allowed, and every value in f32 (the widest wire dtype). An upload announcing more is
 /// refused from its first message, before any chunk is buffered.
 pub fn max_update_len(spec: &[TensorSpec]) -> u64 {
-    let values: u64 = spec
+    let values = spec
         .iter()
-        .map(|tensor| tensor.shape.iter().product::<usize>() as u64)
-        .sum();
-    8 + header_limit(spec) + 4 * values
+        .map(|tensor| {
+            tensor
+                .shape
+                .iter()
+                .fold(1u64, |product, dim| product.saturating_mul(*dim as u64))
+        })
+        .fold(0u64, u64::saturating_add);
+    values
+        .saturating_mul(4)
+        .saturating_add(8 + header_limit(spec))
 }
 
 /// Refuses an update whose header is larger than the task's tensors can need, from its 8-byte
