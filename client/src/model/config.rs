@@ -86,6 +86,47 @@ impl Llama3RopeScaling {
     }
 }
 
+impl Llama3RopeScaling {
+    /// The parameters Meta's Llama 3.1, 3.2 and 3.3 use: low 1, high 4, 8192 original positions.
+    const META_LOW: f64 = 1.0;
+    const META_HIGH: f64 = 4.0;
+    const META_ORIGINAL: usize = 8192;
+
+    /// Recovers the scaling from a GGUF's `rope_freqs.weight`: llama.cpp's converter stores, for
+    /// each frequency, the divisor `frequency / scale(frequency)` instead of the parameters. Meta's
+    /// low/high/original with the largest divisor as the factor are accepted when they reproduce
+    /// every divisor (to 1e-4, the tensor is f32); `None` otherwise.
+    pub fn from_gguf_divisors(divisors: &[f32], rope_theta: f64, head_dim: usize) -> Option<Self> {
+        if divisors.len() != head_dim / 2 || divisors.is_empty() {
+            return None;
+        }
+        let factor = divisors.iter().copied().fold(f32::MIN, f32::max);
+        let scaling = Self {
+            factor: f64::from(factor),
+            low_freq_factor: Self::META_LOW,
+            high_freq_factor: Self::META_HIGH,
+            original_max_position_embeddings: Self::META_ORIGINAL,
+        };
+        let reproduced = divisors.iter().enumerate().all(|(index, divisor)| {
+            let frequency = 1.0 / rope_theta.powf(2.0 * index as f64 / head_dim as f64);
+            let expected = frequency / scaling.scale(frequency);
+            (expected - f64::from(*divisor)).abs() <= 1e-4 * expected
+        });
+        reproduced.then_some(scaling)
+    }
+
+    /// As `config.json`'s `rope_scaling`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "rope_type": "llama3",
+            "factor": self.factor,
+            "low_freq_factor": self.low_freq_factor,
+            "high_freq_factor": self.high_freq_factor,
+            "original_max_position_embeddings": self.original_max_position_embeddings,
+        })
+    }
+}
+
 fn default_model_type() -> String {
     "llama".into()
 }
@@ -290,6 +331,60 @@ mod tests {
         let yarn = json.replace("llama3", "yarn");
         let config: LlamaConfig = serde_json::from_str(&yarn).unwrap();
         assert!(config.validate().unwrap_err().contains("yarn"));
+    }
+
+    /// llama.cpp's `convert_hf_to_gguf.py` (LlamaModel, rope_type llama3) writes these divisors;
+    /// they are recomputed here as it does, for Llama 3.2's parameters.
+    #[test]
+    fn llama3_scaling_is_recovered_from_gguf_rope_freqs() {
+        let (theta, head_dim, factor) = (500_000.0f64, 64usize, 32.0f64);
+        let (low, high, original) = (1.0f64, 4.0f64, 8192.0f64);
+        let divisors: Vec<f32> = (0..head_dim / 2)
+            .map(|index| {
+                let frequency = 1.0 / theta.powf((2 * index) as f64 / head_dim as f64);
+                let wavelength = 2.0 * std::f64::consts::PI / frequency;
+                if wavelength < original / high {
+                    1.0
+                } else if wavelength > original / low {
+                    factor as f32
+                } else {
+                    let smooth = (original / wavelength - low) / (high - low);
+                    (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+                }
+            })
+            .collect();
+        assert!(
+            divisors
+                .iter()
+                .any(|divisor| *divisor > 1.0 && *divisor < 32.0)
+        );
+        let scaling = Llama3RopeScaling::from_gguf_divisors(&divisors, theta, head_dim).unwrap();
+        assert_eq!(
+            scaling,
+            Llama3RopeScaling {
+                factor: 32.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192,
+            }
+        );
+        let config: LlamaConfig = serde_json::from_value(serde_json::json!({
+            "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "vocab_size": 10, "rope_scaling": scaling.to_json(),
+        }))
+        .unwrap();
+        assert_eq!(config.llama3_rope_scaling().unwrap(), Some(scaling));
+        // Divisors from other parameters are not passed off as Meta's.
+        let mut other = divisors.clone();
+        other[head_dim / 2 - 6] *= 1.01;
+        assert_eq!(
+            Llama3RopeScaling::from_gguf_divisors(&other, theta, head_dim),
+            None
+        );
+        assert_eq!(
+            Llama3RopeScaling::from_gguf_divisors(&divisors[1..], theta, head_dim),
+            None
+        );
     }
 
     #[test]

@@ -14,13 +14,16 @@ use std::sync::Arc;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use tokenizers::SplitDelimiterBehavior;
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, Tokenizer};
 
+use super::config::Llama3RopeScaling;
 use super::{BaseModel, Llama, LlamaConfig};
 use crate::chat::ChatTemplate;
 use crate::error::{ClientError, Result};
@@ -44,13 +47,15 @@ pub fn gguf_config(content: &Content) -> Result<LlamaConfig> {
             "gguf architecture {architecture:?} (llama only)"
         )));
     }
-    if content.tensor_infos.contains_key("rope_freqs.weight")
-        || content.metadata.contains_key("llama.rope.scaling.type")
-    {
-        return Err(ClientError::Unsupported(
-            "gguf with rope scaling (rope_freqs.weight, e.g. llama 3.1+) is not supported yet"
-                .into(),
-        ));
+    // Llama 3.1+ files carry their rope scaling as a `rope_freqs.weight` tensor, which
+    // `load_gguf` reads; a scaling named in the metadata (linear, yarn) is another kind.
+    if let Some(kind) = content.metadata.get("llama.rope.scaling.type") {
+        let kind = kind.to_string().map(String::as_str).unwrap_or("?");
+        if kind != "none" {
+            return Err(ClientError::Unsupported(format!(
+                "gguf with rope scaling of type {kind:?} is not supported yet"
+            )));
+        }
     }
     let hidden = meta_usize(content, "llama.embedding_length")?;
     let heads = meta_usize(content, "llama.attention.head_count")?;
@@ -105,6 +110,9 @@ pub fn gguf_config(content: &Content) -> Result<LlamaConfig> {
     Ok(config)
 }
 
+/// Llama 3.1+ rope scaling, as one divisor per frequency (not a weight of the model).
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
 /// Hugging Face name of a GGUF tensor, and whether its rows need un-permuting with that many heads.
 fn hf_name(gguf: &str, config: &LlamaConfig) -> Option<(String, Option<usize>)> {
     let plain = |name: &str| Some((name.to_string(), None));
@@ -153,8 +161,24 @@ pub fn unpermute_from_gguf(weight: &Tensor, heads: usize) -> Result<Tensor> {
         .reshape((out, input))?)
 }
 
-/// A byte-level BPE tokenizer rebuilt from GGUF metadata (`tokenizer.ggml.*`). Digits are split
-/// one by one before byte-level splitting, as SmolLM's pre-tokenizer does.
+/// How a byte-level BPE vocabulary splits text before merging (llama.cpp's `tokenizer.ggml.pre`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PreTokenizer {
+    /// GPT-2's byte-level split.
+    Gpt2,
+    /// Digits one by one, then GPT-2's split.
+    SmolLm,
+    /// Llama 3's regex (`LLAMA3_PATTERN`), then bytes, with whole-word vocabulary hits.
+    Llama3,
+}
+
+/// Llama 3's pre-tokenizer regex, as in its `tokenizer.json` and llama.cpp's `llama-bpe`: numbers
+/// in groups of up to three, contractions, words with one leading non-letter, punctuation runs,
+/// newlines, and trailing spaces.
+const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// A byte-level BPE tokenizer rebuilt from GGUF metadata (`tokenizer.ggml.*`), with the
+/// pre-tokenizer `tokenizer.ggml.pre` names (GPT-2, SmolLM or Llama 3).
 pub fn gguf_tokenizer(content: &Content) -> Result<Tokenizer> {
     let model = meta(content, "tokenizer.ggml.model")?.to_string()?;
     if model != "gpt2" {
@@ -163,19 +187,21 @@ pub fn gguf_tokenizer(content: &Content) -> Result<Tokenizer> {
         )));
     }
     // Pre-tokenizers by llama.cpp's name: SmolLM splits digits singly before GPT-2's byte-level
-    // split; plain GPT-2 does only the latter. Others (llama-bpe, qwen2, ...) differ in their regex.
-    let split_digits = match content
+    // split; plain GPT-2 does only the latter; Llama 3 (`llama-bpe`) splits with its own regex.
+    // Others (qwen2, ...) differ in their regex.
+    let pre = match content
         .metadata
         .get("tokenizer.ggml.pre")
         .map(|value| value.to_string().cloned())
         .transpose()?
         .as_deref()
     {
-        Some("smollm") => true,
-        None | Some("default" | "gpt-2" | "gpt2") => false,
+        Some("smollm") => PreTokenizer::SmolLm,
+        None | Some("default" | "gpt-2" | "gpt2") => PreTokenizer::Gpt2,
+        Some("llama-bpe" | "llama3") => PreTokenizer::Llama3,
         Some(other) => {
             return Err(ClientError::Unsupported(format!(
-                "gguf pre-tokenizer {other:?} (smollm and gpt-2 only)"
+                "gguf pre-tokenizer {other:?} (smollm, gpt-2 and llama-bpe only)"
             )));
         }
     };
@@ -212,18 +238,35 @@ pub fn gguf_tokenizer(content: &Content) -> Result<Tokenizer> {
         .collect();
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
+        // Llama 3 takes a whole pre-token from the vocabulary before merging (llama.cpp's
+        // `ignore_merges`, tokenizer.json's `"ignore_merges": true`).
+        .ignore_merges(pre == PreTokenizer::Llama3)
         .build()
         .map_err(|error| ClientError::Tokenizer(error.to_string()))?;
     let mut tokenizer = Tokenizer::new(bpe);
     let byte_level = PreTokenizerWrapper::ByteLevel(ByteLevel::default().add_prefix_space(false));
-    if split_digits {
-        tokenizer.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(Sequence::new(vec![
+    tokenizer.with_pre_tokenizer(Some(match pre {
+        PreTokenizer::Gpt2 => byte_level,
+        PreTokenizer::SmolLm => PreTokenizerWrapper::Sequence(Sequence::new(vec![
             PreTokenizerWrapper::Digits(Digits::new(true)),
             byte_level,
-        ]))));
-    } else {
-        tokenizer.with_pre_tokenizer(Some(byte_level));
-    }
+        ])),
+        PreTokenizer::Llama3 => PreTokenizerWrapper::Sequence(Sequence::new(vec![
+            PreTokenizerWrapper::Split(
+                Split::new(
+                    SplitPattern::Regex(LLAMA3_PATTERN.into()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .map_err(|error| ClientError::Tokenizer(error.to_string()))?,
+            ),
+            PreTokenizerWrapper::ByteLevel(
+                ByteLevel::default()
+                    .add_prefix_space(false)
+                    .use_regex(false),
+            ),
+        ])),
+    }));
     tokenizer.with_decoder(Some(ByteLevel::default()));
     // Control tokens (type 3) such as <|im_start|> are matched whole, never split.
     let specials: Vec<AddedToken> = tokens
@@ -246,7 +289,25 @@ pub fn gguf_tokenizer(content: &Content) -> Result<Tokenizer> {
 pub fn load_gguf(path: &Path, device: &Device, keep_quantized: bool) -> Result<BaseModel> {
     let mut file = std::fs::File::open(path).map_err(ClientError::io(path))?;
     let content = Content::read(&mut file)?;
-    let config = gguf_config(&content)?;
+    let mut config = gguf_config(&content)?;
+    if content.tensor_infos.contains_key(ROPE_FREQS) {
+        let divisors = content
+            .tensor(&mut file, ROPE_FREQS, &Device::Cpu)?
+            .dequantize(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let scaling = Llama3RopeScaling::from_gguf_divisors(
+            &divisors,
+            config.rope_theta,
+            config.head_dim(),
+        )
+        .ok_or_else(|| {
+            ClientError::Unsupported(
+                "gguf rope_freqs.weight that is not llama 3's rope scaling (factor, low 1, high 4, 8192 original positions)".into(),
+            )
+        })?;
+        config.rope_scaling = Some(scaling.to_json());
+    }
     let tokenizer = gguf_tokenizer(&content)?;
     let chat_template = crate::chat::usable(gguf_chat_template(&content));
     let mut weights = HashMap::new();
@@ -371,6 +432,22 @@ mod tests {
                 };
                 tensors.push((gguf_name, QTensor::quantize(&tensor, dtype).unwrap()));
             }
+        }
+        // Llama 3.1+ scaling as llama.cpp's converter writes it: one divisor per frequency.
+        if let Some(scaling) = config.llama3_rope_scaling().unwrap() {
+            let head_dim = config.head_dim();
+            let divisors: Vec<f32> = (0..head_dim / 2)
+                .map(|index| {
+                    let frequency =
+                        1.0 / config.rope_theta.powf((2 * index) as f64 / head_dim as f64);
+                    (frequency / scaling.scale(frequency)) as f32
+                })
+                .collect();
+            let divisors = Tensor::from_vec(divisors, head_dim / 2, &Device::Cpu).unwrap();
+            tensors.push((
+                ROPE_FREQS.into(),
+                QTensor::quantize(&divisors, GgmlDType::F32).unwrap(),
+            ));
         }
         let vocab_size = hf.tokenizer.get_vocab_size(true);
         let tokens: Vec<Value> = (0..vocab_size as u32)
@@ -519,6 +596,185 @@ mod tests {
                 "{name} gets no gradient through the Q4_1 layers above it"
             );
         }
+    }
+
+    /// A Llama 3.1-style GGUF: its `rope_freqs.weight` becomes the same llama3 `rope_scaling` the
+    /// Hugging Face model has, and the two give the same logits over positions where the scaling
+    /// matters (the unscaled model does not).
+    #[test]
+    fn llama3_rope_freqs_become_its_rope_scaling() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = TinyModelSpec {
+            tie_word_embeddings: true, // the test's GGUF writer has no output.weight
+            ..TinyModelSpec::default()
+        };
+        write_tiny_model(dir.path(), &spec).unwrap();
+        let config_path = dir.path().join("config.json");
+        let unscaled = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+        // With 16-wide heads and theta 1e4 the wavelengths run from 6 to 19869 positions, so
+        // they fall in all three bands (kept below 2048, interpolated, divided above 8192).
+        json["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        std::fs::write(&config_path, json.to_string()).unwrap();
+        let config = LlamaConfig::from_file(&config_path).unwrap();
+        let hf = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
+        let path = write_tiny_gguf(dir.path(), &config, &hf, GgmlDType::F32);
+
+        let gguf = BaseModel::load(&path, &Device::Cpu).unwrap();
+        assert_eq!(
+            gguf.model.config().llama3_rope_scaling().unwrap(),
+            config.llama3_rope_scaling().unwrap()
+        );
+        let ids: Vec<u32> = (0..200)
+            .map(|index| 3 + (index * 37 % 250) as u32)
+            .collect();
+        let input = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).unwrap();
+        let scaled = logits(&hf.model, &input);
+        let difference = max_abs_difference(&scaled, &logits(&gguf.model, &input));
+        assert!(difference < 1e-4, "logits differ by {difference}");
+        let unscaled_difference = max_abs_difference(&scaled, &logits(&unscaled.model, &input));
+        assert!(
+            unscaled_difference > 100.0 * difference.max(1e-6),
+            "the scaling should matter here: {unscaled_difference}"
+        );
+    }
+
+    /// The GGUF tokenizer named `llama-bpe` splits and merges as Llama 3's `tokenizer.json` does
+    /// (its pre-tokenizer and `ignore_merges`, written out below as Meta ships them), on a small
+    /// vocabulary whose merges tell the regexes apart.
+    #[test]
+    fn llama_bpe_tokenizer_matches_llama3_tokenizer_json() {
+        use tokenizers::OffsetReferential;
+        use tokenizers::OffsetType;
+        use tokenizers::PreTokenizedString;
+        use tokenizers::PreTokenizer as _;
+
+        let mut alphabet: Vec<String> = ByteLevel::alphabet()
+            .into_iter()
+            .map(|character| character.to_string())
+            .collect();
+        alphabet.sort();
+        let specials = ["<|begin_of_text|>", "<|end_of_text|>"];
+        let merges = [
+            ("Ġ", "1"),
+            ("Ġ1", "2"),
+            ("1", "2"),
+            ("12", "3"),
+            ("4", "5"),
+            ("'", "t"),
+            ("Ġ", "d"),
+            ("Ġd", "o"),
+            ("Ġdo", "n"),
+            ("Ċ", "Ċ"),
+            ("Ġ", "w"),
+        ];
+        let mut tokens: Vec<String> = specials.iter().map(|token| token.to_string()).collect();
+        tokens.extend(alphabet);
+        tokens.extend(merges.iter().map(|(left, right)| format!("{left}{right}")));
+        // In the vocabulary but reachable by no merge: only `ignore_merges` finds it.
+        tokens.push("Ġhello".into());
+
+        let vocab: serde_json::Map<String, serde_json::Value> = tokens
+            .iter()
+            .enumerate()
+            .map(|(id, token)| (token.clone(), serde_json::json!(id)))
+            .collect();
+        let tokenizer_json = serde_json::json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": specials.iter().enumerate().map(|(id, token)| serde_json::json!({
+                "id": id, "content": token, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true})).collect::<Vec<_>>(),
+            "normalizer": null,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+                 "behavior": "Isolated", "invert": false},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]},
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+                "byte_fallback": false, "ignore_merges": true, "vocab": vocab,
+                "merges": merges.iter().map(|(left, right)| format!("{left} {right}")).collect::<Vec<_>>()},
+        });
+        let meta = Tokenizer::from_bytes(tokenizer_json.to_string()).unwrap();
+
+        let write = |pre: Option<&str>| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("vocab.gguf");
+            let mut metadata = vec![
+                ("tokenizer.ggml.model", Value::String("gpt2".into())),
+                (
+                    "tokenizer.ggml.tokens",
+                    Value::Array(tokens.iter().cloned().map(Value::String).collect()),
+                ),
+                (
+                    "tokenizer.ggml.merges",
+                    Value::Array(
+                        merges
+                            .iter()
+                            .map(|(left, right)| Value::String(format!("{left} {right}")))
+                            .collect(),
+                    ),
+                ),
+                (
+                    "tokenizer.ggml.token_type",
+                    Value::Array(
+                        (0..tokens.len())
+                            .map(|id| Value::I32(if id < specials.len() { 3 } else { 1 }))
+                            .collect(),
+                    ),
+                ),
+            ];
+            if let Some(pre) = pre {
+                metadata.push(("tokenizer.ggml.pre", Value::String(pre.into())));
+            }
+            let refs: Vec<(&str, &Value)> =
+                metadata.iter().map(|(key, value)| (*key, value)).collect();
+            gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &refs, &[]).unwrap();
+            let content = Content::read(&mut std::fs::File::open(&path).unwrap()).unwrap();
+            gguf_tokenizer(&content).unwrap()
+        };
+        let ours = write(Some("llama-bpe"));
+
+        let ids = |tokenizer: &Tokenizer, text: &str| {
+            tokenizer.encode(text, false).unwrap().get_ids().to_vec()
+        };
+        let id = |token: &str| tokens.iter().position(|known| known == token).unwrap() as u32;
+        for text in [
+            "Hello world 12345 don't\n\n",
+            " hello 12 1234567 DON'T\r\n\n  x",
+            "<|begin_of_text|>1 12 123 1234  \t ok",
+            "naïve café 4545",
+        ] {
+            assert_eq!(ids(&ours, text), ids(&meta, text), "{text:?}");
+        }
+        assert_eq!(
+            ids(&ours, " 12345"),
+            [id("Ġ"), id("123"), id("45")],
+            "numbers in groups of three, the space alone"
+        );
+        assert_eq!(ids(&ours, " hello"), [id("Ġhello")], "ignore_merges");
+
+        let mut split = PreTokenizedString::from("Hello world 12345 don't\n\n");
+        ours.get_pre_tokenizer()
+            .unwrap()
+            .pre_tokenize(&mut split)
+            .unwrap();
+        let pieces: Vec<&str> = split
+            .get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(piece, _, _)| piece)
+            .collect();
+        assert_eq!(
+            pieces,
+            ["Hello", "Ġworld", "Ġ", "123", "45", "Ġdon", "'t", "ĊĊ"]
+        );
+        // GPT-2's split keeps " 12345" whole, so the same vocabulary gives other tokens.
+        assert_ne!(ids(&write(None), " 12345"), ids(&ours, " 12345"));
     }
 
     #[test]
