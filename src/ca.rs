@@ -203,9 +203,7 @@ async fn revoke(args: RevokeArgs) -> Result<()> {
     let store = fedlora_coordinator::store::connect(&args.database_url)
         .await
         .context("opening the coordinator's store")?;
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_millis() as i64);
+    let now_ms = fedlora_coordinator::rounds::now_ms();
     for record in records {
         let fresh = store
             .revoke_certificate(&RevokedRow {
@@ -261,9 +259,7 @@ async fn list(args: ListArgs) -> Result<()> {
 }
 
 fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_secs() as i64)
+    fedlora_coordinator::rounds::now_ms() / 1000
 }
 
 /// Time from now to `not_after_unix`, in days (hours under two days); `-` once past.
