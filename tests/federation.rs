@@ -440,15 +440,8 @@ async fn malformed_updates_are_refused_and_the_round_goes_on(pool: sqlx::PgPool)
         upload_idle_timeout: Duration::from_secs(1),
         ..Limits::default()
     };
-    let coordinator = Coordinator::start_with_limits(store.clone(), config.clone(), limits)
-        .await
-        .unwrap();
     let pki = TestPki::new();
-    let running = server::spawn(coordinator, ([127, 0, 0, 1], 0).into(), pki.server())
-        .await
-        .unwrap();
-    let url = running.url();
-    assert!(url.starts_with("https://"), "{url}");
+    let (running, url) = start_over_tls(store.clone(), config.clone(), limits, &pki).await;
 
     let mallory_tls = pki.issue("mallory", Role::Client);
     let mut mallory = FederationClient::new(tls_channel(&url, &mallory_tls).await.unwrap());
@@ -1081,6 +1074,25 @@ impl TestPki {
     }
 }
 
+/// A coordinator with `limits` serving mutual TLS with `pki`'s certificates on loopback; returns
+/// it and its `https://127.0.0.1:PORT` address.
+async fn start_over_tls(
+    store: Arc<dyn Store>,
+    config: FederationConfig,
+    limits: Limits,
+    pki: &TestPki,
+) -> (RunningServer, String) {
+    let coordinator = Coordinator::start_with_limits(store, config, limits)
+        .await
+        .unwrap();
+    let running = server::spawn(coordinator, ([127, 0, 0, 1], 0).into(), pki.server())
+        .await
+        .unwrap();
+    let url = running.url();
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    (running, url)
+}
+
 /// A connection to `url` presenting `tls`'s certificate; `Err` when the transport fails.
 async fn tls_channel(url: &str, tls: &ClientTls) -> Result<Channel, String> {
     let endpoint = tls
@@ -1121,14 +1133,7 @@ async fn mutual_tls_identities_and_roles(pool: sqlx::PgPool) {
         requests_per_minute: 40,
         ..Limits::default()
     };
-    let coordinator = Coordinator::start_with_limits(store.clone(), small_config(1, 2), limits)
-        .await
-        .unwrap();
-    let running = server::spawn(coordinator, ([127, 0, 0, 1], 0).into(), pki.server())
-        .await
-        .unwrap();
-    let url = running.url();
-    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    let (running, url) = start_over_tls(store.clone(), small_config(1, 2), limits, &pki).await;
 
     // The clinic joins with its certificate (its daemon joins again below, as the same client).
     let clinic_tls = pki.issue("clinic", Role::Client);

@@ -208,12 +208,17 @@ mod tests {
     use super::*;
     use crate::config::FederationConfig;
 
+    /// A coordinator of the default federation on an in-memory store.
+    async fn default_coordinator() -> Arc<Coordinator> {
+        let store = crate::store::connect("sqlite::memory:").await.unwrap();
+        Coordinator::start(store, FederationConfig::default())
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn plaintext_is_refused_off_loopback() {
-        let store = crate::store::connect("sqlite::memory:").await.unwrap();
-        let coordinator = Coordinator::start(store, FederationConfig::default())
-            .await
-            .unwrap();
+        let coordinator = default_coordinator().await;
         let (listener, _) = bind(([0, 0, 0, 0], 0).into()).await.unwrap();
         let served = serve(
             coordinator,
@@ -230,10 +235,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_ca_made_for_another_federation_is_refused_at_start() {
-        let store = crate::store::connect("sqlite::memory:").await.unwrap();
-        let coordinator = Coordinator::start(store, FederationConfig::default())
-            .await
-            .unwrap();
+        let coordinator = default_coordinator().await;
         let dir = tempfile::tempdir().unwrap();
         let ca = crate::pki::CertificateAuthority::init(dir.path(), "other", 30).unwrap();
         let issued = ca
