@@ -5,6 +5,8 @@
 # f32 accumulation) against PyTorch with the base model in bfloat16 (PEFT keeps the LoRA factors
 # float32). Needs torch, transformers and peft importable by the given python (default python3);
 # without them only fedlora's side runs. Prints each line and fedlora's speed as a multiple of PEFT's.
+# On CPUs without AVX-512 BF16 the bf16 comparison is skipped: fedlora's bf16 base falls back to a
+# portable loop there (see README, "Training speed").
 set -euo pipefail
 preset="${1:-reference}"
 python="${2:-python3}"
@@ -16,7 +18,12 @@ if ! "$python" -c "import torch, transformers, peft" 2>/dev/null; then
   have_torch=false
 fi
 rate() { sed -E 's/^[^:]*: ([0-9.]+) tokens\/s.*/\1/' <<<"$1"; }
-for precision in f32 bf16; do
+precisions=(f32 bf16)
+if ! grep -qw avx512_bf16 /proc/cpuinfo 2>/dev/null; then
+  echo "this CPU lacks AVX-512 BF16: bf16 comparison skipped"
+  precisions=(f32)
+fi
+for precision in "${precisions[@]}"; do
   flag=()
   [ "$precision" = bf16 ] && flag=(--bf16-base)
   ours=$(./target/release/fedlora bench-train --preset "$preset" "${flag[@]}")

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use fedlora_client::daemon::{self, BasePrecision, ClientTransport, DaemonConfig, DaemonEvent};
+use fedlora_client::model::QuantType;
 use fedlora_client::tiny::{TinyModelSpec, write_tiny_model};
 use fedlora_coordinator::aggregate::{NormAction, Robustness, ServerOptimizer};
 use fedlora_coordinator::config::{FederationConfig, TrainingConfig};
@@ -177,13 +178,9 @@ pub struct BenchTrainArgs {
     /// Timed steps.
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
-    /// QLoRA: quantize the frozen projections (`--quantize-base` alone: q8_0).
-    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "q8_0", conflicts_with = "bf16_base")]
-    pub quantize_base: Option<QuantArg>,
-    /// Keep the frozen projections and output head in bf16 (bf16 products, f32 accumulation;
-    /// AVX-512 BF16 where the CPU has it).
-    #[arg(long)]
-    pub bf16_base: bool,
+    /// How the frozen base is held: as `fedlora client` would with the same flags.
+    #[command(flatten)]
+    pub base: BaseArgs,
 }
 
 #[derive(Debug, Args)]
@@ -473,6 +470,16 @@ pub struct ClientArgs {
     /// Held-out windows evaluated per task, at most.
     #[arg(long, default_value_t = 64)]
     pub max_eval_windows: usize,
+    #[command(flatten)]
+    pub base: BaseArgs,
+    #[command(flatten)]
+    pub transport: TransportArgs,
+}
+
+/// How the frozen base model is held and multiplied (the default: f32, packed once for
+/// fedlora's own kernel).
+#[derive(Debug, Args)]
+pub struct BaseArgs {
     /// QLoRA: keep the frozen projections quantized. `--quantize-base` alone or `=q8_0`: about a
     /// quarter of f32's memory; `=q4k`: about an eighth. Projections whose input width is not a
     /// multiple of the type's block (256 for q4k) fall back to q8_0 (blocks of 32), else stay
@@ -487,13 +494,22 @@ pub struct ClientArgs {
     /// (`cuda` builds) the frozen weights become bf16 tensors for the device's own matmuls.
     #[arg(long)]
     pub bf16_base: bool,
-    /// Keep the f32 base as loaded instead of packing it for fedlora's AVX-512 kernel: the
-    /// frozen projections take half the memory of the packed default (which holds each twice,
-    /// once per product), and a step is slower (about 12% on the reference benchmark).
+    /// Keep the f32 base as loaded instead of packing it for fedlora's AVX-512 or AVX2 kernel:
+    /// the frozen projections take half the memory of the packed default (which holds each
+    /// twice, once per product), and a step is slower (12–19% on the reference benchmark).
     #[arg(long, conflicts_with_all = ["bf16_base", "quantize_base"])]
     pub unpacked_base: bool,
-    #[command(flatten)]
-    pub transport: TransportArgs,
+}
+
+impl BaseArgs {
+    pub fn precision(&self) -> BasePrecision {
+        match (self.quantize_base, self.bf16_base, self.unpacked_base) {
+            (Some(quant), _, _) => BasePrecision::Quantized(quant.into()),
+            (None, true, _) => BasePrecision::Bf16,
+            (None, false, true) => BasePrecision::F32Unpacked,
+            (None, false, false) => BasePrecision::F32,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -737,12 +753,7 @@ async fn client(args: ClientArgs) -> Result<()> {
         state_dir,
         max_rank: args.max_rank,
         max_eval_windows: args.max_eval_windows,
-        base: match (args.quantize_base, args.bf16_base, args.unpacked_base) {
-            (Some(quant), _, _) => BasePrecision::Quantized(quant.into()),
-            (None, true, _) => BasePrecision::Bf16,
-            (None, false, true) => BasePrecision::F32Unpacked,
-            (None, false, false) => BasePrecision::F32,
-        },
+        base: args.base.precision(),
     };
     // A progress bar on a terminal (hidden when stderr is not one, e.g. under systemd), and a
     // log line every 10 steps.
@@ -908,21 +919,17 @@ fn bench_train(args: &BenchTrainArgs) -> Result<()> {
         BenchPreset::Reference => TrainBench::reference(),
         BenchPreset::Smollm2 => TrainBench::smollm2(),
     };
-    let report = run_train_bench(
-        &bench,
-        args.warmup,
-        args.steps,
-        args.quantize_base.map(Into::into),
-        args.bf16_base,
-    )?;
+    let base = args.base.precision();
+    let report = run_train_bench(&bench, args.warmup, args.steps, base)?;
     print!(
         "{}{}: {:.1} tokens/s ({:.3} s/step over {} steps, batch {} x {}), peak rss {}",
         bench.name,
-        match (args.quantize_base, args.bf16_base) {
-            (Some(QuantArg::Q8_0), _) => " (q8_0 base)",
-            (Some(QuantArg::Q4K), _) => " (q4k base)",
-            (None, true) => " (bf16 base)",
-            (None, false) => "",
+        match base {
+            BasePrecision::F32 => "",
+            BasePrecision::F32Unpacked => " (unpacked f32 base)",
+            BasePrecision::Bf16 => " (bf16 base)",
+            BasePrecision::Quantized(QuantType::Q8_0) => " (q8_0 base)",
+            BasePrecision::Quantized(QuantType::Q4K) => " (q4k base)",
         },
         report.tokens_per_second,
         report.seconds_per_step,

@@ -9,7 +9,7 @@ use rand::Rng;
 
 use crate::error::Result;
 use crate::model::lora::seeded_rng;
-use crate::model::{Llama, LlamaConfig};
+use crate::model::{BasePrecision, Llama, LlamaConfig};
 use crate::tiny::random_weights;
 use crate::train::data::Window;
 use crate::train::{TrainConfig, train};
@@ -134,33 +134,23 @@ pub struct BenchReport {
     pub peak_rss_bytes: Option<u64>,
     /// Arithmetic done per second ([`TrainBench::flop_per_token`] × tokens/s), in GFLOP/s.
     pub gflops: f64,
-    /// This CPU's measured multiply-add peaks (before the run), where it has AVX-512.
+    /// This CPU's measured multiply-add peaks (before the run), where it has AVX-512 or AVX2.
     pub peak: Option<crate::model::cpu_peak::Peak>,
 }
 
-/// Runs `warmup` untimed then `steps` timed AdamW steps on random tokens.
-/// With `quantize_base`, the frozen projections are kept quantized (QLoRA); with `bf16_base`,
-/// the projections and the output head in bf16 (`Llama::pack_base_bf16`); otherwise in f32,
-/// packed as the client daemon trains them (`Llama::pack_base_f32`).
+/// Runs `warmup` untimed then `steps` timed AdamW steps on random tokens, with the frozen base
+/// held as a client daemon holds it with the same `base` (`Llama::apply_base_precision`).
 pub fn run_train_bench(
     bench: &TrainBench,
     warmup: usize,
     steps: usize,
-    quantize_base: Option<crate::model::QuantType>,
-    bf16_base: bool,
+    base: BasePrecision,
 ) -> Result<BenchReport> {
     let device = Device::Cpu;
     let peak = crate::model::cpu_peak::measure();
     let weights = random_weights(&bench.config, 1)?;
     let mut model = Llama::from_weights(bench.config.clone(), weights, &device)?;
-    if let Some(quant) = quantize_base {
-        model.quantize_base(quant.ggml())?;
-    }
-    if bf16_base {
-        model.pack_base_bf16()?;
-    } else if quantize_base.is_none() {
-        model.pack_base_f32()?;
-    }
+    model.apply_base_precision(base)?;
     model.attach_lora(&bench.lora, 2)?;
     let mut rng = seeded_rng(3);
     let vocab = bench.config.vocab_size as u32;

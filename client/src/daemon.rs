@@ -23,8 +23,9 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{error, info, instrument, warn};
 
 use crate::error::{ClientError, Result};
+pub use crate::model::BasePrecision;
 use crate::model::peft::write_peft_adapter;
-use crate::model::{BaseModel, Llama, QuantType, fingerprint};
+use crate::model::{BaseModel, Llama, fingerprint};
 use crate::train::data::{SiteData, make_windows, trained_examples};
 use crate::train::{TrainConfig, TrainedFactors, evaluate, train};
 
@@ -57,25 +58,6 @@ pub struct DaemonConfig {
     pub max_eval_windows: usize,
     /// How the frozen base is held while training.
     pub base: BasePrecision,
-}
-
-/// How a site holds its frozen base model.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum BasePrecision {
-    /// f32 weights and products (the default; exact against PyTorch/PEFT in f32), packed once
-    /// for the AVX-512 kernel where the CPU has one (`Llama::pack_base_f32`): faster, but the
-    /// projections take twice their memory.
-    #[default]
-    F32,
-    /// f32 as loaded, multiplied by candle's GEMM: the projections' memory once, a slower step.
-    F32Unpacked,
-    /// Projections and output head in bf16, bf16 products with f32 accumulation (PyTorch's bf16
-    /// autocast); faster than f32 only where the CPU's bf16 dot products outrun its f32 FMAs
-    /// (AMD Zen 4), see `Llama::pack_base_bf16`. CPU only.
-    Bf16,
-    /// QLoRA: projections quantized (to the given type, or a GGUF's own types): about a
-    /// quarter (Q8_0) or an eighth (Q4K) of f32's memory.
-    Quantized(QuantType),
 }
 
 /// Progress the daemon reports to whoever runs it (a progress bar, a log).
@@ -266,22 +248,7 @@ fn is_transient(error: &ClientError) -> bool {
 
 fn load_site(config: &DaemonConfig) -> Result<Site> {
     let device = crate::model::default_device();
-    let base = match config.base {
-        BasePrecision::Quantized(quant) => {
-            BaseModel::load_quantized(&config.model_dir, &device, quant)?
-        }
-        BasePrecision::F32 => {
-            let mut base = BaseModel::load(&config.model_dir, &device)?;
-            base.model.pack_base_f32()?;
-            base
-        }
-        BasePrecision::F32Unpacked => BaseModel::load(&config.model_dir, &device)?,
-        BasePrecision::Bf16 => {
-            let mut base = BaseModel::load(&config.model_dir, &device)?;
-            base.model.pack_base_bf16()?;
-            base
-        }
-    };
+    let base = BaseModel::load_as(&config.model_dir, &device, config.base)?;
     let template = base.prompt_template();
     tracing::info!(template = template.name(), "instruction examples' layout");
     let data = SiteData::load(

@@ -1,5 +1,6 @@
 //! This CPU's peak multiply-add rates, measured rather than looked up: independent chains of
-//! f32 FMAs (`vfmadd…ps`) and of bf16 pair dot products (`vdpbf16ps`) on every rayon thread.
+//! f32 FMAs (`vfmadd…ps`, 512-bit with AVX-512F, else 256-bit with AVX2 and FMA) and of bf16
+//! pair dot products (`vdpbf16ps`) on every rayon thread.
 //!
 //! Two uses. `bench-train` states its throughput as a share of the f32 peak, so a figure from
 //! one machine can be read on another. And the bf16 base is only worth its rounding where
@@ -9,7 +10,7 @@
 //! `Llama::pack_base_bf16` warns about.
 #![allow(
     unsafe_code,
-    reason = "calls into AVX-512 functions after checking at run time that the CPU has them"
+    reason = "calls into AVX-512 and AVX2 functions after checking at run time that the CPU has them"
 )]
 
 use std::hint::black_box;
@@ -19,7 +20,7 @@ use std::time::Instant;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Peak {
     pub threads: usize,
-    /// 512-bit f32 FMAs.
+    /// f32 FMAs, in the widest registers the CPU has (512 or 256 bits).
     pub f32_gflops: f64,
     /// `vdpbf16ps` (bf16 pairs into f32); `None` without AVX-512 BF16.
     pub bf16_gflops: Option<f64>,
@@ -30,7 +31,7 @@ pub struct Peak {
 const ITERATIONS: usize = 4_000_000;
 
 /// Both peaks (best of three timings each, a few tens of milliseconds in all), measured once per
-/// process; `None` on CPUs without AVX-512F.
+/// process; `None` on CPUs with neither AVX-512F nor AVX2 and FMA.
 pub fn measure() -> Option<Peak> {
     static PEAK: std::sync::OnceLock<Option<Peak>> = std::sync::OnceLock::new();
     *PEAK.get_or_init(|| measure_with(ITERATIONS))
@@ -54,6 +55,19 @@ fn measure_with(iterations: usize) -> Option<Peak> {
             threads,
             f32_gflops,
             bf16_gflops,
+        });
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        let threads = rayon::current_num_threads().max(1);
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        let f32_gflops = best_rate(threads, iterations, x86::FLOP_PER_FMA_256, |n| unsafe {
+            x86::fma_chains_256(n)
+        });
+        return Some(Peak {
+            threads,
+            f32_gflops,
+            bf16_gflops: None,
         });
     }
     let _ = iterations;
@@ -88,6 +102,8 @@ mod x86 {
     const CHAINS: usize = 12;
     /// 16 lanes × 2 flop per chain and iteration.
     pub(super) const FLOP_PER_FMA: f64 = (CHAINS * 16 * 2) as f64;
+    /// 8 lanes × 2 flop per chain and iteration.
+    pub(super) const FLOP_PER_FMA_256: f64 = (CHAINS * 8 * 2) as f64;
     /// 16 lanes × 2 pairs × 2 flop.
     pub(super) const FLOP_PER_DOT: f64 = (CHAINS * 16 * 2 * 2) as f64;
 
@@ -104,6 +120,28 @@ mod x86 {
             }
         }
         acc.iter().map(|&chain| _mm512_reduce_add_ps(chain)).sum()
+    }
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn fma_chains_256(iterations: usize) -> f32 {
+        let factor = _mm256_set1_ps(black_box(0.999_9));
+        let term = _mm256_set1_ps(black_box(1e-4));
+        let mut acc = [_mm256_set1_ps(black_box(0.5)); CHAINS];
+        for _ in 0..iterations {
+            for chain in &mut acc {
+                *chain = _mm256_fmadd_ps(*chain, factor, term);
+            }
+        }
+        let mut lanes = [0f32; 8];
+        let mut sum = 0.0;
+        for chain in acc {
+            // SAFETY: `lanes` holds 8 values.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), chain) };
+            sum += lanes.iter().sum::<f32>();
+        }
+        sum
     }
 
     /// # Safety

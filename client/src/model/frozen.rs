@@ -171,11 +171,13 @@ impl FrozenWeight {
     }
 
     /// The weight packed in f32 for `packed_gemm`, where this CPU runs its f32 kernel (a dense
-    /// weight on the CPU; other weights, and every weight on CPUs without AVX-512F, are kept as
-    /// they are).
+    /// weight on the CPU; other weights, and every weight on CPUs with neither AVX-512F nor AVX2
+    /// and FMA, are kept as they are).
     pub fn packed_f32(&self) -> Result<Self> {
         Ok(match self {
-            Self::Dense(tensor) if tensor.device().is_cpu() && f32::simd_available() => {
+            Self::Dense(tensor)
+                if tensor.device().is_cpu() && packed_gemm::f32_simd_available() =>
+            {
                 Self::PackedF32(Arc::new(PackedWeight::new(tensor)?))
             }
             other => other.clone(),
@@ -467,7 +469,7 @@ mod tests {
     #[test]
     fn f32_packed_weight_gives_the_dense_products_and_input_gradient() {
         let (weight, packed, x, got) = check_packed(|w| w.packed_f32().unwrap(), 1e-6);
-        if !f32::simd_available() {
+        if !packed_gemm::f32_simd_available() {
             assert_eq!(packed.kind(), "dense", "kept for candle's GEMM");
             return;
         }

@@ -501,11 +501,23 @@ impl Llama {
         Ok(())
     }
 
+    /// Holds the frozen base as `base` says: quantized to its type ([`Llama::quantize_base`]),
+    /// packed in f32 ([`Llama::pack_base_f32`]) or bf16 ([`Llama::pack_base_bf16`]), or as
+    /// loaded (`F32Unpacked`).
+    pub fn apply_base_precision(&mut self, base: super::BasePrecision) -> Result<()> {
+        match base {
+            super::BasePrecision::F32 => self.pack_base_f32(),
+            super::BasePrecision::F32Unpacked => Ok(()),
+            super::BasePrecision::Bf16 => self.pack_base_bf16(),
+            super::BasePrecision::Quantized(quant) => self.quantize_base(quant.ggml()),
+        }
+    }
+
     /// Packs every frozen projection and an untied output head in f32 for `packed_gemm`'s
-    /// AVX-512 kernel, once, instead of letting a general GEMM pack them on every product.
+    /// AVX-512 or AVX2 kernel, once, instead of letting a general GEMM pack them on every product.
     /// Same values and arithmetic (f32 products, f32 accumulation); twice the memory of those
-    /// weights, since each is packed for both of its products. Does nothing on CPUs without
-    /// AVX-512F or off the CPU. A tied head stays the embedding (packing it would add a third
+    /// weights, since each is packed for both of its products. Does nothing on CPUs with neither
+    /// AVX-512F nor AVX2 and FMA, or off the CPU. A tied head stays the embedding (packing it would add a third
     /// copy of the largest matrix). DoRA rebuilds each dense weight from its packing every step
     /// for its row norms (a copy of the weight: cheap next to the products). Merging makes a
     /// projection dense; unmerging packs it again.

@@ -76,6 +76,25 @@ pub enum QuantType {
     Q4K,
 }
 
+/// How a site holds its frozen base model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BasePrecision {
+    /// f32 weights and products (the default; exact against PyTorch/PEFT in f32), packed once
+    /// for the AVX-512 or AVX2 kernel where the CPU has one ([`Llama::pack_base_f32`]): faster, but the
+    /// projections take twice their memory.
+    #[default]
+    F32,
+    /// f32 as loaded, multiplied by candle's GEMM: the projections' memory once, a slower step.
+    F32Unpacked,
+    /// Projections and output head in bf16, bf16 products with f32 accumulation (PyTorch's bf16
+    /// autocast); faster than f32 only where the CPU's bf16 dot products outrun its f32 FMAs
+    /// (AMD Zen 4), see [`Llama::pack_base_bf16`]. CPU only.
+    Bf16,
+    /// QLoRA: projections quantized (to the given type, or a GGUF's own types): about a
+    /// quarter (Q8_0) or an eighth (Q4K) of f32's memory.
+    Quantized(QuantType),
+}
+
 impl QuantType {
     pub fn ggml(self) -> candle_core::quantized::GgmlDType {
         match self {
@@ -90,6 +109,17 @@ impl BaseModel {
     /// Alpaca by its tokenizer ([`crate::chat::PromptTemplate::for_model`]).
     pub fn prompt_template(&self) -> crate::chat::PromptTemplate {
         crate::chat::PromptTemplate::for_model(self.chat_template.as_ref(), &self.tokenizer)
+    }
+
+    /// [`BaseModel::load`], then the frozen base held as `base` says: quantized as
+    /// [`BaseModel::load_quantized`] does, else [`Llama::apply_base_precision`].
+    pub fn load_as(path: &Path, device: &Device, base: BasePrecision) -> Result<Self> {
+        if let BasePrecision::Quantized(quant) = base {
+            return Self::load_quantized(path, device, quant);
+        }
+        let mut loaded = Self::load(path, device)?;
+        loaded.model.apply_base_precision(base)?;
+        Ok(loaded)
     }
 
     /// QLoRA: as [`BaseModel::load`] with the frozen projections quantized. A GGUF file keeps its
