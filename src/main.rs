@@ -26,8 +26,27 @@ fn retain_freed_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn retain_freed_memory() {}
 
+/// Runs candle's element-wise ops on the calling thread unless `CANDLE_NUM_THREADS` says
+/// otherwise. candle 0.11 keeps a second thread pool for them beside rayon's (which runs
+/// fedlora's GEMM kernels, fused ops and candle's GEMM), each as large as the machine; the two
+/// pools' threads then wait on each other's cores. Measured on a 2-core AMD EPYC (Zen 3),
+/// `bench-train --steps 6 --warmup 1`, alternating runs: SmolLM2 dims 115–122 → 125–149
+/// tokens/s, the reference preset unchanged (440–450 against 416–461).
+#[allow(
+    unsafe_code,
+    reason = "the environment is written once, before any other thread exists"
+)]
+fn one_pool_for_candle() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: called at the start of main, before the runtime or any other thread starts,
+        // so nothing reads the environment concurrently.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
+}
+
 fn main() -> ExitCode {
     retain_freed_memory();
+    one_pool_for_candle();
     let cli = Cli::parse();
     // The demo draws progress bars: keep the log quiet there unless RUST_LOG says otherwise.
     let default_level = match cli.command {
