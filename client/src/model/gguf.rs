@@ -177,15 +177,186 @@ enum PreTokenizer {
 /// newlines, and trailing spaces.
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-/// A byte-level BPE tokenizer rebuilt from GGUF metadata (`tokenizer.ggml.*`), with the
-/// pre-tokenizer `tokenizer.ggml.pre` names (GPT-2, SmolLM or Llama 3).
+/// llama.cpp's token types (`tokenizer.ggml.token_type`).
+const TOKEN_NORMAL: i32 = 1;
+const TOKEN_UNKNOWN: i32 = 2;
+const TOKEN_CONTROL: i32 = 3;
+
+/// The tokenizer a GGUF file's metadata describes (`tokenizer.ggml.model`): a byte-level BPE
+/// (`gpt2`: SmolLM, Llama 3, ...) or a SentencePiece BPE (`llama`: Llama 2, TinyLlama, Mistral).
 pub fn gguf_tokenizer(content: &Content) -> Result<Tokenizer> {
     let model = meta(content, "tokenizer.ggml.model")?.to_string()?;
-    if model != "gpt2" {
-        return Err(ClientError::Unsupported(format!(
-            "gguf tokenizer model {model:?} (byte-level bpe \"gpt2\" only)"
+    let tokens: Vec<String> = meta(content, "tokenizer.ggml.tokens")?
+        .to_vec()?
+        .iter()
+        .map(|value| value.to_string().cloned())
+        .collect::<candle_core::Result<_>>()?;
+    let token_types: Vec<i32> = content
+        .metadata
+        .get("tokenizer.ggml.token_type")
+        .and_then(|value| value.to_vec().ok())
+        .map(|values| {
+            values
+                .iter()
+                .filter_map(|value| value.to_i32().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    match model.as_str() {
+        "gpt2" => byte_level_tokenizer(content, &tokens, &token_types),
+        "llama" => {
+            let scores: Vec<f32> = meta(content, "tokenizer.ggml.scores")?
+                .to_vec()?
+                .iter()
+                .map(Value::to_f32)
+                .collect::<candle_core::Result<_>>()?;
+            let add_space_prefix = match content.metadata.get("tokenizer.ggml.add_space_prefix") {
+                Some(value) => value.to_bool()?,
+                None => true,
+            };
+            sentencepiece_tokenizer(&tokens, &scores, &token_types, add_space_prefix)
+        }
+        other => Err(ClientError::Unsupported(format!(
+            "gguf tokenizer model {other:?} (byte-level bpe \"gpt2\" and sentencepiece \"llama\" \
+             only)"
+        ))),
+    }
+}
+
+/// A SentencePiece BPE vocabulary (pieces, their scores and llama.cpp token types) as a
+/// `tokenizers` BPE, the way transformers converts Llama 2's `tokenizer.model`: merges are every
+/// split of a normal piece into two normal pieces, ranked by the merged piece's score (then by
+/// piece id, then by the halves' ids), which replays SentencePiece's highest-score-first merging;
+/// spaces become `▁`, with one prepended (`add_space_prefix`, SentencePiece's dummy prefix);
+/// characters outside the vocabulary fall back to their UTF-8 bytes (`<0xXX>` pieces). Control
+/// tokens (`<s>`, `</s>`) are matched whole in text, as in Llama 2's `tokenizer.json`, so a
+/// rendered chat template's markers become their ids.
+pub fn sentencepiece_tokenizer(
+    tokens: &[String],
+    scores: &[f32],
+    token_types: &[i32],
+    add_space_prefix: bool,
+) -> Result<Tokenizer> {
+    use tokenizers::decoders::DecoderWrapper;
+    use tokenizers::decoders::byte_fallback::ByteFallback;
+    use tokenizers::decoders::fuse::Fuse;
+    use tokenizers::decoders::strip::Strip;
+    use tokenizers::normalizers::{NormalizerWrapper, Prepend, Replace};
+
+    if scores.len() != tokens.len() {
+        return Err(ClientError::Tokenizer(format!(
+            "gguf sentencepiece vocabulary: {} scores for {} tokens",
+            scores.len(),
+            tokens.len()
         )));
     }
+    let kind = |id: usize| token_types.get(id).copied().unwrap_or(TOKEN_NORMAL);
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, token)| (token.clone(), id as u32))
+        .collect();
+    let normal_id = |piece: &str| {
+        vocab
+            .get(piece)
+            .copied()
+            .filter(|&id| kind(id as usize) == TOKEN_NORMAL)
+    };
+    // (merged piece's score, its id, left id, right id)
+    let mut ranked: Vec<(f32, u32, u32, u32)> = Vec::new();
+    for (id, piece) in tokens.iter().enumerate() {
+        if kind(id) != TOKEN_NORMAL {
+            continue;
+        }
+        for (split, _) in piece.char_indices().skip(1) {
+            let (left, right) = piece.split_at(split);
+            if let (Some(left), Some(right)) = (normal_id(left), normal_id(right)) {
+                ranked.push((scores[id], id as u32, left, right));
+            }
+        }
+    }
+    ranked.sort_by(|a, b| {
+        b.0.total_cmp(&a.0)
+            .then(a.1.cmp(&b.1))
+            .then(a.2.cmp(&b.2))
+            .then(a.3.cmp(&b.3))
+    });
+    let merges: Vec<(String, String)> = ranked
+        .iter()
+        .map(|&(_, _, left, right)| {
+            (
+                tokens[left as usize].clone(),
+                tokens[right as usize].clone(),
+            )
+        })
+        .collect();
+    let mut builder = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true)
+        .fuse_unk(true);
+    if let Some(unknown) = (0..tokens.len()).find(|&id| kind(id) == TOKEN_UNKNOWN) {
+        builder = builder.unk_token(tokens[unknown].clone());
+    }
+    let bpe = builder
+        .build()
+        .map_err(|error| ClientError::Tokenizer(error.to_string()))?;
+    let mut tokenizer = Tokenizer::new(bpe);
+    let to_metaspace = NormalizerWrapper::Replace(
+        Replace::new(" ", "▁").map_err(|error| ClientError::Tokenizer(error.to_string()))?,
+    );
+    tokenizer
+        .with_normalizer(Some(if add_space_prefix {
+            NormalizerWrapper::Sequence(tokenizers::normalizers::Sequence::new(vec![
+                NormalizerWrapper::Prepend(Prepend::new("▁".into())),
+                to_metaspace,
+            ]))
+        } else {
+            to_metaspace
+        }))
+        .map_err(|error| ClientError::Tokenizer(error.to_string()))?;
+    let mut decoders = vec![
+        DecoderWrapper::Replace(
+            tokenizers::normalizers::Replace::new("▁", " ")
+                .map_err(|error| ClientError::Tokenizer(error.to_string()))?,
+        ),
+        DecoderWrapper::ByteFallback(ByteFallback::default()),
+        DecoderWrapper::Fuse(Fuse::default()),
+    ];
+    if add_space_prefix {
+        decoders.push(DecoderWrapper::Strip(Strip::new(' ', 1, 0)));
+    }
+    tokenizer.with_decoder(Some(tokenizers::decoders::sequence::Sequence::new(
+        decoders,
+    )));
+    add_control_tokens(&mut tokenizer, tokens, token_types)?;
+    Ok(tokenizer)
+}
+
+/// Control tokens (type 3), such as `<|im_start|>` or `</s>`, are matched whole, never split.
+fn add_control_tokens(
+    tokenizer: &mut Tokenizer,
+    tokens: &[String],
+    token_types: &[i32],
+) -> Result<()> {
+    let specials: Vec<AddedToken> = tokens
+        .iter()
+        .zip(token_types.iter().chain(std::iter::repeat(&TOKEN_NORMAL)))
+        .filter(|(_, kind)| **kind == TOKEN_CONTROL)
+        .map(|(token, _)| AddedToken::from(token.clone(), true))
+        .collect();
+    tokenizer
+        .add_special_tokens(specials)
+        .map_err(|error| ClientError::Tokenizer(error.to_string()))?;
+    Ok(())
+}
+
+/// A byte-level BPE tokenizer rebuilt from GGUF metadata (`tokenizer.ggml.*`), with the
+/// pre-tokenizer `tokenizer.ggml.pre` names (GPT-2, SmolLM or Llama 3).
+fn byte_level_tokenizer(
+    content: &Content,
+    tokens: &[String],
+    token_types: &[i32],
+) -> Result<Tokenizer> {
     // Pre-tokenizers by llama.cpp's name: SmolLM splits digits singly before GPT-2's byte-level
     // split; plain GPT-2 does only the latter; Llama 3 (`llama-bpe`) splits with its own regex.
     // Others (qwen2, ...) differ in their regex.
@@ -205,11 +376,6 @@ pub fn gguf_tokenizer(content: &Content) -> Result<Tokenizer> {
             )));
         }
     };
-    let tokens: Vec<String> = meta(content, "tokenizer.ggml.tokens")?
-        .to_vec()?
-        .iter()
-        .map(|value| value.to_string().cloned())
-        .collect::<candle_core::Result<_>>()?;
     let merges: Vec<(String, String)> = meta(content, "tokenizer.ggml.merges")?
         .to_vec()?
         .iter()
@@ -220,17 +386,6 @@ pub fn gguf_tokenizer(content: &Content) -> Result<Tokenizer> {
                 .map(|(a, b)| (a.to_string(), b.to_string()))
         })
         .collect();
-    let token_types: Vec<i32> = content
-        .metadata
-        .get("tokenizer.ggml.token_type")
-        .and_then(|value| value.to_vec().ok())
-        .map(|values| {
-            values
-                .iter()
-                .filter_map(|value| value.to_i32().ok())
-                .collect()
-        })
-        .unwrap_or_default();
     let vocab: tokenizers::models::bpe::Vocab = tokens
         .iter()
         .enumerate()
@@ -268,16 +423,7 @@ pub fn gguf_tokenizer(content: &Content) -> Result<Tokenizer> {
         ])),
     }));
     tokenizer.with_decoder(Some(ByteLevel::default()));
-    // Control tokens (type 3) such as <|im_start|> are matched whole, never split.
-    let specials: Vec<AddedToken> = tokens
-        .iter()
-        .zip(token_types.iter().chain(std::iter::repeat(&1)))
-        .filter(|(_, kind)| **kind == 3)
-        .map(|(token, _)| AddedToken::from(token.clone(), true))
-        .collect();
-    tokenizer
-        .add_special_tokens(specials)
-        .map_err(|error| ClientError::Tokenizer(error.to_string()))?;
+    add_control_tokens(&mut tokenizer, tokens, token_types)?;
     Ok(tokenizer)
 }
 
@@ -775,6 +921,123 @@ mod tests {
         );
         // GPT-2's split keeps " 12345" whole, so the same vocabulary gives other tokens.
         assert_ne!(ids(&write(None), " 12345"), ids(&ours, " 12345"));
+    }
+
+    /// A GGUF file's metadata of a SentencePiece BPE vocabulary, made by
+    /// `scripts/gguf_spm_fixture.py` with SentencePiece itself (byte fallback, digits split,
+    /// whitespace kept, as Llama 2's), with SentencePiece's ids for its sample texts.
+    fn sentencepiece_fixture() -> (Content, Vec<(String, Vec<u32>)>) {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/gguf_spm/vocab.json"
+        );
+        let fixture: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let array = |key: &str, value: &dyn Fn(&serde_json::Value) -> Value| {
+            Value::Array(fixture[key].as_array().unwrap().iter().map(value).collect())
+        };
+        let metadata = HashMap::from([
+            (
+                "tokenizer.ggml.model".to_string(),
+                Value::String("llama".into()),
+            ),
+            (
+                "tokenizer.ggml.tokens".to_string(),
+                array("tokenizer.ggml.tokens", &|v| {
+                    Value::String(v.as_str().unwrap().into())
+                }),
+            ),
+            (
+                "tokenizer.ggml.scores".to_string(),
+                array("tokenizer.ggml.scores", &|v| {
+                    Value::F32(v.as_f64().unwrap() as f32)
+                }),
+            ),
+            (
+                "tokenizer.ggml.token_type".to_string(),
+                array("tokenizer.ggml.token_type", &|v| {
+                    Value::I32(v.as_i64().unwrap() as i32)
+                }),
+            ),
+        ]);
+        let cases = fixture["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|case| {
+                let ids = case["ids"].as_array().unwrap();
+                (
+                    case["text"].as_str().unwrap().to_string(),
+                    ids.iter().map(|id| id.as_u64().unwrap() as u32).collect(),
+                )
+            })
+            .collect();
+        let content = Content {
+            magic: gguf_file::VersionedMagic::GgufV3,
+            metadata,
+            tensor_infos: HashMap::new(),
+            tensor_data_offset: 0,
+        };
+        (content, cases)
+    }
+
+    /// Llama 2, TinyLlama and Mistral GGUF files carry a SentencePiece vocabulary
+    /// (`tokenizer.ggml.model = llama`): rebuilt from it, the tokenizer gives SentencePiece's
+    /// own ids (merges by score, the dummy space prefix, whitespace runs, digits, byte fallback
+    /// for characters outside the vocabulary, the empty text), and decodes back to the text.
+    #[test]
+    fn sentencepiece_gguf_tokenizer_matches_sentencepiece() {
+        let (content, cases) = sentencepiece_fixture();
+        let tokenizer = gguf_tokenizer(&content).unwrap();
+        assert!(cases.len() >= 10);
+        for (text, expected) in &cases {
+            let ids = tokenizer
+                .encode(text.as_str(), false)
+                .unwrap()
+                .get_ids()
+                .to_vec();
+            assert_eq!(&ids, expected, "{text:?}");
+            assert_eq!(&tokenizer.decode(&ids, false).unwrap(), text, "{text:?}");
+        }
+        // Some case needed the byte fallback, and some merged several characters.
+        let all: Vec<u32> = cases.iter().flat_map(|(_, ids)| ids.clone()).collect();
+        assert!(
+            all.iter().any(|&id| (3..259).contains(&id)),
+            "no byte piece used"
+        );
+        assert!(
+            all.iter()
+                .any(|&id| tokenizer.id_to_token(id).unwrap().chars().count() > 2)
+        );
+        // Control tokens are matched whole (a chat template's </s> is EOS), never split.
+        let ids = tokenizer
+            .encode("hi</s>", false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        assert_eq!(ids.last(), Some(&2));
+        // Without the dummy prefix (`tokenizer.ggml.add_space_prefix = false`) no ▁ is added.
+        let mut content = content;
+        content
+            .metadata
+            .insert("tokenizer.ggml.add_space_prefix".into(), Value::Bool(false));
+        let bare = gguf_tokenizer(&content).unwrap();
+        let ids = bare.encode("The", false).unwrap().get_ids().to_vec();
+        assert!(!bare.id_to_token(ids[0]).unwrap().starts_with('▁'));
+        assert_eq!(bare.decode(&ids, false).unwrap(), "The");
+    }
+
+    #[test]
+    fn unknown_gguf_tokenizer_models_are_named() {
+        let (mut content, _) = sentencepiece_fixture();
+        content
+            .metadata
+            .insert("tokenizer.ggml.model".into(), Value::String("rwkv".into()));
+        let error = gguf_tokenizer(&content).unwrap_err().to_string();
+        assert!(
+            error.contains("\"rwkv\"") && error.contains("sentencepiece"),
+            "{error}"
+        );
     }
 
     #[test]
