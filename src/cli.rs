@@ -781,7 +781,10 @@ async fn client(args: ClientArgs) -> Result<()> {
             } => {
                 info!(
                     round_id,
-                    adapter_round, loss, "held-out loss of the global adapter"
+                    adapter_round,
+                    loss,
+                    perplexity = fedlora_client::train::perplexity(*loss),
+                    "held-out loss of the global adapter"
                 );
             }
             DaemonEvent::Finished { reason } => info!(%reason, "federation finished"),
@@ -793,9 +796,10 @@ async fn client(args: ClientArgs) -> Result<()> {
         "client {} trained {} rounds; last held-out loss {}",
         summary.client_id,
         summary.rounds_trained,
-        summary
-            .last_eval_loss
-            .map_or("-".into(), |loss| format!("{loss:.4}"))
+        summary.last_eval_loss.map_or("-".into(), |loss| format!(
+            "{loss:.4} (perplexity {:.2})",
+            fedlora_client::train::perplexity(loss)
+        ))
     );
     Ok(())
 }

@@ -215,7 +215,8 @@ pub fn show(bar: &ProgressBar, event: &DaemonEvent) {
         }
         DaemonEvent::Evaluated { round_id, loss, .. } => {
             bar.set_message(format!(
-                "round {round_id}: global adapter held-out loss {loss:.3}"
+                "round {round_id}: global adapter held-out loss {loss:.3} (perplexity {:.1})",
+                fedlora_client::train::perplexity(*loss)
             ));
         }
         DaemonEvent::Step {

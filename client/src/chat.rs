@@ -155,6 +155,16 @@ impl ChatTemplate {
         &self.eos_token
     }
 
+    /// The text of the model's beginning-of-sequence token (the template's `bos_token`).
+    pub fn bos_token(&self) -> &str {
+        &self.bos_token
+    }
+
+    /// The Jinja source, as the model ships it.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     /// The template of a Hugging Face model directory: `chat_template.jinja` (transformers 5
     /// writes it there), else `tokenizer_config.json`'s `chat_template` (a string, or a list of
     /// named templates of which `default` is used). `None` when there is none.

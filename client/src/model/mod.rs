@@ -148,8 +148,9 @@ pub fn load_llama(dir: &Path, device: &Device) -> Result<Llama> {
 }
 
 /// Writes `base` with its attached LoRA factors merged into the weights as a Hugging Face
-/// directory (`config.json`, `model.safetensors`, `tokenizer.json`) that loads and runs without
-/// any adapter.
+/// directory (`config.json`, `model.safetensors`, `tokenizer.json`, and the model's
+/// tokenizer config, special tokens map, generation config and chat template where it has them)
+/// that loads and runs without any adapter, and renders prompts as training did.
 pub fn export_merged(base: &BaseModel, out_dir: &Path) -> Result<()> {
     std::fs::create_dir_all(out_dir).map_err(ClientError::io(out_dir))?;
     let config_path = out_dir.join("config.json");
@@ -163,8 +164,41 @@ pub fn export_merged(base: &BaseModel, out_dir: &Path) -> Result<()> {
     base.tokenizer
         .save(out_dir.join("tokenizer.json"), false)
         .map_err(|error| ClientError::Tokenizer(error.to_string()))?;
+    // What tells tools how to use the tokenizer and to generate (special tokens, the chat
+    // template, sampling defaults) goes along as the model shipped it.
+    if base.dir.is_dir() {
+        for name in TOKENIZER_SIDE_FILES {
+            let from = base.dir.join(name);
+            if from.is_file() {
+                std::fs::copy(&from, out_dir.join(name)).map_err(ClientError::io(&from))?;
+            }
+        }
+    }
+    // The template training rendered instruction data in (a GGUF file's comes from its
+    // metadata): `chat_template.jinja` is what transformers 5 writes and reads first.
+    if let Some(template) = &base.chat_template {
+        let jinja = out_dir.join("chat_template.jinja");
+        std::fs::write(&jinja, template.source()).map_err(ClientError::io(&jinja))?;
+        let config_path = out_dir.join("tokenizer_config.json");
+        if !config_path.exists() {
+            let config = serde_json::json!({
+                "bos_token": template.bos_token(),
+                "eos_token": template.eos_token(),
+            });
+            std::fs::write(&config_path, config.to_string())
+                .map_err(ClientError::io(&config_path))?;
+        }
+    }
     Ok(())
 }
+
+/// Files of a Hugging Face model directory beside `tokenizer.json` that a merged export keeps.
+const TOKENIZER_SIDE_FILES: [&str; 4] = [
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+];
 
 fn is_gguf(path: &Path) -> bool {
     path.is_file()
@@ -194,6 +228,22 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             .values()
             .filter_map(serde_json::Value::as_str)
             .collect();
+        // Shards are files of this directory: a name that leads elsewhere is refused.
+        if let Some(stray) = shards.iter().find(|shard| {
+            let path = Path::new(shard);
+            path.file_name() != Some(path.as_os_str()) || shard.is_empty()
+        }) {
+            return Err(ClientError::Config {
+                path: index_path.clone(),
+                message: format!("weight_map names {stray:?}, not a file of this directory"),
+            });
+        }
+        if shards.is_empty() {
+            return Err(ClientError::Config {
+                path: index_path.clone(),
+                message: "weight_map names no shard".into(),
+            });
+        }
         return Ok(shards.into_iter().map(|shard| dir.join(shard)).collect());
     }
     let single = dir.join("model.safetensors");
@@ -251,6 +301,114 @@ mod tests {
 
     use super::*;
     use crate::tiny::{TinyModelSpec, write_tiny_model};
+
+    /// A checkpoint split into shards with `model.safetensors.index.json` (as transformers
+    /// saves large models) loads to the same model; an index naming a file outside the
+    /// directory, or no shard, is refused.
+    #[test]
+    fn sharded_checkpoints_load_like_one_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (whole, sharded) = (dir.path().join("whole"), dir.path().join("sharded"));
+        write_tiny_model(&whole, &TinyModelSpec::default()).unwrap();
+        std::fs::create_dir_all(&sharded).unwrap();
+        for name in ["config.json", "tokenizer.json"] {
+            std::fs::copy(whole.join(name), sharded.join(name)).unwrap();
+        }
+        let tensors =
+            candle_core::safetensors::load(whole.join("model.safetensors"), &Device::Cpu).unwrap();
+        let mut names: Vec<&String> = tensors.keys().collect();
+        names.sort();
+        let mut weight_map = serde_json::Map::new();
+        for (shard, half) in names.chunks(names.len().div_ceil(2)).enumerate() {
+            let file = format!("model-{:05}-of-00002.safetensors", shard + 1);
+            let part: HashMap<String, Tensor> = half
+                .iter()
+                .map(|&name| (name.clone(), tensors[name].clone()))
+                .collect();
+            candle_core::safetensors::save(&part, sharded.join(&file)).unwrap();
+            for &name in half {
+                weight_map.insert(name.clone(), file.clone().into());
+            }
+        }
+        let index = sharded.join("model.safetensors.index.json");
+        let write_index = |weight_map: &serde_json::Map<String, serde_json::Value>| {
+            let index_json = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+            std::fs::write(&index, index_json.to_string()).unwrap();
+        };
+        write_index(&weight_map);
+        assert_eq!(weight_files(&sharded).unwrap().len(), 2);
+        let input = Tensor::new(&[[5u32, 70, 71, 72, 3, 90]], &Device::Cpu).unwrap();
+        let expected = logits(
+            &BaseModel::load(&whole, &Device::Cpu).unwrap().model,
+            &input,
+        );
+        let got = logits(
+            &BaseModel::load(&sharded, &Device::Cpu).unwrap().model,
+            &input,
+        );
+        assert_eq!(expected, got);
+
+        let first = names[0].clone();
+        for stray in [
+            "../whole/model.safetensors",
+            "/etc/passwd",
+            "sub/model.safetensors",
+            "",
+        ] {
+            let mut hostile = weight_map.clone();
+            hostile.insert(first.clone(), stray.into());
+            write_index(&hostile);
+            let error = weight_files(&sharded).unwrap_err().to_string();
+            assert!(
+                error.contains("not a file of this directory"),
+                "{stray}: {error}"
+            );
+        }
+        write_index(&serde_json::Map::new());
+        let error = weight_files(&sharded).unwrap_err().to_string();
+        assert!(error.contains("no shard"), "{error}");
+    }
+
+    /// A merged export keeps what the model shipped beside its tokenizer, so that the merged
+    /// model renders prompts in the chat template its adapter was trained on.
+    #[test]
+    fn merged_export_keeps_the_chat_template_and_generation_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let base_dir = dir.path().join("base");
+        write_tiny_model(&base_dir, &TinyModelSpec::default()).unwrap();
+        let template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}\
+                        {% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
+        std::fs::write(base_dir.join("chat_template.jinja"), template).unwrap();
+        std::fs::write(
+            base_dir.join("tokenizer_config.json"),
+            r#"{"bos_token": "<s>", "eos_token": "</s>", "model_max_length": 64}"#,
+        )
+        .unwrap();
+        let generation = r#"{"temperature": 0.2, "top_p": 0.9}"#;
+        std::fs::write(base_dir.join("generation_config.json"), generation).unwrap();
+        let base = BaseModel::load(&base_dir, &Device::Cpu).unwrap();
+        assert!(base.chat_template.is_some());
+        let out = dir.path().join("merged");
+        export_merged(&base, &out).unwrap();
+        let merged = BaseModel::load(&out, &Device::Cpu).unwrap();
+        assert_eq!(merged.chat_template, base.chat_template);
+        assert_eq!(merged.chat_template.unwrap().eos_token(), "</s>");
+        assert_eq!(
+            std::fs::read_to_string(out.join("generation_config.json")).unwrap(),
+            generation
+        );
+        // Without a tokenizer_config.json of its own (a GGUF's template), one is written with
+        // the template's special tokens.
+        std::fs::remove_file(base_dir.join("tokenizer_config.json")).unwrap();
+        let mut base = BaseModel::load(&base_dir, &Device::Cpu).unwrap();
+        base.chat_template = Some(std::sync::Arc::new(
+            crate::chat::ChatTemplate::new(template.into(), "<s>".into(), "</s>".into()).unwrap(),
+        ));
+        let out = dir.path().join("merged-from-metadata");
+        export_merged(&base, &out).unwrap();
+        let merged = BaseModel::load(&out, &Device::Cpu).unwrap();
+        assert_eq!(merged.chat_template, base.chat_template);
+    }
 
     /// The merged checkpoint, loaded with no adapter, computes what base + adapter computes.
     #[test]

@@ -95,6 +95,18 @@ pub struct EvalReport {
     pub tokens: u64,
 }
 
+impl EvalReport {
+    /// Perplexity: `exp` of the mean loss per target token (the loss is in nats).
+    pub fn perplexity(&self) -> f32 {
+        perplexity(self.loss)
+    }
+}
+
+/// `exp(loss)`: the perplexity of a mean cross-entropy in nats (infinite past f32's range).
+pub fn perplexity(loss: f32) -> f32 {
+    loss.exp()
+}
+
 /// Mean cross-entropy over the counted targets of a batch of windows (see [`data::Window`]):
 /// predicting `tokens[i + 1]` from `tokens[..=i]` for each `i` in the window's target range.
 pub fn batch_loss(model: &Llama, windows: &[&Window]) -> Result<Tensor> {
@@ -411,6 +423,24 @@ mod tests {
         let after = evaluate(&base.model, &windows, 3, 100).unwrap();
         assert_eq!(after.tokens, 6 * 32);
         assert!(after.loss < before - 0.5, "loss {before} -> {}", after.loss);
+        // Perplexity is the loss in tokens: the untrained model is nearly uniform over its
+        // vocabulary, and training lowered it by the same factor as e^(loss drop).
+        let vocab = base.model.config().vocab_size as f32;
+        let untrained = perplexity(before);
+        assert!(
+            (0.5 * vocab..2.0 * vocab).contains(&untrained),
+            "untrained perplexity {untrained}, vocabulary {vocab}"
+        );
+        let drop = untrained / after.perplexity();
+        assert!(
+            (drop - (before - after.loss).exp()).abs() < 1e-3 * drop,
+            "{drop}"
+        );
+        assert!(
+            drop > 1.6,
+            "perplexity {untrained} -> {}",
+            after.perplexity()
+        );
     }
 
     #[test]
