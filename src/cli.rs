@@ -496,9 +496,22 @@ pub struct BaseArgs {
     pub bf16_base: bool,
     /// Keep the f32 base as loaded instead of packing it for fedlora's AVX-512 or AVX2 kernel:
     /// the frozen projections take half the memory of the packed default (which holds each
-    /// twice, once per product), and a step is slower (12–19% on the reference benchmark).
+    /// twice, once per product), and a step is slower (on the reference benchmark: 12% on an
+    /// Intel Xeon, 1–28% on an AMD EPYC Zen 3).
     #[arg(long, conflicts_with_all = ["bf16_base", "quantize_base"])]
     pub unpacked_base: bool,
+}
+
+impl Cli {
+    /// Whether the command keeps a frozen base quantized (QLoRA), whose products run in
+    /// candle's quantized matmul.
+    pub fn quantized_base(&self) -> bool {
+        match &self.command {
+            Command::Client(args) => args.base.quantize_base.is_some(),
+            Command::BenchTrain(args) => args.base.quantize_base.is_some(),
+            _ => false,
+        }
+    }
 }
 
 impl BaseArgs {
@@ -1187,6 +1200,7 @@ where
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
 
     #[test]
@@ -1206,6 +1220,60 @@ mod tests {
             "http://localhost.evil.example:50051",
         ] {
             assert!(!is_loopback_url(url), "{url}");
+        }
+    }
+
+    /// `client` and `bench-train` read the base flags alike; conflicting ones are refused.
+    #[test]
+    fn base_flags_parse_alike_and_conflicts_are_refused() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let parse = |args: &[&str]| Cli::try_parse_from(["fedlora"].iter().chain(args));
+        let precision = |cli: &Cli| match &cli.command {
+            Command::BenchTrain(args) => args.base.precision(),
+            Command::Client(args) => args.base.precision(),
+            _ => unreachable!(),
+        };
+        let client = [
+            "client",
+            "--insecure",
+            "--name",
+            "site",
+            "--model",
+            "m",
+            "--data",
+            "d.jsonl",
+        ];
+        for (flags, expected) in [
+            (&[][..], BasePrecision::F32),
+            (&["--unpacked-base"], BasePrecision::F32Unpacked),
+            (&["--bf16-base"], BasePrecision::Bf16),
+            (
+                &["--quantize-base"],
+                BasePrecision::Quantized(QuantType::Q8_0),
+            ),
+            (
+                &["--quantize-base=q4k"],
+                BasePrecision::Quantized(QuantType::Q4K),
+            ),
+        ] {
+            for command in [&["bench-train"][..], &client[..]] {
+                let args: Vec<&str> = command.iter().chain(flags).copied().collect();
+                let cli = parse(&args).unwrap();
+                assert_eq!(precision(&cli), expected, "{args:?}");
+                assert_eq!(
+                    cli.quantized_base(),
+                    matches!(expected, BasePrecision::Quantized(_))
+                );
+            }
+        }
+        for flags in [
+            &["--unpacked-base", "--bf16-base"][..],
+            &["--unpacked-base", "--quantize-base"],
+            &["--bf16-base", "--quantize-base=q4k"],
+        ] {
+            let args: Vec<&str> = ["bench-train"].iter().chain(flags).copied().collect();
+            assert!(parse(&args).is_err(), "{args:?}");
         }
     }
 }

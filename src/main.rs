@@ -31,23 +31,25 @@ fn retain_freed_memory() {}
 /// fedlora's GEMM kernels, fused ops and candle's GEMM), each as large as the machine; the two
 /// pools' threads then wait on each other's cores. Measured on a 2-core AMD EPYC (Zen 3),
 /// `bench-train --steps 6 --warmup 1`, alternating runs: SmolLM2 dims 115–122 → 125–149
-/// tokens/s, the reference preset unchanged (440–450 against 416–461).
+/// tokens/s, the reference preset unchanged (440–450 against 416–461). Not with a quantized
+/// base: that pool also runs candle's quantized matmuls, QLoRA's forward products.
 #[allow(
     unsafe_code,
     reason = "the environment is written once, before any other thread exists"
 )]
-fn one_pool_for_candle() {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        // SAFETY: called at the start of main, before the runtime or any other thread starts,
-        // so nothing reads the environment concurrently.
+fn one_pool_for_candle(cli: &Cli) {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() && !cli.quantized_base() {
+        // SAFETY: called at the start of main, after parsing the command line (which starts no
+        // thread) and before the runtime or any other thread starts, so nothing reads the
+        // environment concurrently.
         unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
     }
 }
 
 fn main() -> ExitCode {
     retain_freed_memory();
-    one_pool_for_candle();
     let cli = Cli::parse();
+    one_pool_for_candle(&cli);
     // The demo draws progress bars: keep the log quiet there unless RUST_LOG says otherwise.
     let default_level = match cli.command {
         Command::Demo(_) => "warn",

@@ -1,7 +1,7 @@
 //! `x·Wᵀ` for a frozen weight W whose backward pass computes only ∂L/∂x. W is dense (a candle
 //! tensor), quantized (QLoRA: GGUF block types such as Q8_0, dequantized only inside the backward
 //! pass; candle's own quantized matmul passes no gradient to its input at all), or packed for
-//! `packed_gemm`: in f32 (exact products, on CPUs with AVX-512F), or in bf16 (both products in
+//! `packed_gemm`: in f32 (exact products, on CPUs with AVX-512F or with AVX2 and FMA), or in bf16 (both products in
 //! bf16 with f32 accumulation, as PyTorch's bf16 autocast).
 //!
 //! candle's matmul backward always computes the gradients of both operands, so every frozen

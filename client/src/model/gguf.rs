@@ -181,11 +181,18 @@ const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p
 const TOKEN_NORMAL: i32 = 1;
 const TOKEN_UNKNOWN: i32 = 2;
 const TOKEN_CONTROL: i32 = 3;
+const TOKEN_USER_DEFINED: i32 = 4;
 
 /// The tokenizer a GGUF file's metadata describes (`tokenizer.ggml.model`): a byte-level BPE
 /// (`gpt2`: SmolLM, Llama 3, ...) or a SentencePiece BPE (`llama`: Llama 2, TinyLlama, Mistral).
 pub fn gguf_tokenizer(content: &Content) -> Result<Tokenizer> {
     let model = meta(content, "tokenizer.ggml.model")?.to_string()?;
+    if !matches!(model.as_str(), "gpt2" | "llama") {
+        return Err(ClientError::Unsupported(format!(
+            "gguf tokenizer model {model:?} (byte-level bpe \"gpt2\" and sentencepiece \"llama\" \
+             only)"
+        )));
+    }
     let tokens: Vec<String> = meta(content, "tokenizer.ggml.tokens")?
         .to_vec()?
         .iter()
@@ -202,9 +209,10 @@ pub fn gguf_tokenizer(content: &Content) -> Result<Tokenizer> {
                 .collect()
         })
         .unwrap_or_default();
-    match model.as_str() {
-        "gpt2" => byte_level_tokenizer(content, &tokens, &token_types),
-        "llama" => {
+    if model == "gpt2" {
+        byte_level_tokenizer(content, &tokens, &token_types)
+    } else {
+        {
             let scores: Vec<f32> = meta(content, "tokenizer.ggml.scores")?
                 .to_vec()?
                 .iter()
@@ -216,21 +224,19 @@ pub fn gguf_tokenizer(content: &Content) -> Result<Tokenizer> {
             };
             sentencepiece_tokenizer(&tokens, &scores, &token_types, add_space_prefix)
         }
-        other => Err(ClientError::Unsupported(format!(
-            "gguf tokenizer model {other:?} (byte-level bpe \"gpt2\" and sentencepiece \"llama\" \
-             only)"
-        ))),
     }
 }
 
 /// A SentencePiece BPE vocabulary (pieces, their scores and llama.cpp token types) as a
-/// `tokenizers` BPE, the way transformers converts Llama 2's `tokenizer.model`: merges are every
-/// split of a normal piece into two normal pieces, ranked by the merged piece's score (then by
-/// piece id, then by the halves' ids), which replays SentencePiece's highest-score-first merging;
+/// `tokenizers` BPE, as transformers converts Llama 2's `tokenizer.model`: merges are every split
+/// of a normal piece into two normal pieces, ranked by the merged piece's score, which replays
+/// SentencePiece's highest-score-first merging (ties, which SentencePiece BPE scores do not have,
+/// go by piece id, then the halves' ids, where transformers breaks them by the halves' lengths);
 /// spaces become `▁`, with one prepended (`add_space_prefix`, SentencePiece's dummy prefix);
 /// characters outside the vocabulary fall back to their UTF-8 bytes (`<0xXX>` pieces). Control
 /// tokens (`<s>`, `</s>`) are matched whole in text, as in Llama 2's `tokenizer.json`, so a
-/// rendered chat template's markers become their ids.
+/// rendered chat template's markers become their ids; user-defined tokens (a fine-tune's added
+/// `<|im_start|>`, say) are matched whole too, as ordinary tokens.
 pub fn sentencepiece_tokenizer(
     tokens: &[String],
     scores: &[f32],
@@ -329,6 +335,16 @@ pub fn sentencepiece_tokenizer(
         decoders,
     )));
     add_control_tokens(&mut tokenizer, tokens, token_types)?;
+    let user_defined: Vec<AddedToken> = tokens
+        .iter()
+        .enumerate()
+        .filter(|&(id, _)| kind(id) == TOKEN_USER_DEFINED)
+        // Matched in the raw text: normalising the token itself would prepend a `▁` to it.
+        .map(|(_, token)| AddedToken::from(token.clone(), false).normalized(false))
+        .collect();
+    tokenizer
+        .add_tokens(user_defined)
+        .map_err(|error| ClientError::Tokenizer(error.to_string()))?;
     Ok(tokenizer)
 }
 
@@ -1016,8 +1032,33 @@ mod tests {
             .get_ids()
             .to_vec();
         assert_eq!(ids.last(), Some(&2));
-        // Without the dummy prefix (`tokenizer.ggml.add_space_prefix = false`) no ▁ is added.
+        // A user-defined token (type 4, a fine-tune's addition) is matched whole.
         let mut content = content;
+        let added = {
+            let Value::Array(tokens) = content.metadata.get_mut("tokenizer.ggml.tokens").unwrap()
+            else {
+                panic!("tokens")
+            };
+            tokens.push(Value::String("<|sep|>".into()));
+            tokens.len() as u32 - 1
+        };
+        for (key, value) in [
+            ("tokenizer.ggml.scores", Value::F32(0.0)),
+            ("tokenizer.ggml.token_type", Value::I32(4)),
+        ] {
+            let Value::Array(values) = content.metadata.get_mut(key).unwrap() else {
+                panic!("{key}")
+            };
+            values.push(value);
+        }
+        let with_added = gguf_tokenizer(&content).unwrap();
+        // The text after it starts a new piece, with its own space prefix, as llama.cpp's
+        // tokenizer and transformers' legacy Llama tokenizer both do.
+        let encode = |text: &str| with_added.encode(text, false).unwrap().get_ids().to_vec();
+        let ids = encode("ab<|sep|>cd");
+        assert_eq!(ids, [encode("ab"), vec![added], encode("cd")].concat());
+        assert_eq!(with_added.decode(&ids, false).unwrap(), "ab<|sep|> cd");
+        // Without the dummy prefix (`tokenizer.ggml.add_space_prefix = false`) no ▁ is added.
         content
             .metadata
             .insert("tokenizer.ggml.add_space_prefix".into(), Value::Bool(false));

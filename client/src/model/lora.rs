@@ -217,7 +217,7 @@ impl LoraLinear {
     }
 
     /// Keeps the frozen weight packed in f32 from now on, multiplied by `packed_gemm` (dense
-    /// weights on CPUs with AVX-512F; others are kept).
+    /// weights on CPUs with AVX-512F, or AVX2 and FMA; others are kept).
     pub fn pack_weight_f32(&mut self) -> Result<()> {
         self.unmerge()?;
         self.weight = self.weight.packed_f32()?;

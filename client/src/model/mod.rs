@@ -153,6 +153,15 @@ pub fn load_llama(dir: &Path, device: &Device) -> Result<Llama> {
 /// that loads and runs without any adapter, and renders prompts as training did.
 pub fn export_merged(base: &BaseModel, out_dir: &Path) -> Result<()> {
     std::fs::create_dir_all(out_dir).map_err(ClientError::io(out_dir))?;
+    // Writing into the model's own directory would overwrite the base's weights and truncate
+    // the files copied below onto themselves.
+    let canonical = |path: &Path| path.canonicalize().map_err(ClientError::io(path));
+    if base.dir.is_dir() && canonical(out_dir)? == canonical(&base.dir)? {
+        return Err(ClientError::Unsupported(format!(
+            "merged export into the model's own directory {}: choose another output directory",
+            base.dir.display()
+        )));
+    }
     let config_path = out_dir.join("config.json");
     let config = serde_json::to_string_pretty(base.model.config())
         .map_err(|error| ClientError::Unsupported(error.to_string()))?;
@@ -166,12 +175,15 @@ pub fn export_merged(base: &BaseModel, out_dir: &Path) -> Result<()> {
         .map_err(|error| ClientError::Tokenizer(error.to_string()))?;
     // What tells tools how to use the tokenizer and to generate (special tokens, the chat
     // template, sampling defaults) goes along as the model shipped it.
-    if base.dir.is_dir() {
-        for name in TOKENIZER_SIDE_FILES {
-            let from = base.dir.join(name);
-            if from.is_file() {
-                std::fs::copy(&from, out_dir.join(name)).map_err(ClientError::io(&from))?;
-            }
+    let mut has_tokenizer_config = false;
+    for name in TOKENIZER_SIDE_FILES {
+        let (from, to) = (base.dir.join(name), out_dir.join(name));
+        if base.dir.is_dir() && from.is_file() {
+            std::fs::copy(&from, &to).map_err(ClientError::io(&from))?;
+            has_tokenizer_config |= name == "tokenizer_config.json";
+        } else if to.is_file() {
+            // Left by an earlier export into the same directory: it may be another model's.
+            std::fs::remove_file(&to).map_err(ClientError::io(&to))?;
         }
     }
     // The template training rendered instruction data in (a GGUF file's comes from its
@@ -180,7 +192,7 @@ pub fn export_merged(base: &BaseModel, out_dir: &Path) -> Result<()> {
         let jinja = out_dir.join("chat_template.jinja");
         std::fs::write(&jinja, template.source()).map_err(ClientError::io(&jinja))?;
         let config_path = out_dir.join("tokenizer_config.json");
-        if !config_path.exists() {
+        if !has_tokenizer_config {
             let config = serde_json::json!({
                 "bos_token": template.bos_token(),
                 "eos_token": template.eos_token(),
@@ -231,7 +243,7 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         // Shards are files of this directory: a name that leads elsewhere is refused.
         if let Some(stray) = shards.iter().find(|shard| {
             let path = Path::new(shard);
-            path.file_name() != Some(path.as_os_str()) || shard.is_empty()
+            path.file_name() != Some(path.as_os_str())
         }) {
             return Err(ClientError::Config {
                 path: index_path.clone(),
@@ -400,14 +412,28 @@ mod tests {
         // Without a tokenizer_config.json of its own (a GGUF's template), one is written with
         // the template's special tokens.
         std::fs::remove_file(base_dir.join("tokenizer_config.json")).unwrap();
+        std::fs::remove_file(base_dir.join("generation_config.json")).unwrap();
         let mut base = BaseModel::load(&base_dir, &Device::Cpu).unwrap();
         base.chat_template = Some(std::sync::Arc::new(
             crate::chat::ChatTemplate::new(template.into(), "<s>".into(), "</s>".into()).unwrap(),
         ));
-        let out = dir.path().join("merged-from-metadata");
+        // Into the first export's directory: its generation_config.json (another model's, as
+        // far as this export knows) does not stay.
+        let out = dir.path().join("merged");
         export_merged(&base, &out).unwrap();
         let merged = BaseModel::load(&out, &Device::Cpu).unwrap();
         assert_eq!(merged.chat_template, base.chat_template);
+        assert!(!out.join("generation_config.json").exists());
+        // Never into the model's own directory, which would overwrite its weights.
+        let weights = std::fs::read(base_dir.join("model.safetensors")).unwrap();
+        let error = export_merged(&base, &base_dir.join("."))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("own directory"), "{error}");
+        assert_eq!(
+            std::fs::read(base_dir.join("model.safetensors")).unwrap(),
+            weights
+        );
     }
 
     /// The merged checkpoint, loaded with no adapter, computes what base + adapter computes.

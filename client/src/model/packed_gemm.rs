@@ -356,6 +356,10 @@ pub fn matmul<W: Word>(a: &[W], m: usize, b: &PackedB<W>) -> Vec<f32> {
 
 /// [`matmul`] with `kernel`, which must be one of [`Word::kernels`].
 fn matmul_with<W: Word>(a: &[W], m: usize, b: &PackedB<W>, kernel: Kernel) -> Vec<f32> {
+    debug_assert!(
+        W::kernels().contains(&kernel),
+        "{kernel:?} does not run here"
+    );
     let n = b.n;
     if m == 0 || n == 0 || b.depth == 0 {
         return vec![0f32; m * n];
@@ -774,10 +778,17 @@ mod tests {
         c
     }
 
-    /// Odd k, partial panels, row counts that leave every tile height, k over several blocks.
-    const EDGE_SHAPES: [(usize, usize, usize); 6] = [
+    /// Odd k, partial panels (1–15, 20, 40 columns in the last one: partial 8- and 16-lane
+    /// registers, partial AVX2 quarters), row counts that leave every tile height 1–6, k over
+    /// several blocks.
+    const EDGE_SHAPES: [(usize, usize, usize); 11] = [
         (1, 1, 1),
+        (2, 9, 24),
+        (4, 37, 77),
+        (5, 600, 104),
         (7, 5, 3),
+        (10, 70, 40),
+        (11, 130, 20),
         (13, 130, 70),
         (6, 200, 64),
         (33, 401, 129),
