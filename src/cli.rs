@@ -130,10 +130,11 @@ pub struct GenerateArgs {
     pub template: TemplateChoice,
     #[arg(long, default_value_t = 48)]
     pub max_tokens: usize,
-    /// Sampling temperature; 0 decodes greedily.
+    /// Sampling temperature; 0 decodes greedily (then --top-p and --seed do nothing).
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
-    /// Nucleus sampling mass.
+    /// Nucleus sampling mass in (0, 1]: sample from the fewest likeliest tokens whose
+    /// probabilities reach it (1 samples from every token).
     #[arg(long, default_value_t = 0.9)]
     pub top_p: f32,
     #[arg(long, default_value_t = 0)]
@@ -1038,7 +1039,7 @@ fn bench_aggregate(args: &BenchAggregateArgs) -> Result<()> {
 }
 
 fn generate(args: &GenerateArgs) -> Result<()> {
-    use fedlora_client::generate::{GenerateConfig, generate};
+    use fedlora_client::generate::{Finish, GenerateConfig, generate};
     let base = load_with_adapters(&args.model, &args.adapters)?;
     use fedlora_client::chat::PromptTemplate;
     let template = match args.template {
@@ -1061,13 +1062,18 @@ fn generate(args: &GenerateArgs) -> Result<()> {
         TemplateChoice::Alpaca => Some(PromptTemplate::Alpaca),
         TemplateChoice::Raw => None,
     };
-    let text = match template {
-        Some(template) => template.prompt(&args.prompt, "")?,
-        None => args.prompt.clone(),
+    // Tokenized as training tokenized the same layout (`PromptTemplate::adds_special_tokens`):
+    // a Llama tokenizer's BOS first, unless the model's own template wrote it.
+    let (text, add_special_tokens) = match &template {
+        Some(template) => (
+            template.prompt(&args.prompt, "")?,
+            template.adds_special_tokens(),
+        ),
+        None => (args.prompt.clone(), true),
     };
     let encoding = base
         .tokenizer
-        .encode(text, false)
+        .encode(text, add_special_tokens)
         .map_err(|error| anyhow::anyhow!("tokenizing the prompt: {error}"))?;
     let mut stop = vec![base.eos_token_id];
     stop.extend(base.tokenizer.token_to_id("<|im_end|>"));
@@ -1082,15 +1088,20 @@ fn generate(args: &GenerateArgs) -> Result<()> {
         seed: args.seed,
     };
     let started = std::time::Instant::now();
-    let tokens = generate(&base.model, encoding.get_ids(), &stop, &config)?;
+    let generated = generate(&base.model, encoding.get_ids(), &stop, &config)?;
     let output = base
         .tokenizer
-        .decode(&tokens, true)
+        .decode(&generated.tokens, true)
         .map_err(|error| anyhow::anyhow!("decoding: {error}"))?;
     println!("{output}");
+    let ended = match generated.finish {
+        Finish::Stop => "the model ended its answer",
+        Finish::Length => "--max-tokens reached",
+        Finish::Context => "the model's context is full",
+    };
     eprintln!(
-        "{} tokens in {:.1} s",
-        tokens.len(),
+        "{} tokens in {:.1} s ({ended})",
+        generated.tokens.len(),
         started.elapsed().as_secs_f64()
     );
     Ok(())

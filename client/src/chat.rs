@@ -70,6 +70,14 @@ impl PromptTemplate {
         })
     }
 
+    /// Whether text laid out in this template is tokenized with the tokenizer's own special
+    /// tokens (the BOS a Llama tokenizer's post-processor prepends): a model's template writes
+    /// them itself (`bos_token`), and transformers' `apply_chat_template` tokenizes its text
+    /// without them; ChatML and Alpaca text is tokenized as `tokenizer(text)` does, with them.
+    pub fn adds_special_tokens(&self) -> bool {
+        !matches!(self, Self::Model(_))
+    }
+
     /// Whether [`PromptTemplate::example`]'s text already ends the answer with the template's
     /// own end-of-turn token, so that no end-of-sequence token is to be appended (a model
     /// template; Llama 3's ends a turn with `<|eot_id|>`, not its config's `<|end_of_text|>`).

@@ -1,11 +1,11 @@
 //! Helpers shared by the crate's unit tests.
 #![allow(clippy::unwrap_used, reason = "tests")]
 
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
 use rand::Rng;
 
-use crate::model::Llama;
 use crate::model::lora::seeded_rng;
+use crate::model::{BaseModel, Llama};
 
 /// All logits of `model` for `input`, flattened.
 pub fn logits(model: &Llama, input: &Tensor) -> Vec<f32> {
@@ -64,4 +64,40 @@ pub fn gradient_norm_squared(
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("{name} has no gradient")),
     )
+}
+
+/// The tiny test model (`crate::tiny`), written to a temporary directory and loaded on the CPU.
+pub fn tiny_base() -> (tempfile::TempDir, BaseModel) {
+    let dir = tempfile::tempdir().unwrap();
+    crate::tiny::write_tiny_model(dir.path(), &crate::tiny::TinyModelSpec::default()).unwrap();
+    let base = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
+    (dir, base)
+}
+
+/// Values and input gradients of `fused(x)` against `composed(x)` (candle's ops), under a
+/// random linear loss.
+pub fn assert_same_as_composed(
+    shape: &[usize],
+    fused: impl Fn(&Tensor) -> Tensor,
+    composed: impl Fn(&Tensor) -> Tensor,
+) {
+    let device = Device::Cpu;
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &device).unwrap()).unwrap();
+    let target = Tensor::randn(0f32, 1.0, shape, &device).unwrap();
+    let expected = composed(x.as_tensor());
+    let got = fused(x.as_tensor());
+    assert!(max_abs_difference(&flat(&expected), &flat(&got)) < 1e-5);
+    let loss = |y: &Tensor| (y * &target).unwrap().sum_all().unwrap();
+    let expected = loss(&expected).backward().unwrap();
+    let got = loss(&got).backward().unwrap();
+    let (expected, got) = (
+        flat(expected.get(x.as_tensor()).unwrap()),
+        flat(got.get(x.as_tensor()).unwrap()),
+    );
+    let error = max_abs_difference(&expected, &got);
+    assert!(error < 1e-4, "gradient differs by {error}");
+    assert!(
+        expected.iter().any(|g| g.abs() > 1e-3),
+        "a gradient to compare"
+    );
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::error::Result;
+use crate::error::{ClientError, Result};
 
 /// `eˣ` for `x ≤ 0` (softmax arguments `x − max`), within 2e-7 relative; NaN stays NaN.
 /// Branch-free (Cephes' `expf`: `2ⁿ·p(r)` with `r = x − n·ln 2`), so that loops over slices
@@ -188,17 +188,98 @@ impl CustomOp2 for RmsNormBackward {
     }
 }
 
+/// Where the documents packed into a batch's rows start: for each row `b` and position `i` of a
+/// `[batch, seq]` batch, the first position of the document holding `i` (0 in a row's first
+/// document). Attention is block-diagonal along them, and rotary positions restart at each,
+/// as transformers treats packed sequences given `position_ids` (padding-free packing).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DocumentStarts {
+    starts: Arc<Vec<u32>>,
+    batch: usize,
+    seq_len: usize,
+}
+
+impl DocumentStarts {
+    /// `starts` is `[batch, seq_len]` row-major; each position starts a document (its own index)
+    /// or continues the one before it (that one's start).
+    pub fn new(starts: Vec<u32>, batch: usize, seq_len: usize) -> Result<Self> {
+        if starts.len() != batch * seq_len {
+            return Err(ClientError::InvalidArgument(format!(
+                "{} document starts for a [{batch}, {seq_len}] batch",
+                starts.len()
+            )));
+        }
+        for (row, row_starts) in starts.chunks(seq_len.max(1)).enumerate() {
+            for (position, &start) in row_starts.iter().enumerate() {
+                let continues = position > 0 && start == row_starts[position - 1];
+                if start as usize != position && !continues {
+                    return Err(ClientError::InvalidArgument(format!(
+                        "row {row} position {position}: document start {start} neither starts                          a document there nor continues the one before"
+                    )));
+                }
+            }
+        }
+        Ok(Self {
+            starts: Arc::new(starts),
+            batch,
+            seq_len,
+        })
+    }
+
+    /// `(batch, seq_len)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.batch, self.seq_len)
+    }
+
+    /// The first position of the document holding `position` of row `row`.
+    pub fn start(&self, row: usize, position: usize) -> usize {
+        self.starts[row * self.seq_len + position] as usize
+    }
+
+    /// Every position's place in its own document, `[batch, seq_len]` row-major: the rotary
+    /// position it takes.
+    pub fn positions(&self) -> Vec<u32> {
+        self.starts
+            .iter()
+            .enumerate()
+            .map(|(index, &start)| (index % self.seq_len) as u32 - start)
+            .collect()
+    }
+
+    /// The batch row of row `row_index` of a `[batch, .., seq_len, width]` tensor of `dims`.
+    fn batch_of(&self, dims: &[usize], row_index: usize) -> candle_core::Result<usize> {
+        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        match dims {
+            [batch, .., seq_len, _] if *batch == self.batch && *seq_len == self.seq_len => {
+                Ok(row_index / (rows / self.batch).max(1))
+            }
+            _ => candle_core::bail!(
+                "document starts of a [{}, {}] batch applied to {dims:?}",
+                self.batch,
+                self.seq_len
+            ),
+        }
+    }
+}
+
 /// `softmax(scale·s + mask)` over the last dimension of attention scores `[..., t, T]`, where
-/// query `i` sits at position `T − t + i` and sees keys `0..=T − t + i` (the causal mask).
-pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
+/// query `i` sits at position `T − t + i` and sees keys `0..=T − t + i` (the causal mask), or,
+/// with `documents` (then `t = T`), only the keys of its own document up to itself.
+pub fn causal_softmax(
+    scores: &Tensor,
+    scale: f64,
+    documents: Option<&DocumentStarts>,
+) -> Result<Tensor> {
     let op = CausalSoftmax {
         scale: scale as f32,
+        documents: documents.cloned(),
     };
     apply1(scores, op)
 }
 
 struct CausalSoftmax {
     scale: f32,
+    documents: Option<DocumentStarts>,
 }
 
 /// `(t, T)` of scores `[..., t, T]` with `t ≤ T`.
@@ -229,11 +310,22 @@ impl CustomOp1 for CausalSoftmax {
         let s = values(storage, layout, self.name())?;
         let (queries, keys) = query_key_lens(layout.shape())?;
         let offset = keys - queries;
+        let dims = layout.shape().dims();
+        if let Some(documents) = &self.documents {
+            documents.batch_of(dims, 0)?;
+            if offset != 0 {
+                candle_core::bail!("causal-softmax: document starts with a key/value cache");
+            }
+        }
         let out = map_rows(s, None, keys, |row_index, out, row, _| {
             // Masked keys keep their 0.
-            let visible = offset + row_index % queries + 1;
-            let (out, _) = out.split_at_mut(visible);
-            let row = &row[..visible];
+            let query = row_index % queries;
+            let first = self.documents.as_ref().map_or(0, |documents| {
+                documents.start(documents.batch_of(dims, row_index).unwrap_or(0), query)
+            });
+            let visible = first..offset + query + 1;
+            let out = &mut out[visible.clone()];
+            let row = &row[visible];
             let max = row
                 .iter()
                 .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
@@ -290,10 +382,19 @@ impl CustomOp2 for SoftmaxBackward {
 /// Rotary embeddings in Hugging Face's rotate-half layout, applied to `x` `[..., t, d]` at
 /// positions `offset..offset + t`: for `j < d/2`, `(x_j, x_{j+d/2})` is rotated by the angle in
 /// the tables `cos`/`sin` (`[positions, d]`, each angle twice, as `Rope` builds them).
-pub fn rope(x: &Tensor, tables: &RopeTables, offset: usize) -> Result<Tensor> {
+///
+/// With `documents` (then `offset` is 0), position `i` of batch row `b` takes its place in its
+/// own document, `i − start`, instead.
+pub fn rope(
+    x: &Tensor,
+    tables: &RopeTables,
+    offset: usize,
+    documents: Option<&DocumentStarts>,
+) -> Result<Tensor> {
     let op = RopeOp {
         tables: tables.clone(),
         offset,
+        documents: documents.cloned(),
         inverse: false,
     };
     apply1(x, op)
@@ -310,6 +411,7 @@ pub struct RopeTables {
 struct RopeOp {
     tables: RopeTables,
     offset: usize,
+    documents: Option<DocumentStarts>,
     /// Rotate by the negated angles: the backward pass (a rotation's transpose).
     inverse: bool,
 }
@@ -341,9 +443,19 @@ impl CustomOp1 for RopeOp {
                 self.offset
             );
         }
+        if let Some(documents) = &self.documents {
+            documents.batch_of(dims, 0)?;
+            if self.offset != 0 {
+                candle_core::bail!("rope: document starts with a key/value cache");
+            }
+        }
         let sign = if self.inverse { -1.0 } else { 1.0 };
         let out = map_rows(x, None, d, |row_index, out, x, _| {
-            let position = self.offset + row_index % seq_len;
+            let index = row_index % seq_len;
+            let start = self.documents.as_ref().map_or(0, |documents| {
+                documents.start(documents.batch_of(dims, row_index).unwrap_or(0), index)
+            });
+            let position = self.offset + index - start;
             let cos = &self.tables.cos[position * d..position * d + half];
             let sin = &self.tables.sin[position * d..position * d + half];
             let (x1, x2) = x.split_at(half);
@@ -361,6 +473,7 @@ impl CustomOp1 for RopeOp {
         let op = RopeOp {
             tables: self.tables.clone(),
             offset: self.offset,
+            documents: self.documents.clone(),
             inverse: !self.inverse,
         };
         Ok(Some(dy.contiguous()?.apply_op1_no_bwd(&op)?))
@@ -497,7 +610,7 @@ mod tests {
     use candle_core::{D, Device, Var};
 
     use super::*;
-    use crate::testing::{flat, max_abs_difference};
+    use crate::testing::{assert_same_as_composed, flat, max_abs_difference};
 
     #[test]
     fn fast_exp_is_within_two_tenths_of_a_micro_relative_and_keeps_nan() {
@@ -512,34 +625,6 @@ mod tests {
         assert_eq!(exp(0.0), 1.0);
         assert!(exp(f32::NAN).is_nan());
         assert!(exp(-1000.0) < 1e-37);
-    }
-
-    /// Values and input gradients of `fused(x)` against `composed(x)` (candle's ops), under a
-    /// random linear loss.
-    fn assert_same_as_composed(
-        shape: &[usize],
-        fused: impl Fn(&Tensor) -> Tensor,
-        composed: impl Fn(&Tensor) -> Tensor,
-    ) {
-        let device = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &device).unwrap()).unwrap();
-        let target = Tensor::randn(0f32, 1.0, shape, &device).unwrap();
-        let expected = composed(x.as_tensor());
-        let got = fused(x.as_tensor());
-        assert!(max_abs_difference(&flat(&expected), &flat(&got)) < 1e-5);
-        let loss = |y: &Tensor| (y * &target).unwrap().sum_all().unwrap();
-        let expected = loss(&expected).backward().unwrap();
-        let got = loss(&got).backward().unwrap();
-        let (expected, got) = (
-            flat(expected.get(x.as_tensor()).unwrap()),
-            flat(got.get(x.as_tensor()).unwrap()),
-        );
-        let error = max_abs_difference(&expected, &got);
-        assert!(error < 1e-4, "gradient differs by {error}");
-        assert!(
-            expected.iter().any(|g| g.abs() > 1e-3),
-            "a gradient to compare"
-        );
     }
 
     #[test]
@@ -583,7 +668,7 @@ mod tests {
         );
         assert_same_as_composed(
             &[2, 3, seq, d],
-            |x| rope(x, &tables, offset).unwrap(),
+            |x| rope(x, &tables, offset, None).unwrap(),
             |x| {
                 let first = x.narrow(D::Minus1, 0, d / 2).unwrap();
                 let second = x.narrow(D::Minus1, d / 2, d / 2).unwrap();
@@ -637,7 +722,7 @@ mod tests {
         let mask = Tensor::from_vec(mask, (queries, keys), &Device::Cpu).unwrap();
         assert_same_as_composed(
             &[2, 3, queries, keys],
-            |s| causal_softmax(s, 0.25).unwrap(),
+            |s| causal_softmax(s, 0.25, None).unwrap(),
             |s| {
                 let masked = (s * 0.25).unwrap().broadcast_add(&mask).unwrap();
                 candle_nn::ops::softmax(&masked, D::Minus1).unwrap()

@@ -209,22 +209,80 @@ pub fn gguf_tokenizer(content: &Content) -> Result<Tokenizer> {
                 .collect()
         })
         .unwrap_or_default();
-    if model == "gpt2" {
-        byte_level_tokenizer(content, &tokens, &token_types)
+    let flag = |key: &str| -> Result<Option<bool>> {
+        Ok(content.metadata.get(key).map(Value::to_bool).transpose()?)
+    };
+    let mut tokenizer = if model == "gpt2" {
+        byte_level_tokenizer(content, &tokens, &token_types)?
     } else {
-        {
-            let scores: Vec<f32> = meta(content, "tokenizer.ggml.scores")?
-                .to_vec()?
-                .iter()
-                .map(Value::to_f32)
-                .collect::<candle_core::Result<_>>()?;
-            let add_space_prefix = match content.metadata.get("tokenizer.ggml.add_space_prefix") {
-                Some(value) => value.to_bool()?,
-                None => true,
-            };
-            sentencepiece_tokenizer(&tokens, &scores, &token_types, add_space_prefix)
-        }
+        let scores: Vec<f32> = meta(content, "tokenizer.ggml.scores")?
+            .to_vec()?
+            .iter()
+            .map(Value::to_f32)
+            .collect::<candle_core::Result<_>>()?;
+        let add_space_prefix = flag("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
+        sentencepiece_tokenizer(&tokens, &scores, &token_types, add_space_prefix)?
+    };
+    // llama.cpp's defaults where the file does not say: BOS for SentencePiece vocabularies and
+    // Llama 3's byte-level one, none for other byte-level ones (SmolLM, GPT-2); never EOS.
+    let pre = content
+        .metadata
+        .get("tokenizer.ggml.pre")
+        .and_then(|value| value.to_string().ok().cloned());
+    let bos_by_default =
+        model == "llama" || matches!(pre.as_deref(), Some("llama-bpe" | "llama3" | "llama-v3"));
+    // A file that names no such token gets none.
+    let token_of = |key: &str, wanted: bool| -> Result<Option<(String, u32)>> {
+        let Some(id) = content.metadata.get(key).filter(|_| wanted) else {
+            return Ok(None);
+        };
+        let id = id.to_u32()?;
+        let token = tokens.get(id as usize).ok_or_else(|| {
+            ClientError::Tokenizer(format!("{key} {id} is outside the vocabulary"))
+        })?;
+        Ok(Some((token.clone(), id)))
+    };
+    let bos = token_of(
+        "tokenizer.ggml.bos_token_id",
+        flag("tokenizer.ggml.add_bos_token")?.unwrap_or(bos_by_default),
+    )?;
+    let eos = token_of(
+        "tokenizer.ggml.eos_token_id",
+        flag("tokenizer.ggml.add_eos_token")?.unwrap_or(false),
+    )?;
+    add_special_tokens_processor(&mut tokenizer, bos, eos)?;
+    Ok(tokenizer)
+}
+
+/// A post-processor that surrounds encoded text with `bos` and `eos` (each when given), as
+/// transformers' `tokenizer.json` for Llama does (`<s> $A`, a pair as `<s> $A <s> $B`), so that
+/// `encode(text, true)` adds what the model was trained with.
+pub(crate) fn add_special_tokens_processor(
+    tokenizer: &mut Tokenizer,
+    bos: Option<(String, u32)>,
+    eos: Option<(String, u32)>,
+) -> Result<()> {
+    use tokenizers::processors::PostProcessorWrapper;
+    use tokenizers::processors::template::TemplateProcessing;
+    if bos.is_none() && eos.is_none() {
+        return Ok(());
     }
+    let sequence = |name: &str, type_id: u32| {
+        let mut parts = Vec::new();
+        parts.extend(bos.iter().map(|(token, _)| format!("{token}:{type_id}")));
+        parts.push(format!("${name}:{type_id}"));
+        parts.extend(eos.iter().map(|(token, _)| format!("{token}:{type_id}")));
+        parts.join(" ")
+    };
+    let processor = TemplateProcessing::builder()
+        .try_single(sequence("A", 0))
+        .and_then(|builder| builder.try_pair(format!("{} {}", sequence("A", 0), sequence("B", 1))))
+        .map_err(|error| ClientError::Tokenizer(format!("special tokens template: {error}")))?
+        .special_tokens(bos.into_iter().chain(eos).collect::<Vec<_>>())
+        .build()
+        .map_err(|error| ClientError::Tokenizer(format!("special tokens template: {error}")))?;
+    tokenizer.with_post_processor(Some(PostProcessorWrapper::Template(processor)));
+    Ok(())
 }
 
 /// A SentencePiece BPE vocabulary (pieces, their scores and llama.cpp token types) as a
@@ -1066,6 +1124,62 @@ mod tests {
         let ids = bare.encode("The", false).unwrap().get_ids().to_vec();
         assert!(!bare.id_to_token(ids[0]).unwrap().starts_with('▁'));
         assert_eq!(bare.decode(&ids, false).unwrap(), "The");
+    }
+
+    /// `encode(text, true)` adds what llama.cpp adds: BOS for a SentencePiece vocabulary unless
+    /// `tokenizer.ggml.add_bos_token` says not, EOS only where `add_eos_token` says so; none
+    /// for a byte-level vocabulary unless the file asks.
+    #[test]
+    fn gguf_tokenizers_add_the_special_tokens_llama_cpp_adds() {
+        let (mut content, cases) = sentencepiece_fixture();
+        content
+            .metadata
+            .insert("tokenizer.ggml.bos_token_id".into(), Value::U32(1));
+        content
+            .metadata
+            .insert("tokenizer.ggml.eos_token_id".into(), Value::U32(2));
+        let (text, ids) = &cases[1];
+        let encode = |content: &Content| {
+            gguf_tokenizer(content)
+                .unwrap()
+                .encode(text.as_str(), true)
+                .unwrap()
+                .get_ids()
+                .to_vec()
+        };
+        assert_eq!(encode(&content), [&[1], &ids[..]].concat());
+        content
+            .metadata
+            .insert("tokenizer.ggml.add_eos_token".into(), Value::Bool(true));
+        assert_eq!(encode(&content), [&[1], &ids[..], &[2]].concat());
+        for key in [
+            "tokenizer.ggml.add_bos_token",
+            "tokenizer.ggml.add_eos_token",
+        ] {
+            content.metadata.insert(key.into(), Value::Bool(false));
+        }
+        assert_eq!(&encode(&content), ids);
+
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_tiny_model(dir.path(), &TinyModelSpec::default()).unwrap();
+        let hf = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
+        let path = write_tiny_gguf(dir.path(), &config, &hf, GgmlDType::F32);
+        let mut file = std::fs::File::open(&path).unwrap();
+        let mut content = Content::read(&mut file).unwrap();
+        let byte_level = |content: &Content| {
+            gguf_tokenizer(content)
+                .unwrap()
+                .encode("hi", true)
+                .unwrap()
+                .get_ids()
+                .to_vec()
+        };
+        let plain = byte_level(&content);
+        assert_eq!(plain.len(), 2);
+        content
+            .metadata
+            .insert("tokenizer.ggml.add_bos_token".into(), Value::Bool(true));
+        assert_eq!(byte_level(&content), [&[1], &plain[..]].concat());
     }
 
     #[test]

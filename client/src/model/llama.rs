@@ -12,6 +12,7 @@ use fedlora_proto::adapter::{Adapter, AdapterTensor, Factor, LoraSpec, peft_key}
 
 use super::config::LlamaConfig;
 use super::frozen::FrozenWeight;
+use super::fused::DocumentStarts;
 use super::lora::{LoraFactors, LoraLinear, to_adapter_tensor};
 use crate::error::{ClientError, Result};
 
@@ -96,14 +97,45 @@ impl Rope {
         Ok(Self { cos, sin, tables })
     }
 
-    /// `x` is `[batch, heads, seq, head_dim]` at positions `offset..offset + seq`.
-    fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+    /// `x` is `[batch, heads, seq, head_dim]` at positions `offset..offset + seq`, or, with
+    /// `documents`, each position at its place in its own document.
+    fn apply(
+        &self,
+        x: &Tensor,
+        offset: usize,
+        documents: Option<&DocumentStarts>,
+    ) -> Result<Tensor> {
         if x.device().is_cpu() && x.dtype() == DType::F32 {
-            return super::fused::rope(x, &self.tables, offset);
+            return super::fused::rope(x, &self.tables, offset, documents);
         }
-        let (_, _, seq_len, head_dim) = x.dims4()?;
-        let cos = self.cos.narrow(0, offset, seq_len)?;
-        let sin = self.sin.narrow(0, offset, seq_len)?;
+        self.apply_composed(x, offset, documents)
+    }
+
+    /// [`Rope::apply`] in candle's ops (GPU, and reduced precision on the CPU).
+    fn apply_composed(
+        &self,
+        x: &Tensor,
+        offset: usize,
+        documents: Option<&DocumentStarts>,
+    ) -> Result<Tensor> {
+        let (batch, _, seq_len, head_dim) = x.dims4()?;
+        let (cos, sin) = match documents {
+            None => (
+                self.cos.narrow(0, offset, seq_len)?,
+                self.sin.narrow(0, offset, seq_len)?,
+            ),
+            Some(documents) => {
+                let positions =
+                    Tensor::from_vec(documents.positions(), batch * seq_len, self.cos.device())?;
+                let gather = |table: &Tensor| -> Result<Tensor> {
+                    Ok(table
+                        .index_select(&positions, 0)?
+                        .reshape((batch, 1, seq_len, head_dim))?)
+                };
+                (gather(&self.cos)?, gather(&self.sin)?)
+            }
+        };
+        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
         let half = head_dim / 2;
         let first = x.narrow(D::Minus1, 0, half)?;
         let second = x.narrow(D::Minus1, half, half)?;
@@ -396,14 +428,22 @@ impl Llama {
     /// As [`Llama::forward`]; with `dropout_seed`, LoRA dropout is applied with masks drawn from
     /// it (pass a new seed for every training step).
     pub fn forward_train(&self, input_ids: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
-        let hidden = self.hidden_states(input_ids, None, dropout_seed)?;
+        let hidden = self.hidden_states(input_ids, None, None, dropout_seed)?;
         self.head(&hidden)
     }
 
     /// Final-norm hidden states `[batch, seq, hidden]` (training: dropout from `dropout_seed`);
-    /// [`Llama::head_weight`] turns them into logits.
-    pub fn hidden_train(&self, input_ids: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
-        self.hidden_states(input_ids, None, dropout_seed)
+    /// [`Llama::head_weight`] turns them into logits. With `documents`, the documents packed
+    /// into each row are kept apart: each position attends only to its own document, and
+    /// rotary positions restart at each document, so a packed document's states are those it
+    /// would have alone.
+    pub fn hidden_train(
+        &self,
+        input_ids: &Tensor,
+        documents: Option<&DocumentStarts>,
+        dropout_seed: Option<u64>,
+    ) -> Result<Tensor> {
+        self.hidden_states(input_ids, None, documents, dropout_seed)
     }
 
     /// The output head `[vocab, hidden]` (the embeddings when tied), as the forward pass uses it.
@@ -415,7 +455,7 @@ impl Llama {
 
     /// Logits `[batch, vocab]` of the last position only.
     pub fn last_logits(&self, input_ids: &Tensor) -> Result<Tensor> {
-        let hidden = self.hidden_states(input_ids, None, None)?;
+        let hidden = self.hidden_states(input_ids, None, None, None)?;
         self.last_position_logits(&hidden)
     }
 
@@ -617,7 +657,7 @@ impl Llama {
     /// Logits `[batch, vocab]` after the new tokens `input_ids`, which continue the sequence held
     /// in `cache`; their keys and values are appended to it. For generation (no gradients).
     pub fn last_logits_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let hidden = self.hidden_states(input_ids, Some(cache), None)?;
+        let hidden = self.hidden_states(input_ids, Some(cache), None, None)?;
         self.last_position_logits(&hidden)
     }
 
@@ -646,6 +686,7 @@ impl Llama {
         &self,
         input_ids: &Tensor,
         mut cache: Option<&mut KvCache>,
+        documents: Option<&DocumentStarts>,
         dropout_seed: Option<u64>,
     ) -> Result<Tensor> {
         let (batch, seq_len) = input_ids.dims2()?;
@@ -657,17 +698,30 @@ impl Llama {
                 offset + seq_len
             )));
         }
+        if let Some(documents) = documents
+            && (documents.dims() != (batch, seq_len) || cache.is_some())
+        {
+            return Err(ClientError::InvalidArgument(format!(
+                "document starts of a {:?} batch for a [{batch}, {seq_len}] batch{}",
+                documents.dims(),
+                if cache.is_some() { " with a cache" } else { "" }
+            )));
+        }
         let mut hidden = self
             .embed_tokens
             .index_select(&input_ids.flatten_all()?, 0)?
             .reshape((batch, seq_len, self.config.hidden_size))?;
-        let mask = causal_mask(seq_len, offset, &self.device)?;
+        let mask = match documents {
+            None => causal_mask(seq_len, offset, &self.device)?,
+            Some(documents) => document_mask(documents, &self.device)?,
+        };
         for (layer, block) in self.blocks.iter().enumerate() {
             let slot = cache
                 .as_deref_mut()
                 .and_then(|cache| cache.layers.get_mut(layer));
             let position = Position {
                 offset,
+                documents,
                 rope: &self.rope,
                 mask: &mask,
                 cache: slot,
@@ -734,6 +788,7 @@ impl Attention {
     fn forward(&self, x: &Tensor, position: Position<'_>, config: &LlamaConfig) -> Result<Tensor> {
         let Position {
             offset,
+            documents,
             rope,
             mask,
             cache,
@@ -752,8 +807,8 @@ impl Attention {
         let q = self.q_proj.forward_train(x, module_seed(seed, 0))?;
         let k = self.k_proj.forward_train(x, module_seed(seed, 1))?;
         let v = self.v_proj.forward_train(x, module_seed(seed, 2))?;
-        let q = rope.apply(&split(q, heads)?, offset)?;
-        let k = rope.apply(&split(k, kv_heads)?, offset)?;
+        let q = rope.apply(&split(q, heads)?, offset, documents)?;
+        let k = rope.apply(&split(k, kv_heads)?, offset, documents)?;
         let v = split(v, kv_heads)?;
         let (k, v) = match cache {
             None => (k, v),
@@ -776,7 +831,7 @@ impl Attention {
         let scale = 1.0 / (head_dim as f64).sqrt();
         let scores = q.matmul(&k.t()?)?;
         let weights = if scores.device().is_cpu() && scores.dtype() == DType::F32 {
-            super::fused::causal_softmax(&scores, scale)?
+            super::fused::causal_softmax(&scores, scale, documents)?
         } else {
             candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(mask)?, D::Minus1)?
         };
@@ -816,6 +871,30 @@ fn causal_mask(seq_len: usize, offset: usize, device: &Device) -> Result<Tensor>
     Ok(Tensor::from_vec(values, (seq_len, total), device)?)
 }
 
+/// `[batch, 1, t, t]` (added to scores): position `i` of row `b` sees the keys of its own document up to itself
+/// (`documents.start(b, i)..=i`); −∞ elsewhere.
+fn document_mask(documents: &DocumentStarts, device: &Device) -> Result<Tensor> {
+    let (batch, seq_len) = documents.dims();
+    let values: Vec<f32> = (0..batch * seq_len)
+        .flat_map(|row| {
+            let (b, query) = (row / seq_len, row % seq_len);
+            let visible = documents.start(b, query)..=query;
+            (0..seq_len).map(move |key| {
+                if visible.contains(&key) {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(
+        values,
+        (batch, 1, seq_len, seq_len),
+        device,
+    )?)
+}
+
 /// Keys and values of every layer for the positions seen so far: `[batch, kv_heads, len, head_dim]`.
 #[derive(Debug, Clone)]
 pub struct KvCache {
@@ -837,6 +916,8 @@ impl KvCache {
 /// Where a block's input sits in the sequence: RoPE offset, mask, and this layer's cache slot.
 struct Position<'a> {
     offset: usize,
+    /// Packed documents kept apart (training only, no cache).
+    documents: Option<&'a DocumentStarts>,
     rope: &'a Rope,
     mask: &'a Tensor,
     cache: Option<&'a mut Option<(Tensor, Tensor)>>,
@@ -865,6 +946,95 @@ mod tests {
     use crate::tiny::{TinyModelSpec, write_tiny_model};
 
     use super::*;
+
+    /// Two rows of packed documents: row 0 holds [0, 3) [3, 7) [7, 9), row 1 one document.
+    fn two_rows() -> DocumentStarts {
+        DocumentStarts::new(
+            vec![0, 0, 0, 3, 3, 3, 3, 7, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            2,
+            9,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn document_starts_are_checked() {
+        assert_eq!(two_rows().positions()[..9], [0, 1, 2, 0, 1, 2, 3, 0, 1]);
+        for (starts, batch, seq) in [
+            (vec![0, 0, 1], 1, 3), // 1 neither starts at 2 nor continues 0
+            (vec![0, 0], 1, 3),    // too few
+            (vec![1, 1], 1, 2),    // the first position starts at 1
+        ] {
+            assert!(matches!(
+                DocumentStarts::new(starts, batch, seq),
+                Err(ClientError::InvalidArgument(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn fused_rope_and_softmax_keep_documents_apart_as_candles_ops_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_tiny_model(dir.path(), &TinyModelSpec::default()).unwrap();
+        let rope = Rope::new(&config, &Device::Cpu).unwrap();
+        let documents = two_rows();
+        let head_dim = config.head_dim();
+        crate::testing::assert_same_as_composed(
+            &[2, 3, 9, head_dim],
+            |x| rope.apply(x, 0, Some(&documents)).unwrap(),
+            |x| rope.apply_composed(x, 0, Some(&documents)).unwrap(),
+        );
+        // Restarting positions is rotating each document as if it stood alone.
+        let x = Tensor::randn(0f32, 1.0, (1, 2, 4, head_dim), &Device::Cpu).unwrap();
+        let alone = rope.apply(&x, 0, None).unwrap();
+        let packed = Tensor::cat(&[&x.narrow(2, 0, 3).unwrap(), &x], 2).unwrap();
+        let packed = DocumentStarts::new(vec![0, 0, 0, 3, 3, 3, 3], 1, 7)
+            .map(|documents| rope.apply(&packed, 0, Some(&documents)).unwrap())
+            .unwrap();
+        assert!(max_abs_difference(&flat(&alone), &flat(&packed.narrow(2, 3, 4).unwrap())) < 1e-6);
+        let mask = document_mask(&documents, &Device::Cpu).unwrap();
+        crate::testing::assert_same_as_composed(
+            &[2, 3, 9, 9],
+            |s| super::super::fused::causal_softmax(s, 0.3, Some(&documents)).unwrap(),
+            |s| {
+                let masked = (s * 0.3).unwrap().broadcast_add(&mask).unwrap();
+                candle_nn::ops::softmax(&masked, D::Minus1).unwrap()
+            },
+        );
+    }
+
+    /// A packed row computes each of its documents as if it stood alone (attention and rotary
+    /// positions restart at each start), through the whole model with LoRA attached.
+    #[test]
+    fn packed_documents_get_the_states_they_would_have_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_model(dir.path(), &TinyModelSpec::default()).unwrap();
+        let mut base = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
+        let lora = LoraSpec::new(4, 8.0, &fedlora_proto::adapter::LORA_MODULES);
+        base.model.attach_lora(&lora, 3).unwrap();
+        crate::testing::randomize_lora_b(&base.model, 0.2, 4);
+        let model = &base.model;
+        let documents: [&[u32]; 3] = [&[1, 40, 41], &[1, 7, 99, 150], &[1, 12]];
+        let row: Vec<u32> = documents.concat();
+        let packed = Tensor::from_slice(&row, (1, row.len()), &Device::Cpu).unwrap();
+        let starts = DocumentStarts::new(vec![0, 0, 0, 3, 3, 3, 3, 7, 7], 1, 9).unwrap();
+        let hidden = model.hidden_train(&packed, Some(&starts), None).unwrap();
+        let mut first = 0;
+        for document in documents {
+            let alone = Tensor::from_slice(document, (1, document.len()), &Device::Cpu).unwrap();
+            let expected = flat(&model.hidden_train(&alone, None, None).unwrap());
+            let got = flat(&hidden.narrow(1, first, document.len()).unwrap());
+            let difference = max_abs_difference(&expected, &got);
+            assert!(difference < 1e-5, "document at {first}: {difference}");
+            first += document.len();
+        }
+        // Without the starts, the later documents see the earlier ones.
+        let mixed = flat(&model.hidden_train(&packed, None, None).unwrap());
+        assert!(max_abs_difference(&flat(&hidden), &mixed) > 1e-3);
+        // Starts of another shape, or with a cache, are refused.
+        let wrong = DocumentStarts::new(vec![0; 8], 1, 8).unwrap();
+        assert!(model.hidden_train(&packed, Some(&wrong), None).is_err());
+    }
 
     /// Incremental decoding with the cache gives the logits of re-running the whole sequence.
     #[test]

@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
 
 pub use config::LlamaConfig;
+pub use fused::DocumentStarts;
 pub use llama::Llama;
 
 use crate::error::{ClientError, Result};

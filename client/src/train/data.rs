@@ -5,10 +5,19 @@
 //!   model's prompt template (`crate::chat`), trained with loss on the response only.
 //! - CSV with a header row: one column (default `text`) holds the documents.
 //!
-//! Documents are packed (joined by EOS) into full windows; each instruction example gets its own
-//! window, right-padded within its batch. Causal attention never looks right, so right padding
-//! needs no attention mask: real positions are computed exactly as without padding, and padded
-//! positions are excluded from the loss by the window's target range.
+//! Text is tokenized as transformers' `tokenizer(text)` does, with the tokenizer's special tokens:
+//! a Llama tokenizer's post-processor starts every document and every Alpaca or ChatML example
+//! with BOS, as at inference. Text rendered through a model's own chat template carries the BOS
+//! the template writes (`bos_token`) and is tokenized without them, as `apply_chat_template` does.
+//!
+//! Documents are packed (each followed by EOS) into full windows, and kept apart inside them:
+//! a window records where each document starts ([`Window::starts`]), the model's attention is
+//! block-diagonal along those starts and rotary positions restart at each (as transformers does
+//! for padding-free packing), and the target that would predict a document's first token from
+//! the one before is not counted. Each instruction example gets its own window, right-padded
+//! within its batch. Causal attention never looks right, so right padding needs no attention
+//! mask: real positions are computed exactly as without padding, and padded positions are
+//! excluded from the loss by the window's target range.
 //!
 //! Nothing here leaves the site: the daemon only reports counts derived from it.
 
@@ -45,18 +54,27 @@ pub struct SiteData {
 }
 
 /// One row of a batch: inputs are `tokens[..n-1]`, targets `tokens[1..]`, and only targets at
-/// positions in `targets` count in the loss.
+/// positions in `targets` count in the loss (see [`Window::counts`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Window {
     pub tokens: Vec<u32>,
     pub targets: Range<usize>,
+    /// Indices into `tokens`, ascending and above 0, where another packed document starts: from
+    /// each on, positions attend only to their own document, and the target predicting that
+    /// document's first token (from the end of the one before) does not count. Empty for a
+    /// window holding one document or part of one.
+    pub starts: Vec<usize>,
 }
 
 impl Window {
-    /// A window whose every target counts.
+    /// A window of one document whose every target counts.
     pub fn full(tokens: Vec<u32>) -> Self {
         let targets = 0..tokens.len().saturating_sub(1);
-        Self { tokens, targets }
+        Self {
+            tokens,
+            targets,
+            starts: Vec::new(),
+        }
     }
 
     /// Input positions (real tokens, padding excluded).
@@ -64,8 +82,26 @@ impl Window {
         self.tokens.len().saturating_sub(1)
     }
 
+    /// Whether the target at `position` (predicting `tokens[position + 1]`) counts in the loss.
+    pub fn counts(&self, position: usize) -> bool {
+        self.targets.contains(&position) && !self.starts.contains(&(position + 1))
+    }
+
     pub fn num_targets(&self) -> usize {
-        self.targets.len()
+        self.targets
+            .clone()
+            .filter(|&position| self.counts(position))
+            .count()
+    }
+
+    /// The first index of the document holding input position `position`.
+    pub fn document_start(&self, position: usize) -> usize {
+        self.starts
+            .iter()
+            .copied()
+            .take_while(|&start| start <= position)
+            .last()
+            .unwrap_or(0)
     }
 }
 
@@ -111,7 +147,7 @@ impl SiteData {
             let field = |name: &str| value.get(name).and_then(serde_json::Value::as_str);
             let encode = |text: &str| -> Result<Vec<u32>> {
                 Ok(tokenizer
-                    .encode(text, false)
+                    .encode(text, true)
                     .map_err(|error| data_error(format!("tokenizer: {error}")))?
                     .get_ids()
                     .to_vec())
@@ -126,7 +162,7 @@ impl SiteData {
                     // the two parts apart would tokenize the seam differently from inference
                     // (SentencePiece would start the response with a word-boundary piece).
                     let encoding = tokenizer
-                        .encode(full.as_str(), false)
+                        .encode(full.as_str(), template.adds_special_tokens())
                         .map_err(|error| data_error(format!("tokenizer: {error}")))?;
                     let split = encoding
                         .get_offsets()
@@ -191,7 +227,7 @@ impl SiteData {
                 continue;
             }
             let encoding = tokenizer
-                .encode(text, false)
+                .encode(text, true)
                 .map_err(|error| ClientError::Data {
                     path: path.to_path_buf(),
                     line,
@@ -233,10 +269,7 @@ pub fn make_windows(examples: &[Example], eos: u32, seq_len: usize) -> Vec<Windo
             Example::Supervised { .. } => None,
         })
         .collect();
-    let mut windows: Vec<Window> = pack_windows(&documents, eos, seq_len)
-        .into_iter()
-        .map(Window::full)
-        .collect();
+    let mut windows = pack_windows(&documents, eos, seq_len);
     windows.extend(
         examples
             .iter()
@@ -262,7 +295,11 @@ fn supervised_window(example: &Example, eos: u32, seq_len: usize) -> Option<Wind
     }
     tokens.truncate(seq_len + 1);
     let targets = prompt.len().saturating_sub(1)..tokens.len().saturating_sub(1);
-    (!targets.is_empty()).then_some(Window { tokens, targets })
+    (!targets.is_empty()).then_some(Window {
+        tokens,
+        targets,
+        starts: Vec::new(),
+    })
 }
 
 /// How many of `examples` [`make_windows`] trains on at `seq_len`: every text document (packed;
@@ -279,23 +316,44 @@ pub fn trained_examples(examples: &[Example], eos: u32, seq_len: usize) -> usize
         .count()
 }
 
-/// Packs documents (each followed by `eos`) into one stream and cuts windows of `seq_len + 1`
-/// tokens that overlap by one, so every token after the first is a target exactly once. A stream
-/// shorter than one window becomes a single shorter window (if it has at least two tokens), so a
-/// site with little data still trains and evaluates.
-pub fn pack_windows(documents: &[Vec<u32>], eos: u32, seq_len: usize) -> Vec<Vec<u32>> {
-    let stream: Vec<u32> = documents
-        .iter()
-        .flat_map(|document| document.iter().copied().chain(std::iter::once(eos)))
-        .collect();
+/// Packs the non-empty documents (each followed by `eos`, unless the tokenizer already ended it
+/// so) into one stream and cuts windows of `seq_len + 1` tokens that overlap by one, so every
+/// token is a target exactly once, except each document's first (see [`Window::starts`]). A
+/// stream shorter than one window becomes a single shorter window (if it has at least two
+/// tokens), so a site with little data still trains and evaluates.
+pub fn pack_windows(documents: &[Vec<u32>], eos: u32, seq_len: usize) -> Vec<Window> {
+    let mut stream = Vec::new();
+    let mut starts = Vec::new();
+    for document in documents.iter().filter(|document| !document.is_empty()) {
+        starts.push(stream.len());
+        stream.extend_from_slice(document);
+        if document.last() != Some(&eos) {
+            stream.push(eos);
+        }
+    }
     if seq_len == 0 || stream.len() < 2 {
         return Vec::new();
     }
-    if stream.len() < seq_len + 1 {
-        return vec![stream];
-    }
-    (0..=(stream.len() - seq_len - 1) / seq_len)
-        .map(|window| stream[window * seq_len..window * seq_len + seq_len + 1].to_vec())
+    let window = |first: usize, end: usize| Window {
+        tokens: stream[first..end].to_vec(),
+        targets: 0..end - first - 1,
+        starts: starts
+            .iter()
+            .filter(|&&start| start > first && start < end)
+            .map(|start| start - first)
+            .collect(),
+    };
+    let windows = if stream.len() < seq_len + 1 {
+        vec![window(0, stream.len())]
+    } else {
+        (0..=(stream.len() - seq_len - 1) / seq_len)
+            .map(|index| window(index * seq_len, index * seq_len + seq_len + 1))
+            .collect()
+    };
+    // A window whose every target predicts a document's first token teaches nothing.
+    windows
+        .into_iter()
+        .filter(|window| window.num_targets() > 0)
         .collect()
 }
 
@@ -305,17 +363,46 @@ mod tests {
     use super::*;
 
     #[test]
-    fn windows_cover_every_target_once() {
-        let documents = vec![vec![10, 11, 12], vec![20, 21], vec![30, 31, 32, 33]];
-        // stream: 10 11 12 E 20 21 E 30 31 32 33 E  (12 tokens)
+    fn windows_cover_every_target_once_and_record_where_documents_start() {
+        let documents = vec![
+            vec![10, 11, 12],
+            vec![20, 21],
+            vec![],
+            vec![30, 31, 32, 33, 99],
+        ];
+        // stream: 10 11 12 E 20 21 E 30 31 32 33 E  (12 tokens; the empty document is skipped,
+        // the last already ends in EOS)
         let windows = pack_windows(&documents, 99, 4);
+        let window = |tokens: Vec<u32>, starts: Vec<usize>| Window {
+            targets: 0..tokens.len() - 1,
+            tokens,
+            starts,
+        };
         assert_eq!(
             windows,
-            vec![vec![10, 11, 12, 99, 20], vec![20, 21, 99, 30, 31]]
+            vec![
+                window(vec![10, 11, 12, 99, 20], vec![4]),
+                window(vec![20, 21, 99, 30, 31], vec![3]),
+            ]
+        );
+        // The targets predicting 20 and 30 from the document before them do not count.
+        assert_eq!(
+            (0..4).map(|p| windows[0].counts(p)).collect::<Vec<_>>(),
+            [true, true, true, false]
+        );
+        assert_eq!(windows[1].num_targets(), 3);
+        assert_eq!(
+            (0..4)
+                .map(|p| windows[1].document_start(p))
+                .collect::<Vec<_>>(),
+            [0, 0, 0, 3]
         );
         assert_eq!(
             pack_windows(&documents, 99, 64),
-            vec![vec![10, 11, 12, 99, 20, 21, 99, 30, 31, 32, 33, 99]]
+            vec![window(
+                vec![10, 11, 12, 99, 20, 21, 99, 30, 31, 32, 33, 99],
+                vec![4, 7]
+            )]
         );
         assert!(pack_windows(&[], 99, 4).is_empty());
     }
@@ -356,15 +443,18 @@ mod tests {
                 // inputs 1 2 3 7 8, targets 2 3 7 8 99: positions 2.. predict 7, 8, EOS.
                 Window {
                     tokens: vec![1, 2, 3, 7, 8, 99],
-                    targets: 2..5
+                    targets: 2..5,
+                    starts: vec![],
                 },
                 Window {
                     tokens: vec![1, 2, 3, 4, 7, 8],
-                    targets: 3..5
+                    targets: 3..5,
+                    starts: vec![],
                 },
                 Window {
                     tokens: vec![1, 2, 7, 50],
-                    targets: 1..3
+                    targets: 1..3,
+                    starts: vec![],
                 },
             ]
         );
@@ -372,6 +462,62 @@ mod tests {
         assert_eq!(examples.len(), 5);
         assert_eq!(trained_examples(&examples, 99, 5), 4);
         assert_eq!(trained_examples(&examples, 99, 64), 5);
+    }
+
+    /// With a tokenizer that adds BOS (a Llama one), documents and Alpaca or ChatML examples
+    /// start with it once, as `tokenizer(text)` makes them; a model template that writes
+    /// `bos_token` itself gets it once too, not twice.
+    #[test]
+    fn text_starts_with_the_tokenizers_bos_once() {
+        let mut tokenizer = crate::tiny::byte_level_tokenizer().unwrap();
+        crate::model::gguf::add_special_tokens_processor(
+            &mut tokenizer,
+            Some(("<s>".into(), 1)),
+            None,
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let jsonl = dir.path().join("data.jsonl");
+        std::fs::write(
+            &jsonl,
+            "{\"text\": \"ab\"}\n{\"instruction\": \"Say hi.\", \"output\": \"hi\"}\n",
+        )
+        .unwrap();
+        let llama_like = crate::chat::ChatTemplate::new(
+            "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}\
+             {% if add_generation_prompt %}[assistant] {% endif %}"
+                .into(),
+            "<s>".into(),
+            "</s>".into(),
+        )
+        .unwrap();
+        let templates = [
+            PromptTemplate::Alpaca,
+            PromptTemplate::ChatMl,
+            PromptTemplate::Model(std::sync::Arc::new(llama_like)),
+        ];
+        for template in &templates {
+            let data = SiteData::load(&jsonl, &tokenizer, template, "text").unwrap();
+            let Example::Text(text) = &data.train[0] else {
+                panic!("document");
+            };
+            assert_eq!(text[..], [1, 3 + u32::from(b'a'), 3 + u32::from(b'b')]);
+            let Example::Supervised {
+                prompt, response, ..
+            } = &data.train[1]
+            else {
+                panic!("instruction example");
+            };
+            let bos_count = prompt.iter().chain(response).filter(|&&id| id == 1).count();
+            assert_eq!((prompt[0], bos_count), (1, 1), "{}", template.name());
+            let layout = template.prompt("x", "").unwrap();
+            let first = layout.strip_prefix("<s>").unwrap_or(&layout).as_bytes()[0];
+            assert_eq!(prompt[1], 3 + u32::from(first), "{}", template.name());
+        }
+        let csv = dir.path().join("notes.csv");
+        std::fs::write(&csv, "text\nab\n").unwrap();
+        let data = SiteData::load(&csv, &tokenizer, &templates[0], "text").unwrap();
+        assert_eq!(data.train, [Example::Text(vec![1, 100, 101])]);
     }
 
     #[test]

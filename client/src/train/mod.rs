@@ -13,8 +13,8 @@ use fedlora_proto::adapter::Factor;
 use rand::Rng;
 
 use crate::error::{ClientError, Result};
-use crate::model::Llama;
 use crate::model::lora::seeded_rng;
+use crate::model::{DocumentStarts, Llama};
 use data::Window;
 
 /// Hyper-parameters of one local training run (they come with the coordinator's task).
@@ -130,7 +130,7 @@ fn batch_loss_with(
     need_grad: bool,
 ) -> Result<Tensor> {
     let batch = Batch::new(windows, model.device())?;
-    let hidden = model.hidden_train(&batch.inputs, dropout_seed)?;
+    let hidden = model.hidden_train(&batch.inputs, batch.documents.as_ref(), dropout_seed)?;
     let (rows, seq_len, width) = hidden.dims3()?;
     let hidden = hidden.reshape((rows * seq_len, width))?;
     let losses =
@@ -149,6 +149,8 @@ struct Batch {
     targets: Tensor,
     /// 1 where a target counts, and how many do; `None` when all do.
     mask: Option<(Tensor, f64)>,
+    /// Where packed documents start; `None` when every row holds one.
+    documents: Option<DocumentStarts>,
 }
 
 impl Batch {
@@ -166,22 +168,26 @@ impl Batch {
         let mut inputs = Vec::with_capacity(windows.len() * seq_len);
         let mut targets = Vec::with_capacity(windows.len() * seq_len);
         let mut mask = Vec::with_capacity(windows.len() * seq_len);
+        let mut starts = Vec::with_capacity(windows.len() * seq_len);
         for window in windows {
             let tokens = &window.tokens;
             for position in 0..seq_len {
                 let real = position + 1 < tokens.len();
                 // Padding (token 0) sits right of every real token: causal attention never reads
-                // it, and the mask drops its targets.
+                // it, and the mask drops its targets. It continues the last document.
                 inputs.push(if real { tokens[position] } else { 0 });
                 targets.push(if real { tokens[position + 1] } else { 0 });
-                mask.push(f32::from(u8::from(
-                    real && window.targets.contains(&position),
-                )));
+                mask.push(f32::from(u8::from(real && window.counts(position))));
+                starts.push(window.document_start(position) as u32);
             }
         }
         let count: f64 = mask.iter().map(|value| f64::from(*value)).sum();
         let all_count = count as usize == mask.len();
+        let packed = windows.iter().any(|window| !window.starts.is_empty());
         Ok(Self {
+            documents: packed
+                .then(|| DocumentStarts::new(starts, windows.len(), seq_len))
+                .transpose()?,
             inputs: Tensor::from_vec(inputs, (windows.len(), seq_len), device)?,
             targets: Tensor::from_vec(targets, windows.len() * seq_len, device)?,
             mask: if all_count {
@@ -350,12 +356,7 @@ mod tests {
     use crate::testing::{flat, logits, max_abs_difference};
     use crate::tiny::{TinyModelSpec, write_tiny_model};
 
-    fn tiny() -> (tempfile::TempDir, BaseModel) {
-        let dir = tempfile::tempdir().unwrap();
-        write_tiny_model(dir.path(), &TinyModelSpec::default()).unwrap();
-        let base = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
-        (dir, base)
-    }
+    use crate::testing::tiny_base as tiny;
 
     fn all_modules() -> LoraSpec {
         LoraSpec::new(4, 8.0, &LORA_MODULES)
@@ -870,6 +871,7 @@ mod tests {
         let response = Window {
             tokens: short.tokens.clone(),
             targets: 3..5,
+            starts: Vec::new(),
         };
         let logits = model
             .forward(
@@ -898,6 +900,73 @@ mod tests {
         // Evaluation weights by counted targets.
         let report = evaluate(model, &[response, short], 2, 8).unwrap();
         assert_eq!(report.tokens, 2 + 5);
+    }
+
+    /// A packed window trains as its documents would alone: its loss is their losses weighted
+    /// by their targets, and so are the LoRA gradients (the backward pass keeps documents apart
+    /// too), also beside another, padded row.
+    #[test]
+    fn packed_documents_train_as_if_each_stood_alone() {
+        let (_dir, mut base) = tiny();
+        base.model.attach_lora(&all_modules(), 5).unwrap();
+        crate::testing::randomize_lora_b(&base.model, 0.2, 6);
+        let model = &base.model;
+        let eos = 2;
+        let documents = vec![
+            vec![1, 40, 41, 42, 43],
+            vec![1, 7, 99, 150],
+            vec![1, 12, 13],
+        ];
+        let packed = data::pack_windows(&documents, eos, 64);
+        assert_eq!(packed.len(), 1);
+        assert_eq!(packed[0].starts, [6, 11]);
+        let alone: Vec<Window> = documents
+            .iter()
+            .map(|document| Window::full([&document[..], &[eos]].concat()))
+            .collect();
+        // Each document alone has as many targets as it has tokens; packed, the same ones count.
+        assert_eq!(packed[0].num_targets(), 5 + 4 + 3);
+        let gradients_of = |windows: &[&Window]| {
+            let loss = batch_loss(model, windows).unwrap();
+            let gradients = loss.backward().unwrap();
+            let vars: Vec<Vec<f32>> = model
+                .lora_vars()
+                .iter()
+                .map(|var| flat(gradients.get(var.as_tensor()).unwrap()))
+                .collect();
+            (loss.to_scalar::<f32>().unwrap(), vars)
+        };
+        let mut expected_loss = 0.0f32;
+        let mut expected: Vec<Vec<f32>> = vec![Vec::new(); model.lora_vars().len()];
+        for (window, targets) in alone.iter().zip([5.0f32, 4.0, 3.0]) {
+            let (loss, gradients) = gradients_of(&[window]);
+            let weight = targets / 12.0;
+            expected_loss += loss * weight;
+            for (sum, gradient) in expected.iter_mut().zip(gradients) {
+                sum.resize(gradient.len(), 0.0);
+                sum.iter_mut()
+                    .zip(gradient)
+                    .for_each(|(sum, value)| *sum += value * weight);
+            }
+        }
+        let (loss, gradients) = gradients_of(&[&packed[0]]);
+        assert!(
+            (loss - expected_loss).abs() < 1e-5,
+            "{loss} vs {expected_loss}"
+        );
+        for (expected, got) in expected.iter().zip(&gradients) {
+            let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(max_abs_difference(expected, got) <= 1e-4 * scale.max(1e-3));
+        }
+        // Beside a longer, unpacked row, the packed one (now padded) still keeps them apart.
+        let long = Window::full((0..20u32).map(|t| 3 + t * 11 % 250).collect());
+        let (long_loss, _) = gradients_of(&[&long]);
+        let (together, _) = gradients_of(&[&long, &packed[0]]);
+        let weighted = (long_loss * 19.0 + expected_loss * 12.0) / 31.0;
+        assert!(
+            (together - weighted).abs() < 1e-5,
+            "{together} vs {weighted}"
+        );
     }
 
     /// The coordinator computes each fresh round's start with `initial_factors`; the client's
