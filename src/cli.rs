@@ -130,7 +130,7 @@ pub struct GenerateArgs {
     pub template: TemplateChoice,
     #[arg(long, default_value_t = 48)]
     pub max_tokens: usize,
-    /// Sampling temperature; 0 decodes greedily (then --top-p and --seed do nothing).
+    /// Sampling temperature; 0 decodes greedily (--top-p and --seed then change nothing).
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
     /// Nucleus sampling mass in (0, 1]: sample from the fewest likeliest tokens whose

@@ -87,12 +87,19 @@ pub fn generate(
         }
         let tensor = Tensor::from_slice(&input, (1, input.len()), model.device())?;
         let logits = model.last_logits_cached(&tensor, &mut cache)?.squeeze(0)?;
+        let greedy =
+            |logits: &Tensor| -> Result<u32> { Ok(logits.argmax(D::Minus1)?.to_scalar::<u32>()?) };
         let next = if config.temperature == 0.0 {
-            logits.argmax(D::Minus1)?.to_scalar::<u32>()?
+            greedy(&logits)?
         } else {
-            let scaled = (logits / f64::from(config.temperature))?;
+            let scaled = (&logits / f64::from(config.temperature))?;
             let probabilities = candle_nn::ops::softmax(&scaled, D::Minus1)?.to_vec1::<f32>()?;
-            nucleus_sample(&probabilities, config.top_p, rng.random::<f32>())
+            // A temperature so small that the scaled logits overflow is greedy decoding.
+            if probabilities.iter().all(|p| p.is_finite()) {
+                nucleus_sample(&probabilities, config.top_p, rng.random::<f32>())
+            } else {
+                greedy(&logits)?
+            }
         };
         if stop.contains(&next) {
             break Finish::Stop;
@@ -129,8 +136,14 @@ pub fn nucleus_sample(probabilities: &[f32], top_p: f32, uniform: f32) -> u32 {
             return index as u32;
         }
     }
-    // Rounding left a sliver of the draw: the nucleus's last token.
-    nucleus.last().copied().unwrap_or(0) as u32
+    // Rounding left a sliver of the draw: the nucleus's least likely token that can occur.
+    nucleus
+        .iter()
+        .rev()
+        .find(|&&index| probabilities[index] > 0.0)
+        .or(nucleus.first())
+        .copied()
+        .unwrap_or(0) as u32
 }
 
 #[cfg(test)]
@@ -154,6 +167,8 @@ mod tests {
         assert_eq!(nucleus_sample(&probabilities, 1.0, 0.94), 2);
         // Equal probabilities rank by id.
         assert_eq!(nucleus_sample(&[0.25; 4], 0.5, 0.9), 1);
+        // A draw past the mass (rounding) never lands on a token of probability 0.
+        assert_eq!(nucleus_sample(&[0.0, 0.6, 0.4], 1.0, 1.0), 2);
     }
 
     #[test]
@@ -161,7 +176,8 @@ mod tests {
         let (_dir, base) = crate::testing::tiny_base();
         let model = &base.model;
         let prompt = [5u32, 17, 42];
-        let temperature = 1.5f32;
+        // Sharpened, so that a few tokens carry most of the mass.
+        let temperature = 0.25f32;
         let logits = model
             .last_logits(
                 &Tensor::new(&prompt[..], model.device())
@@ -176,30 +192,56 @@ mod tests {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
-        let draws = 4000;
-        let mut counts = vec![0usize; expected.len()];
-        for seed in 0..draws {
-            let config = GenerateConfig {
-                max_new_tokens: 1,
-                temperature,
-                top_p: 1.0,
-                seed,
-            };
-            let generated = generate(model, &prompt, &[], &config).unwrap();
-            assert_eq!(generated.finish, Finish::Length);
-            counts[generated.tokens[0] as usize] += 1;
-        }
-        // Each token's frequency within 5 standard deviations of its probability.
-        for (token, (&count, &p)) in counts.iter().zip(&expected).enumerate() {
-            let frequency = count as f64 / draws as f64;
-            let sigma = (f64::from(p) * (1.0 - f64::from(p)) / draws as f64).sqrt();
+        let mut order: Vec<usize> = (0..expected.len()).collect();
+        order.sort_by(|&a, &b| expected[b].total_cmp(&expected[a]));
+        assert!(
+            expected[order[0]] < 0.9 && expected[order[0]] + expected[order[1]] > 0.3,
+            "a distribution with several likely tokens: {:?}",
+            order[..4].iter().map(|&i| expected[i]).collect::<Vec<_>>()
+        );
+        let draws = 3000;
+        for top_p in [1.0f32, 0.8] {
+            // The nucleus's tokens, renormalised: what each draw should follow.
+            let mut nucleus = vec![0.0f64; expected.len()];
+            let mut mass = 0.0f32;
+            for &token in &order {
+                nucleus[token] = f64::from(expected[token]);
+                mass += expected[token];
+                if mass >= top_p {
+                    break;
+                }
+            }
+            let total: f64 = nucleus.iter().sum();
+            let kept = nucleus.iter().filter(|&&p| p > 0.0).count();
+            let left_out: f32 = order[kept..].iter().map(|&token| expected[token]).sum();
             assert!(
-                (frequency - f64::from(p)).abs() <= 5.0 * sigma + 1e-3,
-                "token {token}: frequency {frequency} against probability {p}"
+                top_p == 1.0 || (kept > 1 && left_out > 0.05),
+                "a nucleus of several tokens that leaves some mass out: {kept}, {left_out}"
             );
+            let mut counts = vec![0usize; expected.len()];
+            for seed in 0..draws {
+                let config = GenerateConfig {
+                    max_new_tokens: 1,
+                    temperature,
+                    top_p,
+                    seed,
+                };
+                let generated = generate(model, &prompt, &[], &config).unwrap();
+                assert_eq!(generated.finish, Finish::Length);
+                counts[generated.tokens[0] as usize] += 1;
+            }
+            // Each token's frequency within 5 standard deviations of its probability (tokens
+            // outside the nucleus: never drawn).
+            for (token, (&count, &p)) in counts.iter().zip(&nucleus).enumerate() {
+                let (frequency, p) = (count as f64 / draws as f64, p / total);
+                let sigma = (p * (1.0 - p) / draws as f64).sqrt();
+                assert!(
+                    (frequency - p).abs() <= 5.0 * sigma + 1e-3,
+                    "top-p {top_p}, token {token}: frequency {frequency} against {p}"
+                );
+            }
+            assert!(counts.iter().filter(|&&count| count > 0).count() > 1);
         }
-        // The draws are not all one token: sampling, not argmax.
-        assert!(counts.iter().filter(|&&count| count > 0).count() > 10);
     }
 
     #[test]

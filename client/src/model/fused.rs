@@ -214,7 +214,8 @@ impl DocumentStarts {
                 let continues = position > 0 && start == row_starts[position - 1];
                 if start as usize != position && !continues {
                     return Err(ClientError::InvalidArgument(format!(
-                        "row {row} position {position}: document start {start} neither starts                          a document there nor continues the one before"
+                        "row {row} position {position}: document start {start} neither starts \
+                         a document there nor continues the one before"
                     )));
                 }
             }

@@ -231,56 +231,65 @@ pub fn gguf_tokenizer(content: &Content) -> Result<Tokenizer> {
         .and_then(|value| value.to_string().ok().cloned());
     let bos_by_default =
         model == "llama" || matches!(pre.as_deref(), Some("llama-bpe" | "llama3" | "llama-v3"));
-    // A file that names no such token gets none.
-    let token_of = |key: &str, wanted: bool| -> Result<Option<(String, u32)>> {
-        let Some(id) = content.metadata.get(key).filter(|_| wanted) else {
-            return Ok(None);
-        };
-        let id = id.to_u32()?;
-        let token = tokens.get(id as usize).ok_or_else(|| {
-            ClientError::Tokenizer(format!("{key} {id} is outside the vocabulary"))
-        })?;
-        Ok(Some((token.clone(), id)))
+    // Read as leniently as the config reads the same ids: a file that names no usable token
+    // gets none added.
+    let token_of = |key: &str, wanted: bool| -> Option<(String, u32)> {
+        let id = meta(content, key).ok()?.to_u32().ok().filter(|_| wanted)?;
+        Some((tokens.get(id as usize)?.clone(), id))
     };
     let bos = token_of(
         "tokenizer.ggml.bos_token_id",
         flag("tokenizer.ggml.add_bos_token")?.unwrap_or(bos_by_default),
-    )?;
+    );
     let eos = token_of(
         "tokenizer.ggml.eos_token_id",
         flag("tokenizer.ggml.add_eos_token")?.unwrap_or(false),
-    )?;
+    );
     add_special_tokens_processor(&mut tokenizer, bos, eos)?;
     Ok(tokenizer)
 }
 
 /// A post-processor that surrounds encoded text with `bos` and `eos` (each when given), as
 /// transformers' `tokenizer.json` for Llama does (`<s> $A`, a pair as `<s> $A <s> $B`), so that
-/// `encode(text, true)` adds what the model was trained with.
+/// `encode(text, true)` adds what the model was trained with. Built as `tokenizer.json` spells
+/// it, so a token of any spelling (`:` and spaces included) is taken whole.
 pub(crate) fn add_special_tokens_processor(
     tokenizer: &mut Tokenizer,
     bos: Option<(String, u32)>,
     eos: Option<(String, u32)>,
 ) -> Result<()> {
+    use serde_json::json;
     use tokenizers::processors::PostProcessorWrapper;
     use tokenizers::processors::template::TemplateProcessing;
     if bos.is_none() && eos.is_none() {
         return Ok(());
     }
     let sequence = |name: &str, type_id: u32| {
-        let mut parts = Vec::new();
-        parts.extend(bos.iter().map(|(token, _)| format!("{token}:{type_id}")));
-        parts.push(format!("${name}:{type_id}"));
-        parts.extend(eos.iter().map(|(token, _)| format!("{token}:{type_id}")));
-        parts.join(" ")
+        let special =
+            |(token, _): &(String, u32)| json!({"SpecialToken": {"id": token, "type_id": type_id}});
+        let mut pieces: Vec<serde_json::Value> = bos.iter().map(special).collect();
+        pieces.push(json!({"Sequence": {"id": name, "type_id": type_id}}));
+        pieces.extend(eos.iter().map(special));
+        pieces
     };
-    let processor = TemplateProcessing::builder()
-        .try_single(sequence("A", 0))
-        .and_then(|builder| builder.try_pair(format!("{} {}", sequence("A", 0), sequence("B", 1))))
-        .map_err(|error| ClientError::Tokenizer(format!("special tokens template: {error}")))?
-        .special_tokens(bos.into_iter().chain(eos).collect::<Vec<_>>())
-        .build()
-        .map_err(|error| ClientError::Tokenizer(format!("special tokens template: {error}")))?;
+    let special_tokens: serde_json::Map<String, serde_json::Value> = bos
+        .iter()
+        .chain(&eos)
+        .map(|(token, id)| {
+            (
+                token.clone(),
+                json!({"id": token, "ids": [id], "tokens": [token]}),
+            )
+        })
+        .collect();
+    let pair = [sequence("A", 0), sequence("B", 1)].concat();
+    let processor: TemplateProcessing = serde_json::from_value(json!({
+        "type": "TemplateProcessing",
+        "single": sequence("A", 0),
+        "pair": pair,
+        "special_tokens": special_tokens,
+    }))
+    .map_err(|error| ClientError::Tokenizer(format!("special tokens template: {error}")))?;
     tokenizer.with_post_processor(Some(PostProcessorWrapper::Template(processor)));
     Ok(())
 }
@@ -1180,6 +1189,16 @@ mod tests {
             .metadata
             .insert("tokenizer.ggml.add_bos_token".into(), Value::Bool(true));
         assert_eq!(byte_level(&content), [&[1], &plain[..]].concat());
+        // A token of any spelling is added whole: here ":" (id 3 + 58) as BOS.
+        content
+            .metadata
+            .insert("tokenizer.ggml.bos_token_id".into(), Value::U32(61));
+        assert_eq!(byte_level(&content), [&[61], &plain[..]].concat());
+        // An id outside the vocabulary adds nothing, as the config ignores it.
+        content
+            .metadata
+            .insert("tokenizer.ggml.bos_token_id".into(), Value::U32(1 << 20));
+        assert_eq!(byte_level(&content), plain);
     }
 
     #[test]

@@ -29,6 +29,7 @@
 )]
 
 use std::borrow::Cow;
+use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
@@ -112,8 +113,8 @@ pub trait Word: sealed::Sealed + Copy + Default + Send + Sync + std::fmt::Debug 
     fn pack(values: [f32; 2]) -> Self;
     /// Value `index < DEPTH` of the word, widened to f32.
     fn value(self, index: usize) -> f32;
-    /// The kernels this CPU runs, slowest first: [`Kernel::Portable`] always.
-    fn kernels() -> Vec<Kernel>;
+    /// The kernels this CPU runs, slowest first: [`Kernel::Portable`] always. Detected once.
+    fn kernels() -> &'static [Kernel];
     /// The fastest kernel this CPU runs.
     fn best_kernel() -> Kernel {
         Self::kernels().last().copied().unwrap_or(Kernel::Portable)
@@ -160,12 +161,15 @@ impl Word for Bf16Pair {
         from_bf16((self.0 >> (16 * index)) as u16)
     }
 
-    fn kernels() -> Vec<Kernel> {
-        let mut kernels = vec![Kernel::Portable];
-        if bf16_simd_available() {
-            kernels.push(Kernel::Avx512);
-        }
-        kernels
+    fn kernels() -> &'static [Kernel] {
+        static KERNELS: OnceLock<Vec<Kernel>> = OnceLock::new();
+        KERNELS.get_or_init(|| {
+            let mut kernels = vec![Kernel::Portable];
+            if bf16_simd_available() {
+                kernels.push(Kernel::Avx512);
+            }
+            kernels
+        })
     }
 
     fn a_operand(x: &[f32], rows: usize, k: usize) -> Cow<'_, [Self]> {
@@ -195,20 +199,23 @@ impl Word for f32 {
         self
     }
 
-    fn kernels() -> Vec<Kernel> {
-        let mut kernels = vec![Kernel::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
+    fn kernels() -> &'static [Kernel] {
+        static KERNELS: OnceLock<Vec<Kernel>> = OnceLock::new();
+        KERNELS.get_or_init(|| {
+            let mut kernels = vec![Kernel::Portable];
+            #[cfg(target_arch = "x86_64")]
             {
-                kernels.push(Kernel::Avx2);
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    kernels.push(Kernel::Avx2);
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    kernels.push(Kernel::Avx512);
+                }
             }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                kernels.push(Kernel::Avx512);
-            }
-        }
-        kernels
+            kernels
+        })
     }
 
     fn a_operand(x: &[f32], _rows: usize, _k: usize) -> Cow<'_, [Self]> {
@@ -822,7 +829,7 @@ mod tests {
             let expected = reference(&a, &w, (m, k, n), |x| from_bf16(to_bf16(x)));
             let packed = PackedB::<Bf16Pair>::transposed_of(&w, n, k);
             let a = pack_a(&a, m, k);
-            for kernel in Bf16Pair::kernels() {
+            for &kernel in Bf16Pair::kernels() {
                 let got = matmul_with(&a, m, &packed, kernel);
                 assert_close(
                     &expected,
@@ -840,7 +847,7 @@ mod tests {
             let (a, w) = (values(m * k, 3), values(n * k, 4));
             let expected = reference(&a, &w, (m, k, n), |x| x);
             let packed = PackedB::<f32>::transposed_of(&w, n, k);
-            for kernel in f32::kernels() {
+            for &kernel in f32::kernels() {
                 let got = matmul_with(&a, m, &packed, kernel);
                 assert_close(&expected, &got, k, &format!("f32 {m}x{k}x{n} ({kernel:?})"));
             }

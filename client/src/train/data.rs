@@ -84,7 +84,7 @@ impl Window {
 
     /// Whether the target at `position` (predicting `tokens[position + 1]`) counts in the loss.
     pub fn counts(&self, position: usize) -> bool {
-        self.targets.contains(&position) && !self.starts.contains(&(position + 1))
+        self.targets.contains(&position) && self.starts.binary_search(&(position + 1)).is_err()
     }
 
     pub fn num_targets(&self) -> usize {
@@ -96,12 +96,18 @@ impl Window {
 
     /// The first index of the document holding input position `position`.
     pub fn document_start(&self, position: usize) -> usize {
+        match self.starts.partition_point(|&start| start <= position) {
+            0 => 0,
+            after => self.starts[after - 1],
+        }
+    }
+
+    /// Whether some input position belongs to another document than the first (a start at the
+    /// last token only drops a target).
+    pub fn is_packed(&self) -> bool {
         self.starts
-            .iter()
-            .copied()
-            .take_while(|&start| start <= position)
-            .last()
-            .unwrap_or(0)
+            .first()
+            .is_some_and(|&start| start < self.input_len())
     }
 }
 
@@ -153,6 +159,8 @@ impl SiteData {
                     .to_vec())
             };
             let example = match (field("text"), field("instruction"), field("output")) {
+                // Blank documents teach nothing, and are not counted (as in CSV).
+                (Some(text), None, None) if text.trim().is_empty() => continue,
                 (Some(text), None, None) => Example::Text(encode(text)?),
                 (None, Some(instruction), Some(output)) => {
                     let (prompt, full) = template
@@ -318,9 +326,11 @@ pub fn trained_examples(examples: &[Example], eos: u32, seq_len: usize) -> usize
 
 /// Packs the non-empty documents (each followed by `eos`, unless the tokenizer already ended it
 /// so) into one stream and cuts windows of `seq_len + 1` tokens that overlap by one, so every
-/// token is a target exactly once, except each document's first (see [`Window::starts`]). A
-/// stream shorter than one window becomes a single shorter window (if it has at least two
-/// tokens), so a site with little data still trains and evaluates.
+/// token up to the last full window is a target exactly once, except each document's first (see
+/// [`Window::starts`]); the stream's tail past the last full window is left out. A document cut
+/// by a window's end continues in the next window as if it started there (at position 0,
+/// without its beginning). A stream shorter than one window becomes a single shorter window (if
+/// it has at least two tokens), so a site with little data still trains and evaluates.
 pub fn pack_windows(documents: &[Vec<u32>], eos: u32, seq_len: usize) -> Vec<Window> {
     let mut stream = Vec::new();
     let mut starts = Vec::new();

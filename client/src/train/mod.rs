@@ -108,7 +108,8 @@ pub fn perplexity(loss: f32) -> f32 {
 }
 
 /// Mean cross-entropy over the counted targets of a batch of windows (see [`data::Window`]):
-/// predicting `tokens[i + 1]` from `tokens[..=i]` for each `i` in the window's target range.
+/// predicting `tokens[i + 1]` from `tokens[start..=i]` (`start` the first token of `i`'s own
+/// document) for each `i` that [`Window::counts`].
 pub fn batch_loss(model: &Llama, windows: &[&Window]) -> Result<Tensor> {
     batch_loss_train(model, windows, None)
 }
@@ -183,7 +184,7 @@ impl Batch {
         }
         let count: f64 = mask.iter().map(|value| f64::from(*value)).sum();
         let all_count = count as usize == mask.len();
-        let packed = windows.iter().any(|window| !window.starts.is_empty());
+        let packed = windows.iter().any(|window| window.is_packed());
         Ok(Self {
             documents: packed
                 .then(|| DocumentStarts::new(starts, windows.len(), seq_len))
