@@ -20,6 +20,9 @@ the fixtures are committed):
   cargo test -p fedlora-client --test peft_parity -- --ignored write_our_adapter
   python3 scripts/peft_parity.py ours client/tests/fixtures/peft
 
+`rope DIR` records, in `rope_scalings.safetensors`, the Llama weights' logits under each RoPE
+scaling of `rope_scalings.json` (linear, and YaRN with defaults and with every option set).
+
 `verify DIR [cpu|cuda]` recomputes every committed case with the installed versions (on the GPU
 with `cuda`) and fails if a logit moves by 1e-4 or more: the fixtures' stability check.
 """
@@ -161,6 +164,27 @@ def make(root):
     save_file(expected, str(root / "expected.safetensors"), metadata=versions())
 
 
+def with_config(root, patch, scratch):
+    """The Llama fixture's directory copied into `scratch`, its config updated with `patch`."""
+    scaled = Path(scratch) / "llama_patched"
+    shutil.rmtree(scaled, ignore_errors=True)
+    shutil.copytree(root / "llama", scaled)
+    config = json.loads((scaled / "config.json").read_text())
+    config.update(patch)
+    (scaled / "config.json").write_text(json.dumps(config))
+    return scaled
+
+
+def rope_scalings(root):
+    cases = json.loads((root / "rope_scalings.json").read_text())
+    with tempfile.TemporaryDirectory() as scratch:
+        return {name: logits(load(with_config(root, patch, scratch))) for name, patch in cases.items()}
+
+
+def rope(root):
+    save_file(rope_scalings(root), str(root / "rope_scalings.safetensors"), metadata=versions())
+
+
 def ours(root):
     model = PeftModel.from_pretrained(load(root / "llama"), root / "ours").eval()
     save_file({"ours": logits(model)}, str(root / "ours.safetensors"), metadata=versions())
@@ -171,6 +195,7 @@ def verify(root):
 
     expected = load_file(str(root / "expected.safetensors"))
     expected.update(load_file(str(root / "ours.safetensors")))
+    expected.update(load_file(str(root / "rope_scalings.safetensors")))
     got = {name: logits(load(root / name)) for name in ["llama", "qwen2", "mistral"]}
     with tempfile.TemporaryDirectory() as scratch:
         scaled = Path(scratch) / "llama3"
@@ -179,6 +204,7 @@ def verify(root):
         config.update(json.loads((root / "llama3_rope.json").read_text()))
         (scaled / "config.json").write_text(json.dumps(config))
         got["llama3_rope"] = logits(load(scaled))
+    got.update(rope_scalings(root))
     for case, base in [("lora", "llama"), ("rslora", "llama"), ("dora", "llama"),
                        ("rank_pattern", "llama"), ("qwen2_lora", "qwen2"), ("ours", "llama")]:
         got[case] = logits(PeftModel.from_pretrained(load(root / base), root / case).to(DEVICE).eval())
@@ -197,7 +223,7 @@ def versions():
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (3, 4) or sys.argv[1] not in ("make", "ours", "verify"):
+    if len(sys.argv) not in (3, 4) or sys.argv[1] not in ("make", "ours", "rope", "verify"):
         sys.exit(__doc__)
     torch.set_num_threads(1)
     if sys.argv[1] == "verify":
@@ -206,5 +232,5 @@ if __name__ == "__main__":
         torch.backends.cudnn.allow_tf32 = False
         verify(Path(sys.argv[2]))
     else:
-        {"make": make, "ours": ours}[sys.argv[1]](Path(sys.argv[2]))
+        {"make": make, "ours": ours, "rope": rope}[sys.argv[1]](Path(sys.argv[2]))
         print(f"wrote fixtures in {sys.argv[2]} with {versions()}")

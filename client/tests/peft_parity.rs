@@ -68,6 +68,48 @@ fn base_models_match_transformers() {
         assert_logits(&model(name), &expected[name], name);
     }
     // Llama 3 rope scaling: the Llama weights with the scaling of llama3_rope.json.
+    let patch: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("llama3_rope.json")).unwrap(),
+    )
+    .unwrap();
+    assert_logits(
+        &llama_with_config(&patch),
+        &expected["llama3_rope"],
+        "llama3_rope",
+    );
+}
+
+/// Linear and YaRN rope scalings (with transformers' defaults, and with every option set: a
+/// fractional ramp, mscale ratio, no truncation) on the Llama weights, against transformers.
+#[test]
+fn rope_scalings_match_transformers() {
+    let expected = load_fixture_tensors("rope_scalings.safetensors");
+    let cases: serde_json::Map<String, serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("rope_scalings.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cases.len(), 3);
+    let plain = model("llama");
+    for (name, patch) in &cases {
+        let scaled = llama_with_config(patch);
+        assert_logits(&scaled, &expected[name.as_str()], name);
+        // The scaling changes the logits: the case tests something.
+        let moved = (plain.forward(&input_ids()).unwrap() - scaled.forward(&input_ids()).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(moved > 1e-3, "{name}: the scaling moved no logit ({moved})");
+    }
+}
+
+/// The Llama fixture (config and weights) with `patch`'s keys replacing the config's.
+fn llama_with_config(patch: &serde_json::Value) -> Llama {
     let scratch = tempfile::tempdir().unwrap();
     for file in ["config.json", "model.safetensors"] {
         std::fs::copy(
@@ -79,16 +121,11 @@ fn base_models_match_transformers() {
     let config_path = scratch.path().join("config.json");
     let mut config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
-    let patch: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("llama3_rope.json")).unwrap(),
-    )
-    .unwrap();
     for (key, value) in patch.as_object().unwrap() {
         config[key] = value.clone();
     }
     std::fs::write(&config_path, config.to_string()).unwrap();
-    let scaled = load_llama(scratch.path(), &Device::Cpu).unwrap();
-    assert_logits(&scaled, &expected["llama3_rope"], "llama3_rope");
+    load_llama(scratch.path(), &Device::Cpu).unwrap()
 }
 
 #[test]

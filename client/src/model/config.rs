@@ -127,6 +127,136 @@ impl Llama3RopeScaling {
     }
 }
 
+/// YaRN (`rope_type: "yarn"`, Peng et al. 2023): frequencies with fewer than `beta_slow`
+/// rotations over the original context are interpolated (divided by `factor`), those with more
+/// than `beta_fast` kept, the band between ramped; cos and sin are scaled by `attention_factor`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct YarnRopeScaling {
+    pub factor: f64,
+    pub original_max_position_embeddings: usize,
+    pub beta_fast: f64,
+    pub beta_slow: f64,
+    pub attention_factor: f64,
+    /// Round the ramp's ends outwards to whole dimensions (transformers' default).
+    pub truncate: bool,
+}
+
+impl YarnRopeScaling {
+    /// Reads `rope_scaling` as transformers' `_compute_yarn_parameters` does: a missing
+    /// `original_max_position_embeddings` is the model's context, a missing `factor` the ratio
+    /// of the two, a missing `attention_factor` `0.1·ln(factor) + 1` (or the ratio of that with
+    /// `mscale` and with `mscale_all_dim`, when both are given), `beta_fast`/`beta_slow` 32 and 1
+    /// when missing or zero.
+    fn from_json(
+        value: &serde_json::Value,
+        max_position_embeddings: usize,
+    ) -> std::result::Result<Self, String> {
+        let number = |key: &str| value.get(key).and_then(serde_json::Value::as_f64);
+        let original = match value.get("original_max_position_embeddings") {
+            None | Some(serde_json::Value::Null) => max_position_embeddings,
+            Some(original) => original.as_u64().filter(|&n| n > 0).ok_or_else(|| {
+                format!("rope_scaling of type yarn: original_max_position_embeddings {original}")
+            })? as usize,
+        };
+        let factor = number("factor").unwrap_or(max_position_embeddings as f64 / original as f64);
+        if !(factor.is_finite() && factor > 0.0) {
+            return Err(format!("rope_scaling of type yarn: factor {factor}"));
+        }
+        let mscale = |scale: f64, mscale: f64| {
+            if scale <= 1.0 {
+                1.0
+            } else {
+                0.1 * mscale * scale.ln() + 1.0
+            }
+        };
+        let attention_factor = match (
+            number("attention_factor"),
+            number("mscale").filter(|&m| m != 0.0),
+            number("mscale_all_dim").filter(|&m| m != 0.0),
+        ) {
+            (Some(attention_factor), _, _) => attention_factor,
+            (None, Some(m), Some(all)) => mscale(factor, m) / mscale(factor, all),
+            _ => mscale(factor, 1.0),
+        };
+        let or_default =
+            |key: &str, default: f64| number(key).filter(|&beta| beta != 0.0).unwrap_or(default);
+        Ok(Self {
+            factor,
+            original_max_position_embeddings: original,
+            beta_fast: or_default("beta_fast", 32.0),
+            beta_slow: or_default("beta_slow", 1.0),
+            attention_factor,
+            truncate: value
+                .get("truncate")
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(true),
+        })
+    }
+
+    /// The inverse frequencies of a head of `head_dim` at base `theta`.
+    fn inverse_frequencies(&self, theta: f64, head_dim: usize) -> Vec<f64> {
+        let dim = head_dim as f64;
+        let original = self.original_max_position_embeddings as f64;
+        // The dimension at which a frequency turns `rotations` times over the original context.
+        let correction = |rotations: f64| {
+            dim * (original / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln())
+        };
+        let (mut low, mut high) = (correction(self.beta_fast), correction(self.beta_slow));
+        if self.truncate {
+            (low, high) = (low.floor(), high.ceil());
+        }
+        let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+        if low == high {
+            high += 0.001;
+        }
+        (0..head_dim / 2)
+            .map(|index| {
+                let extrapolated = 1.0 / theta.powf(2.0 * index as f64 / dim);
+                let interpolated = extrapolated / self.factor;
+                let ramp = ((index as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                interpolated * ramp + extrapolated * (1.0 - ramp)
+            })
+            .collect()
+    }
+}
+
+/// A RoPE frequency scaling the engine runs (`rope_scaling`'s `rope_type`), computed as
+/// transformers computes it (`modeling_rope_utils.py`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    /// Position interpolation: every frequency divided by `factor`.
+    Linear {
+        factor: f64,
+    },
+    Llama3(Llama3RopeScaling),
+    Yarn(YarnRopeScaling),
+}
+
+impl RopeScaling {
+    /// The inverse frequencies of a head of `head_dim` at base `theta`, scaled.
+    pub fn inverse_frequencies(scaling: Option<&Self>, theta: f64, head_dim: usize) -> Vec<f64> {
+        let plain = |index: usize| 1.0 / theta.powf(2.0 * index as f64 / head_dim as f64);
+        match scaling {
+            Some(Self::Yarn(yarn)) => yarn.inverse_frequencies(theta, head_dim),
+            Some(Self::Linear { factor }) => (0..head_dim / 2)
+                .map(|index| plain(index) / factor)
+                .collect(),
+            Some(Self::Llama3(llama3)) => (0..head_dim / 2)
+                .map(|index| llama3.scale(plain(index)))
+                .collect(),
+            None => (0..head_dim / 2).map(plain).collect(),
+        }
+    }
+
+    /// The factor on cos and sin (YaRN's; 1 for the others).
+    pub fn attention_factor(scaling: Option<&Self>) -> f64 {
+        match scaling {
+            Some(Self::Yarn(yarn)) => yarn.attention_factor,
+            _ => 1.0,
+        }
+    }
+}
+
 fn default_model_type() -> String {
     "llama".into()
 }
@@ -160,13 +290,18 @@ impl LlamaConfig {
     }
 
     /// Folds transformers 5's `rope_parameters` into `rope_theta` and `rope_scaling`, the
-    /// fields the rest of the engine reads.
+    /// fields the rest of the engine reads, with transformers' precedence: a (legacy, non-empty)
+    /// `rope_scaling` replaces `rope_parameters` whole; the `rope_theta` of whichever is used
+    /// wins over a top-level one.
     pub fn normalize(&mut self) {
-        let Some(parameters) = self
-            .rope_parameters
-            .as_ref()
-            .filter(|value| value.is_object())
-        else {
+        let non_empty = |value: &Option<serde_json::Value>| {
+            value
+                .as_ref()
+                .filter(|value| value.as_object().is_some_and(|object| !object.is_empty()))
+                .cloned()
+        };
+        let legacy = non_empty(&self.rope_scaling);
+        let Some(parameters) = legacy.clone().or_else(|| non_empty(&self.rope_parameters)) else {
             return;
         };
         if let Some(theta) = parameters
@@ -177,14 +312,10 @@ impl LlamaConfig {
         }
         let kind = parameters
             .get("rope_type")
+            .or_else(|| parameters.get("type"))
             .and_then(serde_json::Value::as_str);
-        if self
-            .rope_scaling
-            .as_ref()
-            .is_none_or(serde_json::Value::is_null)
-            && kind.is_some_and(|kind| kind != "default")
-        {
-            self.rope_scaling = Some(parameters.clone());
+        if legacy.is_none() && kind.is_some_and(|kind| kind != "default") {
+            self.rope_scaling = Some(parameters);
         }
     }
 
@@ -230,9 +361,10 @@ impl LlamaConfig {
         }
     }
 
-    /// Llama 3's RoPE frequency scaling, when `rope_scaling` asks for it. `None` for no scaling
-    /// (absent, null, or type "default"); an error for scaling types this engine does not run.
-    pub fn llama3_rope_scaling(&self) -> std::result::Result<Option<Llama3RopeScaling>, String> {
+    /// The RoPE frequency scaling `rope_scaling` asks for. `None` for no scaling (absent,
+    /// null, or type "default"); an error for scaling types this engine does not run (dynamic
+    /// NTK, which changes with each sequence's length, and longrope).
+    pub fn rope_scaling(&self) -> std::result::Result<Option<RopeScaling>, String> {
         let Some(value) = self.rope_scaling.as_ref().filter(|value| !value.is_null()) else {
             return Ok(None);
         };
@@ -243,13 +375,30 @@ impl LlamaConfig {
             .unwrap_or("default");
         match kind {
             "default" => Ok(None),
+            "linear" => match value.get("factor").and_then(serde_json::Value::as_f64) {
+                Some(factor) if factor.is_finite() && factor > 0.0 => {
+                    Ok(Some(RopeScaling::Linear { factor }))
+                }
+                _ => Err("rope_scaling of type linear needs a positive factor".into()),
+            },
             "llama3" => serde_json::from_value(value.clone())
-                .map(Some)
+                .map(|scaling| Some(RopeScaling::Llama3(scaling)))
                 .map_err(|error| format!("rope_scaling of type llama3: {error}")),
+            "yarn" => YarnRopeScaling::from_json(value, self.max_position_embeddings)
+                .map(|scaling| Some(RopeScaling::Yarn(scaling))),
             other => Err(format!(
-                "rope_scaling of type {other:?} is not supported yet"
+                "rope_scaling of type {other:?} is not supported (default, linear, llama3 and \
+                 yarn are)"
             )),
         }
+    }
+
+    /// Llama 3's RoPE frequency scaling, when that is the one `rope_scaling` asks for.
+    pub fn llama3_rope_scaling(&self) -> std::result::Result<Option<Llama3RopeScaling>, String> {
+        Ok(match self.rope_scaling()? {
+            Some(RopeScaling::Llama3(scaling)) => Some(scaling),
+            _ => None,
+        })
     }
 
     /// Names the first thing this engine cannot run, as a lowercase message.
@@ -267,7 +416,7 @@ impl LlamaConfig {
                 self.hidden_act
             ));
         }
-        self.llama3_rope_scaling()?;
+        self.rope_scaling()?;
         if self.mlp_bias {
             return Err("mlp_bias is not supported".into());
         }
@@ -328,9 +477,9 @@ mod tests {
         let expected = (2.0 / 3.0) * frequency / 8.0 + (1.0 / 3.0) * frequency;
         assert!((scaling.scale(frequency) - expected).abs() < 1e-15);
 
-        let yarn = json.replace("llama3", "yarn");
-        let config: LlamaConfig = serde_json::from_str(&yarn).unwrap();
-        assert!(config.validate().unwrap_err().contains("yarn"));
+        let longrope = json.replace("llama3", "longrope");
+        let config: LlamaConfig = serde_json::from_str(&longrope).unwrap();
+        assert!(config.validate().unwrap_err().contains("longrope"));
     }
 
     /// llama.cpp's `convert_hf_to_gguf.py` (LlamaModel, rope_type llama3) writes these divisors;
@@ -384,6 +533,129 @@ mod tests {
         assert_eq!(
             Llama3RopeScaling::from_gguf_divisors(&divisors[1..], theta, head_dim),
             None
+        );
+    }
+
+    fn config_with_scaling(scaling: serde_json::Value) -> LlamaConfig {
+        serde_json::from_value(serde_json::json!({
+            "hidden_size": 64, "intermediate_size": 8, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "vocab_size": 10, "max_position_embeddings": 256,
+            "rope_scaling": scaling,
+        }))
+        .unwrap()
+    }
+
+    /// Linear divides every frequency; YaRN keeps the fast ones, divides the slow ones, ramps
+    /// between, and reads transformers' defaults where the config is silent.
+    #[test]
+    fn linear_and_yarn_scalings_read_and_scale_as_transformers_does() {
+        let plain = RopeScaling::inverse_frequencies(None, 10_000.0, 16);
+        let linear = config_with_scaling(serde_json::json!({"type": "linear", "factor": 4.0}))
+            .rope_scaling()
+            .unwrap();
+        assert_eq!(linear, Some(RopeScaling::Linear { factor: 4.0 }));
+        let scaled = RopeScaling::inverse_frequencies(linear.as_ref(), 10_000.0, 16);
+        for (plain, scaled) in plain.iter().zip(&scaled) {
+            assert!((plain / 4.0 - scaled).abs() < 1e-15);
+        }
+        assert_eq!(RopeScaling::attention_factor(linear.as_ref()), 1.0);
+
+        // Defaults: the original context is the model's (256), beta 32 and 1, truncation.
+        let yarn = config_with_scaling(serde_json::json!({"rope_type": "yarn", "factor": 4.0}))
+            .rope_scaling()
+            .unwrap();
+        let Some(RopeScaling::Yarn(parameters)) = yarn else {
+            panic!("yarn: {yarn:?}");
+        };
+        assert_eq!(
+            parameters,
+            YarnRopeScaling {
+                factor: 4.0,
+                original_max_position_embeddings: 256,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                attention_factor: 0.1 * 4f64.ln() + 1.0,
+                truncate: true,
+            }
+        );
+        // head_dim 16, theta 1e4, 256 positions: the correction range is 0.21..3.22, truncated
+        // to 0..4, so frequency i is i/4 of the way to interpolated, up to 4.
+        let scaled = RopeScaling::inverse_frequencies(yarn.as_ref(), 10_000.0, 16);
+        for index in 0..8 {
+            let ramp = (index as f64 / 4.0).min(1.0);
+            let expected = plain[index] / 4.0 * ramp + plain[index] * (1.0 - ramp);
+            assert!((scaled[index] - expected).abs() < 1e-15, "{index}");
+        }
+        assert_eq!(scaled[0], plain[0]);
+
+        // mscale and mscale_all_dim set the attention factor when it is not given.
+        let yarn = config_with_scaling(serde_json::json!({"rope_type": "yarn", "factor": 4.0,
+            "mscale": 1.0, "mscale_all_dim": 0.5, "beta_fast": 0}))
+        .rope_scaling()
+        .unwrap();
+        let Some(RopeScaling::Yarn(parameters)) = yarn else {
+            panic!("yarn: {yarn:?}");
+        };
+        let expected = (0.1 * 4f64.ln() + 1.0) / (0.05 * 4f64.ln() + 1.0);
+        assert!((parameters.attention_factor - expected).abs() < 1e-15);
+        assert_eq!(
+            parameters.beta_fast, 32.0,
+            "0 means the default, as in transformers"
+        );
+
+        for (scaling, named) in [
+            (
+                serde_json::json!({"rope_type": "dynamic", "factor": 2.0}),
+                "dynamic",
+            ),
+            (serde_json::json!({"rope_type": "linear"}), "factor"),
+            (
+                serde_json::json!({"rope_type": "yarn", "factor": -1.0}),
+                "factor",
+            ),
+        ] {
+            let error = config_with_scaling(scaling).validate().unwrap_err();
+            assert!(error.contains(named), "{error}");
+        }
+    }
+
+    /// transformers 5's precedence: `rope_parameters` when alone (its theta over a top-level
+    /// one); a legacy `rope_scaling` replaces it whole, with the top-level theta unless it has
+    /// its own.
+    #[test]
+    fn rope_parameters_and_legacy_keys_resolve_as_in_transformers() {
+        let config = |extra: serde_json::Value| {
+            let mut json = serde_json::json!({"hidden_size": 64, "intermediate_size": 8,
+                "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 10});
+            for (key, value) in extra.as_object().unwrap() {
+                json[key] = value.clone();
+            }
+            let mut config: LlamaConfig = serde_json::from_value(json).unwrap();
+            config.normalize();
+            (config.rope_theta, config.rope_scaling().unwrap())
+        };
+        let linear = Some(RopeScaling::Linear { factor: 2.0 });
+        assert_eq!(
+            config(serde_json::json!({"rope_theta": 100.0,
+                "rope_parameters": {"rope_theta": 5e5, "rope_type": "linear", "factor": 2.0}})),
+            (5e5, linear)
+        );
+        assert_eq!(
+            config(serde_json::json!({"rope_theta": 100.0,
+                "rope_parameters": {"rope_theta": 1e4, "rope_type": "default"},
+                "rope_scaling": {"rope_type": "linear", "factor": 2.0}})),
+            (100.0, linear)
+        );
+        assert_eq!(
+            config(serde_json::json!({"rope_theta": 100.0,
+                "rope_scaling": {"rope_type": "linear", "factor": 2.0, "rope_theta": 7.0}})),
+            (7.0, linear)
+        );
+        assert_eq!(
+            config(
+                serde_json::json!({"rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}})
+            ),
+            (5e5, None)
         );
     }
 

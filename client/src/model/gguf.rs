@@ -48,15 +48,8 @@ pub fn gguf_config(content: &Content) -> Result<LlamaConfig> {
         )));
     }
     // Llama 3.1+ files carry their rope scaling as a `rope_freqs.weight` tensor, which
-    // `load_gguf` reads; a scaling named in the metadata (linear, yarn) is another kind.
-    if let Some(kind) = content.metadata.get("llama.rope.scaling.type") {
-        let kind = kind.to_string().map(String::as_str).unwrap_or("?");
-        if kind != "none" {
-            return Err(ClientError::Unsupported(format!(
-                "gguf with rope scaling of type {kind:?} is not supported yet"
-            )));
-        }
-    }
+    // `load_gguf` reads; linear and YaRN scalings are named in the metadata.
+    let rope_scaling = gguf_rope_scaling(content)?;
     let hidden = meta_usize(content, "llama.embedding_length")?;
     let heads = meta_usize(content, "llama.attention.head_count")?;
     let kv_heads = meta_usize(content, "llama.attention.head_count_kv").unwrap_or(heads);
@@ -89,7 +82,7 @@ pub fn gguf_config(content: &Content) -> Result<LlamaConfig> {
         vocab_size: vocab,
         rms_norm_eps: f64::from(eps),
         rope_theta: f64::from(rope_theta),
-        rope_scaling: None,
+        rope_scaling,
         rope_parameters: None,
         sliding_window: None,
         use_sliding_window: None,
@@ -108,6 +101,65 @@ pub fn gguf_config(content: &Content) -> Result<LlamaConfig> {
     };
     config.validate().map_err(ClientError::Unsupported)?;
     Ok(config)
+}
+
+/// The `rope_scaling` of `config.json` for llama.cpp's `llama.rope.scaling.*` metadata: `linear`
+/// (`factor`) or `yarn` (`factor`, `original_context_length`, and `attn_factor`,
+/// `yarn_beta_fast`, `yarn_beta_slow` where given; transformers' defaults otherwise, which are
+/// llama.cpp's too). `None` for no scaling.
+fn gguf_rope_scaling(content: &Content) -> Result<Option<serde_json::Value>> {
+    let Some(kind) = content.metadata.get("llama.rope.scaling.type") else {
+        return Ok(None);
+    };
+    let kind = kind.to_string().map(String::as_str).unwrap_or("?");
+    let number = |key: &str| -> Result<Option<f64>> {
+        content
+            .metadata
+            .get(&format!("llama.rope.scaling.{key}"))
+            .map(|value| match value {
+                Value::F32(number) => Ok(f64::from(*number)),
+                Value::F64(number) => Ok(*number),
+                other => Ok(other.to_u64()? as f64),
+            })
+            .transpose()
+    };
+    let factor = || -> Result<f64> {
+        number("factor")?.ok_or_else(|| {
+            ClientError::Unsupported(format!(
+                "gguf rope scaling of type {kind:?} without llama.rope.scaling.factor"
+            ))
+        })
+    };
+    Ok(match kind {
+        "none" => None,
+        "linear" => Some(serde_json::json!({"rope_type": "linear", "factor": factor()?})),
+        "yarn" => {
+            let mut scaling = serde_json::json!({"rope_type": "yarn", "factor": factor()?});
+            for (gguf, hf) in [
+                (
+                    "original_context_length",
+                    "original_max_position_embeddings",
+                ),
+                ("attn_factor", "attention_factor"),
+                ("yarn_beta_fast", "beta_fast"),
+                ("yarn_beta_slow", "beta_slow"),
+            ] {
+                if let Some(value) = number(gguf)? {
+                    scaling[hf] = if hf == "original_max_position_embeddings" {
+                        serde_json::json!(value as u64)
+                    } else {
+                        serde_json::json!(value)
+                    };
+                }
+            }
+            Some(scaling)
+        }
+        other => {
+            return Err(ClientError::Unsupported(format!(
+                "gguf with rope scaling of type {other:?} (linear and yarn are supported)"
+            )));
+        }
+    })
 }
 
 /// Llama 3.1+ rope scaling, as one divisor per frequency (not a weight of the model).
@@ -1199,6 +1251,71 @@ mod tests {
             .metadata
             .insert("tokenizer.ggml.bos_token_id".into(), Value::U32(1 << 20));
         assert_eq!(byte_level(&content), plain);
+    }
+
+    /// llama.cpp's `llama.rope.scaling.*` metadata becomes the `rope_scaling` transformers reads.
+    #[test]
+    fn gguf_linear_and_yarn_scalings_become_rope_scaling() {
+        let content = |entries: Vec<(&str, Value)>| Content {
+            magic: gguf_file::VersionedMagic::GgufV3,
+            metadata: entries
+                .into_iter()
+                .map(|(key, value)| (key.to_string(), value))
+                .collect(),
+            tensor_infos: HashMap::new(),
+            tensor_data_offset: 0,
+        };
+        let kind = |name: &str| ("llama.rope.scaling.type", Value::String(name.into()));
+        assert_eq!(gguf_rope_scaling(&content(vec![])).unwrap(), None);
+        assert_eq!(
+            gguf_rope_scaling(&content(vec![kind("none")])).unwrap(),
+            None
+        );
+        let factor = ("llama.rope.scaling.factor", Value::F32(4.0));
+        assert_eq!(
+            gguf_rope_scaling(&content(vec![kind("linear"), factor.clone()])).unwrap(),
+            Some(serde_json::json!({"rope_type": "linear", "factor": 4.0}))
+        );
+        let yarn = gguf_rope_scaling(&content(vec![
+            kind("yarn"),
+            factor.clone(),
+            (
+                "llama.rope.scaling.original_context_length",
+                Value::U32(8192),
+            ),
+            ("llama.rope.scaling.attn_factor", Value::F32(1.0)),
+        ]))
+        .unwrap()
+        .unwrap();
+        let config: LlamaConfig = serde_json::from_value(serde_json::json!({
+            "hidden_size": 64, "intermediate_size": 8, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "vocab_size": 10, "max_position_embeddings": 32768,
+            "rope_scaling": yarn,
+        }))
+        .unwrap();
+        let Some(super::super::config::RopeScaling::Yarn(parameters)) =
+            config.rope_scaling().unwrap()
+        else {
+            panic!("yarn");
+        };
+        assert_eq!(
+            (
+                parameters.factor,
+                parameters.original_max_position_embeddings,
+                parameters.attention_factor,
+                parameters.beta_fast
+            ),
+            (4.0, 8192, 1.0, 32.0)
+        );
+        for (entries, named) in [
+            (vec![kind("longrope"), factor], "longrope"),
+            (vec![kind("linear")], "factor"),
+        ] {
+            let error = gguf_rope_scaling(&content(entries))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(named), "{error}");
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use candle_core::{D, DType, Device, Tensor, Var};
 use fedlora_proto::adapter::{Adapter, AdapterTensor, Factor, LoraSpec, peft_key};
 
-use super::config::LlamaConfig;
+use super::config::{LlamaConfig, RopeScaling};
 use super::frozen::FrozenWeight;
 use super::fused::DocumentStarts;
 use super::lora::{LoraFactors, LoraLinear, to_adapter_tensor};
@@ -73,22 +73,24 @@ impl Rope {
     fn new(config: &LlamaConfig, device: &Device) -> Result<Self> {
         let head_dim = config.head_dim();
         let positions = config.max_position_embeddings.min(ROPE_TABLE_MAX);
-        let scaling = config
-            .llama3_rope_scaling()
-            .map_err(ClientError::Unsupported)?;
-        let inverse_frequencies: Vec<f32> = (0..head_dim / 2)
-            .map(|index| {
-                let frequency = 1.0 / config.rope_theta.powf(2.0 * index as f64 / head_dim as f64);
-                scaling.map_or(frequency, |scaling| scaling.scale(frequency)) as f32
-            })
-            .collect();
+        let scaling = config.rope_scaling().map_err(ClientError::Unsupported)?;
+        let inverse_frequencies: Vec<f32> =
+            RopeScaling::inverse_frequencies(scaling.as_ref(), config.rope_theta, head_dim)
+                .into_iter()
+                .map(|frequency| frequency as f32)
+                .collect();
         let inverse_frequencies = Tensor::from_vec(inverse_frequencies, (1, head_dim / 2), device)?;
         let steps = Tensor::arange(0u32, positions as u32, device)?
             .to_dtype(DType::F32)?
             .reshape((positions, 1))?;
         let angles = steps.broadcast_mul(&inverse_frequencies)?;
         let angles = Tensor::cat(&[&angles, &angles], D::Minus1)?;
-        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        // YaRN scales cos and sin (`attention_factor`); the other scalings leave them.
+        let attention_factor = RopeScaling::attention_factor(scaling.as_ref());
+        let (cos, sin) = (
+            (angles.cos()? * attention_factor)?,
+            (angles.sin()? * attention_factor)?,
+        );
         let tables = super::fused::RopeTables {
             cos: std::sync::Arc::new(cos.flatten_all()?.to_vec1::<f32>()?),
             sin: std::sync::Arc::new(sin.flatten_all()?.to_vec1::<f32>()?),
