@@ -32,7 +32,7 @@ fn retain_freed_memory() {}
 /// pools' threads then wait on each other's cores. Measured on a 2-core AMD EPYC (Zen 3),
 /// `bench-train --steps 6 --warmup 1`, alternating runs: SmolLM2 dims 115–122 → 125–149
 /// tokens/s, the reference preset unchanged (440–450 against 416–461). Not with a quantized
-/// base: that pool also runs candle's quantized matmuls, QLoRA's forward products.
+/// base: that pool also runs candle's quantized matmuls (QLoRA's products when decoding).
 #[allow(
     unsafe_code,
     reason = "the environment is written once, before any other thread exists"

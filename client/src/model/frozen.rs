@@ -1,6 +1,7 @@
 //! `x·Wᵀ` for a frozen weight W whose backward pass computes only ∂L/∂x. W is dense (a candle
-//! tensor), quantized (QLoRA: GGUF block types such as Q8_0, dequantized only inside the backward
-//! pass; candle's own quantized matmul passes no gradient to its input at all), or packed for
+//! tensor), quantized (QLoRA: GGUF block types such as Q8_0, dequantized for the backward pass, and
+//! for the forward pass of many rows; candle's own quantized matmul, used for a few rows, passes
+//! no gradient to its input at all), or packed for
 //! `packed_gemm`: in f32 (exact products, on CPUs with AVX-512F or with AVX2 and FMA), or in bf16 (both products in
 //! bf16 with f32 accumulation, as PyTorch's bf16 autocast).
 //!
@@ -196,6 +197,10 @@ fn check_rows(values: &[f32], rows: usize, width: usize) -> Result<()> {
     Ok(())
 }
 
+/// From this many rows on, a quantized weight's forward product dequantizes it and runs an f32
+/// GEMM; below, candle's quantized matmul (decoding one token at a time).
+const DEQUANTIZED_FORWARD_ROWS: usize = 16;
+
 struct InputGradOnly {
     weight: FrozenWeight,
 }
@@ -345,10 +350,21 @@ pub fn frozen_matmul_t(x: &Tensor, weight: &FrozenWeight) -> Result<Tensor> {
             return Ok(x.broadcast_matmul(&dense.t()?)?);
         }
         FrozenWeight::Quantized(quantized) => {
-            let product = x
-                .detach()
-                .contiguous()?
-                .apply_op1_no_bwd(quantized.as_ref())?;
+            let (inputs, rows) = (quantized.shape().dims2()?.1, x.elem_count());
+            let rows = rows / inputs.max(1);
+            // candle's quantized matmul takes one dot product per output and row (with the row
+            // rounded to 8 bits): right for decoding, where reading 4-8x fewer weight bytes is
+            // what counts, but several times slower than one f32 GEMM over the dequantized
+            // weight for the hundreds of rows of a training step (which the backward pass
+            // dequantizes for anyway).
+            let product = if rows >= DEQUANTIZED_FORWARD_ROWS {
+                x.detach()
+                    .broadcast_matmul(&quantized.dequantize(&Device::Cpu)?.t()?)?
+            } else {
+                x.detach()
+                    .contiguous()?
+                    .apply_op1_no_bwd(quantized.as_ref())?
+            };
             if !x.track_op() {
                 return Ok(product);
             }
@@ -413,6 +429,51 @@ mod tests {
             frozen_grads.get(weight.as_tensor()).is_none(),
             "the frozen weight gets no gradient"
         );
+    }
+
+    /// A quantized weight: many rows (training) multiply the dequantized weight exactly; a few
+    /// (decoding) go through candle's quantized matmul, which also rounds the rows to 8 bits and
+    /// so lands within that rounding. Either way the input gradient is `g·dequantized(W)`.
+    #[test]
+    fn quantized_weight_multiplies_its_dequantized_values() {
+        let device = Device::Cpu;
+        let weight = Tensor::randn(0f32, 1.0, (48, 64), &device).unwrap();
+        let frozen = FrozenWeight::Dense(weight)
+            .quantized(GgmlDType::Q8_0)
+            .unwrap();
+        let dequantized = frozen.dequantize().unwrap();
+        for rows in [3, DEQUANTIZED_FORWARD_ROWS, 40] {
+            let x =
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, 64), &device).unwrap()).unwrap();
+            let expected = x.as_tensor().matmul(&dequantized.t().unwrap()).unwrap();
+            let got = frozen_matmul_t(x.as_tensor(), &frozen).unwrap();
+            let error = crate::testing::max_abs_difference(&flat(&expected), &flat(&got));
+            let bound = if rows < DEQUANTIZED_FORWARD_ROWS {
+                0.5
+            } else {
+                1e-4
+            };
+            assert!(error < bound, "{rows} rows: error {error}");
+            if rows < DEQUANTIZED_FORWARD_ROWS {
+                assert!(
+                    error > 1e-4,
+                    "{rows} rows: the quantized matmul rounds the rows"
+                );
+            }
+            let target = Tensor::randn(0f32, 1.0, (rows, 48), &device).unwrap();
+            let grads = (got * &target)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let expected = target.matmul(&dequantized).unwrap();
+            let error = crate::testing::max_abs_difference(
+                &flat(&expected),
+                &flat(grads.get(x.as_tensor()).unwrap()),
+            );
+            assert!(error < 1e-4, "{rows} rows: gradient error {error}");
+        }
     }
 
     /// `x` `[2, 5, 37]` times a `[70, 37]` weight (a partial panel and an odd inner dimension)
