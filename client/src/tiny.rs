@@ -67,6 +67,8 @@ pub fn write_tiny_model(dir: &Path, spec: &TinyModelSpec) -> Result<LlamaConfig>
         rope_theta: 10_000.0,
         rope_scaling: None,
         rope_parameters: None,
+        original_max_position_embeddings: None,
+        partial_rotary_factor: None,
         sliding_window: None,
         use_sliding_window: None,
         mlp_bias: false,

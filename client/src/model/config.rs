@@ -33,6 +33,13 @@ pub struct LlamaConfig {
     /// transformers ≥ 5 writes `rope_theta` and the scaling here instead (see [`LlamaConfig::normalize`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<serde_json::Value>,
+    /// A pretraining context given beside the scaling (Phi-3 style); transformers lets it
+    /// override the scaling's own for llama3 and yarn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_max_position_embeddings: Option<usize>,
+    /// Rotary embeddings on part of each head only (not supported unless 1: refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_rotary_factor: Option<f64>,
     /// Mistral's (and Qwen2's, with `use_sliding_window`) attention window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sliding_window: Option<usize>,
@@ -143,10 +150,11 @@ pub struct YarnRopeScaling {
 
 impl YarnRopeScaling {
     /// Reads `rope_scaling` as transformers' `_compute_yarn_parameters` does: a missing
-    /// `original_max_position_embeddings` is the model's context, a missing `factor` the ratio
-    /// of the two, a missing `attention_factor` `0.1·ln(factor) + 1` (or the ratio of that with
-    /// `mscale` and with `mscale_all_dim`, when both are given), `beta_fast`/`beta_slow` 32 and 1
-    /// when missing or zero.
+    /// `original_max_position_embeddings` is the model's context, a null `factor` the ratio of
+    /// the two (a missing one is refused, as transformers refuses it), a missing
+    /// `attention_factor` `0.1·ln(factor) + 1` (or the ratio of that with `mscale` and with
+    /// `mscale_all_dim`, when both are given), `beta_fast`/`beta_slow` 32 and 1 when missing or
+    /// zero, `truncate` true when missing (and false when null, as Python reads it).
     fn from_json(
         value: &serde_json::Value,
         max_position_embeddings: usize,
@@ -158,7 +166,11 @@ impl YarnRopeScaling {
                 format!("rope_scaling of type yarn: original_max_position_embeddings {original}")
             })? as usize,
         };
-        let factor = number("factor").unwrap_or(max_position_embeddings as f64 / original as f64);
+        let factor = match value.get("factor") {
+            None => return Err("rope_scaling of type yarn needs a factor".into()),
+            Some(serde_json::Value::Null) => max_position_embeddings as f64 / original as f64,
+            Some(factor) => factor.as_f64().unwrap_or(f64::NAN),
+        };
         if !(factor.is_finite() && factor > 0.0) {
             return Err(format!("rope_scaling of type yarn: factor {factor}"));
         }
@@ -178,18 +190,32 @@ impl YarnRopeScaling {
             (None, Some(m), Some(all)) => mscale(factor, m) / mscale(factor, all),
             _ => mscale(factor, 1.0),
         };
-        let or_default =
-            |key: &str, default: f64| number(key).filter(|&beta| beta != 0.0).unwrap_or(default);
+        let beta = |key: &str, default: f64| match number(key)
+            .filter(|&beta| beta != 0.0)
+            .unwrap_or(default)
+        {
+            beta if beta.is_finite() && beta > 0.0 => Ok(beta),
+            beta => Err(format!("rope_scaling of type yarn: {key} {beta}")),
+        };
+        let truncate = match value.get("truncate") {
+            None => true,
+            Some(serde_json::Value::Null) => false,
+            Some(truncate) => truncate
+                .as_bool()
+                .ok_or_else(|| format!("rope_scaling of type yarn: truncate {truncate}"))?,
+        };
+        if !(attention_factor.is_finite() && attention_factor > 0.0) {
+            return Err(format!(
+                "rope_scaling of type yarn: attention_factor {attention_factor}"
+            ));
+        }
         Ok(Self {
             factor,
             original_max_position_embeddings: original,
-            beta_fast: or_default("beta_fast", 32.0),
-            beta_slow: or_default("beta_slow", 1.0),
+            beta_fast: beta("beta_fast", 32.0)?,
+            beta_slow: beta("beta_slow", 1.0)?,
             attention_factor,
-            truncate: value
-                .get("truncate")
-                .and_then(serde_json::Value::as_bool)
-                .unwrap_or(true),
+            truncate,
         })
     }
 
@@ -373,6 +399,24 @@ impl LlamaConfig {
             .or_else(|| value.get("type"))
             .and_then(serde_json::Value::as_str)
             .unwrap_or("default");
+        if let Some(partial) = value
+            .get("partial_rotary_factor")
+            .and_then(serde_json::Value::as_f64)
+            && partial != 1.0
+        {
+            return Err(format!(
+                "partial_rotary_factor {partial} (rotary embeddings on part of each head) is \
+                 not supported"
+            ));
+        }
+        // transformers lets a top-level pretraining context override the scaling's own.
+        let mut value = value.clone();
+        if let Some(original) = self.original_max_position_embeddings
+            && matches!(kind, "llama3" | "yarn")
+        {
+            value["original_max_position_embeddings"] = serde_json::json!(original);
+        }
+        let value = &value;
         match kind {
             "default" => Ok(None),
             "linear" => match value.get("factor").and_then(serde_json::Value::as_f64) {
@@ -414,6 +458,20 @@ impl LlamaConfig {
             return Err(format!(
                 "hidden_act {:?} is not supported (silu only)",
                 self.hidden_act
+            ));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0 && self.rope_theta != 1.0) {
+            return Err(format!(
+                "rope_theta {} (rotary frequencies need a positive base other than 1)",
+                self.rope_theta
+            ));
+        }
+        if let Some(partial) = self.partial_rotary_factor
+            && partial != 1.0
+        {
+            return Err(format!(
+                "partial_rotary_factor {partial} (rotary embeddings on part of each head) is not \
+                 supported"
             ));
         }
         self.rope_scaling()?;
@@ -603,6 +661,22 @@ mod tests {
             "0 means the default, as in transformers"
         );
 
+        // A null truncate is Python's falsy None: no truncation. A top-level pretraining
+        // context overrides the scaling's.
+        let mut config = config_with_scaling(serde_json::json!({"rope_type": "yarn",
+            "factor": 4.0, "truncate": null, "original_max_position_embeddings": 128}));
+        config.original_max_position_embeddings = Some(64);
+        let Some(RopeScaling::Yarn(parameters)) = config.rope_scaling().unwrap() else {
+            panic!("yarn");
+        };
+        assert_eq!(
+            (
+                parameters.truncate,
+                parameters.original_max_position_embeddings
+            ),
+            (false, 64)
+        );
+
         for (scaling, named) in [
             (
                 serde_json::json!({"rope_type": "dynamic", "factor": 2.0}),
@@ -613,10 +687,27 @@ mod tests {
                 serde_json::json!({"rope_type": "yarn", "factor": -1.0}),
                 "factor",
             ),
+            (serde_json::json!({"rope_type": "yarn"}), "factor"),
+            (
+                serde_json::json!({"rope_type": "yarn", "factor": 2.0, "beta_slow": -1.0}),
+                "beta_slow",
+            ),
+            (
+                serde_json::json!({"rope_type": "yarn", "factor": 2.0, "truncate": "yes"}),
+                "truncate",
+            ),
+            (
+                serde_json::json!({"rope_type": "linear", "factor": 2.0,
+                "partial_rotary_factor": 0.5}),
+                "partial_rotary_factor",
+            ),
         ] {
             let error = config_with_scaling(scaling).validate().unwrap_err();
             assert!(error.contains(named), "{error}");
         }
+        let mut config = config_with_scaling(serde_json::Value::Null);
+        config.rope_theta = 1.0;
+        assert!(config.validate().unwrap_err().contains("rope_theta"));
     }
 
     /// transformers 5's precedence: `rope_parameters` when alone (its theta over a top-level

@@ -1,9 +1,9 @@
 //! `x·Wᵀ` for a frozen weight W whose backward pass computes only ∂L/∂x. W is dense (a candle
-//! tensor), quantized (QLoRA: GGUF block types such as Q8_0, dequantized for the backward pass, and
-//! for the forward pass of many rows; candle's own quantized matmul, used for a few rows, passes
-//! no gradient to its input at all), or packed for
-//! `packed_gemm`: in f32 (exact products, on CPUs with AVX-512F or with AVX2 and FMA), or in bf16 (both products in
-//! bf16 with f32 accumulation, as PyTorch's bf16 autocast).
+//! tensor), quantized (QLoRA: GGUF block types such as Q8_0, dequantized for the backward pass
+//! and for the forward pass of many rows; candle's own quantized matmul, used for a few rows,
+//! passes no gradient to its input at all), or packed for `packed_gemm`: in f32 (exact products,
+//! on CPUs with AVX-512F or with AVX2 and FMA), or in bf16 (both products in bf16 with f32
+//! accumulation, as PyTorch's bf16 autocast).
 //!
 //! candle's matmul backward always computes the gradients of both operands, so every frozen
 //! projection (and the vocabulary-sized `lm_head`) would cost a full weight-gradient product per
@@ -442,10 +442,15 @@ mod tests {
             .quantized(GgmlDType::Q8_0)
             .unwrap();
         let dequantized = frozen.dequantize().unwrap();
-        for rows in [3, DEQUANTIZED_FORWARD_ROWS, 40] {
-            let x =
-                Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, 64), &device).unwrap()).unwrap();
-            let expected = x.as_tensor().matmul(&dequantized.t().unwrap()).unwrap();
+        // Rows counted across the batch: [2, 8, 64] is 16 rows.
+        for (batch, per_batch) in [(1, 3), (2, DEQUANTIZED_FORWARD_ROWS / 2), (1, 40)] {
+            let rows = batch * per_batch;
+            let shape = (batch, per_batch, 64);
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &device).unwrap()).unwrap();
+            let expected = x
+                .as_tensor()
+                .broadcast_matmul(&dequantized.t().unwrap())
+                .unwrap();
             let got = frozen_matmul_t(x.as_tensor(), &frozen).unwrap();
             let error = crate::testing::max_abs_difference(&flat(&expected), &flat(&got));
             let bound = if rows < DEQUANTIZED_FORWARD_ROWS {
@@ -460,14 +465,14 @@ mod tests {
                     "{rows} rows: the quantized matmul rounds the rows"
                 );
             }
-            let target = Tensor::randn(0f32, 1.0, (rows, 48), &device).unwrap();
+            let target = Tensor::randn(0f32, 1.0, (batch, per_batch, 48), &device).unwrap();
             let grads = (got * &target)
                 .unwrap()
                 .sum_all()
                 .unwrap()
                 .backward()
                 .unwrap();
-            let expected = target.matmul(&dequantized).unwrap();
+            let expected = target.broadcast_matmul(&dequantized).unwrap();
             let error = crate::testing::max_abs_difference(
                 &flat(&expected),
                 &flat(grads.get(x.as_tensor()).unwrap()),

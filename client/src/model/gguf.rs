@@ -84,6 +84,8 @@ pub fn gguf_config(content: &Content) -> Result<LlamaConfig> {
         rope_theta: f64::from(rope_theta),
         rope_scaling,
         rope_parameters: None,
+        original_max_position_embeddings: None,
+        partial_rotary_factor: None,
         sliding_window: None,
         use_sliding_window: None,
         mlp_bias: false,
@@ -103,19 +105,24 @@ pub fn gguf_config(content: &Content) -> Result<LlamaConfig> {
     Ok(config)
 }
 
-/// The `rope_scaling` of `config.json` for llama.cpp's `llama.rope.scaling.*` metadata: `linear`
-/// (`factor`) or `yarn` (`factor`, `original_context_length`, and `attn_factor`,
-/// `yarn_beta_fast`, `yarn_beta_slow` where given; transformers' defaults otherwise, which are
-/// llama.cpp's too). `None` for no scaling.
+/// The `rope_scaling` of `config.json` for llama.cpp's rope metadata, read as llama.cpp reads it:
+///
+/// - `llama.rope.scaling.type` (absent: linear, if a factor other than 0 or 1 is given, from
+///   `.factor` or the older `llama.rope.scale_linear`);
+/// - `linear`: `.factor`; a `.attn_factor` other than 1 (llama.cpp scales cos and sin by it,
+///   which transformers' linear scaling cannot express) is refused;
+/// - `yarn`: `.factor`, `.original_context_length`, `.yarn_beta_fast`, `.yarn_beta_slow`; the
+///   factor on cos and sin is `.yarn_attn_factor` (transformers' `attention_factor`, written by
+///   llama.cpp's converter) or else `.attn_factor` times YaRN's default `0.1·ln(factor) + 1`
+///   (llama.cpp multiplies the two); `.yarn_log_multiplier` and `.yarn_ext_factor`, whose
+///   meaning depends on the architecture, are refused unless neutral (0 and 1).
+///
+/// `None` for no scaling.
 fn gguf_rope_scaling(content: &Content) -> Result<Option<serde_json::Value>> {
-    let Some(kind) = content.metadata.get("llama.rope.scaling.type") else {
-        return Ok(None);
-    };
-    let kind = kind.to_string().map(String::as_str).unwrap_or("?");
     let number = |key: &str| -> Result<Option<f64>> {
         content
             .metadata
-            .get(&format!("llama.rope.scaling.{key}"))
+            .get(key)
             .map(|value| match value {
                 Value::F32(number) => Ok(f64::from(*number)),
                 Value::F64(number) => Ok(*number),
@@ -123,36 +130,64 @@ fn gguf_rope_scaling(content: &Content) -> Result<Option<serde_json::Value>> {
             })
             .transpose()
     };
-    let factor = || -> Result<f64> {
-        number("factor")?.ok_or_else(|| {
+    let scaling = |key: &str| number(&format!("llama.rope.scaling.{key}"));
+    let factor = scaling("factor")?
+        .or(number("llama.rope.scale_linear")?)
+        .filter(|&factor| factor != 0.0);
+    let kind = match content.metadata.get("llama.rope.scaling.type") {
+        Some(kind) => kind.to_string().map(String::as_str).unwrap_or("?"),
+        None if factor.is_some_and(|factor| factor != 1.0) => "linear",
+        None => return Ok(None),
+    };
+    let factor = || {
+        factor.ok_or_else(|| {
             ClientError::Unsupported(format!(
                 "gguf rope scaling of type {kind:?} without llama.rope.scaling.factor"
             ))
         })
     };
+    let refuse_unless = |key: &str, neutral: f64| -> Result<()> {
+        match scaling(key)? {
+            Some(value) if value != neutral => Err(ClientError::Unsupported(format!(
+                "gguf rope scaling of type {kind:?} with llama.rope.scaling.{key} = {value} \
+                 (only {neutral} can be run as transformers runs it)"
+            ))),
+            _ => Ok(()),
+        }
+    };
     Ok(match kind {
         "none" => None,
-        "linear" => Some(serde_json::json!({"rope_type": "linear", "factor": factor()?})),
+        "linear" => {
+            refuse_unless("attn_factor", 1.0)?;
+            Some(serde_json::json!({"rope_type": "linear", "factor": factor()?}))
+        }
         "yarn" => {
-            let mut scaling = serde_json::json!({"rope_type": "yarn", "factor": factor()?});
+            refuse_unless("yarn_log_multiplier", 0.0)?;
+            refuse_unless("yarn_ext_factor", 1.0)?;
+            let factor = factor()?;
+            let default_magnitude = if factor <= 1.0 {
+                1.0
+            } else {
+                0.1 * factor.ln() + 1.0
+            };
+            let attention_factor = match scaling("yarn_attn_factor")? {
+                Some(attention_factor) => attention_factor,
+                None => scaling("attn_factor")?.unwrap_or(1.0) * default_magnitude,
+            };
+            let mut rope = serde_json::json!({"rope_type": "yarn", "factor": factor,
+                "attention_factor": attention_factor});
+            if let Some(original) = scaling("original_context_length")? {
+                rope["original_max_position_embeddings"] = serde_json::json!(original as u64);
+            }
             for (gguf, hf) in [
-                (
-                    "original_context_length",
-                    "original_max_position_embeddings",
-                ),
-                ("attn_factor", "attention_factor"),
                 ("yarn_beta_fast", "beta_fast"),
                 ("yarn_beta_slow", "beta_slow"),
             ] {
-                if let Some(value) = number(gguf)? {
-                    scaling[hf] = if hf == "original_max_position_embeddings" {
-                        serde_json::json!(value as u64)
-                    } else {
-                        serde_json::json!(value)
-                    };
+                if let Some(value) = scaling(gguf)? {
+                    rope[hf] = serde_json::json!(value);
                 }
             }
-            Some(scaling)
+            Some(rope)
         }
         other => {
             return Err(ClientError::Unsupported(format!(
@@ -587,6 +622,11 @@ pub fn load_gguf(path: &Path, device: &Device, keep_quantized: bool) -> Result<B
                 "gguf rope_freqs.weight that is not llama 3's rope scaling (factor, low 1, high 4, 8192 original positions)".into(),
             )
         })?;
+        if config.rope_scaling.is_some() {
+            return Err(ClientError::Unsupported(
+                "gguf with both rope_freqs.weight and a rope scaling in its metadata".into(),
+            ));
+        }
         config.rope_scaling = Some(scaling.to_json());
     }
     let tokenizer = gguf_tokenizer(&content)?;
@@ -666,6 +706,7 @@ mod tests {
     use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 
     use super::*;
+    use crate::model::config::{RopeScaling, YarnRopeScaling};
     use crate::testing::{logits, max_abs_difference};
     use crate::tiny::{TinyModelSpec, write_tiny_model};
 
@@ -1272,44 +1313,95 @@ mod tests {
             None
         );
         let factor = ("llama.rope.scaling.factor", Value::F32(4.0));
+        let linear = Some(serde_json::json!({"rope_type": "linear", "factor": 4.0}));
         assert_eq!(
             gguf_rope_scaling(&content(vec![kind("linear"), factor.clone()])).unwrap(),
-            Some(serde_json::json!({"rope_type": "linear", "factor": 4.0}))
+            linear
         );
-        let yarn = gguf_rope_scaling(&content(vec![
+        // Without a type, a factor means linear, as in llama.cpp; so does the older key.
+        assert_eq!(
+            gguf_rope_scaling(&content(vec![factor.clone()])).unwrap(),
+            linear
+        );
+        assert_eq!(
+            gguf_rope_scaling(&content(vec![("llama.rope.scale_linear", Value::F32(4.0))]))
+                .unwrap(),
+            linear
+        );
+        for neutral in [0.0, 1.0] {
+            let entries = vec![("llama.rope.scaling.factor", Value::F32(neutral))];
+            assert_eq!(gguf_rope_scaling(&content(entries)).unwrap(), None);
+        }
+        let yarn_config = |entries: Vec<(&str, Value)>| -> YarnRopeScaling {
+            let rope = gguf_rope_scaling(&content(entries)).unwrap().unwrap();
+            let config: LlamaConfig = serde_json::from_value(serde_json::json!({
+                "hidden_size": 64, "intermediate_size": 8, "num_hidden_layers": 1,
+                "num_attention_heads": 4, "vocab_size": 10, "max_position_embeddings": 32768,
+                "rope_scaling": rope,
+            }))
+            .unwrap();
+            match config.rope_scaling().unwrap() {
+                Some(RopeScaling::Yarn(parameters)) => parameters,
+                other => panic!("yarn: {other:?}"),
+            }
+        };
+        let original = (
+            "llama.rope.scaling.original_context_length",
+            Value::U32(8192),
+        );
+        // llama.cpp's attn_factor multiplies YaRN's own magnitude, 0.1·ln(4) + 1.
+        let parameters = yarn_config(vec![
             kind("yarn"),
             factor.clone(),
-            (
-                "llama.rope.scaling.original_context_length",
-                Value::U32(8192),
-            ),
-            ("llama.rope.scaling.attn_factor", Value::F32(1.0)),
-        ]))
-        .unwrap()
-        .unwrap();
-        let config: LlamaConfig = serde_json::from_value(serde_json::json!({
-            "hidden_size": 64, "intermediate_size": 8, "num_hidden_layers": 1,
-            "num_attention_heads": 4, "vocab_size": 10, "max_position_embeddings": 32768,
-            "rope_scaling": yarn,
-        }))
-        .unwrap();
-        let Some(super::super::config::RopeScaling::Yarn(parameters)) =
-            config.rope_scaling().unwrap()
-        else {
-            panic!("yarn");
-        };
+            original.clone(),
+            ("llama.rope.scaling.attn_factor", Value::F32(0.5)),
+        ]);
         assert_eq!(
             (
                 parameters.factor,
                 parameters.original_max_position_embeddings,
-                parameters.attention_factor,
                 parameters.beta_fast
             ),
-            (4.0, 8192, 1.0, 32.0)
+            (4.0, 8192, 32.0)
         );
+        let magnitude = 0.1 * 4f64.ln() + 1.0;
+        assert!((parameters.attention_factor - 0.5 * magnitude).abs() < 1e-12);
+        let default = yarn_config(vec![kind("yarn"), factor.clone(), original.clone()]);
+        assert!((default.attention_factor - magnitude).abs() < 1e-12);
+        // The converter's yarn_attn_factor is transformers' attention_factor itself.
+        let explicit = yarn_config(vec![
+            kind("yarn"),
+            factor.clone(),
+            ("llama.rope.scaling.yarn_attn_factor", Value::F32(0.75)),
+        ]);
+        assert_eq!(explicit.attention_factor, 0.75);
         for (entries, named) in [
-            (vec![kind("longrope"), factor], "longrope"),
+            (vec![kind("longrope"), factor.clone()], "longrope"),
             (vec![kind("linear")], "factor"),
+            (
+                vec![
+                    kind("linear"),
+                    factor.clone(),
+                    ("llama.rope.scaling.attn_factor", Value::F32(2.0)),
+                ],
+                "attn_factor",
+            ),
+            (
+                vec![
+                    kind("yarn"),
+                    factor.clone(),
+                    ("llama.rope.scaling.yarn_log_multiplier", Value::F32(0.1)),
+                ],
+                "yarn_log_multiplier",
+            ),
+            (
+                vec![
+                    kind("yarn"),
+                    factor,
+                    ("llama.rope.scaling.yarn_ext_factor", Value::F32(0.5)),
+                ],
+                "yarn_ext_factor",
+            ),
         ] {
             let error = gguf_rope_scaling(&content(entries))
                 .unwrap_err()
