@@ -33,10 +33,9 @@ fn model(name: &str) -> Llama {
     load_llama(&fixtures().join(name), &Device::Cpu).unwrap()
 }
 
-fn assert_logits(model: &Llama, expected: &Tensor, case: &str) {
-    let ours = model.forward(&input_ids()).unwrap();
-    assert_eq!(ours.dims(), expected.dims(), "{case}: logits shape");
-    let difference = (ours - expected)
+/// Largest element-wise difference of two tensors of one shape.
+fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
         .unwrap()
         .abs()
         .unwrap()
@@ -45,7 +44,13 @@ fn assert_logits(model: &Llama, expected: &Tensor, case: &str) {
         .max(0)
         .unwrap()
         .to_scalar::<f32>()
-        .unwrap();
+        .unwrap()
+}
+
+fn assert_logits(model: &Llama, expected: &Tensor, case: &str) {
+    let ours = model.forward(&input_ids()).unwrap();
+    assert_eq!(ours.dims(), expected.dims(), "{case}: logits shape");
+    let difference = max_difference(&ours, expected);
     assert!(
         difference < TOLERANCE,
         "{case}: logits differ from PEFT's by up to {difference}"
@@ -97,16 +102,10 @@ fn rope_scalings_match_transformers() {
         let mut unscaled = patch.clone();
         unscaled["rope_scaling"] = serde_json::json!({"rope_type": "default"});
         let plain = llama_with_config(&unscaled);
-        let moved = (plain.forward(&input_ids()).unwrap() - scaled.forward(&input_ids()).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let moved = max_difference(
+            &plain.forward(&input_ids()).unwrap(),
+            &scaled.forward(&input_ids()).unwrap(),
+        );
         assert!(moved > 1e-3, "{name}: the scaling moved no logit ({moved})");
     }
 }
