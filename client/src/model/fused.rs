@@ -247,15 +247,25 @@ impl DocumentStarts {
             .collect()
     }
 
-    /// The batch row of row `row_index` of a `[batch, .., seq_len, width]` tensor of `dims`.
-    fn batch_of(&self, dims: &[usize], row_index: usize) -> candle_core::Result<usize> {
+    /// How many rows of a `[batch, .., seq_len, width]` tensor of `dims` one batch row spans:
+    /// row `i` belongs to batch row `i / rows_per_batch`. Checked once, before an op maps the
+    /// rows; `offset` (a key/value cache's length) must be 0.
+    fn rows_per_batch(
+        &self,
+        dims: &[usize],
+        offset: usize,
+        op: &str,
+    ) -> candle_core::Result<usize> {
+        if offset != 0 {
+            candle_core::bail!("{op}: document starts with a key/value cache");
+        }
         let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
         match dims {
             [batch, .., seq_len, _] if *batch == self.batch && *seq_len == self.seq_len => {
-                Ok(row_index / (rows / self.batch).max(1))
+                Ok((rows / self.batch).max(1))
             }
             _ => candle_core::bail!(
-                "document starts of a [{}, {}] batch applied to {dims:?}",
+                "{op}: document starts of a [{}, {}] batch applied to {dims:?}",
                 self.batch,
                 self.seq_len
             ),
@@ -311,18 +321,18 @@ impl CustomOp1 for CausalSoftmax {
         let s = values(storage, layout, self.name())?;
         let (queries, keys) = query_key_lens(layout.shape())?;
         let offset = keys - queries;
-        let dims = layout.shape().dims();
-        if let Some(documents) = &self.documents {
-            documents.batch_of(dims, 0)?;
-            if offset != 0 {
-                candle_core::bail!("causal-softmax: document starts with a key/value cache");
-            }
-        }
+        let documents = match &self.documents {
+            Some(documents) => Some((
+                documents,
+                documents.rows_per_batch(layout.shape().dims(), offset, self.name())?,
+            )),
+            None => None,
+        };
         let out = map_rows(s, None, keys, |row_index, out, row, _| {
             // Masked keys keep their 0.
             let query = row_index % queries;
-            let first = self.documents.as_ref().map_or(0, |documents| {
-                documents.start(documents.batch_of(dims, row_index).unwrap_or(0), query)
+            let first = documents.map_or(0, |(documents, rows_per_batch)| {
+                documents.start(row_index / rows_per_batch, query)
             });
             let visible = first..offset + query + 1;
             let out = &mut out[visible.clone()];
@@ -444,17 +454,18 @@ impl CustomOp1 for RopeOp {
                 self.offset
             );
         }
-        if let Some(documents) = &self.documents {
-            documents.batch_of(dims, 0)?;
-            if self.offset != 0 {
-                candle_core::bail!("rope: document starts with a key/value cache");
-            }
-        }
+        let documents = match &self.documents {
+            Some(documents) => Some((
+                documents,
+                documents.rows_per_batch(dims, self.offset, self.name())?,
+            )),
+            None => None,
+        };
         let sign = if self.inverse { -1.0 } else { 1.0 };
         let out = map_rows(x, None, d, |row_index, out, x, _| {
             let index = row_index % seq_len;
-            let start = self.documents.as_ref().map_or(0, |documents| {
-                documents.start(documents.batch_of(dims, row_index).unwrap_or(0), index)
+            let start = documents.map_or(0, |(documents, rows_per_batch)| {
+                documents.start(row_index / rows_per_batch, index)
             });
             let position = self.offset + index - start;
             let cos = &self.tables.cos[position * d..position * d + half];
