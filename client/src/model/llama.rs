@@ -486,7 +486,8 @@ impl Llama {
     }
 
     /// Keeps every frozen projection and the output head in bf16 (rounded once), multiplied with
-    /// bf16 activations and f32 accumulation (`packed_gemm`: AVX-512 BF16 where the CPU has it).
+    /// bf16 activations and f32 accumulation (`packed_gemm`: AMX tiles or AVX-512 BF16 where the
+    /// CPU has them).
     /// The arithmetic of PyTorch's bf16 autocast, at the speed of bf16 products; the LoRA factors,
     /// their gradients, norms, attention and the loss stay f32. On a checkpoint stored in bf16
     /// (most are) no weight changes value. Dense weights only. Off the CPU (a GPU), the same
@@ -500,6 +501,8 @@ impl Llama {
                 "this CPU lacks AVX-512 BF16: the bf16 base runs a portable loop, slower than the \
                  f32 base"
             );
+        } else if super::packed_gemm::amx_available() {
+            tracing::debug!("bf16 base multiplied on AMX tiles");
         } else if let Some(peak) = super::cpu_peak::measure() {
             let bf16 = peak.bf16_gflops.unwrap_or(0.0);
             // Rounding the activations costs a pass of its own, so bf16 needs a clear margin to

@@ -6,8 +6,10 @@
 //! step in candle's GEMM.
 //!
 //! - [`Bf16Pair`]: the weight rounded to bf16, activations rounded to bf16 on each call, products
-//!   accumulated in f32 (the arithmetic of PyTorch's bf16 autocast). On x86-64 CPUs with AVX-512
-//!   BF16 the inner loop is `vdpbf16ps`; elsewhere a portable loop computes the same products.
+//!   accumulated in f32 (the arithmetic of PyTorch's bf16 autocast). On x86-64 CPUs with AMX
+//!   (Intel Xeon from Sapphire Rapids on, where the kernel grants the tile state) the inner loop is
+//!   `tdpbf16ps` on 16 × 16 tiles; with AVX-512 BF16 it is `vdpbf16ps`; elsewhere a portable loop
+//!   computes the same products.
 //! - `f32`: exact f32 products; activations are read where they are, unpacked. On CPUs with
 //!   AVX-512F the inner loop is 512-bit `vfmadd231ps`, on CPUs with AVX2 and FMA (AMD Zen 1–3,
 //!   Intel before Skylake-SP, many client chips) the same in 256 bits; elsewhere the weight
@@ -16,8 +18,9 @@
 //! Layout: `B` (`k × n`) is cut into panels of [`NR`] columns. Inside a panel, `k` runs in steps
 //! of one word: for f32 one row, for bf16 a pair of rows (`2p`, `2p + 1`) stored as 32-bit words
 //! holding `B[2p][j]` in the low half and `B[2p + 1][j]` in the high half, which is what
-//! `vdpbf16ps` multiplies against a broadcast pair `A[i][2p], A[i][2p + 1]`. Either way a word
-//! step of a panel is one 64-byte line per 16 columns. An odd `k` (bf16) is padded with a zero
+//! `vdpbf16ps` multiplies against a broadcast pair `A[i][2p], A[i][2p + 1]`, and what AMX's
+//! `tdpbf16ps` reads as a B tile: 16 word steps × 16 columns, one 64-byte line each, 256 bytes
+//! apart. Either way a word step of a panel is one 64-byte line per 16 columns. An odd `k` (bf16) is padded with a zero
 //! row; the last panel is padded with zero columns.
 //!
 //! The driver blocks `k` so that a panel's slice (64–128 KiB) stays in L2 while it sweeps tiles
@@ -67,6 +70,31 @@ pub enum Kernel {
     Avx2,
     /// 512-bit FMA (f32) or `vdpbf16ps` (bf16): x86-64 CPUs with AVX-512F (and AVX-512 BF16).
     Avx512,
+    /// AMX tiles (bf16 only): `tdpbf16ps` on tiles of [`AMX_ROWS`] rows × 32 columns; rows left
+    /// over (under 16) and a depth's last word steps (under 16) go to the `Avx512` kernel.
+    Amx,
+}
+
+/// Rows of `A` per AMX call: two tiles of 16.
+const AMX_ROWS: usize = 32;
+
+/// Fewest rows of `A` worth a thread of their own; with fewer, threads split the panels. AMX
+/// multiplies a panel so fast that two threads each streaming every panel of the output head's
+/// (`[128 rows, 32000 columns]` at a time) cost more than splitting them: 317 → 394 GFLOP/s on
+/// that product, the layers' unchanged (a throwaway probe timing `matmul`).
+fn min_rows_per_block(kernel: Kernel) -> usize {
+    match kernel {
+        Kernel::Amx => 256,
+        _ => MR * 4,
+    }
+}
+
+/// Rows of `A` the next micro-kernel call takes with `kernel`, `left` rows still to do.
+fn tile_rows(kernel: Kernel, left: usize) -> usize {
+    match kernel {
+        Kernel::Amx if left >= 16 => left.min(AMX_ROWS) / 16 * 16,
+        _ => MR.min(left),
+    }
 }
 
 /// One cache line of packed words.
@@ -167,6 +195,9 @@ impl Word for Bf16Pair {
             let mut kernels = vec![Kernel::Portable];
             if bf16_simd_available() {
                 kernels.push(Kernel::Avx512);
+                if amx_available() {
+                    kernels.push(Kernel::Amx);
+                }
             }
             kernels
         })
@@ -177,11 +208,18 @@ impl Word for Bf16Pair {
     }
 
     #[cfg(target_arch = "x86_64")]
-    unsafe fn simd_tile(tile: &Tile<'_, Self>, c: *mut f32, ldc: usize, _kernel: Kernel) {
+    unsafe fn simd_tile(tile: &Tile<'_, Self>, c: *mut f32, ldc: usize, kernel: Kernel) {
         // SAFETY: called only with a kernel of `kernels`, so where the CPU has AVX-512F and
-        // AVX-512 BF16; the tile's slices were checked to cover every word the kernel reads; `c`
-        // as the caller vouches.
-        unsafe { by_height!(tile.rows, x86::bf16_kernel, tile, c, ldc) }
+        // AVX-512 BF16, and for `Amx` where the kernel granted this process the tile state; the
+        // tile's slices were checked to cover every word the kernel reads; `c` as the caller
+        // vouches.
+        unsafe {
+            if kernel == Kernel::Amx && tile.rows % 16 == 0 {
+                x86::amx_bf16_kernel(tile, c, ldc)
+            } else {
+                by_height!(tile.rows, x86::bf16_kernel, tile, c, ldc)
+            }
+        }
     }
 }
 
@@ -383,14 +421,19 @@ fn matmul_with<W: Word>(a: &[W], m: usize, b: &PackedB<W>, kernel: Kernel) -> Ve
     let threads = rayon::current_num_threads().max(1);
     // Rows split into one block per thread keeps each panel read once per thread; with too few
     // rows for that, panels are split instead.
-    let row_blocks = threads.min(m.div_ceil(MR * 4)).max(1);
-    let rows_per_block = m.div_ceil(row_blocks).div_ceil(MR) * MR;
+    let tile_height = tile_rows(kernel, usize::MAX);
+    let row_blocks = threads.min(m.div_ceil(min_rows_per_block(kernel))).max(1);
+    let rows_per_block = m.div_ceil(row_blocks).div_ceil(tile_height) * tile_height;
     let row_blocks = m.div_ceil(rows_per_block);
     let panel_groups = threads.div_ceil(row_blocks).min(panels).max(1);
     let panels_per_group = panels.div_ceil(panel_groups);
     let out = OutPtr(c.as_mut_ptr());
     let k_blocks = b.depth.div_ceil(W::KC_WORDS).max(1);
-    let kc_words = b.depth.div_ceil(k_blocks);
+    let mut kc_words = b.depth.div_ceil(k_blocks);
+    if kernel == Kernel::Amx {
+        // Whole tiles of 16 word steps in every block but the last.
+        kc_words = kc_words.next_multiple_of(16);
+    }
     (0..row_blocks * panel_groups)
         .into_par_iter()
         .for_each(|task| {
@@ -418,7 +461,7 @@ fn matmul_with<W: Word>(a: &[W], m: usize, b: &PackedB<W>, kernel: Kernel) -> Ve
                                     lda: b.depth,
                                     b: &b.words()[b_offset..b_offset + kc * NR],
                                     depth: kc,
-                                    rows: MR.min(mc_end - row),
+                                    rows: tile_rows(kernel, mc_end - row),
                                     cols,
                                     accumulate: kc0 > 0,
                                 };
@@ -466,7 +509,7 @@ pub struct Tile<'a, W> {
 impl<W> Tile<'_, W> {
     /// The bounds the kernels rely on.
     fn check(&self) {
-        assert!((1..=MR).contains(&self.rows) && self.cols <= NR);
+        assert!((1..=MR.max(AMX_ROWS)).contains(&self.rows) && self.cols <= NR);
         assert!(self.b.len() >= self.depth * NR);
         assert!(self.a.len() >= (self.rows - 1) * self.lda + self.depth);
     }
@@ -517,6 +560,22 @@ pub fn bf16_simd_available() -> bool {
     }
 }
 
+/// Whether the AMX kernel runs here: the CPU has AMX-TILE and AMX-BF16, and Linux granted this
+/// process the tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, asked once).
+pub fn amx_available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        {
+            x86::amx_granted()
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        {
+            false
+        }
+    })
+}
+
 /// Whether a vectorised f32 kernel (AVX-512F, or AVX2 with FMA) runs on this CPU.
 pub fn f32_simd_available() -> bool {
     <f32 as Word>::best_kernel() != Kernel::Portable
@@ -524,9 +583,247 @@ pub fn f32_simd_available() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use std::arch::asm;
     use std::arch::x86_64::*;
+    use std::cell::Cell;
 
-    use super::{Bf16Pair, NR, Tile};
+    use super::{Bf16Pair, MR, NR, Tile};
+
+    /// CPUID leaf 7's AMX bits, then Linux's permission for the tile data (XTILEDATA, state
+    /// component 18), which a process must ask for before its first tile instruction.
+    #[cfg(target_os = "linux")]
+    pub(super) fn amx_granted() -> bool {
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        let leaf7 = __cpuid_count(7, 0);
+        let (amx_bf16, amx_tile) = ((leaf7.edx >> 22) & 1 == 1, (leaf7.edx >> 24) & 1 == 1);
+        if !(amx_bf16 && amx_tile) {
+            return false;
+        }
+        // SAFETY: arch_prctl with ARCH_REQ_XCOMP_PERM takes two integers and touches no memory
+        // of ours; it fails (non-zero) where the kernel does not support the state.
+        unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            ) == 0
+        }
+    }
+
+    /// The one tile configuration every AMX call uses: palette 1, eight tiles of 16 rows × 64
+    /// bytes. `tmm0`–`tmm3` accumulate C (16 × 16 f32 each), `tmm4`/`tmm5` hold A (16 rows × 16
+    /// bf16 pairs), `tmm6`/`tmm7` hold B (16 pair steps × 16 columns).
+    #[repr(C, align(64))]
+    struct TileConfig([u8; 64]);
+
+    thread_local! {
+        static TILES_CONFIGURED: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// Loads the tile configuration on this thread, once (it is per-thread state, kept across
+    /// context switches; nothing else in the process loads another).
+    ///
+    /// # Safety
+    /// The CPU has AMX and the process was granted the tile state ([`amx_granted`]).
+    unsafe fn configure_tiles() {
+        TILES_CONFIGURED.with(|configured| {
+            if configured.get() {
+                return;
+            }
+            let mut config = TileConfig([0; 64]);
+            config.0[0] = 1;
+            for tile in 0..8 {
+                config.0[16 + 2 * tile] = 64;
+                config.0[48 + tile] = 16;
+            }
+            // SAFETY: a valid palette-1 configuration, 64 bytes, 64-byte aligned.
+            unsafe {
+                asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly))
+            };
+            configured.set(true);
+        });
+    }
+
+    /// Runs `$before tmm{$index} $after` for a run-time C tile index `0..4`.
+    macro_rules! on_c_tile {
+        ($index:expr, $before:literal, $after:literal, $($operands:tt)*) => {
+            match $index {
+                0 => asm!(concat!($before, "tmm0", $after), $($operands)*),
+                1 => asm!(concat!($before, "tmm1", $after), $($operands)*),
+                2 => asm!(concat!($before, "tmm2", $after), $($operands)*),
+                _ => asm!(concat!($before, "tmm3", $after), $($operands)*),
+            }
+        };
+    }
+
+    /// 64-byte aligned room for one C tile.
+    #[repr(C, align(64))]
+    struct CTile([[f32; 16]; 16]);
+
+    /// One tile of 16 or 32 rows × up to 64 columns with AMX: each 32-column half of the panel
+    /// is four (or, for 16 rows, two) C tiles, fed by two A and two B tiles per 16 word steps.
+    /// Full C tiles are loaded from (when accumulating) and stored to C directly; partial ones
+    /// go through a scratch tile. The depth's last `depth % 16` word steps are added by the
+    /// AVX-512 BF16 kernel.
+    ///
+    /// # Safety
+    /// The CPU has AMX, AVX-512F and AVX-512 BF16, and the process was granted the tile state;
+    /// `tile.rows` is 16 or 32 and its slices cover what it reads (checked by the driver); `c`
+    /// is valid for `tile.rows × tile.cols` writes with row stride `ldc`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn amx_bf16_kernel(tile: &Tile<'_, Bf16Pair>, c: *mut f32, ldc: usize) {
+        // SAFETY: as this function's caller vouches.
+        unsafe { configure_tiles() };
+        let steps = tile.depth / 16;
+        let row_tiles = tile.rows / 16;
+        let a = tile.a.as_ptr().cast::<u32>();
+        let b = tile.b.as_ptr().cast::<u32>();
+        let (lda, ldb, ldc_bytes) = (tile.lda * 4, NR * 4, ldc * 4);
+        let mut scratch = CTile([[0.0; 16]; 16]);
+        for first in (0..tile.cols)
+            .step_by(32)
+            .take(if steps > 0 { 2 } else { 0 })
+        {
+            // C tile `t` covers rows `16 (t / 2)…` and columns `first + 16 (t % 2)…`.
+            let tiles = row_tiles * 2;
+            let corner = |t: usize| (16 * (t / 2), first + 16 * (t % 2));
+            let full = |t: usize| corner(t).1 + 16 <= tile.cols;
+            for t in 0..tiles {
+                let (row, col) = corner(t);
+                // SAFETY: a full tile's 16 rows × 16 columns lie inside the rectangle the
+                // caller vouches for.
+                unsafe {
+                    if tile.accumulate && full(t) {
+                        let at = c.add(row * ldc + col);
+                        on_c_tile!(t, "tileloadd ", ", [{0} + {1}*1]", in(reg) at, in(reg) ldc_bytes, options(nostack, readonly));
+                    } else {
+                        on_c_tile!(t, "tilezero ", "", options(nostack, nomem));
+                    }
+                }
+            }
+            for step in 0..steps {
+                // SAFETY (all reads): `16 step + 16 <= depth`; rows `r < tile.rows` of A hold
+                // `depth` words at `r × lda`, and the panel slice `depth × NR` words, of which
+                // the B tiles read columns `first..first + 32 <= NR` of word steps
+                // `16 step..16 step + 16`.
+                unsafe {
+                    let a0 = a.add(step * 16);
+                    let b0 = b.add(step * 16 * NR + first);
+                    // The next step's B lines (a tile's 16 rows lie 256 bytes apart): 25–30% less
+                    // time on the output head's products, whose 32 MB panels come from memory,
+                    // 5–10% on the layers' (alternating runs of a throwaway probe timing
+                    // `matmul`; two steps ahead was no better). Past the slice it fetches a
+                    // neighbour's lines, harmlessly (a prefetch never faults).
+                    let ahead = b0.wrapping_add(16 * NR);
+                    for row in 0..16 {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(row * NR).cast());
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(row * NR + 16).cast());
+                    }
+                    if row_tiles == 2 {
+                        asm!(
+                            "tileloadd tmm4, [{a0} + {lda}*1]",
+                            "tileloadd tmm6, [{b0} + {ldb}*1]",
+                            "tileloadd tmm7, [{b1} + {ldb}*1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tileloadd tmm5, [{a1} + {lda}*1]",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
+                            "tdpbf16ps tmm3, tmm5, tmm7",
+                            a0 = in(reg) a0,
+                            a1 = in(reg) a0.add(16 * tile.lda),
+                            b0 = in(reg) b0,
+                            b1 = in(reg) b0.add(16),
+                            lda = in(reg) lda,
+                            ldb = in(reg) ldb,
+                            options(nostack, readonly),
+                        );
+                    } else {
+                        asm!(
+                            "tileloadd tmm4, [{a0} + {lda}*1]",
+                            "tileloadd tmm6, [{b0} + {ldb}*1]",
+                            "tileloadd tmm7, [{b1} + {ldb}*1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            a0 = in(reg) a0,
+                            b0 = in(reg) b0,
+                            b1 = in(reg) b0.add(16),
+                            lda = in(reg) lda,
+                            ldb = in(reg) ldb,
+                            options(nostack, readonly),
+                        );
+                    }
+                }
+            }
+            for t in 0..tiles {
+                let (row, col) = corner(t);
+                if col >= tile.cols {
+                    continue;
+                }
+                // SAFETY: a full tile's 16 × 16 lie inside the caller's rectangle; a partial
+                // one is stored to the scratch tile, then its columns `< tile.cols` added.
+                unsafe {
+                    let at = c.add(row * ldc + col);
+                    if full(t) {
+                        on_c_tile!(t, "tilestored [{0} + {1}*1], ", "", in(reg) at, in(reg) ldc_bytes, options(nostack));
+                    } else {
+                        let into = scratch.0.as_mut_ptr().cast::<f32>();
+                        on_c_tile!(t, "tilestored [{0} + {1}*1], ", "", in(reg) into, in(reg) 64usize, options(nostack));
+                        store_rows(&scratch, tile.cols - col, tile.accumulate, at, ldc);
+                    }
+                }
+            }
+        }
+        let rest = tile.depth - 16 * steps;
+        if rest == 0 {
+            return;
+        }
+        for first_row in (0..tile.rows).step_by(MR) {
+            let part = Tile {
+                a: &tile.a[first_row * tile.lda + 16 * steps..],
+                lda: tile.lda,
+                b: &tile.b[16 * steps * NR..],
+                depth: rest,
+                rows: MR.min(tile.rows - first_row),
+                cols: tile.cols,
+                accumulate: tile.accumulate || steps > 0,
+            };
+            part.check();
+            // SAFETY: the CPU has AVX-512F and AVX-512 BF16; `part` was checked; its rows lie
+            // inside the caller's rectangle.
+            unsafe {
+                by_height!(
+                    part.rows,
+                    self::bf16_kernel,
+                    &part,
+                    c.add(first_row * ldc),
+                    ldc
+                )
+            }
+        }
+    }
+
+    /// Stores (or adds) a C tile's 16 rows, first `cols` (< 16) columns.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `c` is valid for `16 × cols` writes with row stride `ldc`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_rows(tile: &CTile, cols: usize, accumulate: bool, c: *mut f32, ldc: usize) {
+        let mask: __mmask16 = (1u16 << cols.min(15)) - 1;
+        for (r, row) in tile.0.iter().enumerate() {
+            // SAFETY: the masked lanes are columns `< cols` of row `r < 16`.
+            unsafe {
+                let value = _mm512_loadu_ps(row.as_ptr());
+                let slot = c.add(r * ldc);
+                let value = if accumulate {
+                    _mm512_add_ps(value, _mm512_maskz_loadu_ps(mask, slot))
+                } else {
+                    value
+                };
+                _mm512_mask_storeu_ps(slot, mask, value);
+            }
+        }
+    }
 
     /// Rounds `values` to bf16 pairs in `words`, 32 values at a time (`vcvtne2ps2bf16`, round
     /// to nearest even); returns how many words it wrote (the rest is left to the caller).
@@ -787,8 +1084,10 @@ mod tests {
 
     /// Odd k, partial panels (1–15, 20, 40 columns in the last one: partial 8- and 16-lane
     /// registers, partial AVX2 quarters), row counts that leave every tile height 1–6, k over
-    /// several blocks.
-    const EDGE_SHAPES: [(usize, usize, usize); 11] = [
+    /// several blocks. For AMX: 32- and 16-row tiles with rows left over, depths under one
+    /// tile step (15 word steps), exactly whole steps (32), and with steps left over in one
+    /// block and in several; partial C tiles in either half of a panel, and an empty half.
+    const EDGE_SHAPES: [(usize, usize, usize); 14] = [
         (1, 1, 1),
         (2, 9, 24),
         (4, 37, 77),
@@ -800,6 +1099,9 @@ mod tests {
         (6, 200, 64),
         (33, 401, 129),
         (25, 600, 65),
+        (32, 30, 33),
+        (48, 64, 80),
+        (64, 1100, 100),
     ];
 
     fn assert_close(expected: &[f64], got: &[f32], k: usize, what: &str) {
