@@ -149,7 +149,7 @@ pub trait Word: sealed::Sealed + Copy + Default + Send + Sync + std::fmt::Debug 
     }
     /// `rows` rows of `x` (`k` wide) as the `A` operand: bf16 packs them, f32 reads them as
     /// they are.
-    fn a_operand(x: &[f32], rows: usize, k: usize) -> Cow<'_, [Self]>;
+    fn a_operand(x: &[f32], rows: usize, k: usize) -> AOperand<'_, Self>;
     /// A vectorised micro-kernel for one tile (see [`Word::run`]).
     ///
     /// # Safety
@@ -203,8 +203,8 @@ impl Word for Bf16Pair {
         })
     }
 
-    fn a_operand(x: &[f32], rows: usize, k: usize) -> Cow<'_, [Self]> {
-        Cow::Owned(pack_a(x, rows, k))
+    fn a_operand(x: &[f32], rows: usize, k: usize) -> AOperand<'_, Self> {
+        pack_a(x, rows, k)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -256,8 +256,8 @@ impl Word for f32 {
         })
     }
 
-    fn a_operand(x: &[f32], _rows: usize, _k: usize) -> Cow<'_, [Self]> {
-        Cow::Borrowed(x)
+    fn a_operand(x: &[f32], _rows: usize, k: usize) -> AOperand<'_, Self> {
+        AOperand::rows(Cow::Borrowed(x), k)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -362,18 +362,58 @@ impl<W: Word> PackedB<W> {
     }
 }
 
-/// Rows of `A` rounded to bf16 and packed in pairs along `k`: `m × ⌈k/2⌉` words.
-pub fn pack_a(a: &[f32], m: usize, k: usize) -> Vec<Bf16Pair> {
-    let pairs = k.div_ceil(2);
-    let mut packed = vec![Bf16Pair::default(); m * pairs];
-    if pairs == 0 {
-        return packed;
+/// The `A` operand: row `r`'s words start at `words[offset + r * stride]`.
+#[derive(Debug, Clone)]
+pub struct AOperand<'a, W: Clone> {
+    words: Cow<'a, [W]>,
+    offset: usize,
+    stride: usize,
+}
+
+impl<'a, W: Word> AOperand<'a, W> {
+    /// Rows of `depth` words, one after another.
+    pub fn rows(words: Cow<'a, [W]>, depth: usize) -> Self {
+        Self {
+            words,
+            offset: 0,
+            stride: depth,
+        }
     }
-    packed
-        .par_chunks_mut(pairs * 64)
+
+    fn words(&self) -> &[W] {
+        &self.words[self.offset..]
+    }
+}
+
+/// Words between the rows of a packed bf16 `A` of `depth` words: whole 64-byte lines, and an
+/// odd number of them. AMX reads a tile's 16 rows as 16 lines `stride` apart; with a stride of
+/// 2ⁿ lines (k = 512: 16 lines) they fall into 16 / 2ⁿ of L1's 64 sets and evict each other.
+fn a_stride(depth: usize) -> usize {
+    let stride = depth.next_multiple_of(16);
+    if (stride / 16) % 2 == 0 {
+        stride + 16
+    } else {
+        stride
+    }
+}
+
+/// Rows of `A` rounded to bf16 and packed in pairs along `k`: `m` rows of `⌈k/2⌉` words, each
+/// starting on a 64-byte line, [`a_stride`] apart.
+pub fn pack_a(a: &[f32], m: usize, k: usize) -> AOperand<'static, Bf16Pair> {
+    let pairs = k.div_ceil(2);
+    if pairs == 0 || m == 0 {
+        return AOperand::rows(Cow::Owned(Vec::new()), pairs);
+    }
+    let stride = a_stride(pairs);
+    // Up to 15 words more, so that the rows can start on a line.
+    let mut words = vec![Bf16Pair::default(); m * stride + 15];
+    let offset = (words.as_ptr() as usize).wrapping_neg() % 64 / 4;
+    words[offset..offset + m * stride]
+        .par_chunks_mut(stride * 64)
         .zip(a.par_chunks(k * 64))
         .for_each(|(out, rows)| {
-            for (out_row, row) in out.chunks_mut(pairs).zip(rows.chunks(k)) {
+            for (out_row, row) in out.chunks_mut(stride).zip(rows.chunks(k)) {
+                let out_row = &mut out_row[..pairs];
                 let mut done = 0;
                 #[cfg(target_arch = "x86_64")]
                 if bf16_simd_available() {
@@ -385,7 +425,11 @@ pub fn pack_a(a: &[f32], m: usize, k: usize) -> Vec<Bf16Pair> {
                 }
             }
         });
-    packed
+    AOperand {
+        words: Cow::Owned(words),
+        offset,
+        stride,
+    }
 }
 
 /// `x·B` for `rows` rows of `x` (row-major, `b.k()` wide): `[rows, b.n()]` row-major.
@@ -395,12 +439,12 @@ pub fn product<W: Word>(x: &[f32], rows: usize, b: &PackedB<W>) -> Vec<f32> {
 
 /// `C = A·B` for `A` with `m` rows of `b`'s word depth (for bf16 packed by [`pack_a`], for f32
 /// the activations as they are, `k` wide); returns `C` row-major `m × b.n()`.
-pub fn matmul<W: Word>(a: &[W], m: usize, b: &PackedB<W>) -> Vec<f32> {
+pub fn matmul<W: Word>(a: &AOperand<'_, W>, m: usize, b: &PackedB<W>) -> Vec<f32> {
     matmul_with(a, m, b, W::best_kernel())
 }
 
 /// [`matmul`] with `kernel`, which must be one of [`Word::kernels`].
-fn matmul_with<W: Word>(a: &[W], m: usize, b: &PackedB<W>, kernel: Kernel) -> Vec<f32> {
+fn matmul_with<W: Word>(a: &AOperand<'_, W>, m: usize, b: &PackedB<W>, kernel: Kernel) -> Vec<f32> {
     debug_assert!(
         W::kernels().contains(&kernel),
         "{kernel:?} does not run here"
@@ -412,9 +456,9 @@ fn matmul_with<W: Word>(a: &[W], m: usize, b: &PackedB<W>, kernel: Kernel) -> Ve
     // Not zero-filled: the first k-block stores (does not add to) every element of C, which
     // saves a pass over the largest output of a step (the `[tokens, vocab]` logits).
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
-    assert_eq!(
-        a.len(),
-        m * b.depth,
+    let (lda, a) = (a.stride, a.words());
+    assert!(
+        lda >= b.depth && a.len() >= (m - 1) * lda + b.depth,
         "A must have m rows of the packing's depth"
     );
     let panels = n.div_ceil(NR);
@@ -457,8 +501,8 @@ fn matmul_with<W: Word>(a: &[W], m: usize, b: &PackedB<W>, kernel: Kernel) -> Ve
                             let mut row = mc0;
                             while row < mc_end {
                                 let tile = Tile {
-                                    a: &a[row * b.depth + kc0..],
-                                    lda: b.depth,
+                                    a: &a[row * lda + kc0..],
+                                    lda,
                                     b: &b.words()[b_offset..b_offset + kc * NR],
                                     depth: kc,
                                     rows: tile_rows(kernel, mc_end - row),
@@ -1149,6 +1193,7 @@ mod tests {
             let (a, w) = (values(m * k, 3), values(n * k, 4));
             let expected = reference(&a, &w, (m, k, n), |x| x);
             let packed = PackedB::<f32>::transposed_of(&w, n, k);
+            let a = AOperand::rows(Cow::Borrowed(&a[..]), k);
             for &kernel in f32::kernels() {
                 let got = matmul_with(&a, m, &packed, kernel);
                 assert_close(&expected, &got, k, &format!("f32 {m}x{k}x{n} ({kernel:?})"));
@@ -1179,11 +1224,7 @@ mod tests {
         let g: Vec<f32> = (0..3 * rows)
             .map(|i| f32::from(u8::from(i % (rows + 1) == 0)))
             .collect();
-        let words: Vec<W> = g
-            .chunks(W::DEPTH)
-            .map(|values| W::pack([values[0], values.get(1).copied().unwrap_or(0.0)]))
-            .collect();
-        let rows_back = matmul(&words, 3, &backward);
+        let rows_back = product(&g, 3, &backward);
         for r in 0..3 {
             for c in 0..cols {
                 assert_eq!(rows_back[r * cols + c], round(w[r * cols + c]));
