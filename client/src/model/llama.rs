@@ -570,6 +570,12 @@ impl Llama {
         if !self.device.is_cpu() || !super::packed_gemm::f32_simd_available() {
             return Ok(());
         }
+        if super::packed_gemm::amx_available() {
+            tracing::info!(
+                "this CPU has AMX: the bf16 base (--bf16-base) trains 1.8-1.9x as fast as the \
+                 f32 one here"
+            );
+        }
         for linear in self.projections_mut() {
             linear.pack_weight_f32()?;
         }

@@ -214,7 +214,7 @@ impl Word for Bf16Pair {
         // tile's slices were checked to cover every word the kernel reads; `c` as the caller
         // vouches.
         unsafe {
-            if kernel == Kernel::Amx && tile.rows % 16 == 0 {
+            if kernel == Kernel::Amx && tile.rows.is_multiple_of(16) {
                 x86::amx_bf16_kernel(tile, c, ldc)
             } else {
                 by_height!(tile.rows, x86::bf16_kernel, tile, c, ldc)
@@ -390,7 +390,7 @@ impl<'a, W: Word> AOperand<'a, W> {
 /// 2ⁿ lines (k = 512: 16 lines) they fall into 16 / 2ⁿ of L1's 64 sets and evict each other.
 fn a_stride(depth: usize) -> usize {
     let stride = depth.next_multiple_of(16);
-    if (stride / 16) % 2 == 0 {
+    if (stride / 16).is_multiple_of(2) {
         stride + 16
     } else {
         stride

@@ -1,0 +1,89 @@
+//! The vendored candle-core's one patch (vendor/README.md): `Tensor::backward` stores the first
+//! gradient reaching a tensor instead of adding it to fresh zeros. Gradients with several terms,
+//! reached through views (transposes, broadcasts, narrows) and through the patched and unpatched
+//! rules alike, must still be the exact sums.
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use candle_core::{D, Device, Tensor, Var};
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn assert_close(got: &[f32], expected: &[f32]) {
+    assert_eq!(got.len(), expected.len());
+    for (index, (g, e)) in got.iter().zip(expected).enumerate() {
+        assert!(
+            (g - e).abs() <= 1e-5 * (1.0 + e.abs()),
+            "at {index}: {g} vs {e}"
+        );
+    }
+}
+
+#[test]
+fn a_tensor_used_several_ways_gets_the_sum_of_its_gradients() {
+    let device = Device::Cpu;
+    let start: Vec<f32> = (0..6).map(|i| 0.25 * i as f32 - 0.6).collect();
+    let x = Var::from_vec(start.clone(), (2, 3), &device).unwrap();
+    let w = Var::from_vec(vec![0.5f32, -1.0, 2.0], (1, 3), &device).unwrap();
+    // y = Σ [ 3·xᵀ(transposed back) + x² + exp(x) + x·w (w broadcast over rows) − x[:, 1:] ]
+    let xt = x
+        .as_tensor()
+        .t()
+        .unwrap()
+        .affine(3.0, 0.0)
+        .unwrap()
+        .t()
+        .unwrap();
+    let square = x.as_tensor().sqr().unwrap();
+    let exp = x.as_tensor().exp().unwrap();
+    let scaled = x.as_tensor().broadcast_mul(w.as_tensor()).unwrap();
+    let total = (((xt + square).unwrap() + exp).unwrap() + scaled).unwrap();
+    let narrow = x.as_tensor().narrow(1, 1, 2).unwrap();
+    let y = (total.sum_all().unwrap() - narrow.sum_all().unwrap()).unwrap();
+    let grads = y.backward().unwrap();
+
+    let weights = [0.5f32, -1.0, 2.0];
+    let expected_x: Vec<f32> = start
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let col = i % 3;
+            3.0 + 2.0 * v + v.exp() + weights[col] - if col >= 1 { 1.0 } else { 0.0 }
+        })
+        .collect();
+    assert_close(&values(grads.get(x.as_tensor()).unwrap()), &expected_x);
+    let expected_w: Vec<f32> = (0..3).map(|col| start[col] + start[3 + col]).collect();
+    let grad_w = grads.get(w.as_tensor()).unwrap();
+    assert_eq!(grad_w.dims(), &[1, 3]);
+    assert_close(&values(grad_w), &expected_w);
+}
+
+#[test]
+fn a_gradient_reached_through_a_view_is_stored_contiguous() {
+    let device = Device::Cpu;
+    let a = Var::from_vec(vec![1f32, 2.0, 3.0, 4.0], (2, 2), &device).unwrap();
+    let b = Var::from_vec(vec![-1f32, 0.5, 0.25, 2.0], (2, 2), &device).unwrap();
+    // softmax-like chain: the gradient reaching `a` is a transposed view upstream.
+    let y = (a.as_tensor().t().unwrap() + b.as_tensor())
+        .unwrap()
+        .exp()
+        .unwrap()
+        .sum_keepdim(D::Minus1)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = y.backward().unwrap();
+    let (ga, gb) = (
+        grads.get(a.as_tensor()).unwrap(),
+        grads.get(b.as_tensor()).unwrap(),
+    );
+    assert!(ga.is_contiguous() && gb.is_contiguous());
+    // d/db exp(aᵀ + b) = exp(aᵀ + b); d/da is its transpose.
+    let at = [1f32, 3.0, 2.0, 4.0];
+    let bv = [-1f32, 0.5, 0.25, 2.0];
+    let expected_b: Vec<f32> = at.iter().zip(bv).map(|(x, y)| (x + y).exp()).collect();
+    assert_close(&values(gb), &expected_b);
+    let expected_a = [expected_b[0], expected_b[2], expected_b[1], expected_b[3]];
+    assert_close(&values(ga), &expected_a);
+}
