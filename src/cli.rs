@@ -489,7 +489,7 @@ pub struct BaseArgs {
     pub quantize_base: Option<QuantArg>,
     /// Keep the frozen projections and output head in bf16: bf16 products with f32
     /// accumulation, as PyTorch's bf16 autocast; the LoRA factors stay f32. Faster than the f32
-    /// base where the CPU has AMX (Intel Xeon from Sapphire Rapids on: measured 1.8-2x) or
+    /// base where the CPU has AMX (Intel Xeon from Sapphire Rapids on: measured 1.4-1.9x) or
     /// where bf16 dot products outrun f32 FMAs (AMD Zen 4: 1.6x); slower where they do not (an
     /// Intel Xeon without AMX ran them at half the f32 FMA's flop rate) or where the CPU lacks
     /// AVX-512 BF16. A warning says which, from a measurement at start. On a GPU (`cuda`

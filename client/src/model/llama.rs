@@ -572,7 +572,7 @@ impl Llama {
         }
         if super::packed_gemm::amx_available() {
             tracing::info!(
-                "this CPU has AMX: the bf16 base (--bf16-base) trains 1.8-1.9x as fast as the \
+                "this CPU has AMX: the bf16 base (--bf16-base) trains 1.4-1.9x as fast as the \
                  f32 one here"
             );
         }
