@@ -492,7 +492,7 @@ pub struct BaseArgs {
     /// base where the CPU has AMX (Intel Xeon from Sapphire Rapids on: measured 1.4-1.9x) or
     /// where bf16 dot products outrun f32 FMAs (AMD Zen 4: 1.6x); slower where they do not (an
     /// Intel Xeon without AMX ran them at half the f32 FMA's flop rate) or where the CPU lacks
-    /// AVX-512 BF16. A warning says which, from a measurement at start. On a GPU (`cuda`
+    /// AVX-512 BF16. Without AMX, a warning says which, from a measurement at start. On a GPU (`cuda`
     /// builds) the frozen weights become bf16 tensors for the device's own matmuls.
     #[arg(long)]
     pub bf16_base: bool,

@@ -64,7 +64,7 @@ fn a_gradient_reached_through_a_view_is_stored_contiguous() {
     let device = Device::Cpu;
     let a = Var::from_vec(vec![1f32, 2.0, 3.0, 4.0], (2, 2), &device).unwrap();
     let b = Var::from_vec(vec![-1f32, 0.5, 0.25, 2.0], (2, 2), &device).unwrap();
-    // softmax-like chain: the gradient reaching `a` is a transposed view upstream.
+    // exp of a sum over a transposed view: the gradient reaching `a` comes through a transpose.
     let y = (a.as_tensor().t().unwrap() + b.as_tensor())
         .unwrap()
         .exp()
@@ -86,4 +86,28 @@ fn a_gradient_reached_through_a_view_is_stored_contiguous() {
     assert_close(&values(gb), &expected_b);
     let expected_a = [expected_b[0], expected_b[2], expected_b[1], expected_b[3]];
     assert_close(&values(ga), &expected_a);
+}
+
+#[test]
+fn both_sides_of_an_op_on_one_tensor_and_offset_views_add_up() {
+    let device = Device::Cpu;
+    let start = [0.5f32, -2.0, 1.5];
+    let x = Var::from_vec(start.to_vec(), 3, &device).unwrap();
+    let other = Var::from_vec(vec![3f32, 4.0, 5.0], 3, &device).unwrap();
+    // x + x and x * x: both of an op's sides are the same tensor (the second term is added to
+    // the first, stored one). stack(..).get(1): a view at an offset into a larger storage.
+    let stacked = Tensor::stack(&[other.as_tensor(), x.as_tensor()], 0).unwrap();
+    let y = ((x.as_tensor() + x.as_tensor()).unwrap() + x.as_tensor().sqr().unwrap())
+        .unwrap()
+        .add(&(x.as_tensor() * x.as_tensor()).unwrap())
+        .unwrap()
+        .add(&stacked.get(1).unwrap().affine(4.0, 0.0).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = y.backward().unwrap();
+    // d/dx [2x + x² + x² + 4x] = 6 + 4x; `other` reaches y only through the stack's row 0.
+    let expected: Vec<f32> = start.iter().map(|v| 6.0 + 4.0 * v).collect();
+    assert_close(&values(grads.get(x.as_tensor()).unwrap()), &expected);
+    assert_close(&values(grads.get(other.as_tensor()).unwrap()), &[0.0; 3]);
 }

@@ -20,8 +20,8 @@
 //! holding `B[2p][j]` in the low half and `B[2p + 1][j]` in the high half, which is what
 //! `vdpbf16ps` multiplies against a broadcast pair `A[i][2p], A[i][2p + 1]`, and what AMX's
 //! `tdpbf16ps` reads as a B tile: 16 word steps × 16 columns, one 64-byte line each, 256 bytes
-//! apart. Either way a word step of a panel is one 64-byte line per 16 columns. An odd `k` (bf16) is padded with a zero
-//! row; the last panel is padded with zero columns.
+//! apart. Either way a word step of a panel is one 64-byte line per 16 columns. An odd `k`
+//! (bf16) is padded with a zero row; the last panel is padded with zero columns.
 //!
 //! The driver blocks `k` so that a panel's slice (64–128 KiB) stays in L2 while it sweeps tiles
 //! of [`MR`] rows of `A` (also in L2; the micro-kernel streams both through L1), and splits rows
@@ -70,8 +70,9 @@ pub enum Kernel {
     Avx2,
     /// 512-bit FMA (f32) or `vdpbf16ps` (bf16): x86-64 CPUs with AVX-512F (and AVX-512 BF16).
     Avx512,
-    /// AMX tiles (bf16 only): `tdpbf16ps` on tiles of [`AMX_ROWS`] rows × 32 columns; rows left
-    /// over (under 16) and a depth's last word steps (under 16) go to the `Avx512` kernel.
+    /// AMX tiles (bf16 only): `tdpbf16ps`, a call taking [`AMX_ROWS`] (or 16) rows × a panel's
+    /// 64 columns in two halves of 2 × 2 C tiles; rows left over (under 16) and a depth's last
+    /// word steps (under 16) go to the `Avx512` kernel.
     Amx,
 }
 
@@ -486,8 +487,16 @@ fn matmul_with<W: Word>(a: &AOperand<'_, W>, m: usize, b: &PackedB<W>, kernel: K
             let panel_range =
                 group * panels_per_group..((group + 1) * panels_per_group).min(panels);
             let out = &out;
+            #[cfg(target_arch = "x86_64")]
+            if kernel == Kernel::Amx {
+                // SAFETY: `Amx` is one of `kernels` only where the CPU has AMX and the process
+                // was granted the tile state. Loaded per task, so that no other AMX code (such
+                // as candle's own quantized kernels) can have changed it on this thread since.
+                unsafe { x86::load_tile_config() };
+            }
             // BLIS order: a k-block of B's panels (`NC_PANELS` at a time, in L2/L3) is swept by
-            // blocks of `MC` rows of A (in L2); each panel slice (in L2) by tiles of `MR` rows.
+            // blocks of `MC` rows of A (in L2); each panel slice (in L2) by tiles of `MR` rows
+            // (AMX: 32 or 16).
             // Row blocks also keep the C rows a sweep writes on few pages.
             for kc0 in (0..b.depth).step_by(kc_words) {
                 let kc = kc_words.min(b.depth - kc0);
@@ -509,7 +518,7 @@ fn matmul_with<W: Word>(a: &AOperand<'_, W>, m: usize, b: &PackedB<W>, kernel: K
                                     cols,
                                     accumulate: kc0 > 0,
                                 };
-                                tile.check();
+                                tile.check(kernel);
                                 // SAFETY: tasks own disjoint (row range × panel range)
                                 // rectangles of C, and the tile writes rows
                                 // `row..row + tile.rows` and columns `panel·NR..panel·NR + cols`
@@ -551,9 +560,10 @@ pub struct Tile<'a, W> {
 }
 
 impl<W> Tile<'_, W> {
-    /// The bounds the kernels rely on.
-    fn check(&self) {
-        assert!((1..=MR.max(AMX_ROWS)).contains(&self.rows) && self.cols <= NR);
+    /// The bounds `kernel` relies on.
+    fn check(&self, kernel: Kernel) {
+        let max_rows = if kernel == Kernel::Amx { AMX_ROWS } else { MR };
+        assert!((1..=max_rows).contains(&self.rows) && self.cols <= NR);
         assert!(self.b.len() >= self.depth * NR);
         assert!(self.a.len() >= (self.rows - 1) * self.lda + self.depth);
     }
@@ -620,6 +630,18 @@ pub fn amx_available() -> bool {
     })
 }
 
+/// Whether the CPU reports AMX-TILE and AMX-BF16 (CPUID only: asks Linux for nothing).
+pub fn amx_in_cpu() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::amx_in_cpuid()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Whether a vectorised f32 kernel (AVX-512F, or AVX2 with FMA) runs on this CPU.
 pub fn f32_simd_available() -> bool {
     <f32 as Word>::best_kernel() != Kernel::Portable
@@ -629,9 +651,14 @@ pub fn f32_simd_available() -> bool {
 mod x86 {
     use std::arch::asm;
     use std::arch::x86_64::*;
-    use std::cell::Cell;
 
-    use super::{Bf16Pair, MR, NR, Tile};
+    use super::{Bf16Pair, Kernel, MR, NR, Tile};
+
+    /// CPUID leaf 7's AMX-BF16 and AMX-TILE bits.
+    pub(super) fn amx_in_cpuid() -> bool {
+        let leaf7 = __cpuid_count(7, 0);
+        (leaf7.edx >> 22) & 1 == 1 && (leaf7.edx >> 24) & 1 == 1
+    }
 
     /// CPUID leaf 7's AMX bits, then Linux's permission for the tile data (XTILEDATA, state
     /// component 18), which a process must ask for before its first tile instruction.
@@ -639,9 +666,7 @@ mod x86 {
     pub(super) fn amx_granted() -> bool {
         const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
         const XFEATURE_XTILEDATA: libc::c_long = 18;
-        let leaf7 = __cpuid_count(7, 0);
-        let (amx_bf16, amx_tile) = ((leaf7.edx >> 22) & 1 == 1, (leaf7.edx >> 24) & 1 == 1);
-        if !(amx_bf16 && amx_tile) {
+        if !amx_in_cpuid() {
             return false;
         }
         // SAFETY: arch_prctl with ARCH_REQ_XCOMP_PERM takes two integers and touches no memory
@@ -661,32 +686,20 @@ mod x86 {
     #[repr(C, align(64))]
     struct TileConfig([u8; 64]);
 
-    thread_local! {
-        static TILES_CONFIGURED: Cell<bool> = const { Cell::new(false) };
-    }
-
-    /// Loads the tile configuration on this thread, once (it is per-thread state, kept across
-    /// context switches; nothing else in the process loads another).
+    /// Loads the tile configuration on this thread (per-thread state, kept across context
+    /// switches). The driver loads it at the start of each task that runs [`amx_bf16_kernel`].
     ///
     /// # Safety
     /// The CPU has AMX and the process was granted the tile state ([`amx_granted`]).
-    unsafe fn configure_tiles() {
-        TILES_CONFIGURED.with(|configured| {
-            if configured.get() {
-                return;
-            }
-            let mut config = TileConfig([0; 64]);
-            config.0[0] = 1;
-            for tile in 0..8 {
-                config.0[16 + 2 * tile] = 64;
-                config.0[48 + tile] = 16;
-            }
-            // SAFETY: a valid palette-1 configuration, 64 bytes, 64-byte aligned.
-            unsafe {
-                asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly))
-            };
-            configured.set(true);
-        });
+    pub(super) unsafe fn load_tile_config() {
+        let mut config = TileConfig([0; 64]);
+        config.0[0] = 1;
+        for tile in 0..8 {
+            config.0[16 + 2 * tile] = 64;
+            config.0[48 + tile] = 16;
+        }
+        // SAFETY: a valid palette-1 configuration, 64 bytes, 64-byte aligned.
+        unsafe { asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly)) };
     }
 
     /// Runs `$before tmm{$index} $after` for a run-time C tile index `0..4`.
@@ -712,19 +725,20 @@ mod x86 {
     /// AVX-512 BF16 kernel.
     ///
     /// # Safety
-    /// The CPU has AMX, AVX-512F and AVX-512 BF16, and the process was granted the tile state;
-    /// `tile.rows` is 16 or 32 and its slices cover what it reads (checked by the driver); `c`
-    /// is valid for `tile.rows × tile.cols` writes with row stride `ldc`.
+    /// The CPU has AMX, AVX-512F and AVX-512 BF16, the process was granted the tile state, and
+    /// [`load_tile_config`] ran on this thread with no other AMX code since; `tile.rows` is 16
+    /// or 32 and its slices cover what it reads (checked by the driver); `c` is valid for
+    /// `tile.rows × tile.cols` writes with row stride `ldc`.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn amx_bf16_kernel(tile: &Tile<'_, Bf16Pair>, c: *mut f32, ldc: usize) {
-        // SAFETY: as this function's caller vouches.
-        unsafe { configure_tiles() };
         let steps = tile.depth / 16;
         let row_tiles = tile.rows / 16;
         let a = tile.a.as_ptr().cast::<u32>();
         let b = tile.b.as_ptr().cast::<u32>();
         let (lda, ldb, ldc_bytes) = (tile.lda * 4, NR * 4, ldc * 4);
-        let mut scratch = CTile([[0.0; 16]; 16]);
+        // Partial C tiles are stored here, all of them before any leaves AMX's registers for C,
+        // so that no other code runs between the tile instructions.
+        let mut scratch: [CTile; 4] = std::array::from_fn(|_| CTile([[0.0; 16]; 16]));
         for first in (0..tile.cols)
             .step_by(32)
             .take(if steps > 0 { 2 } else { 0 })
@@ -799,22 +813,35 @@ mod x86 {
                     }
                 }
             }
-            for t in 0..tiles {
+            let partial = |t: usize| corner(t).1 < tile.cols && !full(t);
+            for (t, scratch) in scratch.iter_mut().enumerate().take(tiles) {
                 let (row, col) = corner(t);
-                if col >= tile.cols {
-                    continue;
-                }
                 // SAFETY: a full tile's 16 × 16 lie inside the caller's rectangle; a partial
-                // one is stored to the scratch tile, then its columns `< tile.cols` added.
+                // one goes to its 1 KiB scratch tile.
                 unsafe {
-                    let at = c.add(row * ldc + col);
                     if full(t) {
+                        let at = c.add(row * ldc + col);
                         on_c_tile!(t, "tilestored [{0} + {1}*1], ", "", in(reg) at, in(reg) ldc_bytes, options(nostack));
-                    } else {
+                    } else if partial(t) {
                         let into = scratch.0.as_mut_ptr().cast::<f32>();
                         on_c_tile!(t, "tilestored [{0} + {1}*1], ", "", in(reg) into, in(reg) 64usize, options(nostack));
-                        store_rows(&scratch, tile.cols - col, tile.accumulate, at, ldc);
                     }
+                }
+            }
+            for (t, scratch) in scratch.iter().enumerate().take(tiles) {
+                if partial(t) {
+                    let (row, col) = corner(t);
+                    // SAFETY: columns `col..tile.cols` (under 16) of rows `row..row + 16`, inside
+                    // the caller's rectangle.
+                    unsafe {
+                        store_rows(
+                            scratch,
+                            tile.cols - col,
+                            tile.accumulate,
+                            c.add(row * ldc + col),
+                            ldc,
+                        )
+                    };
                 }
             }
         }
@@ -832,7 +859,7 @@ mod x86 {
                 cols: tile.cols,
                 accumulate: tile.accumulate || steps > 0,
             };
-            part.check();
+            part.check(Kernel::Avx512);
             // SAFETY: the CPU has AVX-512F and AVX-512 BF16; `part` was checked; its rows lie
             // inside the caller's rectangle.
             unsafe {
@@ -853,6 +880,7 @@ mod x86 {
     /// The CPU has AVX-512F; `c` is valid for `16 × cols` writes with row stride `ldc`.
     #[target_feature(enable = "avx512f")]
     unsafe fn store_rows(tile: &CTile, cols: usize, accumulate: bool, c: *mut f32, ldc: usize) {
+        debug_assert!(cols < 16, "full tiles are stored directly");
         let mask: __mmask16 = (1u16 << cols.min(15)) - 1;
         for (r, row) in tile.0.iter().enumerate() {
             // SAFETY: the masked lanes are columns `< cols` of row `r < 16`.
@@ -1130,8 +1158,9 @@ mod tests {
     /// registers, partial AVX2 quarters), row counts that leave every tile height 1–6, k over
     /// several blocks. For AMX: 32- and 16-row tiles with rows left over, depths under one
     /// tile step (15 word steps), exactly whole steps (32), and with steps left over in one
-    /// block and in several; partial C tiles in either half of a panel, and an empty half.
-    const EDGE_SHAPES: [(usize, usize, usize); 14] = [
+    /// block and in several; partial C tiles in either half of a panel and in either column of
+    /// a half, also accumulated over k-blocks, an empty half, and more rows than one `MC` block.
+    const EDGE_SHAPES: [(usize, usize, usize); 16] = [
         (1, 1, 1),
         (2, 9, 24),
         (4, 37, 77),
@@ -1146,6 +1175,8 @@ mod tests {
         (32, 30, 33),
         (48, 64, 80),
         (64, 1100, 100),
+        (130, 70, 120),
+        (40, 1100, 50),
     ];
 
     fn assert_close(expected: &[f64], got: &[f32], k: usize, what: &str) {

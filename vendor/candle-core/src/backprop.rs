@@ -721,12 +721,12 @@ impl GradStore {
         self.0.insert(id, grad)
     }
 
-    /// Get the gradient tensor associated with the given tensor, or, if it does not exist,
-    /// insert a tensor of zeroes, with the same shape and type as the given tensors and return it
     /// Adds `grad` to `tensor`'s gradient. The first gradient to reach a tensor is stored as it
     /// is (made contiguous), where `or_insert` + `add` would fill a fresh tensor with zeros and
     /// add `grad` into another: fedlora's patch (see vendor/README.md), the idea of upstream's
-    /// open pull requests #3578 and #3822.
+    /// open pull requests #3578 and #3822. The first gradient is checked as `add` would check it
+    /// against the zeros: same shape, dtype and device as `tensor`. Stored gradients may share
+    /// storage (an `Add` gives both sides the same tensor): never modify one in place.
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
@@ -734,12 +734,38 @@ impl GradStore {
                 *sum_grad = sum_grad.add(grad)?;
             }
             Entry::Vacant(entry) => {
+                if tensor.shape() != grad.shape() {
+                    Err(Error::ShapeMismatchBinaryOp {
+                        lhs: tensor.shape().clone(),
+                        rhs: grad.shape().clone(),
+                        op: "accumulate-grad",
+                    }
+                    .bt())?
+                }
+                if tensor.dtype() != grad.dtype() {
+                    Err(Error::DTypeMismatchBinaryOp {
+                        lhs: tensor.dtype(),
+                        rhs: grad.dtype(),
+                        op: "accumulate-grad",
+                    }
+                    .bt())?
+                }
+                if !tensor.device().same_device(grad.device()) {
+                    Err(Error::DeviceMismatchBinaryOp {
+                        lhs: tensor.device().location(),
+                        rhs: grad.device().location(),
+                        op: "accumulate-grad",
+                    }
+                    .bt())?
+                }
                 entry.insert(grad.contiguous()?);
             }
         }
         Ok(())
     }
 
+    /// Get the gradient tensor associated with the given tensor, or, if it does not exist,
+    /// insert a tensor of zeroes, with the same shape and type as the given tensors and return it
     fn or_insert(&mut self, tensor: &Tensor) -> Result<&mut Tensor> {
         let grad = match self.0.entry(tensor.id()) {
             Entry::Occupied(entry) => entry.into_mut(),
