@@ -505,6 +505,21 @@ pub struct BaseArgs {
 }
 
 impl Cli {
+    /// Whether the command trains, evaluates or generates: runs jobs on the client's compute
+    /// thread (`fedlora_client::compute`).
+    pub fn runs_compute_jobs(&self) -> bool {
+        matches!(
+            self.command,
+            Command::Client(_)
+                | Command::Demo(_)
+                | Command::BenchTrain(_)
+                | Command::BenchQuality(_)
+                | Command::Generate(_)
+                | Command::Merge(_)
+                | Command::Combine(_)
+        )
+    }
+
     /// Whether the command keeps a frozen base quantized (QLoRA), whose products run in
     /// candle's quantized matmul.
     pub fn quantized_base(&self) -> bool {
@@ -597,14 +612,20 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Rounds(args) => rounds(args).await,
         Command::InitTinyModel(args) => init_tiny_model(&args),
         Command::Demo(args) => run_demo(args).await,
-        Command::BenchTrain(args) => bench_train(&args),
+        Command::BenchTrain(args) => on_compute_thread(move || bench_train(&args)).await,
         Command::BenchAggregate(args) => bench_aggregate(&args),
-        Command::BenchQuality(args) => bench_quality(args),
-        Command::Generate(args) => generate(&args),
+        Command::BenchQuality(args) => on_compute_thread(move || bench_quality(args)).await,
+        Command::Generate(args) => on_compute_thread(move || generate(&args)).await,
         Command::Ca(command) => crate::ca::run(command).await,
-        Command::Merge(args) => merge(&args),
-        Command::Combine(args) => combine(&args),
+        Command::Merge(args) => on_compute_thread(move || merge(&args)).await,
+        Command::Combine(args) => on_compute_thread(move || combine(&args)).await,
     }
+}
+
+/// Runs a command that trains, evaluates or generates on the client's compute thread, where its
+/// parallel kernels run fastest (`fedlora_client::compute`).
+async fn on_compute_thread(command: impl FnOnce() -> Result<()> + Send + 'static) -> Result<()> {
+    fedlora_client::compute::run_async(command).await?
 }
 
 /// Resolves on SIGINT or SIGTERM.

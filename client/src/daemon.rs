@@ -22,6 +22,7 @@ use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{error, info, instrument, warn};
 
+use crate::compute;
 use crate::error::{ClientError, Result};
 pub use crate::model::BasePrecision;
 use crate::model::peft::write_peft_adapter;
@@ -167,7 +168,7 @@ pub async fn run(
     tokio::pin!(shutdown);
     let site = {
         let config = config.clone();
-        tokio::task::spawn_blocking(move || load_site(&config))
+        compute::run_async(move || load_site(&config))
             .await
             .map_err(|error| ClientError::Protocol(format!("loader task: {error}")))??
     };
@@ -436,11 +437,9 @@ async fn run_task(
     let eval = {
         let model = model.clone();
         let heldout = heldout.clone();
-        tokio::task::spawn_blocking(move || {
-            evaluate(&model, &heldout, batch_size, max_eval_windows)
-        })
-        .await
-        .map_err(|error| ClientError::Protocol(format!("evaluation task: {error}")))??
+        compute::run_async(move || evaluate(&model, &heldout, batch_size, max_eval_windows))
+            .await
+            .map_err(|error| ClientError::Protocol(format!("evaluation task: {error}")))??
     };
     summary.last_eval_loss = Some(eval.loss);
     observer(&DaemonEvent::Evaluated {
@@ -490,7 +489,7 @@ async fn run_task(
     let step_observer = observer.clone();
     let tokens_per_step =
         (train_config.batch_size * train_config.seq_len * train_config.grad_accumulation) as f64;
-    let (model, report) = tokio::task::spawn_blocking(move || {
+    let (model, report) = compute::run_async(move || {
         let started = std::time::Instant::now();
         let report = train(&model, &windows, &train_config, &mut |step, loss| {
             let seconds = started.elapsed().as_secs_f64().max(1e-9);
@@ -505,7 +504,7 @@ async fn run_task(
     })
     .await
     .map_err(|error| ClientError::Protocol(format!("training task: {error}")))??;
-    let (adapter, local_eval) = tokio::task::spawn_blocking(move || {
+    let (adapter, local_eval) = compute::run_async(move || {
         let local_eval = evaluate(&model, &heldout, batch_size, max_eval_windows)?;
         Ok::<_, ClientError>((model.export_adapter()?, local_eval))
     })

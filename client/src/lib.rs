@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod chat;
+pub mod compute;
 pub mod daemon;
 pub mod error;
 pub mod generate;

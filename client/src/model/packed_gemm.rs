@@ -79,14 +79,16 @@ pub enum Kernel {
 /// Rows of `A` per AMX call: two tiles of 16.
 const AMX_ROWS: usize = 32;
 
-/// Fewest rows of `A` worth a thread of their own; with fewer, threads split the panels. AMX
-/// multiplies a panel so fast that two threads each streaming every panel of the output head's
-/// (`[128 rows, 32000 columns]` at a time) cost more than splitting them: 317 → 394 GFLOP/s on
-/// that product, the layers' unchanged (a throwaway probe timing `matmul`).
+/// Fewest rows of `A` worth a thread of their own; with fewer, threads split the panels. Two
+/// threads each streaming every panel of the output head (`[128 rows, 32000 columns]` at a time)
+/// cost more than splitting them: with AMX 317 → 394 GFLOP/s on that product; with the AVX-512
+/// f32 kernel 170 → 185 on its two products (probes timing `matmul` and `product`, not shipped;
+/// the layers' products, 1024 rows, unchanged). The bf16 `vdpbf16ps` kernel measured the same
+/// either way (`bench-train --bf16-base`, alternating runs).
 fn min_rows_per_block(kernel: Kernel) -> usize {
     match kernel {
-        Kernel::Amx => 256,
-        _ => MR * 4,
+        Kernel::Amx | Kernel::Avx512 => 256,
+        Kernel::Avx2 | Kernel::Portable => MR * 4,
     }
 }
 
@@ -955,6 +957,9 @@ mod x86 {
         unsafe { store(&acc, tile.cols, tile.accumulate, c, ldc) }
     }
 
+    /// Word steps ahead of the f32 kernel's loads that it prefetches the panel's lines.
+    const PREFETCH_STEPS: usize = 32;
+
     /// # Safety
     /// The CPU has AVX-512F; `tile`'s slices cover what it reads (checked by the driver); `c` is
     /// valid for `ROWS × tile.cols` writes with row stride `ldc`.
@@ -971,6 +976,17 @@ mod x86 {
             // SAFETY (all reads): as in `bf16_kernel`.
             unsafe {
                 let line = b.add(p * NR);
+                // The panel slice (up to 512 steps × 256 bytes) is read from L2 once per tile;
+                // fetching its lines 32 steps (8 KiB) ahead into L1 cut the step's products by
+                // 6–12% (a throwaway probe timing `product` on the reference step's shapes, with
+                // distances 0, 4, 8, 16, 24 and 32 in alternating rounds; 16–32 alike). Past the
+                // slice's end it fetches the next k-block's or panel's lines, which a prefetch
+                // may (it never faults).
+                let ahead = line.wrapping_add(PREFETCH_STEPS * NR);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16).cast());
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(32).cast());
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(48).cast());
                 let b0 = _mm512_loadu_ps(line);
                 let b1 = _mm512_loadu_ps(line.add(16));
                 let b2 = _mm512_loadu_ps(line.add(32));
@@ -1160,7 +1176,7 @@ mod tests {
     /// tile step (15 word steps), exactly whole steps (32), and with steps left over in one
     /// block and in several; partial C tiles in either half of a panel and in either column of
     /// a half, also accumulated over k-blocks, an empty half, and more rows than one `MC` block.
-    const EDGE_SHAPES: [(usize, usize, usize); 16] = [
+    const EDGE_SHAPES: [(usize, usize, usize); 17] = [
         (1, 1, 1),
         (2, 9, 24),
         (4, 37, 77),
@@ -1177,6 +1193,8 @@ mod tests {
         (64, 1100, 100),
         (130, 70, 120),
         (40, 1100, 50),
+        // Over `min_rows_per_block` for every kernel: rows split between threads.
+        (300, 40, 130),
     ];
 
     fn assert_close(expected: &[f64], got: &[f32], k: usize, what: &str) {
