@@ -95,17 +95,7 @@ impl CustomOp2 for HeadCrossEntropy {
             let chunk_losses: Vec<f32> = logits
                 .par_chunks_mut(vocab)
                 .zip(chunk_targets.par_iter())
-                .map(|(row, &target)| {
-                    let (max, sum) = row_normaliser(row);
-                    let log_sum = sum.ln() + max;
-                    let loss = log_sum - row[target as usize];
-                    if need_grad {
-                        row.iter_mut()
-                            .for_each(|value| *value = exp(*value - log_sum));
-                        row[target as usize] -= 1.0;
-                    }
-                    loss
-                })
+                .map(|(row, &target)| row_loss(row, target as usize, need_grad))
                 .collect();
             losses.extend(chunk_losses);
             if need_grad {
@@ -192,6 +182,7 @@ fn slices<'a>(
 const LANES: usize = 16;
 
 /// `max` of a row (NaN entries are skipped here, and make the sums NaN).
+#[inline(always)]
 fn row_max(row: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let chunks = row.chunks_exact(LANES);
@@ -208,6 +199,7 @@ fn row_max(row: &[f32]) -> f32 {
 }
 
 /// `(max, Σ exp(x − max))` of a row.
+#[inline(always)]
 fn row_normaliser(row: &[f32]) -> (f32, f32) {
     let max = row_max(row);
     let mut lanes = [0f32; LANES];
@@ -220,6 +212,61 @@ fn row_normaliser(row: &[f32]) -> (f32, f32) {
     }
     let tail: f32 = tail.iter().map(|&value| exp(value - max)).sum();
     (max, lanes.iter().sum::<f32>() + tail)
+}
+
+/// One row's loss `log Σ eˣ − x[target]`, and with `need_grad` its unit gradient
+/// `softmax − onehot` written over the logits. Compiled for the widest vectors the CPU has
+/// (`x86::row_loss`): built for baseline x86-64, the loop of exponentials ran in 128-bit
+/// registers. The same IEEE operations per lane in every version, so the same values.
+fn row_loss(row: &mut [f32], target: usize, need_grad: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(loss) = x86::row_loss(row, target, need_grad) {
+        return loss;
+    }
+    row_loss_portable(row, target, need_grad)
+}
+
+#[inline(always)]
+fn row_loss_portable(row: &mut [f32], target: usize, need_grad: bool) -> f32 {
+    let (max, sum) = row_normaliser(row);
+    let log_sum = sum.ln() + max;
+    let loss = log_sum - row[target];
+    if need_grad {
+        row.iter_mut()
+            .for_each(|value| *value = exp(*value - log_sum));
+        row[target] -= 1.0;
+    }
+    loss
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(
+    unsafe_code,
+    reason = "calls the AVX-512 and AVX2 builds of row_loss where the CPU has them"
+)]
+mod x86 {
+    /// [`super::row_loss_portable`] in AVX-512 or AVX2 registers where the CPU has them.
+    pub(super) fn row_loss(row: &mut [f32], target: usize, need_grad: bool) -> Option<f32> {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked just above).
+            Some(unsafe { avx512(row, target, need_grad) })
+        } else if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            Some(unsafe { avx2(row, target, need_grad) })
+        } else {
+            None
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    fn avx512(row: &mut [f32], target: usize, need_grad: bool) -> f32 {
+        super::row_loss_portable(row, target, need_grad)
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn avx2(row: &mut [f32], target: usize, need_grad: bool) -> f32 {
+        super::row_loss_portable(row, target, need_grad)
+    }
 }
 
 impl CustomOp2 for CrossEntropyRows {
@@ -337,6 +384,31 @@ mod tests {
         let (max, sum) = row_normaliser(&[0.0; 37]);
         assert_eq!((max, sum), (0.0, 37.0));
         assert!(row_normaliser(&[1.0, f32::NAN, 2.0]).1.is_nan());
+    }
+
+    /// Every build of `row_loss` this CPU runs gives the portable build's values, bit for bit.
+    #[test]
+    fn row_loss_builds_agree_bit_for_bit() {
+        let row: Vec<f32> = (0..1003u32)
+            .map(|index| (index.wrapping_mul(2_654_435_761) % 20_011) as f32 / 997.0 - 9.0)
+            .collect();
+        for need_grad in [false, true] {
+            let (mut portable, mut dispatched) = (row.clone(), row.clone());
+            let expected = row_loss_portable(&mut portable, 17, need_grad);
+            let got = row_loss(&mut dispatched, 17, need_grad);
+            assert_eq!(expected.to_bits(), got.to_bits());
+            assert!(
+                portable
+                    .iter()
+                    .zip(&dispatched)
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+            );
+            assert_eq!(
+                need_grad,
+                portable != row,
+                "the gradient is written only when asked"
+            );
+        }
     }
 
     /// The chunked head + loss against the whole logits through `cross_entropy_rows`: same
