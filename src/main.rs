@@ -31,8 +31,9 @@ fn retain_freed_memory() {}
 /// its own (a 64 MiB heap at most, growing by `mprotect`) the step's large buffers faulted their
 /// pages in again and again despite [`retain_freed_memory`]: `bench-train` took 860–980 thousand
 /// minor page faults over 6 steps against 262 thousand, and ran at 756–789 against 835–844
-/// tokens/s (reference preset, Intel Xeon, alternating runs). The coordinator keeps glibc's
-/// default, an arena per core, for its many request threads.
+/// tokens/s (reference preset, Intel Xeon, alternating runs). `fedlora serve` keeps glibc's
+/// default, an arena per core, for its many request threads; the demo's in-process coordinator
+/// and a daemon's runtime threads share the one arena (their allocations are few; not measured).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(
     unsafe_code,

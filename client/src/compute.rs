@@ -6,14 +6,17 @@
 //! while the caller sleeps on a latch, so every GEMM, fused op and loss chunk of a training step
 //! woke two workers and put the caller to sleep and back (on 2 cores, `perf` had 8% of the step
 //! in futex and scheduler calls). As a worker of its own pool (`use_current_thread`), the compute
-//! thread takes a share of each loop itself and only the other workers are woken:
-//! `fedlora bench-train` ran 17–20% faster in alternating runs (reference preset, Intel Xeon,
-//! 2 cores). Jobs queue: the process trains one thing at a time, which is what its cores allow
-//! anyway (the demo's sites take turns).
+//! thread takes a share of each loop itself and only the other workers are woken. With the
+//! main thread as worker 0 (a throwaway build), `fedlora bench-train` ran 17–20% faster in
+//! alternating runs (reference preset, Intel Xeon, 2 cores); on a thread of its own, as here,
+//! only once its allocations came from glibc's main arena (`src/main.rs`). Jobs queue: the
+//! process trains one thing at a time, which is what its cores allow anyway (the demo's sites
+//! take turns).
 //!
 //! Invariants: a job's panic is caught on the compute thread and handed to its caller as
-//! [`ComputeError::Panicked`], so the thread lives as long as the process; a job that itself
-//! calls [`run`] runs inline (no deadlock on its own queue).
+//! [`ComputeError::Panicked`], so the thread lives as long as the process; a job (or a parallel
+//! part of one, on another worker of the pool) that itself calls [`run`] runs it inline (no
+//! deadlock on its own queue). Jobs run in their caller's tracing span.
 
 use std::any::Any;
 use std::cell::Cell;
@@ -23,9 +26,12 @@ use std::sync::mpsc;
 
 /// A job that could not finish.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ComputeError {
     #[error("the job panicked: {0}")]
     Panicked(String),
+    #[error("the compute thread ended before the job")]
+    Ended,
 }
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -66,6 +72,8 @@ fn serve(jobs: mpsc::Receiver<Job>) {
     let pool = rayon::ThreadPoolBuilder::new()
         .use_current_thread()
         .thread_name(|index| format!("fedlora-compute-{index}"))
+        // A job's parallel parts that call `run` run it inline too.
+        .start_handler(|_| ON_COMPUTE_THREAD.set(true))
         .build();
     if let Err(error) = &pool {
         // Jobs still run, their parallel loops on rayon's global pool as before.
@@ -76,7 +84,8 @@ fn serve(jobs: mpsc::Receiver<Job>) {
     }
 }
 
-/// Runs `job` on the compute thread and returns what it returns, blocking until it is done.
+/// Runs `job` on the compute thread and returns what it returns, blocking until it is done, in
+/// the caller's tracing span. Not for async code, which has [`run_async`].
 pub fn run<T, F>(job: F) -> Result<T, ComputeError>
 where
     F: FnOnce() -> T + Send + 'static,
@@ -86,9 +95,10 @@ where
         return catch_unwind(AssertUnwindSafe(job)).map_err(panicked);
     };
     let (done, result) = mpsc::sync_channel(1);
+    let span = tracing::Span::current();
     let job: Job = Box::new(move || {
-        // The caller may have gone; nothing to do about it here.
-        let _ = done.send(catch_unwind(AssertUnwindSafe(job)));
+        // The caller blocks until this sends, so it is there to receive.
+        let _ = done.send(catch_unwind(AssertUnwindSafe(|| span.in_scope(job))));
     });
     if let Err(mpsc::SendError(job)) = queue.send(job) {
         // The thread is gone (it never should be: jobs' panics are caught): run it here.
@@ -96,11 +106,12 @@ where
     }
     result
         .recv()
-        .map_err(|_| ended())
+        .map_err(|_| ComputeError::Ended)
         .and_then(|outcome| outcome.map_err(panicked))
 }
 
-/// [`run`] for async callers: the task waits without blocking its runtime's thread.
+/// [`run`] for async callers: the task waits without blocking its runtime's thread. A job whose
+/// caller is dropped before it starts is skipped; one already running finishes.
 pub async fn run_async<T, F>(job: F) -> Result<T, ComputeError>
 where
     F: FnOnce() -> T + Send + 'static,
@@ -110,8 +121,14 @@ where
         return catch_unwind(AssertUnwindSafe(job)).map_err(panicked);
     }
     let (done, result) = tokio::sync::oneshot::channel();
+    let span = tracing::Span::current();
     let job: Job = Box::new(move || {
-        let _ = done.send(catch_unwind(AssertUnwindSafe(job)));
+        // A caller that was cancelled (its future dropped: a daemon shut down, a test timed
+        // out) no longer wants the job; don't keep the queue behind it.
+        if done.is_closed() {
+            return;
+        }
+        let _ = done.send(catch_unwind(AssertUnwindSafe(|| span.in_scope(job))));
     });
     let job = match queue() {
         Some(queue) => queue.send(job).err().map(|mpsc::SendError(job)| job),
@@ -123,12 +140,8 @@ where
     }
     result
         .await
-        .map_err(|_| ended())
+        .map_err(|_| ComputeError::Ended)
         .and_then(|outcome| outcome.map_err(panicked))
-}
-
-fn ended() -> ComputeError {
-    ComputeError::Panicked("the compute thread ended before the job".into())
 }
 
 /// A caught panic's message.
@@ -200,10 +213,45 @@ mod tests {
     }
 
     #[test]
+    fn a_parallel_part_calling_run_runs_it_inline() {
+        let inner =
+            run(|| rayon::broadcast(|_| run(rayon::current_thread_index).unwrap())).unwrap();
+        let threads = run(rayon::current_num_threads).unwrap();
+        assert_eq!(inner, (0..threads).map(Some).collect::<Vec<_>>());
+    }
+
+    #[test]
     fn broadcasts_reach_every_worker_including_the_compute_thread() {
         let indices = run(|| rayon::broadcast(|context| context.index())).unwrap();
         let threads = run(rayon::current_num_threads).unwrap();
         assert_eq!(indices, (0..threads).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_callers_job_is_skipped() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let (started, is_started) = mpsc::channel();
+        let (release, is_released) = mpsc::channel::<()>();
+        let blocker = std::thread::spawn(move || {
+            run(move || {
+                started.send(()).unwrap();
+                is_released.recv().unwrap();
+            })
+            .unwrap()
+        });
+        is_started.recv().unwrap();
+        // Queued behind the blocker, then cancelled before the blocker is released.
+        let ran = Arc::new(AtomicBool::new(false));
+        let flag = ran.clone();
+        let cancelled = run_async(move || flag.store(true, Ordering::SeqCst));
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(20), cancelled).await;
+        assert!(waited.is_err(), "the job cannot have run yet");
+        release.send(()).unwrap();
+        blocker.join().unwrap();
+        // Jobs run in order: once this one has, the cancelled one was skipped or ran.
+        run(|| ()).unwrap();
+        assert!(!ran.load(Ordering::SeqCst), "the cancelled job ran");
     }
 
     #[tokio::test]

@@ -168,9 +168,7 @@ pub async fn run(
     tokio::pin!(shutdown);
     let site = {
         let config = config.clone();
-        compute::run_async(move || load_site(&config))
-            .await
-            .map_err(|error| ClientError::Protocol(format!("loader task: {error}")))??
+        compute::run_async(move || load_site(&config)).await??
     };
     let mut summary = DaemonSummary {
         client_id: String::new(),
@@ -407,15 +405,12 @@ async fn run_task(
         kind: if is_train { "train" } else { "evaluate" },
         local_steps: if is_train { params.local_steps } else { 0 },
     });
-    let mut model = site.model.clone();
-    model.attach_lora(&lora, params.seed)?;
-    let spec = adapter_spec(&model.config().dims(), &lora)?;
-    if task.global_adapter_round > 0 {
+    let spec = adapter_spec(&site.model.config().dims(), &lora)?;
+    let global = if task.global_adapter_round > 0 {
         let held = site.held();
         let download =
             download(client, client_id, task.global_adapter_round, held.as_ref()).await?;
         download.adapter.validate(&spec)?;
-        model.load_adapter(&download.adapter)?;
         summary.downloaded_bytes += download.bytes as u64;
         summary.factors_reused += download.reused.len() as u32;
         observer(&DaemonEvent::Downloaded {
@@ -424,11 +419,29 @@ async fn run_task(
             bytes: download.bytes,
             reused: download.reused,
         });
-        site.hold(download.adapter);
+        Some(download.adapter)
     } else {
-        // The seeded start, which the coordinator computes identically.
-        site.hold(model.export_adapter()?);
-    }
+        None
+    };
+    // On the compute thread, not the runtime: attaching DoRA computes every projection's
+    // row norms.
+    let (model, start) = {
+        let (mut model, lora, seed) = (site.model.clone(), lora.clone(), params.seed);
+        compute::run_async(move || {
+            model.attach_lora(&lora, seed)?;
+            let start = match global {
+                Some(adapter) => {
+                    model.load_adapter(&adapter)?;
+                    adapter
+                }
+                // The seeded start, which the coordinator computes identically.
+                None => model.export_adapter()?,
+            };
+            Ok::<_, ClientError>((model, start))
+        })
+        .await??
+    };
+    site.hold(start);
 
     let seq_len = params.seq_len.max(2) as usize;
     let batch_size = params.batch_size.max(1) as usize;
@@ -438,8 +451,7 @@ async fn run_task(
         let model = model.clone();
         let heldout = heldout.clone();
         compute::run_async(move || evaluate(&model, &heldout, batch_size, max_eval_windows))
-            .await
-            .map_err(|error| ClientError::Protocol(format!("evaluation task: {error}")))??
+            .await??
     };
     summary.last_eval_loss = Some(eval.loss);
     observer(&DaemonEvent::Evaluated {
@@ -502,14 +514,12 @@ async fn run_task(
         })?;
         Ok::<_, ClientError>((model, report))
     })
-    .await
-    .map_err(|error| ClientError::Protocol(format!("training task: {error}")))??;
+    .await??;
     let (adapter, local_eval) = compute::run_async(move || {
         let local_eval = evaluate(&model, &heldout, batch_size, max_eval_windows)?;
         Ok::<_, ClientError>((model.export_adapter()?, local_eval))
     })
-    .await
-    .map_err(|error| ClientError::Protocol(format!("export task: {error}")))??;
+    .await??;
 
     let bytes = adapter.to_safetensors(Some(
         [("format".to_string(), "pt".to_string())]

@@ -42,6 +42,8 @@ pub enum ClientError {
         "the coordinator refused this site's certificate (tls alert {alert}): {detail}; ask the federation's operator for a new one (`fedlora ca issue-client`) and pass it with --cert and --key"
     )]
     CertificateRefused { alert: String, detail: String },
+    #[error("compute thread: {0}")]
+    Compute(#[from] crate::compute::ComputeError),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("protocol error: {0}")]

@@ -259,12 +259,12 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx512f")]
-    fn avx512(row: &mut [f32], target: usize, need_grad: bool) -> f32 {
+    pub(super) fn avx512(row: &mut [f32], target: usize, need_grad: bool) -> f32 {
         super::row_loss_portable(row, target, need_grad)
     }
 
     #[target_feature(enable = "avx2")]
-    fn avx2(row: &mut [f32], target: usize, need_grad: bool) -> f32 {
+    pub(super) fn avx2(row: &mut [f32], target: usize, need_grad: bool) -> f32 {
         super::row_loss_portable(row, target, need_grad)
     }
 }
@@ -408,6 +408,46 @@ mod tests {
                 portable != row,
                 "the gradient is written only when asked"
             );
+        }
+    }
+
+    /// The AVX-512 and AVX2 builds, each where the CPU has it, give the portable build's values
+    /// bit for bit (the dispatcher above picks only one of them).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    #[allow(
+        unsafe_code,
+        reason = "each build is called only where the CPU has its features"
+    )]
+    fn every_simd_build_of_row_loss_agrees_bit_for_bit() {
+        let row: Vec<f32> = (0..1003u32)
+            .map(|index| (index.wrapping_mul(40_503) % 20_011) as f32 / 997.0 - 9.0)
+            .collect();
+        for need_grad in [false, true] {
+            let mut portable = row.clone();
+            let expected = row_loss_portable(&mut portable, 17, need_grad);
+            let mut builds = Vec::new();
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                let mut out = row.clone();
+                // SAFETY: the CPU has AVX-512F (checked just above).
+                let loss = unsafe { x86::avx512(&mut out, 17, need_grad) };
+                builds.push(("avx512", loss, out));
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                let mut out = row.clone();
+                // SAFETY: the CPU has AVX2 (checked just above).
+                let loss = unsafe { x86::avx2(&mut out, 17, need_grad) };
+                builds.push(("avx2", loss, out));
+            }
+            for (name, loss, out) in builds {
+                assert_eq!(loss.to_bits(), expected.to_bits(), "{name}");
+                assert!(
+                    out.iter()
+                        .zip(&portable)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{name}"
+                );
+            }
         }
     }
 
