@@ -21,7 +21,8 @@ pub(crate) fn exp(x: f32) -> f32 {
     let x = if x < -87.0 { -87.0 } else { x };
     let x = if x > 0.0 { 0.0 } else { x };
     const ROUND: f32 = 12_582_912.0; // 1.5·2²³: (y + ROUND) − ROUND rounds y to an integer
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let shifted = x * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
     let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_199_9e-3;
@@ -30,8 +31,12 @@ pub(crate) fn exp(x: f32) -> f32 {
     p = p * r + 0.166_666_65;
     p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    // n ∈ [−126, 0]: the biased exponent n + 127 is a normal one.
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // n ∈ [−126, 0]: the biased exponent n + 127 is a normal one. `shifted` lies in
+    // [2²³, 2²⁴), where its ulp is 1, so its bits are those of ROUND plus n: the exponent comes
+    // from integer ops on those bits, which vectorise, where `n as i32` (saturating, NaN to 0)
+    // compiled to a scalar conversion and a NaN check per lane.
+    const ROUND_BITS: u32 = 0x4B40_0000; // ROUND.to_bits()
+    y * f32::from_bits(shifted.to_bits().wrapping_sub(ROUND_BITS - 127) << 23)
 }
 
 /// The contiguous f32 values of a CPU tensor argument.
@@ -637,6 +642,44 @@ mod tests {
         assert_eq!(exp(0.0), 1.0);
         assert!(exp(f32::NAN).is_nan());
         assert!(exp(-1000.0) < 1e-37);
+    }
+
+    /// The exponent taken from `shifted`'s bits is the one `n as i32` gave: same bits for every
+    /// x in the clamped range, at its ends and beyond them.
+    #[test]
+    fn fast_exp_exponent_from_bits_equals_the_integer_conversion() {
+        fn by_conversion(x: f32) -> f32 {
+            let x = if x < -87.0 { -87.0 } else { x };
+            let x = if x > 0.0 { 0.0 } else { x };
+            let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+            let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+            let mut p = 1.987_569_1e-4_f32;
+            for c in [
+                1.398_199_9e-3,
+                8.333_452e-3,
+                4.166_579_6e-2,
+                0.166_666_65,
+                0.5,
+            ] {
+                p = p * r + c;
+            }
+            (p * r * r + r + 1.0) * f32::from_bits(((n as i32 + 127) as u32) << 23)
+        }
+        let edges = [
+            0.0,
+            -0.0,
+            1.0,
+            f32::MAX,
+            -86.9,
+            -87.0,
+            -87.1,
+            -1e6,
+            f32::MIN,
+        ];
+        let grid = (0..=2_000_000).map(|step| -(step as f32) * 4.4e-5);
+        for x in grid.chain(edges) {
+            assert_eq!(exp(x).to_bits(), by_conversion(x).to_bits(), "x = {x}");
+        }
     }
 
     #[test]
