@@ -8,8 +8,8 @@
 # On CPUs without AVX-512 BF16 the bf16 comparison is skipped: fedlora's bf16 base falls back to a
 # portable loop there (see README, "Training speed").
 # ROUNDS=N (default 1) alternates the two sides N times per precision and ends with the median of
-# the N ratios: a shared virtual machine's speed drifts by tens of percent within minutes, so one
-# pair of runs can land in different hours of it.
+# the N ratios: a shared virtual machine's speed drifts by tens of percent within minutes, so the
+# two sides of a single pair can land in different phases of it.
 set -euo pipefail
 rounds="${ROUNDS:-1}"
 if ! [[ "$rounds" =~ ^[1-9][0-9]*$ ]]; then
