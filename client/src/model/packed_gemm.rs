@@ -21,11 +21,16 @@
 //! `vdpbf16ps` multiplies against a broadcast pair `A[i][2p], A[i][2p + 1]`, and what AMX's
 //! `tdpbf16ps` reads as a B tile: 16 word steps × 16 columns, one 64-byte line each, 256 bytes
 //! apart. Either way a word step of a panel is one 64-byte line per 16 columns. An odd `k`
-//! (bf16) is padded with a zero row; the last panel is padded with zero columns.
+//! (bf16) is padded with a zero row; the last panel is padded with zero columns. That is
+//! [`Layout::Rows`]. Where the fastest kernel is the AVX2 one (f32 on CPUs without AVX-512),
+//! the weight is packed in [`Layout::Strips`] instead: each panel as four strips of 16 columns,
+//! a strip's word steps one line after another.
 //!
 //! The driver blocks `k` so that a panel's slice (64–128 KiB) stays in L2 while it sweeps tiles
 //! of [`MR`] rows of `A` (also in L2; the micro-kernel streams both through L1), and splits rows
-//! (or, for few rows, panels) across rayon's threads.
+//! (or, for few rows, panels) across rayon's threads. The AVX2 kernel, with half the registers,
+//! is fed differently: a strip's k-block (256 steps, 16 KiB) stays in L1 while tiles of `A`,
+//! copied into steps of [`MR`] values side by side (`interleave_rows`), stream past it from L2.
 #![allow(
     unsafe_code,
     reason = "AVX-512 and AVX2 intrinsics, and disjoint writes into one output from several threads"
@@ -278,6 +283,35 @@ impl Word for f32 {
     }
 }
 
+/// How a panel's words are ordered (see the module's doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// A word step is the panel's 64 columns, one after another (4 lines): what the AVX-512
+    /// and AMX kernels read.
+    Rows,
+    /// The panel is four strips of 16 columns, each `depth` steps of one line, one strip after
+    /// another: what the AVX2 kernel reads. A strip's k-block (256 steps, 16 KiB) is one
+    /// contiguous run that stays in L1 while the kernel sweeps rows of `A` against it; in
+    /// [`Layout::Rows`] the same 16 columns lie 256 bytes apart per step, in a quarter of L1's
+    /// sets, and could not.
+    Strips,
+}
+
+impl Layout {
+    /// The layout [`matmul`] reads fastest with `kernel`.
+    fn for_kernel(kernel: Kernel) -> Self {
+        match kernel {
+            Kernel::Avx2 => Layout::Strips,
+            Kernel::Portable | Kernel::Avx512 | Kernel::Amx => Layout::Rows,
+        }
+    }
+
+    /// Whether `kernel` can read this layout (the AVX2 and portable kernels read either).
+    fn supports(self, kernel: Kernel) -> bool {
+        self == Layout::Rows || matches!(kernel, Kernel::Avx2 | Kernel::Portable)
+    }
+}
+
 /// A `k × n` matrix in the panel layout above.
 #[derive(Debug, Clone)]
 pub struct PackedB<W> {
@@ -285,12 +319,23 @@ pub struct PackedB<W> {
     n: usize,
     /// Word steps along `k`: `⌈k / DEPTH⌉`.
     depth: usize,
+    layout: Layout,
     lines: Vec<Line<W>>,
 }
 
 impl<W: Word> PackedB<W> {
-    /// Packs `B[row][col] = value(row, col)`.
+    /// Packs `B[row][col] = value(row, col)` in the layout this CPU's fastest kernel reads.
     pub fn pack(k: usize, n: usize, value: impl Fn(usize, usize) -> f32 + Sync) -> Self {
+        Self::pack_in(Layout::for_kernel(W::best_kernel()), k, n, value)
+    }
+
+    /// [`PackedB::pack`] in `layout`.
+    fn pack_in(
+        layout: Layout,
+        k: usize,
+        n: usize,
+        value: impl Fn(usize, usize) -> f32 + Sync,
+    ) -> Self {
         let depth = k.div_ceil(W::DEPTH);
         let panels = n.div_ceil(NR);
         let lines_per_panel = depth * NR / 16;
@@ -307,16 +352,35 @@ impl<W: Word> PackedB<W> {
             .enumerate()
             .for_each(|(panel, panel_lines)| {
                 for (index, line) in panel_lines.iter_mut().enumerate() {
-                    let word = index * 16;
-                    let (p, first_col) = (word / NR, panel * NR + word % NR);
+                    // Line `index` of the panel holds 16 columns of one word step.
+                    let (p, first) = match layout {
+                        Layout::Rows => (index / (NR / 16), index % (NR / 16) * 16),
+                        Layout::Strips => (index % depth, index / depth * 16),
+                    };
                     for (lane, slot) in line.0.iter_mut().enumerate() {
-                        let col = first_col + lane;
+                        let col = panel * NR + first + lane;
                         let row = W::DEPTH * p;
                         *slot = W::pack([get(row, col), get(row + 1, col)]);
                     }
                 }
             });
-        Self { k, n, depth, lines }
+        Self {
+            k,
+            n,
+            depth,
+            layout,
+            lines,
+        }
+    }
+
+    /// Index in [`PackedB::words`] of word step `p` of column `col`.
+    fn word_index(&self, p: usize, col: usize) -> usize {
+        let (panel, within) = (col / NR, col % NR);
+        let start = panel * self.depth * NR;
+        match self.layout {
+            Layout::Rows => start + p * NR + within,
+            Layout::Strips => start + (within / 16 * self.depth + p) * 16 + within % 16,
+        }
     }
 
     /// `B` = `Wᵀ` for a row-major `[rows, cols]` weight `w` (the forward pass's `x·Wᵀ`).
@@ -339,16 +403,16 @@ impl<W: Word> PackedB<W> {
 
     /// `B[row][col]` as stored, widened to f32.
     pub fn get(&self, row: usize, col: usize) -> f32 {
-        let (panel, within) = (col / NR, col % NR);
-        let word = (panel * self.depth + row / W::DEPTH) * NR + within;
+        let word = self.word_index(row / W::DEPTH, col);
         self.lines[word / 16].0[word % 16].value(row % W::DEPTH)
     }
 
     /// Row `row` of B as stored, widened to f32, into `out` (`n` values).
     pub fn row_into(&self, row: usize, out: &mut [f32]) {
-        for (panel, out) in out.chunks_mut(NR).enumerate() {
-            let start = (panel * self.depth + row / W::DEPTH) * NR;
-            for (value, &word) in out.iter_mut().zip(&self.words()[start..start + NR]) {
+        let words = self.words();
+        for (strip, out) in out.chunks_mut(16).enumerate() {
+            let start = self.word_index(row / W::DEPTH, strip * 16);
+            for (value, &word) in out.iter_mut().zip(&words[start..start + 16]) {
                 *value = word.value(row % W::DEPTH);
             }
         }
@@ -446,11 +510,16 @@ pub fn matmul<W: Word>(a: &AOperand<'_, W>, m: usize, b: &PackedB<W>) -> Vec<f32
     matmul_with(a, m, b, W::best_kernel())
 }
 
-/// [`matmul`] with `kernel`, which must be one of [`Word::kernels`].
+/// [`matmul`] with `kernel`, which must be one of [`Word::kernels`] and read `b`'s layout.
 fn matmul_with<W: Word>(a: &AOperand<'_, W>, m: usize, b: &PackedB<W>, kernel: Kernel) -> Vec<f32> {
     debug_assert!(
         W::kernels().contains(&kernel),
         "{kernel:?} does not run here"
+    );
+    assert!(
+        b.layout.supports(kernel),
+        "{kernel:?} cannot read {:?}",
+        b.layout
     );
     let n = b.n;
     if m == 0 || n == 0 || b.depth == 0 {
@@ -475,12 +544,20 @@ fn matmul_with<W: Word>(a: &AOperand<'_, W>, m: usize, b: &PackedB<W>, kernel: K
     let panel_groups = threads.div_ceil(row_blocks).min(panels).max(1);
     let panels_per_group = panels.div_ceil(panel_groups);
     let out = OutPtr(c.as_mut_ptr());
-    let k_blocks = b.depth.div_ceil(W::KC_WORDS).max(1);
+    let k_blocks = b.depth.div_ceil(kc_words::<W>(kernel)).max(1);
     let mut kc_words = b.depth.div_ceil(k_blocks);
     if kernel == Kernel::Amx {
         // Whole tiles of 16 word steps in every block but the last.
         kc_words = kc_words.next_multiple_of(16);
     }
+    // The AVX2 kernel takes one strip of 16 columns at a time, so that the strip's k-block
+    // stays in L1 across a block's tiles of rows, and `A` interleaved (below).
+    let strip_cols = if kernel == Kernel::Avx2 || b.layout == Layout::Strips {
+        16
+    } else {
+        NR
+    };
+    let interleave_a = kernel == Kernel::Avx2;
     (0..row_blocks * panel_groups)
         .into_par_iter()
         .for_each(|task| {
@@ -497,36 +574,79 @@ fn matmul_with<W: Word>(a: &AOperand<'_, W>, m: usize, b: &PackedB<W>, kernel: K
                 unsafe { x86::load_tile_config() };
             }
             // BLIS order: a k-block of B's panels (`NC_PANELS` at a time, in L2/L3) is swept by
-            // blocks of `MC` rows of A (in L2); each panel slice (in L2) by tiles of `MR` rows
-            // (AMX: 32 or 16).
-            // Row blocks also keep the C rows a sweep writes on few pages.
+            // blocks of `MC` rows of A (in L2); each panel slice (or strip of it) by tiles of
+            // `MR` rows (AMX: 32 or 16). Row blocks also keep the C rows a sweep writes on few
+            // pages. With A interleaved, a block of rows is swept by every group of panels in
+            // turn instead, so that it is interleaved once per k-block (the output head's
+            // 32000 columns are 32 groups).
+            let row_starts = rows.clone().step_by(MC);
+            let blocks: Vec<(usize, usize)> = if interleave_a {
+                row_starts
+                    .flat_map(|mc0| {
+                        panel_range
+                            .clone()
+                            .step_by(NC_PANELS)
+                            .map(move |nc0| (mc0, nc0))
+                    })
+                    .collect()
+            } else {
+                panel_range
+                    .clone()
+                    .step_by(NC_PANELS)
+                    .flat_map(|nc0| row_starts.clone().map(move |mc0| (mc0, nc0)))
+                    .collect()
+            };
+            let mut interleaved = Vec::new();
             for kc0 in (0..b.depth).step_by(kc_words) {
                 let kc = kc_words.min(b.depth - kc0);
-                for nc0 in panel_range.clone().step_by(NC_PANELS) {
+                let mut interleaved_block = None;
+                for &(mc0, nc0) in &blocks {
                     let nc_end = (nc0 + NC_PANELS).min(panel_range.end);
-                    for mc0 in rows.clone().step_by(MC) {
-                        let mc_end = (mc0 + MC).min(rows.end);
-                        for panel in nc0..nc_end {
-                            let cols = NR.min(n - panel * NR);
-                            let b_offset = (panel * b.depth + kc0) * NR;
+                    let mc_end = (mc0 + MC).min(rows.end);
+                    if interleave_a && interleaved_block != Some(mc0) {
+                        interleave_rows(a, lda, mc0..mc_end, kc0..kc0 + kc, &mut interleaved);
+                        interleaved_block = Some(mc0);
+                    }
+                    for panel in nc0..nc_end {
+                        let cols = NR.min(n - panel * NR);
+                        let panel_words =
+                            &b.words()[panel * b.depth * NR..(panel + 1) * b.depth * NR];
+                        for first in (0..cols).step_by(strip_cols) {
+                            let (b_start, b_step) = match b.layout {
+                                Layout::Rows => (kc0 * NR + first, NR),
+                                Layout::Strips => ((first / 16 * b.depth + kc0) * 16, 16),
+                            };
                             let mut row = mc0;
                             while row < mc_end {
+                                let (a_words, a_lda, a_step) = if interleave_a {
+                                    (&interleaved[(row - mc0) * kc..], 1, MR)
+                                } else {
+                                    (&a[row * lda + kc0..], lda, 1)
+                                };
                                 let tile = Tile {
-                                    a: &a[row * lda + kc0..],
-                                    lda,
-                                    b: &b.words()[b_offset..b_offset + kc * NR],
+                                    a: a_words,
+                                    lda: a_lda,
+                                    a_step,
+                                    b: &panel_words[b_start..],
+                                    b_step,
                                     depth: kc,
                                     rows: tile_rows(kernel, mc_end - row),
-                                    cols,
+                                    cols: strip_cols.min(cols - first),
                                     accumulate: kc0 > 0,
                                 };
                                 tile.check(kernel);
                                 // SAFETY: tasks own disjoint (row range × panel range)
                                 // rectangles of C, and the tile writes rows
-                                // `row..row + tile.rows` and columns `panel·NR..panel·NR + cols`
-                                // of it, all inside `m × n`; `kernel` as the caller vouches.
+                                // `row..row + tile.rows` and columns
+                                // `panel·NR + first..panel·NR + first + cols` of it, all
+                                // inside `m × n`; `kernel` as the caller vouches.
                                 unsafe {
-                                    W::run(&tile, out.0.add(row * n + panel * NR), n, kernel)
+                                    W::run(
+                                        &tile,
+                                        out.0.add(row * n + panel * NR + first),
+                                        n,
+                                        kernel,
+                                    )
                                 };
                                 row += tile.rows;
                             }
@@ -542,6 +662,49 @@ fn matmul_with<W: Word>(a: &AOperand<'_, W>, m: usize, b: &PackedB<W>, kernel: K
     c
 }
 
+/// Word steps of `B` per k-block with `kernel`: the AVX2 kernel keeps a strip's k-block in L1
+/// (256 steps × 16 columns = 16 KiB of its 32 KiB), the others a panel slice in L2.
+fn kc_words<W: Word>(kernel: Kernel) -> usize {
+    match kernel {
+        Kernel::Avx2 => 256,
+        Kernel::Portable | Kernel::Avx512 | Kernel::Amx => W::KC_WORDS,
+    }
+}
+
+/// Copies `rows` × `steps` of the row-major `a` (row stride `lda`) into `out` as tiles of `MR`
+/// rows, each `steps.len()` steps of `MR` values (one per row, zero past the last row): the
+/// AVX2 kernel's broadcasts then read one sequential stream instead of `MR` rows `lda` apart.
+fn interleave_rows<W: Word>(
+    a: &[W],
+    lda: usize,
+    rows: std::ops::Range<usize>,
+    steps: std::ops::Range<usize>,
+    out: &mut Vec<W>,
+) {
+    let kc = steps.len();
+    out.clear();
+    out.resize(rows.len().div_ceil(MR) * MR * kc, W::default());
+    for (tile, tile_out) in out.chunks_mut(MR * kc).enumerate() {
+        let first = rows.start + tile * MR;
+        let source = |r: usize| &a[(first + r) * lda + steps.start..(first + r) * lda + steps.end];
+        if first + MR <= rows.end {
+            // Step by step: six reads from six streams, one contiguous write.
+            let sources: [&[W]; MR] = std::array::from_fn(source);
+            for (p, step) in tile_out.chunks_exact_mut(MR).enumerate() {
+                for (slot, row) in step.iter_mut().zip(&sources) {
+                    *slot = row[p];
+                }
+            }
+        } else {
+            for r in 0..rows.end - first {
+                for (slot, &value) in tile_out[r..].iter_mut().step_by(MR).zip(source(r)) {
+                    *slot = value;
+                }
+            }
+        }
+    }
+}
+
 /// The output buffer, shared by tasks that write disjoint rectangles of it.
 struct OutPtr(*mut f32);
 // SAFETY: see the write in `matmul`: no two tasks touch the same element.
@@ -550,11 +713,15 @@ unsafe impl Send for OutPtr {}
 
 /// One micro-kernel call: `rows × cols` of C from `depth` word steps.
 pub struct Tile<'a, W> {
-    /// Row `r`'s words start at `a[r * lda]`.
+    /// Row `r`'s word step `p` is `a[r * lda + p * a_step]`: rows as they lie (`a_step` 1), or
+    /// interleaved (`lda` 1, `a_step` [`MR`]).
     a: &'a [W],
     lda: usize,
-    /// `depth × NR` words of one panel.
+    a_step: usize,
+    /// Word step `p` of column `j < cols` is `b[p * b_step + j]`: a panel slice in
+    /// [`Layout::Rows`] (`b_step` [`NR`]) or one strip of 16 columns (`b_step` 16).
     b: &'a [W],
+    b_step: usize,
     depth: usize,
     rows: usize,
     cols: usize,
@@ -566,8 +733,19 @@ impl<W> Tile<'_, W> {
     fn check(&self, kernel: Kernel) {
         let max_rows = if kernel == Kernel::Amx { AMX_ROWS } else { MR };
         assert!((1..=max_rows).contains(&self.rows) && self.cols <= NR);
-        assert!(self.b.len() >= self.depth * NR);
-        assert!(self.a.len() >= (self.rows - 1) * self.lda + self.depth);
+        assert!(self.cols <= self.b_step && self.b_step.is_multiple_of(16));
+        // The SIMD kernels read whole 16-column lines; the AVX-512 and AMX ones a panel's 64
+        // columns of every step, with A's rows as they lie; the AVX2 one a strip, A interleaved.
+        let (width, a_lda, a_step) = match kernel {
+            Kernel::Portable => (self.cols, self.lda, self.a_step),
+            Kernel::Avx2 => (16, 1, MR),
+            Kernel::Avx512 | Kernel::Amx => (NR, self.lda, 1),
+        };
+        assert!(self.cols <= width && width <= self.b_step);
+        assert!(self.b.len() >= (self.depth - 1) * self.b_step + width);
+        assert!((self.lda, self.a_step) == (a_lda, a_step));
+        let last_row = if a_step == MR { MR - 1 } else { self.rows - 1 };
+        assert!(self.a.len() > last_row * self.lda + (self.depth - 1) * self.a_step);
     }
 }
 
@@ -578,9 +756,9 @@ impl<W> Tile<'_, W> {
 unsafe fn portable<W: Word>(tile: &Tile<'_, W>, c: *mut f32, ldc: usize) {
     let mut acc = [[0f32; NR]; MR];
     for (r, acc_row) in acc.iter_mut().enumerate().take(tile.rows) {
-        let a_row = &tile.a[r * tile.lda..r * tile.lda + tile.depth];
-        for (p, &a_word) in a_row.iter().enumerate() {
-            let b_row = &tile.b[p * NR..(p + 1) * NR];
+        let a_row = tile.a[r * tile.lda..].iter().step_by(tile.a_step);
+        for (p, &a_word) in a_row.take(tile.depth).enumerate() {
+            let b_row = &tile.b[p * tile.b_step..p * tile.b_step + tile.cols];
             for (slot, &b_word) in acc_row.iter_mut().zip(b_row) {
                 for index in 0..W::DEPTH {
                     *slot += a_word.value(index) * b_word.value(index);
@@ -855,7 +1033,9 @@ mod x86 {
             let part = Tile {
                 a: &tile.a[first_row * tile.lda + 16 * steps..],
                 lda: tile.lda,
+                a_step: 1,
                 b: &tile.b[16 * steps * NR..],
+                b_step: NR,
                 depth: rest,
                 rows: MR.min(tile.rows - first_row),
                 cols: tile.cols,
@@ -1004,54 +1184,40 @@ mod x86 {
         unsafe { store(&acc, tile.cols, tile.accumulate, c, ldc) }
     }
 
-    /// The f32 kernel in 256-bit registers: a panel's 64 columns in four quarters of 16, each
-    /// a 6 × 16 tile (12 accumulators, 2 panel registers, 1 broadcast of the 16 registers). A
-    /// tile's rows of A (6 × up to 512 values, 12 KiB) stay in L1 across the quarters.
+    /// The f32 kernel in 256-bit registers: a 6 × 16 tile (12 accumulators, 2 registers of B,
+    /// 1 broadcast of the 16 registers) from one strip of B (`b_step` words per step, usually
+    /// the strip's contiguous 16) and `A` interleaved by the driver (`MR` values per step).
     ///
     /// # Safety
-    /// The CPU has AVX2 and FMA; `tile`'s slices cover what it reads (checked by the driver);
-    /// `c` is valid for `ROWS × tile.cols` writes with row stride `ldc`.
+    /// The CPU has AVX2 and FMA; `tile`'s slices cover what it reads (checked by the driver:
+    /// `cols <= 16`, `a_step == MR`); `c` is valid for `ROWS × tile.cols` writes with row
+    /// stride `ldc`.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn f32_avx2_kernel<const ROWS: usize>(
         tile: &Tile<'_, f32>,
         c: *mut f32,
         ldc: usize,
     ) {
-        let a = tile.a.as_ptr();
-        let b = tile.b.as_ptr();
-        for first in (0..tile.cols).step_by(16) {
-            let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
-            for p in 0..tile.depth {
-                // SAFETY (all reads): `p < depth` and `first + 16 <= NR`, so both loads lie in
-                // the panel slice's `depth × NR` values; row `r < ROWS` of A holds `depth`
-                // values at `r × lda`.
-                unsafe {
-                    let line = b.add(p * NR + first);
-                    // Eight steps ahead: 4% less time than none, 2% less than 16 (AMD EPYC Zen 3,
-                    // the reference step's products, alternating runs). Beyond the panel it
-                    // fetches a neighbour's lines, harmlessly (a prefetch never faults).
-                    _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(8 * NR).cast());
-                    let b0 = _mm256_loadu_ps(line);
-                    let b1 = _mm256_loadu_ps(line.add(8));
-                    for (r, acc_row) in acc.iter_mut().enumerate() {
-                        let broadcast = _mm256_broadcast_ss(&*a.add(r * tile.lda + p));
-                        acc_row[0] = _mm256_fmadd_ps(broadcast, b0, acc_row[0]);
-                        acc_row[1] = _mm256_fmadd_ps(broadcast, b1, acc_row[1]);
-                    }
-                }
-            }
-            // SAFETY: columns `first..first + cols` of C, inside what this function's caller
-            // vouches for.
+        let mut a = tile.a.as_ptr();
+        let mut b = tile.b.as_ptr();
+        let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
+        for _ in 0..tile.depth {
+            // SAFETY (all reads): step `p < depth` of the strip is 16 values at `p × b_step`,
+            // and of A `MR` values at `p × MR` (`ROWS <= MR`), inside the checked slices.
             unsafe {
-                store_avx2(
-                    &acc,
-                    (tile.cols - first).min(16),
-                    tile.accumulate,
-                    c.add(first),
-                    ldc,
-                )
+                let b0 = _mm256_loadu_ps(b);
+                let b1 = _mm256_loadu_ps(b.add(8));
+                for (r, acc_row) in acc.iter_mut().enumerate() {
+                    let broadcast = _mm256_broadcast_ss(&*a.add(r));
+                    acc_row[0] = _mm256_fmadd_ps(broadcast, b0, acc_row[0]);
+                    acc_row[1] = _mm256_fmadd_ps(broadcast, b1, acc_row[1]);
+                }
+                a = a.wrapping_add(MR);
+                b = b.wrapping_add(tile.b_step);
             }
         }
+        // SAFETY: as this function's caller vouches.
+        unsafe { store_avx2(&acc, tile.cols, tile.accumulate, c, ldc) }
     }
 
     /// Stores (or adds) the 256-bit accumulators' first `cols` (≤ 16) columns.
@@ -1197,6 +1363,52 @@ mod tests {
         (300, 40, 130),
     ];
 
+    /// Every kernel this CPU runs for `W`, with every layout it reads.
+    fn layouts_and_kernels<W: Word>() -> Vec<(Layout, Kernel)> {
+        let pairs: Vec<_> = [Layout::Rows, Layout::Strips]
+            .into_iter()
+            .flat_map(|layout| W::kernels().iter().map(move |&kernel| (layout, kernel)))
+            .filter(|(layout, kernel)| layout.supports(*kernel))
+            .collect();
+        assert!(pairs.contains(&(Layout::Strips, Kernel::Portable)));
+        pairs
+    }
+
+    #[test]
+    fn both_layouts_store_the_same_matrix() {
+        let (k, n) = (37, 150);
+        let w = values(k * n, 5);
+        let rows = PackedB::<f32>::pack_in(Layout::Rows, k, n, |l, j| w[l * n + j]);
+        let strips = PackedB::<f32>::pack_in(Layout::Strips, k, n, |l, j| w[l * n + j]);
+        let (mut from_rows, mut from_strips) = (vec![0f32; n], vec![0f32; n]);
+        for l in 0..k {
+            rows.row_into(l, &mut from_rows);
+            strips.row_into(l, &mut from_strips);
+            assert_eq!(from_rows, w[l * n..(l + 1) * n]);
+            assert_eq!(from_strips, from_rows);
+            for j in 0..n {
+                assert_eq!(strips.get(l, j), w[l * n + j]);
+            }
+        }
+        // Strip `s` of panel `p` is `depth` steps of 16 columns, contiguous.
+        assert_eq!(strips.words()[strips.word_index(5, 64 + 20)], w[5 * n + 84]);
+        assert_eq!(strips.word_index(5, 64 + 20), 64 * k + k * 16 + 5 * 16 + 4);
+    }
+
+    #[test]
+    fn interleaving_puts_each_steps_rows_side_by_side() {
+        let (lda, rows) = (10, 2..9);
+        let a: Vec<f32> = (0..100).map(|i| i as f32).collect();
+        let mut out = vec![f32::NAN; 3];
+        interleave_rows(&a, lda, rows, 3..7, &mut out);
+        // Two tiles of MR = 6 rows × 4 steps; the second has one row, then zeros.
+        assert_eq!(out.len(), 2 * MR * 4);
+        assert_eq!(&out[..MR], &[23.0, 33.0, 43.0, 53.0, 63.0, 73.0]);
+        assert_eq!(&out[3 * MR..4 * MR], &[26.0, 36.0, 46.0, 56.0, 66.0, 76.0]);
+        assert_eq!(&out[4 * MR..5 * MR], &[83.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+        assert_eq!(out[7 * MR], 86.0);
+    }
+
     fn assert_close(expected: &[f64], got: &[f32], k: usize, what: &str) {
         for (index, (&e, &g)) in expected.iter().zip(got).enumerate() {
             let tolerance = 1e-5 * (k as f64).sqrt() * (1.0 + e.abs());
@@ -1222,15 +1434,15 @@ mod tests {
         for (m, k, n) in EDGE_SHAPES {
             let (a, w) = (values(m * k, 1), values(n * k, 2));
             let expected = reference(&a, &w, (m, k, n), |x| from_bf16(to_bf16(x)));
-            let packed = PackedB::<Bf16Pair>::transposed_of(&w, n, k);
             let a = pack_a(&a, m, k);
-            for &kernel in Bf16Pair::kernels() {
+            for (layout, kernel) in layouts_and_kernels::<Bf16Pair>() {
+                let packed = PackedB::<Bf16Pair>::pack_in(layout, k, n, |l, j| w[j * k + l]);
                 let got = matmul_with(&a, m, &packed, kernel);
                 assert_close(
                     &expected,
                     &got,
                     k,
-                    &format!("bf16 {m}x{k}x{n} ({kernel:?})"),
+                    &format!("bf16 {m}x{k}x{n} ({layout:?}, {kernel:?})"),
                 );
             }
         }
@@ -1241,11 +1453,16 @@ mod tests {
         for (m, k, n) in EDGE_SHAPES {
             let (a, w) = (values(m * k, 3), values(n * k, 4));
             let expected = reference(&a, &w, (m, k, n), |x| x);
-            let packed = PackedB::<f32>::transposed_of(&w, n, k);
             let a = AOperand::rows(Cow::Borrowed(&a[..]), k);
-            for &kernel in f32::kernels() {
+            for (layout, kernel) in layouts_and_kernels::<f32>() {
+                let packed = PackedB::<f32>::pack_in(layout, k, n, |l, j| w[j * k + l]);
                 let got = matmul_with(&a, m, &packed, kernel);
-                assert_close(&expected, &got, k, &format!("f32 {m}x{k}x{n} ({kernel:?})"));
+                assert_close(
+                    &expected,
+                    &got,
+                    k,
+                    &format!("f32 {m}x{k}x{n} ({layout:?}, {kernel:?})"),
+                );
             }
         }
     }
