@@ -10,10 +10,11 @@
 //!   (Intel Xeon from Sapphire Rapids on, where the kernel grants the tile state) the inner loop is
 //!   `tdpbf16ps` on 16 × 16 tiles; with AVX-512 BF16 it is `vdpbf16ps`; elsewhere a portable loop
 //!   computes the same products.
-//! - `f32`: exact f32 products; activations are read where they are, unpacked. On CPUs with
-//!   AVX-512F the inner loop is 512-bit `vfmadd231ps`, on CPUs with AVX2 and FMA (AMD Zen 1–3,
-//!   Intel before Skylake-SP, many client chips) the same in 256 bits; elsewhere the weight
-//!   should stay with candle's GEMM (`f32_simd_available` says which).
+//! - `f32`: exact f32 products. On CPUs with AVX-512F the inner loop is 512-bit `vfmadd231ps`
+//!   and reads the activations where they are; on CPUs with AVX2 and FMA (AMD Zen 1–3, Intel
+//!   before Skylake-SP, many client chips) the same in 256 bits, on blocks of the activations
+//!   copied per call (below); elsewhere the weight should stay with candle's GEMM
+//!   (`f32_simd_available` says which).
 //!
 //! Layout: `B` (`k × n`) is cut into panels of [`NR`] columns. Inside a panel, `k` runs in steps
 //! of one word: for f32 one row, for bf16 a pair of rows (`2p`, `2p + 1`) stored as 32-bit words
@@ -29,7 +30,7 @@
 //! The driver blocks `k` so that a panel's slice (64–128 KiB) stays in L2 while it sweeps tiles
 //! of [`MR`] rows of `A` (also in L2; the micro-kernel streams both through L1), and splits rows
 //! (or, for few rows, panels) across rayon's threads. The AVX2 kernel, with half the registers,
-//! is fed differently: a strip's k-block (256 steps, 16 KiB) stays in L1 while tiles of `A`,
+//! is fed differently: a strip's k-block (up to 256 steps, 16 KiB) stays in L1 while tiles of `A`,
 //! copied into steps of [`MR`] values side by side (`interleave_rows`), stream past it from L2.
 #![allow(
     unsafe_code,
@@ -43,9 +44,11 @@ use rayon::prelude::*;
 
 /// Columns per panel: four 16-lane f32 registers.
 pub const NR: usize = 64;
-/// Rows of `A` per micro-kernel call: 6 × 4 accumulators, 4 panel registers, 1 broadcast.
+/// Rows of `A` per micro-kernel call: 6 × 4 accumulators, 4 panel registers, 1 broadcast
+/// (AVX-512); 6 × 2 accumulators, 2 strip registers, 1 broadcast (AVX2).
 const MR: usize = 6;
-/// Rows of A per block: 96 rows × 512 words × 4 bytes = 192 KiB of A at most, in L2.
+/// Rows of A per block: 96 rows × 512 words × 4 bytes = 192 KiB of A at most, in L2 (AVX2:
+/// 96 rows × up to 256 steps = 96 KiB, copied).
 const MC: usize = 96;
 /// Panels of B per block: 16 panel slices (1–2 MiB), in L2/L3.
 const NC_PANELS: usize = 16;
@@ -144,6 +147,7 @@ pub trait Word: sealed::Sealed + Copy + Default + Send + Sync + std::fmt::Debug 
     const DEPTH: usize;
     /// Word steps of `B` per block, at most: a panel slice of `KC_WORDS` × 64 columns × 4 bytes
     /// read from L2 (4 lines per step against 24 multiply-adds), and C written once per block.
+    /// The AVX2 kernel takes blocks of its own size (`kc_words`).
     const KC_WORDS: usize;
     /// Packs `values` (`DEPTH` of them) into a word, rounding as the precision does.
     fn pack(values: [f32; 2]) -> Self;
@@ -222,10 +226,12 @@ impl Word for Bf16Pair {
         // tile's slices were checked to cover every word the kernel reads; `c` as the caller
         // vouches.
         unsafe {
-            if kernel == Kernel::Amx && tile.rows.is_multiple_of(16) {
-                x86::amx_bf16_kernel(tile, c, ldc)
-            } else {
-                by_height!(tile.rows, x86::bf16_kernel, tile, c, ldc)
+            match kernel {
+                Kernel::Amx if tile.rows.is_multiple_of(16) => x86::amx_bf16_kernel(tile, c, ldc),
+                Kernel::Amx | Kernel::Avx512 => {
+                    by_height!(tile.rows, x86::bf16_kernel, tile, c, ldc)
+                }
+                Kernel::Avx2 | Kernel::Portable => unreachable!("{kernel:?} is not a bf16 kernel"),
             }
         }
     }
@@ -274,10 +280,10 @@ impl Word for f32 {
         // (`Avx512`) or AVX2 and FMA (`Avx2`); the tile's slices were checked to cover every
         // value the kernel reads; `c` as the caller vouches.
         unsafe {
-            if kernel == Kernel::Avx512 {
-                by_height!(tile.rows, x86::f32_kernel, tile, c, ldc)
-            } else {
-                by_height!(tile.rows, x86::f32_avx2_kernel, tile, c, ldc)
+            match kernel {
+                Kernel::Avx512 => by_height!(tile.rows, x86::f32_kernel, tile, c, ldc),
+                Kernel::Avx2 => by_height!(tile.rows, x86::f32_avx2_kernel, tile, c, ldc),
+                Kernel::Amx | Kernel::Portable => unreachable!("{kernel:?} is not an f32 kernel"),
             }
         }
     }
@@ -290,7 +296,7 @@ pub enum Layout {
     /// and AMX kernels read.
     Rows,
     /// The panel is four strips of 16 columns, each `depth` steps of one line, one strip after
-    /// another: what the AVX2 kernel reads. A strip's k-block (256 steps, 16 KiB) is one
+    /// another: what the AVX2 kernel reads. A strip's k-block (up to 256 steps, 16 KiB) is one
     /// contiguous run that stays in L1 while the kernel sweeps rows of `A` against it; in
     /// [`Layout::Rows`] the same 16 columns lie 256 bytes apart per step, in a quarter of L1's
     /// sets, and could not.
@@ -360,7 +366,14 @@ impl<W: Word> PackedB<W> {
                     for (lane, slot) in line.0.iter_mut().enumerate() {
                         let col = panel * NR + first + lane;
                         let row = W::DEPTH * p;
-                        *slot = W::pack([get(row, col), get(row + 1, col)]);
+                        // f32 words hold one row: reading the next would double the
+                        // (strided) reads of packing.
+                        let next = if W::DEPTH == 2 {
+                            get(row + 1, col)
+                        } else {
+                            0.0
+                        };
+                        *slot = W::pack([get(row, col), next]);
                     }
                 }
             });
@@ -512,7 +525,8 @@ pub fn matmul<W: Word>(a: &AOperand<'_, W>, m: usize, b: &PackedB<W>) -> Vec<f32
 
 /// [`matmul`] with `kernel`, which must be one of [`Word::kernels`] and read `b`'s layout.
 fn matmul_with<W: Word>(a: &AOperand<'_, W>, m: usize, b: &PackedB<W>, kernel: Kernel) -> Vec<f32> {
-    debug_assert!(
+    // `Tile::check` vouches for `kernel`'s reads only if `simd_tile` runs that kernel.
+    assert!(
         W::kernels().contains(&kernel),
         "{kernel:?} does not run here"
     );
@@ -544,7 +558,8 @@ fn matmul_with<W: Word>(a: &AOperand<'_, W>, m: usize, b: &PackedB<W>, kernel: K
     let panel_groups = threads.div_ceil(row_blocks).min(panels).max(1);
     let panels_per_group = panels.div_ceil(panel_groups);
     let out = OutPtr(c.as_mut_ptr());
-    let k_blocks = b.depth.div_ceil(kc_words::<W>(kernel)).max(1);
+    // Balanced k-blocks of at most `max_kc_words` steps.
+    let k_blocks = b.depth.div_ceil(max_kc_words::<W>(kernel)).max(1);
     let mut kc_words = b.depth.div_ceil(k_blocks);
     if kernel == Kernel::Amx {
         // Whole tiles of 16 word steps in every block but the last.
@@ -662,9 +677,9 @@ fn matmul_with<W: Word>(a: &AOperand<'_, W>, m: usize, b: &PackedB<W>, kernel: K
     c
 }
 
-/// Word steps of `B` per k-block with `kernel`: the AVX2 kernel keeps a strip's k-block in L1
-/// (256 steps × 16 columns = 16 KiB of its 32 KiB), the others a panel slice in L2.
-fn kc_words<W: Word>(kernel: Kernel) -> usize {
+/// Word steps of `B` per k-block with `kernel`, at most: the AVX2 kernel keeps a strip's k-block
+/// in L1 (256 steps × 16 columns = 16 KiB of its 32 KiB), the others a panel slice in L2.
+fn max_kc_words<W: Word>(kernel: Kernel) -> usize {
     match kernel {
         Kernel::Avx2 => 256,
         Kernel::Portable | Kernel::Avx512 | Kernel::Amx => W::KC_WORDS,
@@ -718,8 +733,9 @@ pub struct Tile<'a, W> {
     a: &'a [W],
     lda: usize,
     a_step: usize,
-    /// Word step `p` of column `j < cols` is `b[p * b_step + j]`: a panel slice in
-    /// [`Layout::Rows`] (`b_step` [`NR`]) or one strip of 16 columns (`b_step` 16).
+    /// Word step `p` of column `j < cols` is `b[p * b_step + j]`: in [`Layout::Rows`] a panel
+    /// slice, or (for the AVX2 kernel) 16 columns of one, `b_step` [`NR`]; in
+    /// [`Layout::Strips`] one strip of 16 columns, `b_step` 16.
     b: &'a [W],
     b_step: usize,
     depth: usize,
@@ -732,14 +748,17 @@ impl<W> Tile<'_, W> {
     /// The bounds `kernel` relies on.
     fn check(&self, kernel: Kernel) {
         let max_rows = if kernel == Kernel::Amx { AMX_ROWS } else { MR };
-        assert!((1..=max_rows).contains(&self.rows) && self.cols <= NR);
-        assert!(self.cols <= self.b_step && self.b_step.is_multiple_of(16));
+        assert!((1..=max_rows).contains(&self.rows) && self.cols <= NR && self.depth >= 1);
+        assert!(self.b_step.is_multiple_of(16));
         // The SIMD kernels read whole 16-column lines; the AVX-512 and AMX ones a panel's 64
         // columns of every step, with A's rows as they lie; the AVX2 one a strip, A interleaved.
         let (width, a_lda, a_step) = match kernel {
             Kernel::Portable => (self.cols, self.lda, self.a_step),
             Kernel::Avx2 => (16, 1, MR),
-            Kernel::Avx512 | Kernel::Amx => (NR, self.lda, 1),
+            Kernel::Avx512 | Kernel::Amx => {
+                assert_eq!(self.b_step, NR, "the kernel steps through whole panels");
+                (NR, self.lda, 1)
+            }
         };
         assert!(self.cols <= width && width <= self.b_step);
         assert!(self.b.len() >= (self.depth - 1) * self.b_step + width);
@@ -1202,8 +1221,10 @@ mod x86 {
         let mut b = tile.b.as_ptr();
         let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
         for _ in 0..tile.depth {
-            // SAFETY (all reads): step `p < depth` of the strip is 16 values at `p × b_step`,
-            // and of A `MR` values at `p × MR` (`ROWS <= MR`), inside the checked slices.
+            // SAFETY (all reads): at the `p`-th step (`p < depth`) `b` points at the strip's 16
+            // values at `p × b_step` and `a` at A's `MR` values at `p × MR` (`ROWS <= MR`), inside
+            // the checked slices. The pointers move by `wrapping_add`: after the last step, in
+            // `Layout::Rows`, `b` may point past the slice's end (never read).
             unsafe {
                 let b0 = _mm256_loadu_ps(b);
                 let b1 = _mm256_loadu_ps(b.add(8));
@@ -1337,12 +1358,14 @@ mod tests {
     }
 
     /// Odd k, partial panels (1–15, 20, 40 columns in the last one: partial 8- and 16-lane
-    /// registers, partial AVX2 quarters), row counts that leave every tile height 1–6, k over
+    /// registers, partial AVX2 strips), row counts that leave every tile height 1–6, k over
     /// several blocks. For AMX: 32- and 16-row tiles with rows left over, depths under one
     /// tile step (15 word steps), exactly whole steps (32), and with steps left over in one
     /// block and in several; partial C tiles in either half of a panel and in either column of
     /// a half, also accumulated over k-blocks, an empty half, and more rows than one `MC` block.
-    const EDGE_SHAPES: [(usize, usize, usize); 17] = [
+    /// The tests run them on the global pool and on one thread (where every task holds all
+    /// rows and panels: several `MC` blocks and several groups of `NC_PANELS` panels in one).
+    const EDGE_SHAPES: [(usize, usize, usize); 18] = [
         (1, 1, 1),
         (2, 9, 24),
         (4, 37, 77),
@@ -1361,7 +1384,19 @@ mod tests {
         (40, 1100, 50),
         // Over `min_rows_per_block` for every kernel: rows split between threads.
         (300, 40, 130),
+        // Over `NC_PANELS` panels, and over `MC` rows on one thread, with k over two blocks.
+        (110, 300, 1100),
     ];
+
+    /// Runs `test` on the global pool, then on a pool of one thread.
+    fn on_each_pool(test: impl Fn() + Send + Sync) {
+        test();
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap()
+            .install(test);
+    }
 
     /// Every kernel this CPU runs for `W`, with every layout it reads.
     fn layouts_and_kernels<W: Word>() -> Vec<(Layout, Kernel)> {
@@ -1370,7 +1405,10 @@ mod tests {
             .flat_map(|layout| W::kernels().iter().map(move |&kernel| (layout, kernel)))
             .filter(|(layout, kernel)| layout.supports(*kernel))
             .collect();
-        assert!(pairs.contains(&(Layout::Strips, Kernel::Portable)));
+        if W::kernels().contains(&Kernel::Avx2) {
+            assert!(pairs.contains(&(Layout::Rows, Kernel::Avx2)));
+            assert!(pairs.contains(&(Layout::Strips, Kernel::Avx2)));
+        }
         pairs
     }
 
@@ -1431,6 +1469,10 @@ mod tests {
 
     #[test]
     fn bf16_products_match_f64_of_rounded_inputs_for_every_edge_shape() {
+        on_each_pool(bf16_edge_shapes);
+    }
+
+    fn bf16_edge_shapes() {
         for (m, k, n) in EDGE_SHAPES {
             let (a, w) = (values(m * k, 1), values(n * k, 2));
             let expected = reference(&a, &w, (m, k, n), |x| from_bf16(to_bf16(x)));
@@ -1450,6 +1492,10 @@ mod tests {
 
     #[test]
     fn f32_products_match_f64_for_every_edge_shape() {
+        on_each_pool(f32_edge_shapes);
+    }
+
+    fn f32_edge_shapes() {
         for (m, k, n) in EDGE_SHAPES {
             let (a, w) = (values(m * k, 3), values(n * k, 4));
             let expected = reference(&a, &w, (m, k, n), |x| x);
