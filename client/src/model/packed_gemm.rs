@@ -1222,8 +1222,8 @@ mod x86 {
         // C's lines are read and written (or only written) after the loop, a thousand cycles or
         // more on: ask for them now, so that the loads (or the stores' fills) find them in L1
         // then rather than wait on L3 or memory. `bench-train`, reference preset, 2-core Zen 3,
-        // alternating runs: 409–482 → 458–551 tokens/s. A prefetch never faults, so the line
-        // past a short tile's last column needs no bound.
+        // seven alternating pairs: 426–509 → 485–551 tokens/s. A prefetch never faults, so the
+        // line past a short tile's last column needs no bound.
         for r in 0..ROWS {
             let row = c.wrapping_add(r * ldc);
             _mm_prefetch::<_MM_HINT_T0>(row.cast());
