@@ -490,9 +490,10 @@ pub struct BaseArgs {
     /// Keep the frozen projections and output head in bf16: bf16 products with f32
     /// accumulation, as PyTorch's bf16 autocast; the LoRA factors stay f32. Faster than the f32
     /// base where the CPU has AMX (Intel Xeon from Sapphire Rapids on: measured 1.4-1.9x) or
-    /// where bf16 dot products outrun f32 FMAs (AMD Zen 4: 1.6x); slower where they do not (an
+    /// where bf16 dot products outrun f32 FMAs (AMD Zen 4: 1.6x; Zen 5: 1.5x); slower where they do not (an
     /// Intel Xeon without AMX ran them at half the f32 FMA's flop rate) or where the CPU lacks
-    /// AVX-512 BF16. Without AMX, a warning says which, from a measurement at start. On a GPU (`cuda`
+    /// AVX-512 BF16. Without AMX, a log line says which, from a measurement at start (with the
+    /// f32 base, where bf16 would be faster). On a GPU (`cuda`
     /// builds) the frozen weights become bf16 tensors for the device's own matmuls.
     #[arg(long)]
     pub bf16_base: bool,
@@ -986,8 +987,32 @@ fn bench_train(args: &BenchTrainArgs) -> Result<()> {
         report.gflops,
         bench.flop_per_token()? / 1e6
     );
-    match report.peak {
-        Some(peak) => println!(
+    // The share is of the peak of the products the base runs on: bf16 dot products for the bf16
+    // base (where the CPU has them), f32 FMAs otherwise.
+    match (report.peak, base) {
+        (
+            Some(
+                peak @ fedlora_client::model::cpu_peak::Peak {
+                    bf16_gflops: Some(bf16),
+                    ..
+                },
+            ),
+            BasePrecision::Bf16,
+        ) => {
+            println!(
+                " = {:.0}% of this CPU's bf16 dot peak ({bf16:.0} GFLOP/s on {} threads{}; f32 FMA \
+                 {:.0} GFLOP/s)",
+                100.0 * report.gflops / bf16,
+                peak.threads,
+                if fedlora_client::model::packed_gemm::amx_available() {
+                    ", vdpbf16ps: the AMX tiles the base runs on are faster"
+                } else {
+                    ""
+                },
+                peak.f32_gflops,
+            )
+        }
+        (Some(peak), _) => println!(
             " = {:.0}% of this CPU's f32 FMA peak ({:.0} GFLOP/s on {} threads; bf16 dot {})",
             100.0 * report.gflops / peak.f32_gflops,
             peak.f32_gflops,
@@ -995,7 +1020,7 @@ fn bench_train(args: &BenchTrainArgs) -> Result<()> {
             peak.bf16_gflops
                 .map_or("absent".into(), |gflops| format!("{gflops:.0} GFLOP/s"))
         ),
-        None => println!(),
+        (None, _) => println!(),
     }
     Ok(())
 }

@@ -2,12 +2,13 @@
 //! f32 FMAs (`vfmadd…ps`, 512-bit with AVX-512F, else 256-bit with AVX2 and FMA) and of bf16
 //! pair dot products (`vdpbf16ps`) on every rayon thread.
 //!
-//! Two uses. `bench-train` states its throughput as a share of the f32 peak, so a figure from
-//! one machine can be read on another. And the bf16 base is only worth its rounding where
-//! `vdpbf16ps` outruns f32 FMAs. On the AMD EPYC (Zen 4) these machines had, the bf16 base
-//! trained 1.6× faster than f32; on the Intel Xeon (family 6, model 207) this probe measured
-//! `vdpbf16ps` at half the f32 FMA's flop rate (170 against 345 GFLOP/s on 2 cores), which
-//! `Llama::pack_base_bf16` warns about.
+//! Two uses. `bench-train` states its throughput as a share of the peak of the base's products,
+//! so a figure from one machine can be read on another. And the bf16 base is only worth its
+//! rounding where `vdpbf16ps` outruns f32 FMAs. On the AMD EPYC Zen 4 and Zen 5 these machines
+//! had, the bf16 base trained 1.6× and 1.5× as fast as f32 (this probe: 993 against 545 GFLOP/s
+//! on the Zen 5), which `Llama::pack_base_f32` says in a log line; on the Intel Xeon (family 6,
+//! model 207) it measured `vdpbf16ps` at half the f32 FMA's flop rate (170 against 345 GFLOP/s
+//! on 2 cores), which `Llama::pack_base_bf16` warns about.
 #![allow(
     unsafe_code,
     reason = "calls into AVX-512 and AVX2 functions after checking at run time that the CPU has them"
