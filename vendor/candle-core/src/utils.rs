@@ -380,6 +380,13 @@ pub fn init_global_threadpool() {
 }
 
 fn default_num_threads() -> usize {
+    // fedlora: computed once. `num_cpus::get_physical` parses /proc/cpuinfo on every call, and
+    // the CPU matmul asks for this on every product (1% of a training step's CPU time).
+    static THREADS: OnceLock<usize> = OnceLock::new();
+    *THREADS.get_or_init(detect_num_threads)
+}
+
+fn detect_num_threads() -> usize {
     let physical = {
         #[cfg(target_os = "macos")]
         {
