@@ -490,11 +490,11 @@ pub struct BaseArgs {
     /// Keep the frozen projections and output head in bf16: bf16 products with f32
     /// accumulation, as PyTorch's bf16 autocast; the LoRA factors stay f32. Faster than the f32
     /// base where the CPU has AMX (Intel Xeon from Sapphire Rapids on: measured 1.4-1.9x) or
-    /// where bf16 dot products outrun f32 FMAs (AMD Zen 4: 1.6x; Zen 5: 1.5x); slower where they do not (an
-    /// Intel Xeon without AMX ran them at half the f32 FMA's flop rate) or where the CPU lacks
-    /// AVX-512 BF16. Without AMX, a log line says which, from a measurement at start (with the
-    /// f32 base, where bf16 would be faster). On a GPU (`cuda`
-    /// builds) the frozen weights become bf16 tensors for the device's own matmuls.
+    /// where bf16 dot products outrun f32 FMAs (measured: AMD Zen 4 1.6x, Zen 5 1.5x); slower
+    /// where they do not (an Intel Xeon without AMX ran them at half the f32 FMA's flop rate) or
+    /// where the CPU lacks AVX-512 BF16. Without AMX, a log line says which, from a measurement
+    /// at start (with the f32 base, where bf16 would be faster). On a GPU (`cuda` builds) the
+    /// frozen weights become bf16 tensors for the device's own matmuls.
     #[arg(long)]
     pub bf16_base: bool,
     /// Keep the f32 base as loaded instead of packing it for fedlora's AVX-512 or AVX2 kernel:
@@ -987,8 +987,10 @@ fn bench_train(args: &BenchTrainArgs) -> Result<()> {
         report.gflops,
         bench.flop_per_token()? / 1e6
     );
-    // The share is of the peak of the products the base runs on: bf16 dot products for the bf16
-    // base (where the CPU has them), f32 FMAs otherwise.
+    // The share is of the peak of the products the base runs on: `vdpbf16ps` for the bf16 base
+    // where it runs on them, f32 FMAs otherwise. AMX tiles have no measured peak: with them the
+    // share stays of the f32 peak, as for every base without bf16 dot products.
+    let amx = fedlora_client::model::packed_gemm::amx_available();
     match (report.peak, base) {
         (
             Some(
@@ -998,20 +1000,13 @@ fn bench_train(args: &BenchTrainArgs) -> Result<()> {
                 },
             ),
             BasePrecision::Bf16,
-        ) => {
-            println!(
-                " = {:.0}% of this CPU's bf16 dot peak ({bf16:.0} GFLOP/s on {} threads{}; f32 FMA \
-                 {:.0} GFLOP/s)",
-                100.0 * report.gflops / bf16,
-                peak.threads,
-                if fedlora_client::model::packed_gemm::amx_available() {
-                    ", vdpbf16ps: the AMX tiles the base runs on are faster"
-                } else {
-                    ""
-                },
-                peak.f32_gflops,
-            )
-        }
+        ) if !amx => println!(
+            " = {:.0}% of this CPU's bf16 dot peak ({bf16:.0} GFLOP/s on {} threads; f32 FMA \
+             {:.0} GFLOP/s)",
+            100.0 * report.gflops / bf16,
+            peak.threads,
+            peak.f32_gflops,
+        ),
         (Some(peak), _) => println!(
             " = {:.0}% of this CPU's f32 FMA peak ({:.0} GFLOP/s on {} threads; bf16 dot {})",
             100.0 * report.gflops / peak.f32_gflops,

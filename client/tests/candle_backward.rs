@@ -1,7 +1,7 @@
-//! The vendored candle-core's one patch (vendor/README.md): `Tensor::backward` stores the first
-//! gradient reaching a tensor instead of adding it to fresh zeros. Gradients with several terms,
-//! reached through views (transposes, broadcasts, narrows) and through the patched and unpatched
-//! rules alike, must still be the exact sums.
+//! The vendored candle-core's backward-pass patch (one of its two, vendor/README.md):
+//! `Tensor::backward` stores the first gradient reaching a tensor instead of adding it to fresh
+//! zeros. Gradients with several terms, reached through views (transposes, broadcasts, narrows)
+//! and through the patched and unpatched rules alike, must still be the exact sums.
 #![allow(clippy::unwrap_used, reason = "tests")]
 
 use candle_core::{D, Device, Tensor, Var};

@@ -516,9 +516,10 @@ impl Llama {
                 tracing::warn!(
                     bf16_gflops = bf16.round(),
                     f32_gflops = peak.f32_gflops.round(),
-                    "this CPU's bf16 dot products (vdpbf16ps) run no faster than its f32 FMAs: \
-                     the bf16 base trains slower here than the f32 one (its gain is a smaller \
-                     peak memory)"
+                    "this CPU's bf16 dot products (vdpbf16ps) run less than 1.25x as fast as its \
+                     f32 FMAs: the bf16 base is unlikely to train faster here than the f32 one \
+                     (an Intel Xeon without AMX, at 0.5x, trained slower; its sure gain is a \
+                     smaller peak memory)"
                 );
             }
         }
@@ -580,14 +581,15 @@ impl Llama {
                 "this CPU has AMX: the bf16 base (--bf16-base) trains 1.4-1.9x as fast as the \
                  f32 one here"
             );
-        } else if let Some(peak) = super::cpu_peak::measure()
+        } else if super::packed_gemm::bf16_simd_available()
+            && let Some(peak) = super::cpu_peak::measure()
             && peak.bf16_gflops.unwrap_or(0.0) >= BF16_HINT_RATIO * peak.f32_gflops
         {
             tracing::info!(
                 bf16_gflops = peak.bf16_gflops.unwrap_or(0.0).round(),
                 f32_gflops = peak.f32_gflops.round(),
                 "this CPU's bf16 dot products (vdpbf16ps) outrun its f32 FMAs: the bf16 base \
-                 (--bf16-base) trains faster here (AMD EPYC Zen 5: 1.5x)"
+                 (--bf16-base) trains faster here (measured on an AMD EPYC Zen 5: 1.5x)"
             );
         }
         for linear in self.projections_mut() {

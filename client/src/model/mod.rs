@@ -88,8 +88,8 @@ pub enum BasePrecision {
     /// f32 as loaded, multiplied by candle's GEMM: the projections' memory once, a slower step.
     F32Unpacked,
     /// Projections and output head in bf16, bf16 products with f32 accumulation (PyTorch's bf16
-    /// autocast); faster than f32 only where the CPU's bf16 dot products outrun its f32 FMAs
-    /// (AMD Zen 4), see [`Llama::pack_base_bf16`]. CPU only.
+    /// autocast); faster than f32 only where the CPU has AMX or its bf16 dot products outrun its
+    /// f32 FMAs (AMD Zen 4 and Zen 5), see [`Llama::pack_base_bf16`]. CPU only.
     Bf16,
     /// QLoRA: projections quantized (to the given type, or a GGUF's own types): about a
     /// quarter (Q8_0) or an eighth (Q4K) of f32's memory.

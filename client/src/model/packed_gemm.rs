@@ -1122,19 +1122,20 @@ mod x86 {
 
     /// Asks for the lines of a tile of C (`ROWS` rows × up to 64 columns) before the AVX-512
     /// kernels' loop, as the AVX2 kernel does for its 16 columns: C is read and written (or only
-    /// written) after the last of up to 256 (f32) or 512 (bf16) word steps. A row's 64 values span
-    /// at most five lines at any alignment, those of columns 0, 16, 32, 48 and 63. A prefetch
-    /// never faults; `wrapping_add` because a narrow tile's last row may end, with C, before its
-    /// 64th column. 2-core AMD EPYC
-    /// Zen 5, `bench-train --preset reference` with a throwaway switch, eight alternating pairs
-    /// each (either one first in half): medians f32 1911 → 1985 tokens/s, bf16 2828 → 2896,
-    /// the prefetch ahead in six pairs of eight for each.
+    /// written) after the last of up to 512 (f32) or 256 (bf16 pair) word steps, k = 512 either
+    /// way. A row's 64 values span at most five lines at any alignment, those of columns 0, 16,
+    /// 32, 48 and 63. A prefetch never faults; `wrapping_add` because a narrow tile's last row
+    /// may end, with C, before its 64th column.
+    ///
+    /// Measured on a 2-core AMD EPYC Zen 5 (`bench-train --preset reference`, a throwaway
+    /// switch, eight alternating pairs each, either one first in half): medians f32 1911 → 1985
+    /// tokens/s, bf16 2828 → 2896, the prefetch ahead in six pairs of eight for each.
     #[inline(always)]
     fn prefetch_c<const ROWS: usize>(c: *mut f32, ldc: usize) {
         for r in 0..ROWS {
             let row = c.wrapping_add(r * ldc);
             for col in [0, 16, 32, 48, 63] {
-                // SAFETY: a prefetch reads nothing and never faults, at any address.
+                // SAFETY: a prefetch has no architectural effect and never faults, at any address.
                 unsafe { _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(col).cast()) };
             }
         }
