@@ -709,6 +709,34 @@ mod tests {
         );
     }
 
+    /// A tied head is packed too where the kernel is the AVX-512 one (its own packings beside the
+    /// embedding table the lookup keeps), and trains as the dense one does; elsewhere it stays
+    /// the embedding.
+    #[test]
+    fn f32_packed_base_with_a_tied_head_trains_exactly_like_the_dense_one() {
+        let spec = TinyModelSpec {
+            tie_word_embeddings: true,
+            ..TinyModelSpec::default()
+        };
+        assert_reduced_base_trains_like_f32(
+            "packed f32, tied head",
+            &spec,
+            |model| {
+                model.pack_base_f32().unwrap();
+                let head = model.frozen_kinds().pop().unwrap();
+                assert_eq!(head.0, "lm_head");
+                let expected = if crate::model::packed_gemm::f32_avx512_available() {
+                    "packed-f32"
+                } else {
+                    "dense"
+                };
+                assert_eq!(head.1, expected);
+            },
+            1e-5,
+            1e-4,
+        );
+    }
+
     /// Q4K (4.5 bits per weight) on load: every projection whose rows fit its 256-value blocks
     /// gets it, the others fall back to Q8_0, and training still sees gradients close to f32's.
     #[test]
