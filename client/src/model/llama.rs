@@ -162,8 +162,9 @@ pub struct Llama {
     norm: RmsNorm,
     /// The output head when it is not the embedding table used as it is: the untied `lm_head`
     /// (f32, packed after [`Llama::pack_base_f32`], or bf16 after [`Llama::pack_base_bf16`]), or
-    /// a bf16 copy of tied embeddings.
-    /// `None`: tied, and the head is `embed_tokens`.
+    /// a copy of tied embeddings (bf16 after `pack_base_bf16` on the CPU; packed f32 after
+    /// `pack_base_f32` where the kernel is the AVX-512 one). The base is frozen, so a copy never
+    /// goes stale. `None`: tied, and the head is `embed_tokens`.
     head: Option<FrozenWeight>,
     rope: Rope,
     device: Device,
@@ -572,7 +573,7 @@ impl Llama {
     ///
     /// A tied head (the embedding table) is packed too where the kernel is the AVX-512 one: two
     /// more copies of the largest matrix beside the table the lookup keeps. On SmolLM2 dims
-    /// (49152 × 576) that is 172 MiB more peak RSS for a step 6% faster (AMD EPYC Zen 5,
+    /// (49152 × 576) that is 173 MiB more peak RSS for a step 6% faster (AMD EPYC Zen 5,
     /// `bench-train --preset smollm2`, four alternating pairs: 541–546 → 573–583 tokens/s). With
     /// the AVX2 kernel it measured no faster (AMD EPYC Zen 3), so there it stays the embedding.
     ///

@@ -711,7 +711,8 @@ mod tests {
 
     /// A tied head is packed too where the kernel is the AVX-512 one (its own packings beside the
     /// embedding table the lookup keeps), and trains as the dense one does; elsewhere it stays
-    /// the embedding.
+    /// the embedding. Its logits (the forward pass generation uses) are the dense model's, and an
+    /// export still writes no `lm_head` for a tied model.
     #[test]
     fn f32_packed_base_with_a_tied_head_trains_exactly_like_the_dense_one() {
         let spec = TinyModelSpec {
@@ -722,7 +723,22 @@ mod tests {
             "packed f32, tied head",
             &spec,
             |model| {
+                let input = Tensor::new(&[[1u32, 5, 9, 2, 7, 3]], &Device::Cpu).unwrap();
+                let dense_logits = logits(model, &input);
                 model.pack_base_f32().unwrap();
+                let packed_logits = logits(model, &input);
+                let scale = dense_logits.iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert!(
+                    max_abs_difference(&dense_logits, &packed_logits) <= 1e-5 * scale,
+                    "logits moved by packing the tied head"
+                );
+                assert!(
+                    !model
+                        .merged_weights()
+                        .unwrap()
+                        .contains_key("lm_head.weight"),
+                    "a tied model exports no lm_head"
+                );
                 let head = model.frozen_kinds().pop().unwrap();
                 assert_eq!(head.0, "lm_head");
                 let expected = if crate::model::packed_gemm::f32_avx512_available() {
