@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{ClientError, Result};
@@ -565,36 +565,41 @@ impl CustomOp2 for SwiGlu {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        // One pass computes both gradients, stacked: [2, ...].
-        let stacked = Tensor::stack(&[gate, up], 0)?;
-        let grads = stacked.apply_op2_no_bwd(&dy.contiguous()?, &SwiGluBackward)?;
+        // One pass computes both gradients, stacked: [2, ...]. The inputs go in as they are (a
+        // three-input op), not stacked: stacking copied both, on one thread.
+        let grads = gate.contiguous()?.apply_op3_no_bwd(
+            &up.contiguous()?,
+            &dy.contiguous()?,
+            &SwiGluBackward,
+        )?;
         Ok((Some(grads.get(0)?), Some(grads.get(1)?)))
     }
 }
 
-/// `[∂L/∂gate, ∂L/∂up]` from `[gate, up]` stacked and `dy`:
+/// `[∂L/∂gate, ∂L/∂up]`, stacked, from `gate`, `up` and `dy`:
 /// `∂L/∂up = dy·silu(g)`, `∂L/∂gate = dy·u·σ(g)·(1 + g·(1 − σ(g)))`.
 struct SwiGluBackward;
 
-impl CustomOp2 for SwiGluBackward {
+impl CustomOp3 for SwiGluBackward {
     fn name(&self) -> &'static str {
         "swiglu-backward"
     }
 
     fn cpu_fwd(
         &self,
-        stacked: &CpuStorage,
-        stacked_layout: &Layout,
+        gate: &CpuStorage,
+        gate_layout: &Layout,
+        up: &CpuStorage,
+        up_layout: &Layout,
         dy: &CpuStorage,
         dy_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let stacked = values(stacked, stacked_layout, self.name())?;
+        let (gate, up) = same_len((gate, gate_layout), (up, up_layout), self.name())?;
         let dy = values(dy, dy_layout, self.name())?;
-        if stacked.len() != 2 * dy.len() {
+        if gate.len() != dy.len() {
             candle_core::bail!("swiglu-backward: shapes differ");
         }
-        let (gate, up) = stacked.split_at(dy.len());
-        let mut grads = vec![0f32; stacked.len()];
+        let mut grads = vec![0f32; 2 * dy.len()];
         let (d_gate, d_up) = grads.split_at_mut(dy.len());
         d_gate
             .par_chunks_mut(ELEMENTS_PER_TASK)
@@ -617,7 +622,9 @@ impl CustomOp2 for SwiGluBackward {
                     *dg = d * u * s * (1.0 + g * (1.0 - s));
                 }
             });
-        Ok((CpuStorage::F32(grads), stacked_layout.shape().clone()))
+        let mut dims = vec![2];
+        dims.extend_from_slice(gate_layout.dims());
+        Ok((CpuStorage::F32(grads), Shape::from(dims)))
     }
 }
 
