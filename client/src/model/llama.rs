@@ -591,10 +591,11 @@ impl Llama {
             );
         } else if super::packed_gemm::bf16_simd_available()
             && let Some(peak) = super::cpu_peak::measure()
-            && peak.bf16_gflops.unwrap_or(0.0) >= BF16_HINT_RATIO * peak.f32_gflops
+            && let Some(bf16) = peak.bf16_gflops
+            && bf16 >= BF16_HINT_RATIO * peak.f32_gflops
         {
             tracing::info!(
-                bf16_gflops = peak.bf16_gflops.unwrap_or(0.0).round(),
+                bf16_gflops = bf16.round(),
                 f32_gflops = peak.f32_gflops.round(),
                 "this CPU's bf16 dot products (vdpbf16ps) outrun its f32 FMAs: the bf16 base \
                  (--bf16-base) trains faster here (measured on an AMD EPYC Zen 5: 1.5x)"

@@ -1125,24 +1125,28 @@ mod x86 {
         chunks * 16
     }
 
-    /// Asks for the lines of a tile of C (`ROWS` rows × up to 64 columns) before the AVX-512
-    /// kernels' loop, as the AVX2 kernel does for its 16 columns: C is read and written (or only
-    /// written) after the last of up to 512 (f32) or 256 (bf16 pair) word steps, k = 512 either
-    /// way. A row's 64 values span at most five lines at any alignment, those of columns 0, 16,
-    /// 32, 48 and 63. A prefetch never faults; `wrapping_add` because a narrow tile's last row
-    /// may end, with C, before its 64th column.
+    /// Asks for the lines of a tile of C (`ROWS` rows × up to `COLS` columns) before a kernel's
+    /// loop: C is read and written (or only written) after the last of up to 256 (AVX2; AVX-512
+    /// bf16 pairs) or 512 (AVX-512 f32) word steps, where `perf annotate` found the loads waiting
+    /// on L3 or memory. A row's `COLS` values span at most the lines of every 16th column and of
+    /// the last one, at any alignment (16 columns: two lines; 64: five). A prefetch never faults;
+    /// `wrapping_add` because a narrow tile's last row may end, with C, before column `COLS`.
     ///
-    /// Measured on a 2-core AMD EPYC Zen 5 (`bench-train --preset reference`, a throwaway
-    /// switch, eight alternating pairs each, either one first in half): medians f32 1911 → 1985
-    /// tokens/s, bf16 2828 → 2896, the prefetch ahead in six pairs of eight for each.
+    /// Measured with the AVX-512 kernels on a 2-core AMD EPYC Zen 5 (`bench-train --preset
+    /// reference`, a throwaway switch, eight alternating pairs each, either one first in half):
+    /// medians f32 1911 → 1985 tokens/s, bf16 2828 → 2896, the prefetch ahead in six pairs of
+    /// eight for each. With the AVX2 kernel on a 2-core Zen 3, seven alternating pairs: 426–509 →
+    /// 485–551 tokens/s.
     #[inline(always)]
-    fn prefetch_c<const ROWS: usize>(c: *mut f32, ldc: usize) {
+    fn prefetch_c<const ROWS: usize, const COLS: usize>(c: *mut f32, ldc: usize) {
+        // SAFETY (both prefetches): a prefetch has no architectural effect and never faults, at
+        // any address. Counted loops over constants, which the compiler unrolls.
         for r in 0..ROWS {
             let row = c.wrapping_add(r * ldc);
-            for col in [0, 16, 32, 48, 63] {
-                // SAFETY: a prefetch has no architectural effect and never faults, at any address.
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(col).cast()) };
+            for line in 0..COLS / 16 {
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(16 * line).cast()) };
             }
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(COLS - 1).cast()) };
         }
     }
 
@@ -1155,7 +1159,7 @@ mod x86 {
         c: *mut f32,
         ldc: usize,
     ) {
-        prefetch_c::<ROWS>(c, ldc);
+        prefetch_c::<ROWS, NR>(c, ldc);
         let mut acc = [[_mm512_setzero_ps(); 4]; ROWS];
         let a = tile.a.as_ptr().cast::<u32>();
         let b = tile.b.as_ptr().cast::<u32>();
@@ -1195,7 +1199,7 @@ mod x86 {
         c: *mut f32,
         ldc: usize,
     ) {
-        prefetch_c::<ROWS>(c, ldc);
+        prefetch_c::<ROWS, NR>(c, ldc);
         let mut acc = [[_mm512_setzero_ps(); 4]; ROWS];
         let a = tile.a.as_ptr();
         let b = tile.b.as_ptr();
@@ -1247,18 +1251,8 @@ mod x86 {
     ) {
         let mut a = tile.a.as_ptr();
         let mut b = tile.b.as_ptr();
-        // C's lines are read and written (or only written) after the loop, up to 256 steps
-        // (about 1,500 cycles) on: ask for them now, so that the loads (or the stores' fills)
-        // find them in L1 then rather than wait on L3 or memory, where `perf annotate` found
-        // them. `bench-train --preset reference`, 2-core Zen 3, seven alternating pairs:
-        // 426–509 → 485–551 tokens/s. A row's 16 values span at most two lines at any
-        // alignment: the first and the last column's. A prefetch never faults; `wrapping_add`
-        // because the last row's 16th column may lie past C's allocation (a short tile).
-        for r in 0..ROWS {
-            let row = c.wrapping_add(r * ldc);
-            _mm_prefetch::<_MM_HINT_T0>(row.cast());
-            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(15).cast());
-        }
+        // C's lines, up to 256 steps (about 1,500 cycles) before the loads and stores use them.
+        prefetch_c::<ROWS, 16>(c, ldc);
         let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
         for _ in 0..tile.depth {
             // SAFETY (all reads): at the `p`-th step (`p < depth`) `b` points at the strip's 16
