@@ -39,8 +39,66 @@ pub(crate) fn exp(x: f32) -> f32 {
     y * f32::from_bits(shifted.to_bits().wrapping_sub(ROUND_BITS - 127) << 23)
 }
 
+/// Lanes of the reductions below: one 512-bit register of f32.
+const LANES: usize = 16;
+
+/// Folds `values` into [`LANES`] independent accumulators, then those into one: a loop the
+/// compiler vectorises, where a single running `f32` (a chain of dependent additions, which it
+/// may not reorder) stays scalar.
+#[inline(always)]
+fn reduce_lanes(values: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [init; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &value) in lanes.iter_mut().zip(chunk) {
+            *lane = f(*lane, value);
+        }
+    }
+    rest.iter()
+        .chain(&lanes)
+        .fold(init, |acc, &value| f(acc, value))
+}
+
+/// The largest of `values` (−∞ for none; NaNs are passed over).
+#[inline(always)]
+pub(crate) fn max(values: &[f32]) -> f32 {
+    reduce_lanes(values, f32::NEG_INFINITY, |m, v| if v > m { v } else { m })
+}
+
+/// `Σ values`, summed in [`LANES`] partial sums.
+#[inline(always)]
+pub(crate) fn sum(values: &[f32]) -> f32 {
+    reduce_lanes(values, 0.0, |total, v| total + v)
+}
+
+/// `Σ a⊙b` over the shorter of the two, in [`LANES`] partial sums.
+#[inline(always)]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (a_rest, b_rest) = (a_chunks.remainder(), b_chunks.remainder());
+    for (a, b) in a_chunks.zip(b_chunks) {
+        for ((lane, a), b) in lanes.iter_mut().zip(a).zip(b) {
+            *lane += a * b;
+        }
+    }
+    let rest: f32 = a_rest.iter().zip(b_rest).map(|(a, b)| a * b).sum();
+    lanes.iter().sum::<f32>() + rest
+}
+
+/// `softmax(scale·row)` in place: the exponentials in one vectorised pass, the maximum and sum
+/// in lanes.
+#[inline(always)]
+pub(crate) fn softmax_in_place(row: &mut [f32], scale: f32) {
+    let max = max(row);
+    row.iter_mut().for_each(|v| *v = exp(scale * (*v - max)));
+    let inverse = 1.0 / sum(row);
+    row.iter_mut().for_each(|v| *v *= inverse);
+}
+
 /// The contiguous f32 values of a CPU tensor argument.
-fn values<'a>(
+pub(super) fn values<'a>(
     storage: &'a CpuStorage,
     layout: &Layout,
     op: &str,
@@ -341,17 +399,8 @@ impl CustomOp1 for CausalSoftmax {
             });
             let visible = first..offset + query + 1;
             let out = &mut out[visible.clone()];
-            let row = &row[visible];
-            let max = row
-                .iter()
-                .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-            let mut sum = 0f32;
-            for (o, v) in out.iter_mut().zip(row) {
-                *o = exp(self.scale * (v - max));
-                sum += *o;
-            }
-            let inverse = 1.0 / sum;
-            out.iter_mut().for_each(|o| *o *= inverse);
+            out.copy_from_slice(&row[visible]);
+            softmax_in_place(out, self.scale);
         });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
@@ -386,7 +435,7 @@ impl CustomOp2 for SoftmaxBackward {
             candle_core::bail!("causal-softmax-backward: shapes differ");
         }
         let ds = map_rows(y, Some(dy), keys, |_, ds, y, dy| {
-            let dot: f32 = y.iter().zip(dy).map(|(y, g)| y * g).sum();
+            let dot = dot(y, dy);
             for ((d, y), g) in ds.iter_mut().zip(y).zip(dy) {
                 *d = self.scale * y * (g - dot);
             }
@@ -395,8 +444,8 @@ impl CustomOp2 for SoftmaxBackward {
     }
 }
 
-/// Rotary embeddings in Hugging Face's rotate-half layout, applied to `x` `[..., t, d]` at
-/// positions `offset..offset + t`: for `j < d/2`, `(x_j, x_{j+d/2})` is rotated by the angle in
+/// Rotary embeddings in Hugging Face's rotate-half layout, applied to `x` `[batch, t, heads, d]`
+/// (as the projections write it) at positions `offset..offset + t`: for `j < d/2`, `(x_j, x_{j+d/2})` is rotated by the angle in
 /// the tables `cos`/`sin` (`[positions, d]`, each angle twice, as `Rope` builds them).
 ///
 /// With `documents` (then `offset` is 0), position `i` of batch row `b` takes its place in its
@@ -443,35 +492,32 @@ impl CustomOp1 for RopeOp {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = values(storage, layout, self.name())?;
-        let dims = layout.shape().dims();
         let d = self.tables.head_dim;
-        let (Some(&last), Some(&seq_len)) = (
-            dims.last(),
-            dims.len().checked_sub(2).and_then(|i| dims.get(i)),
-        ) else {
-            candle_core::bail!("rope expects [..., seq, head_dim]");
+        let &[batch, seq_len, heads, last] = layout.shape().dims() else {
+            candle_core::bail!("rope expects [batch, seq, heads, head_dim]");
         };
         let half = d / 2;
         if last != d || !d.is_multiple_of(2) || (self.offset + seq_len) * d > self.tables.cos.len()
         {
             candle_core::bail!(
-                "rope: [.., {seq_len}, {last}] at offset {} outside the tables",
+                "rope: [.., {seq_len}, .., {last}] at offset {} outside the tables",
                 self.offset
             );
         }
-        let documents = match &self.documents {
-            Some(documents) => Some((
-                documents,
-                documents.rows_per_batch(dims, self.offset, self.name())?,
-            )),
-            None => None,
-        };
+        if let Some(documents) = &self.documents
+            && (self.offset != 0 || documents.dims() != (batch, seq_len))
+        {
+            candle_core::bail!(
+                "rope: document starts of a {:?} batch for [{batch}, {seq_len}, ..] at offset {}",
+                documents.dims(),
+                self.offset
+            );
+        }
+        let documents = self.documents.as_ref();
         let sign = if self.inverse { -1.0 } else { 1.0 };
         let out = map_rows(x, None, d, |row_index, out, x, _| {
-            let index = row_index % seq_len;
-            let start = documents.map_or(0, |(documents, rows_per_batch)| {
-                documents.start(row_index / rows_per_batch, index)
-            });
+            let (row, index) = (row_index / heads / seq_len, row_index / heads % seq_len);
+            let start = documents.map_or(0, |documents| documents.start(row, index));
             let position = self.offset + index - start;
             let cos = &self.tables.cos[position * d..position * d + half];
             let sin = &self.tables.sin[position * d..position * d + half];
@@ -728,8 +774,12 @@ mod tests {
             cos.narrow(0, offset, seq).unwrap(),
             sin.narrow(0, offset, seq).unwrap(),
         );
+        let (cos, sin) = (
+            cos.reshape((seq, 1, d)).unwrap(),
+            sin.reshape((seq, 1, d)).unwrap(),
+        );
         assert_same_as_composed(
-            &[2, 3, seq, d],
+            &[2, seq, 3, d],
             |x| rope(x, &tables, offset, None).unwrap(),
             |x| {
                 let first = x.narrow(D::Minus1, 0, d / 2).unwrap();

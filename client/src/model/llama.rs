@@ -106,7 +106,7 @@ impl Rope {
         Ok(Self { cos, sin, tables })
     }
 
-    /// `x` is `[batch, heads, seq, head_dim]` at positions `offset..offset + seq`, or, with
+    /// `x` is `[batch, seq, heads, head_dim]` at positions `offset..offset + seq`, or, with
     /// `documents`, each position at its place in its own document.
     fn apply(
         &self,
@@ -127,11 +127,15 @@ impl Rope {
         offset: usize,
         documents: Option<&DocumentStarts>,
     ) -> Result<Tensor> {
-        let (batch, _, seq_len, head_dim) = x.dims4()?;
+        let (batch, seq_len, _, head_dim) = x.dims4()?;
         let (cos, sin) = match documents {
             None => (
-                self.cos.narrow(0, offset, seq_len)?,
-                self.sin.narrow(0, offset, seq_len)?,
+                self.cos
+                    .narrow(0, offset, seq_len)?
+                    .reshape((seq_len, 1, head_dim))?,
+                self.sin
+                    .narrow(0, offset, seq_len)?
+                    .reshape((seq_len, 1, head_dim))?,
             ),
             Some(documents) => {
                 let positions =
@@ -139,7 +143,7 @@ impl Rope {
                 let gather = |table: &Tensor| -> Result<Tensor> {
                     Ok(table
                         .index_select(&positions, 0)?
-                        .reshape((batch, 1, seq_len, head_dim))?)
+                        .reshape((batch, seq_len, 1, head_dim))?)
                 };
                 (gather(&self.cos)?, gather(&self.sin)?)
             }
@@ -841,18 +845,34 @@ impl Attention {
         let heads = config.num_attention_heads;
         let kv_heads = config.num_kv_heads();
         let head_dim = config.head_dim();
-        let split = |tensor: Tensor, n_heads: usize| -> Result<Tensor> {
-            Ok(tensor
-                .reshape((batch, seq_len, n_heads, head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let q = self.q_proj.forward_train(x, module_seed(seed, 0))?;
-        let k = self.k_proj.forward_train(x, module_seed(seed, 1))?;
-        let v = self.v_proj.forward_train(x, module_seed(seed, 2))?;
-        let q = rope.apply(&split(q, heads)?, offset, documents)?;
-        let k = rope.apply(&split(k, kv_heads)?, offset, documents)?;
-        let v = split(v, kv_heads)?;
+        // `[batch, seq, heads, head_dim]`, as the projections write them.
+        let q = self
+            .q_proj
+            .forward_train(x, module_seed(seed, 0))?
+            .reshape((batch, seq_len, heads, head_dim))?;
+        let k = self
+            .k_proj
+            .forward_train(x, module_seed(seed, 1))?
+            .reshape((batch, seq_len, kv_heads, head_dim))?;
+        let v = self
+            .v_proj
+            .forward_train(x, module_seed(seed, 2))?
+            .reshape((batch, seq_len, kv_heads, head_dim))?;
+        let q = rope.apply(&q, offset, documents)?;
+        let k = rope.apply(&k, offset, documents)?;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        if cache.is_none() && q.device().is_cpu() && q.dtype() == DType::F32 {
+            // One fused op in this layout, its output as `o_proj` takes it (`attention.rs`).
+            let attended = super::attention::attention(&q, &k, &v, scale, documents)?.reshape((
+                batch,
+                seq_len,
+                heads * head_dim,
+            ))?;
+            return self.o_proj.forward_train(&attended, module_seed(seed, 3));
+        }
+        let split =
+            |tensor: Tensor| -> Result<Tensor> { Ok(tensor.transpose(1, 2)?.contiguous()?) };
+        let (q, k, v) = (split(q)?, split(k)?, split(v)?);
         let (k, v) = match cache {
             None => (k, v),
             Some(slot) => {
@@ -871,7 +891,6 @@ impl Attention {
         };
         let k = repeat_kv(k, heads / kv_heads)?;
         let v = repeat_kv(v, heads / kv_heads)?;
-        let scale = 1.0 / (head_dim as f64).sqrt();
         let scores = q.matmul(&k.t()?)?;
         let weights = if scores.device().is_cpu() && scores.dtype() == DType::F32 {
             super::fused::causal_softmax(&scores, scale, documents)?
@@ -1029,18 +1048,18 @@ mod tests {
         let documents = two_rows();
         let head_dim = config.head_dim();
         crate::testing::assert_same_as_composed(
-            &[2, 3, 9, head_dim],
+            &[2, 9, 3, head_dim],
             |x| rope.apply(x, 0, Some(&documents)).unwrap(),
             |x| rope.apply_composed(x, 0, Some(&documents)).unwrap(),
         );
         // Restarting positions is rotating each document as if it stood alone.
-        let x = Tensor::randn(0f32, 1.0, (1, 2, 4, head_dim), &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, 4, 2, head_dim), &Device::Cpu).unwrap();
         let alone = rope.apply(&x, 0, None).unwrap();
-        let packed = Tensor::cat(&[&x.narrow(2, 0, 3).unwrap(), &x], 2).unwrap();
+        let packed = Tensor::cat(&[&x.narrow(1, 0, 3).unwrap(), &x], 1).unwrap();
         let packed = DocumentStarts::new(vec![0, 0, 0, 3, 3, 3, 3], 1, 7)
             .map(|documents| rope.apply(&packed, 0, Some(&documents)).unwrap())
             .unwrap();
-        assert!(max_abs_difference(&flat(&alone), &flat(&packed.narrow(2, 3, 4).unwrap())) < 1e-6);
+        assert!(max_abs_difference(&flat(&alone), &flat(&packed.narrow(1, 3, 4).unwrap())) < 1e-6);
         let mask = document_mask(&documents, &Device::Cpu).unwrap();
         crate::testing::assert_same_as_composed(
             &[2, 3, 9, 9],

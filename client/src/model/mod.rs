@@ -1,6 +1,7 @@
 //! Loading a Llama-family model from a Hugging Face directory (`config.json`, `model.safetensors`
 //! or shards listed in `model.safetensors.index.json`, `tokenizer.json`), and its fingerprint.
 
+pub mod attention;
 pub mod combine;
 pub mod config;
 pub mod cpu_peak;
