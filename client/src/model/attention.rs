@@ -29,10 +29,12 @@ use rayon::prelude::*;
 use super::fused::{DocumentStarts, dot, softmax_in_place, values};
 use crate::error::Result;
 
-/// Queries per block: a block's scores span only the keys its last query sees, so the causal
-/// mask's upper triangle is mostly skipped (with 128 positions, 62% of the full product) while
-/// each GEMM stays large enough for the `gemm` crate's kernels.
-const QUERY_BLOCK: usize = 32;
+/// Queries per block: a block's scores span only the keys its last query sees, so most of the
+/// causal mask's upper triangle is skipped (with 512 positions, 56% of the full product is
+/// computed; with 128, 75%). Timing the op alone on two threads: at 512 positions, 16 and 32
+/// queries per block were 40% and 15% slower than 64 (the `gemm` crate's fixed cost per call),
+/// 128 no faster; at the reference preset's 128 positions, 32, 64 and 128 within noise.
+const QUERY_BLOCK: usize = 64;
 
 /// `softmax(scale·q·kᵀ + mask)·v` for `q` `[batch, t, heads, head_dim]` and `k`, `v`
 /// `[batch, T, kv_heads, head_dim]` (`heads` a multiple of `kv_heads`: grouped-query attention,
@@ -235,8 +237,106 @@ unsafe fn product(
 
 /// The attention probabilities of one block, in place of its raw scores `s` (`rows × keys.len()`,
 /// row-major): row `r` (query `rows.start + r`) gets `softmax(scale·s)` over its visible keys and
-/// 0 elsewhere.
+/// 0 elsewhere. Compiled for the widest vectors the CPU has (built for baseline x86-64, its
+/// exponentials ran in 128-bit registers), as `train::loss` does for its rows.
 fn softmax_rows(
+    s: &mut [f32],
+    mask: &Mask<'_>,
+    b: usize,
+    rows: std::ops::Range<usize>,
+    keys: &std::ops::Range<usize>,
+    scale: f32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked just above).
+            return unsafe { x86::softmax_rows_avx512(s, mask, b, rows, keys, scale) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            return unsafe { x86::softmax_rows_avx2(s, mask, b, rows, keys, scale) };
+        }
+    }
+    softmax_rows_portable(s, mask, b, rows, keys, scale)
+}
+
+/// `∂L/∂s = scale·p⊙(∂L/∂p − Σⱼ pⱼ·∂L/∂pⱼ)` in place of `∂L/∂p` in `ds`, row by row (`width`
+/// wide; masked keys have `p = 0`, so get 0). Compiled as [`softmax_rows`] is.
+fn softmax_backward_rows(ds: &mut [f32], p: &[f32], width: usize, scale: f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked just above).
+            return unsafe { x86::softmax_backward_rows_avx512(ds, p, width, scale) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            return unsafe { x86::softmax_backward_rows_avx2(ds, p, width, scale) };
+        }
+    }
+    softmax_backward_rows_portable(ds, p, width, scale)
+}
+
+#[inline(always)]
+fn softmax_backward_rows_portable(ds: &mut [f32], p: &[f32], width: usize, scale: f32) {
+    for (ds, p) in ds.chunks_mut(width).zip(p.chunks(width)) {
+        let dot = dot(ds, p);
+        for (d, &p) in ds.iter_mut().zip(p) {
+            *d = scale * p * (*d - dot);
+        }
+    }
+}
+
+/// The row loops in AVX-512 or AVX2 registers: the portable code, inlined into functions
+/// compiled with those features. The same IEEE operations per lane, so the same values.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::Mask;
+    use std::ops::Range;
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn softmax_rows_avx512(
+        s: &mut [f32],
+        mask: &Mask<'_>,
+        b: usize,
+        rows: Range<usize>,
+        keys: &Range<usize>,
+        scale: f32,
+    ) {
+        super::softmax_rows_portable(s, mask, b, rows, keys, scale)
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) fn softmax_rows_avx2(
+        s: &mut [f32],
+        mask: &Mask<'_>,
+        b: usize,
+        rows: Range<usize>,
+        keys: &Range<usize>,
+        scale: f32,
+    ) {
+        super::softmax_rows_portable(s, mask, b, rows, keys, scale)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn softmax_backward_rows_avx512(
+        ds: &mut [f32],
+        p: &[f32],
+        width: usize,
+        scale: f32,
+    ) {
+        super::softmax_backward_rows_portable(ds, p, width, scale)
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) fn softmax_backward_rows_avx2(ds: &mut [f32], p: &[f32], width: usize, scale: f32) {
+        super::softmax_backward_rows_portable(ds, p, width, scale)
+    }
+}
+
+#[inline(always)]
+fn softmax_rows_portable(
     s: &mut [f32],
     mask: &Mask<'_>,
     b: usize,
@@ -412,13 +512,7 @@ impl Attention {
                             false,
                         );
                     }
-                    // ∂L/∂s = scale·p⊙(∂L/∂p − Σⱼ pⱼ·∂L/∂pⱼ) (masked keys have p = 0, so get 0).
-                    for (ds, p) in ds.chunks_mut(width).zip(p.chunks(width)) {
-                        let dot = dot(ds, p);
-                        for (d, &p) in ds.iter_mut().zip(p) {
-                            *d = self.scale * p * (*d - dot);
-                        }
-                    }
+                    softmax_backward_rows(&mut ds, &p, width, self.scale);
                     let ds_view = View::rows(ds.as_ptr(), width as isize);
                     let p_view = View::rows(p.as_ptr(), width as isize);
                     // SAFETY: as above.
@@ -640,7 +734,7 @@ mod tests {
 
     #[test]
     fn matches_candles_ops_in_value_and_all_three_gradients() {
-        // Blocks of 32 queries: 70 positions end in a partial block.
+        // Blocks of 64 queries: 70 positions end in a partial block.
         assert_matches_composed((2, 70, 70, 4, 4, 8), None);
         // Grouped-query attention: three query heads per key/value head.
         assert_matches_composed((2, 40, 40, 6, 2, 8), None);

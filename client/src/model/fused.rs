@@ -40,7 +40,7 @@ pub(crate) fn exp(x: f32) -> f32 {
 }
 
 /// Lanes of the reductions below: one 512-bit register of f32.
-const LANES: usize = 16;
+pub(crate) const LANES: usize = 16;
 
 /// Folds `values` into [`LANES`] independent accumulators, then those into one: a loop the
 /// compiler vectorises, where a single running `f32` (a chain of dependent additions, which it

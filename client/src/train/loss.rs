@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::model::frozen::{FrozenWeight, frozen_matmul_t};
-use crate::model::fused::exp;
+use crate::model::fused::{LANES, exp, max};
 
 /// Rows of logits computed at a time by [`head_cross_entropy_rows`]: 128 × a 32k vocabulary is
 /// 16 MB, which stays in a large L3 between its three passes.
@@ -179,29 +179,10 @@ fn slices<'a>(
 }
 
 /// Lanes of the partial maxima and sums below: written so that the loops vectorise.
-const LANES: usize = 16;
-
-/// `max` of a row (NaN entries are skipped here, and make the sums NaN).
-#[inline(always)]
-fn row_max(row: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let chunks = row.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for chunk in chunks {
-        for (lane, &value) in lanes.iter_mut().zip(chunk) {
-            *lane = if value > *lane { value } else { *lane };
-        }
-    }
-    tail.iter().chain(&lanes).fold(
-        f32::NEG_INFINITY,
-        |max, &value| if value > max { value } else { max },
-    )
-}
-
 /// `(max, Σ exp(x − max))` of a row.
 #[inline(always)]
 fn row_normaliser(row: &[f32]) -> (f32, f32) {
-    let max = row_max(row);
+    let max = max(row);
     let mut lanes = [0f32; LANES];
     let chunks = row.chunks_exact(LANES);
     let tail = chunks.remainder();
