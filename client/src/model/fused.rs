@@ -72,9 +72,10 @@ pub(crate) fn sum(values: &[f32]) -> f32 {
     reduce_lanes(values, 0.0, |total, v| total + v)
 }
 
-/// `Σ a⊙b` over the shorter of the two, in [`LANES`] partial sums.
+/// `Σ a⊙b` for `a` and `b` of equal length, in [`LANES`] partial sums.
 #[inline(always)]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len(), "dot of unequal lengths");
     let mut lanes = [0f32; LANES];
     let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let (a_rest, b_rest) = (a_chunks.remainder(), b_chunks.remainder());
@@ -87,8 +88,8 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + rest
 }
 
-/// `softmax(scale·row)` in place: the exponentials in one vectorised pass, the maximum and sum
-/// in lanes.
+/// `softmax(scale·row)` in place, for `scale > 0`: the exponentials in one vectorised pass, the
+/// maximum and sum in lanes.
 #[inline(always)]
 pub(crate) fn softmax_in_place(row: &mut [f32], scale: f32) {
     let max = max(row);
@@ -445,8 +446,9 @@ impl CustomOp2 for SoftmaxBackward {
 }
 
 /// Rotary embeddings in Hugging Face's rotate-half layout, applied to `x` `[batch, t, heads, d]`
-/// (as the projections write it) at positions `offset..offset + t`: for `j < d/2`, `(x_j, x_{j+d/2})` is rotated by the angle in
-/// the tables `cos`/`sin` (`[positions, d]`, each angle twice, as `Rope` builds them).
+/// (as the projections write it) at positions `offset..offset + t`: for `j < d/2`,
+/// `(x_j, x_{j+d/2})` is rotated by the angle in the tables `cos`/`sin` (`[positions, d]`, each
+/// angle twice, as `Rope` builds them).
 ///
 /// With `documents` (then `offset` is 0), position `i` of batch row `b` takes its place in its
 /// own document, `i − start`, instead.

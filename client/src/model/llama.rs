@@ -754,7 +754,7 @@ impl Llama {
             .embed_tokens
             .index_select(&input_ids.flatten_all()?, 0)?
             .reshape((batch, seq_len, self.config.hidden_size))?;
-        // The fused CPU softmax masks by itself (f32 activations: a bf16 base casts back); the
+        // The fused CPU attention masks by itself (f32 activations: a bf16 base casts back); the
         // `[batch, 1, t, t]` document mask is built only for candle's ops elsewhere.
         let mask = match documents {
             Some(documents) if !self.device.is_cpu() || hidden.dtype() != DType::F32 => {

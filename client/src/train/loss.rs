@@ -178,8 +178,7 @@ fn slices<'a>(
     Ok((&logits[logit_start..logit_end], targets, width))
 }
 
-/// Lanes of the partial maxima and sums below: written so that the loops vectorise.
-/// `(max, Σ exp(x − max))` of a row.
+/// `(max, Σ exp(x − max))` of a row, in partial sums of [`LANES`], so that the loop vectorises.
 #[inline(always)]
 fn row_normaliser(row: &[f32]) -> (f32, f32) {
     let max = max(row);
