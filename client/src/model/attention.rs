@@ -229,47 +229,61 @@ unsafe fn product(
     }
 }
 
-/// The attention probabilities of one block, in place of its raw scores `s` (`rows × keys.len()`,
-/// row-major): row `r` (query `rows.start + r`) gets `softmax(scale·s)` over its visible keys and
-/// 0 elsewhere. Compiled for the widest vectors the CPU has (built for baseline x86-64, its
-/// exponentials ran in 128-bit registers), as `train::loss` does for its rows.
-fn softmax_rows(
-    s: &mut [f32],
-    mask: &Mask<'_>,
-    b: usize,
-    rows: std::ops::Range<usize>,
-    keys: &std::ops::Range<usize>,
-    scale: f32,
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F (checked just above).
-            return unsafe { x86::softmax_rows_avx512(s, mask, b, rows, keys, scale) };
+/// Defines `$name`, which runs `$portable` compiled for the widest vectors the CPU has: built for
+/// baseline x86-64, its loops of exponentials run in 128-bit registers. The portable code is
+/// inlined into functions compiled with AVX-512F or AVX2, so each lane does the same IEEE
+/// operations and the values are the same (as `train::loss` does for its rows).
+macro_rules! widest_vectors {
+    ($(#[$doc:meta])* fn $name:ident = $portable:ident($($arg:ident: $ty:ty),* $(,)?)) => {
+        $(#[$doc])*
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                fn avx512($($arg: $ty),*) {
+                    $portable($($arg),*)
+                }
+                #[target_feature(enable = "avx2")]
+                fn avx2($($arg: $ty),*) {
+                    $portable($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F (checked just above).
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU has AVX2 (checked just above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $portable($($arg),*)
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2 (checked just above).
-            return unsafe { x86::softmax_rows_avx2(s, mask, b, rows, keys, scale) };
-        }
-    }
-    softmax_rows_portable(s, mask, b, rows, keys, scale)
+    };
 }
 
-/// `∂L/∂s = scale·p⊙(∂L/∂p − Σⱼ pⱼ·∂L/∂pⱼ)` in place of `∂L/∂p` in `ds`, row by row (`width`
-/// wide; masked keys have `p = 0`, so get 0). Compiled as [`softmax_rows`] is.
-fn softmax_backward_rows(ds: &mut [f32], p: &[f32], width: usize, scale: f32) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F (checked just above).
-            return unsafe { x86::softmax_backward_rows_avx512(ds, p, width, scale) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2 (checked just above).
-            return unsafe { x86::softmax_backward_rows_avx2(ds, p, width, scale) };
-        }
-    }
-    softmax_backward_rows_portable(ds, p, width, scale)
+widest_vectors! {
+    /// The attention probabilities of one block, in place of its raw scores `s`
+    /// (`rows × keys.len()`, row-major): row `r` (query `rows.start + r`) gets `softmax(scale·s)`
+    /// over its visible keys and 0 elsewhere.
+    fn softmax_rows = softmax_rows_portable(
+        s: &mut [f32],
+        mask: &Mask<'_>,
+        b: usize,
+        rows: std::ops::Range<usize>,
+        keys: &std::ops::Range<usize>,
+        scale: f32,
+    )
+}
+
+widest_vectors! {
+    /// `∂L/∂s = scale·p⊙(∂L/∂p − Σⱼ pⱼ·∂L/∂pⱼ)` in place of `∂L/∂p` in `ds`, row by row (`width`
+    /// wide; masked keys have `p = 0`, so get 0).
+    fn softmax_backward_rows = softmax_backward_rows_portable(
+        ds: &mut [f32],
+        p: &[f32],
+        width: usize,
+        scale: f32,
+    )
 }
 
 #[inline(always)]
@@ -279,53 +293,6 @@ fn softmax_backward_rows_portable(ds: &mut [f32], p: &[f32], width: usize, scale
         for (d, &p) in ds.iter_mut().zip(p) {
             *d = scale * p * (*d - dot);
         }
-    }
-}
-
-/// The row loops in AVX-512 or AVX2 registers: the portable code, inlined into functions
-/// compiled with those features. The same IEEE operations per lane, so the same values.
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::Mask;
-    use std::ops::Range;
-
-    #[target_feature(enable = "avx512f")]
-    pub(super) fn softmax_rows_avx512(
-        s: &mut [f32],
-        mask: &Mask<'_>,
-        b: usize,
-        rows: Range<usize>,
-        keys: &Range<usize>,
-        scale: f32,
-    ) {
-        super::softmax_rows_portable(s, mask, b, rows, keys, scale)
-    }
-
-    #[target_feature(enable = "avx2")]
-    pub(super) fn softmax_rows_avx2(
-        s: &mut [f32],
-        mask: &Mask<'_>,
-        b: usize,
-        rows: Range<usize>,
-        keys: &Range<usize>,
-        scale: f32,
-    ) {
-        super::softmax_rows_portable(s, mask, b, rows, keys, scale)
-    }
-
-    #[target_feature(enable = "avx512f")]
-    pub(super) fn softmax_backward_rows_avx512(
-        ds: &mut [f32],
-        p: &[f32],
-        width: usize,
-        scale: f32,
-    ) {
-        super::softmax_backward_rows_portable(ds, p, width, scale)
-    }
-
-    #[target_feature(enable = "avx2")]
-    pub(super) fn softmax_backward_rows_avx2(ds: &mut [f32], p: &[f32], width: usize, scale: f32) {
-        super::softmax_backward_rows_portable(ds, p, width, scale)
     }
 }
 
