@@ -138,6 +138,17 @@ impl Dims {
     fn kv_stride(&self) -> isize {
         (self.kv_heads * self.head_dim) as isize
     }
+
+    /// `values` (q's layout) from row `b`, position `i`, head `h` on, one position per row.
+    /// Panics (slice index) if that lies outside `values`.
+    fn q_rows(&self, values: &[f32], b: usize, i: usize, h: usize) -> View {
+        View::rows(values[self.q_at(b, i, h)..].as_ptr(), self.q_stride())
+    }
+
+    /// `values` (k's layout) from row `b`, position `j`, head `g` on, one position per row.
+    fn kv_rows(&self, values: &[f32], b: usize, j: usize, g: usize) -> View {
+        View::rows(values[self.kv_at(b, j, g)..].as_ptr(), self.kv_stride())
+    }
 }
 
 /// Which keys each query of a batch row sees.
@@ -354,14 +365,8 @@ impl<'a> Inputs<'a> {
         let dims = self.dims;
         p.clear();
         p.resize(rows.len() * keys.len(), 0.0);
-        let q = View::rows(
-            self.q[dims.q_at(b, rows.start, h)..].as_ptr(),
-            dims.q_stride(),
-        );
-        let k = View::rows(
-            self.k[dims.kv_at(b, keys.start, g)..].as_ptr(),
-            dims.kv_stride(),
-        );
+        let q = dims.q_rows(self.q, b, rows.start, h);
+        let k = dims.kv_rows(self.k, b, keys.start, g);
         // SAFETY: q's rows `rows` of head `h` and k's rows `keys` of head `g` lie inside their
         // slices (`Inputs::new` checked the buffers' sizes against `dims`); `p` holds
         // `rows × keys` values and is this task's own.
@@ -414,10 +419,7 @@ impl Attention {
                 for rows in Self::blocks(dims) {
                     let keys = mask.block_keys(b, &rows);
                     inputs.probabilities(&mask, self.scale, b, h, g, &rows, &keys, &mut p);
-                    let v = View::rows(
-                        inputs.v[dims.kv_at(b, keys.start, g)..].as_ptr(),
-                        dims.kv_stride(),
-                    );
+                    let v = dims.kv_rows(inputs.v, b, keys.start, g);
                     // SAFETY: the output rows `rows` of head `h` in batch row `b` belong to this
                     // task alone (`h` is one of key/value head `g`'s query heads) and lie inside
                     // `out`, as q's do; v's rows `keys` of head `g` lie inside `v`.
@@ -462,10 +464,10 @@ impl Attention {
                     inputs.probabilities(&mask, self.scale, b, h, g, &rows, &keys, &mut p);
                     let at_q = dims.q_at(b, rows.start, h);
                     let at_kv = dims.kv_at(b, keys.start, g);
-                    let q = View::rows(inputs.q[at_q..].as_ptr(), dims.q_stride());
-                    let k = View::rows(inputs.k[at_kv..].as_ptr(), dims.kv_stride());
-                    let v = View::rows(inputs.v[at_kv..].as_ptr(), dims.kv_stride());
-                    let dy = View::rows(dy[at_q..].as_ptr(), dims.q_stride());
+                    let q = dims.q_rows(inputs.q, b, rows.start, h);
+                    let k = dims.kv_rows(inputs.k, b, keys.start, g);
+                    let v = dims.kv_rows(inputs.v, b, keys.start, g);
+                    let dy = dims.q_rows(dy, b, rows.start, h);
                     ds.clear();
                     ds.resize(rows.len() * width, 0.0);
                     // SAFETY (this block's products): q's and dy's rows `rows` of head `h` and
