@@ -499,8 +499,8 @@ pub struct BaseArgs {
     pub bf16_base: bool,
     /// Keep the f32 base as loaded instead of packing it for fedlora's AVX-512 or AVX2 kernel:
     /// the frozen projections take half the memory of the packed default (which holds each
-    /// twice, once per product, and with AVX-512 also packs a tied output head twice beside the
-    /// embedding table), and a step is slower (on the reference benchmark: 12% on an Intel Xeon,
+    /// twice, once per product, and also packs a tied output head twice beside the embedding
+    /// table), and a step is slower (on the reference benchmark: 12% on an Intel Xeon,
     /// 1–28% on an AMD EPYC Zen 3).
     #[arg(long, conflicts_with_all = ["bf16_base", "quantize_base"])]
     pub unpacked_base: bool,

@@ -575,11 +575,12 @@ impl Llama {
     /// weights, since each is packed for both of its products. Does nothing on CPUs with neither
     /// AVX-512F nor AVX2 and FMA, or off the CPU.
     ///
-    /// A tied head (the embedding table) is packed too where the kernel is the AVX-512 one: two
-    /// more copies of the largest matrix beside the table the lookup keeps. On SmolLM2 dims
-    /// (49152 × 576) that is 173 MiB more peak RSS for a step 6% faster (AMD EPYC Zen 5,
-    /// `bench-train --preset smollm2`, four alternating pairs: 541–546 → 573–583 tokens/s). With
-    /// the AVX2 kernel it measured no faster (AMD EPYC Zen 3), so there it stays the embedding.
+    /// A tied head (the embedding table) is packed too: two more copies of the largest matrix
+    /// beside the table the lookup keeps. On SmolLM2 dims (49152 × 576) that is 173–192 MiB more
+    /// peak RSS for a step 6% faster (`bench-train --preset smollm2`, four alternating pairs
+    /// each: AMD EPYC Zen 5 with the AVX-512 kernel 541–546 → 573–583 tokens/s, AMD EPYC Zen 3
+    /// with the AVX2 kernel 228–232 → 242–252, where candle's GEMM had a fifth of the step's
+    /// samples; measured there before the AVX2 kernel's C prefetch, it was no faster).
     ///
     /// DoRA rebuilds each dense weight from its packing every step for its row norms (a copy of
     /// the weight: cheap next to the products). Merging makes a projection dense; unmerging packs
@@ -610,7 +611,7 @@ impl Llama {
         }
         if let Some(head) = &self.head {
             self.head = Some(head.packed_f32()?);
-        } else if super::packed_gemm::f32_avx512_available() {
+        } else {
             // Tied: packings of its own beside the embedding table, which the lookup keeps.
             self.head = Some(FrozenWeight::Dense(self.embed_tokens.clone()).packed_f32()?);
         }

@@ -849,11 +849,6 @@ pub fn f32_simd_available() -> bool {
     <f32 as Word>::best_kernel() != Kernel::Portable
 }
 
-/// Whether f32 products run on the AVX-512 kernel (not the AVX2 one, nor the portable loop).
-pub fn f32_avx512_available() -> bool {
-    <f32 as Word>::best_kernel() == Kernel::Avx512
-}
-
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::asm;

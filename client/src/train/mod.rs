@@ -709,7 +709,7 @@ mod tests {
         );
     }
 
-    /// A tied head is packed too where the kernel is the AVX-512 one (its own packings beside the
+    /// A tied head is packed too wherever the f32 kernels run (its own packings beside the
     /// embedding table the lookup keeps), and trains as the dense one does; elsewhere it stays
     /// the embedding. Its logits (the forward pass generation uses) are the dense model's, and an
     /// export still writes no `lm_head` for a tied model.
@@ -741,7 +741,7 @@ mod tests {
                 );
                 let head = model.frozen_kinds().pop().unwrap();
                 assert_eq!(head.0, "lm_head");
-                let expected = if crate::model::packed_gemm::f32_avx512_available() {
+                let expected = if crate::model::packed_gemm::f32_simd_available() {
                     "packed-f32"
                 } else {
                     "dense"
