@@ -26,7 +26,7 @@ use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Storage, Tensor}
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
-use super::fused::{DocumentStarts, dot, softmax_in_place, values};
+use super::fused::{DocumentStarts, dot, softmax_in_place, values, widest_vectors};
 use super::packed_gemm::OutPtr;
 use crate::error::Result;
 
@@ -238,38 +238,6 @@ unsafe fn product(
             Parallelism::None,
         )
     }
-}
-
-/// Defines `$name`, which runs `$portable` compiled for the widest vectors the CPU has: built for
-/// baseline x86-64, its loops of exponentials run in 128-bit registers. The portable code is
-/// inlined into functions compiled with AVX-512F or AVX2, so each lane does the same IEEE
-/// operations and the values are the same (as `train::loss` does for its rows).
-macro_rules! widest_vectors {
-    ($(#[$doc:meta])* fn $name:ident = $portable:ident($($arg:ident: $ty:ty),* $(,)?)) => {
-        $(#[$doc])*
-        fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f")]
-                fn avx512($($arg: $ty),*) {
-                    $portable($($arg),*)
-                }
-                #[target_feature(enable = "avx2")]
-                fn avx2($($arg: $ty),*) {
-                    $portable($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has AVX-512F (checked just above).
-                    return unsafe { avx512($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the CPU has AVX2 (checked just above).
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            $portable($($arg),*)
-        }
-    };
 }
 
 widest_vectors! {

@@ -12,6 +12,45 @@ use rayon::prelude::*;
 
 use crate::error::{ClientError, Result};
 
+/// Defines `$name`, which runs `$portable` compiled for the widest vectors the CPU has: built for
+/// baseline x86-64, its loops (exponentials included) run in 128-bit registers. The portable
+/// code is inlined into functions compiled with AVX-512F or AVX2, so each lane does the same
+/// IEEE operations and the values are the same (as `train::loss` does for its rows). Used here
+/// and in `attention.rs`.
+macro_rules! widest_vectors {
+    ($(#[$doc:meta])* fn $name:ident = $portable:ident($($arg:ident: $ty:ty),* $(,)?)) => {
+        $(#[$doc])*
+        #[allow(
+            unsafe_code,
+            reason = "calls a build for AVX-512F or AVX2 after the run-time check that the CPU \
+                      has it"
+        )]
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                fn avx512($($arg: $ty),*) {
+                    $portable($($arg),*)
+                }
+                #[target_feature(enable = "avx2")]
+                fn avx2($($arg: $ty),*) {
+                    $portable($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F (checked just above).
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU has AVX2 (checked just above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $portable($($arg),*)
+        }
+    };
+}
+pub(crate) use widest_vectors;
+
 /// `eˣ` for `x ≤ 0` (softmax arguments `x − max`), within 2e-7 relative; NaN stays NaN.
 /// Branch-free (Cephes' `expf`: `2ⁿ·p(r)` with `r = x − n·ln 2`), so that loops over slices
 /// vectorise, where libm's `expf` is a scalar call.
@@ -85,6 +124,38 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     let rest: f32 = a_rest.iter().zip(b_rest).map(|(a, b)| a * b).sum();
+    lanes.iter().sum::<f32>() + rest
+}
+
+/// `Σ a⊙b⊙c` for slices of equal length, in [`LANES`] partial sums.
+#[inline(always)]
+fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+    debug_assert!(
+        a.len() == b.len() && b.len() == c.len(),
+        "dot3 of unequal lengths"
+    );
+    let mut lanes = [0f32; LANES];
+    let (a_chunks, b_chunks, c_chunks) = (
+        a.chunks_exact(LANES),
+        b.chunks_exact(LANES),
+        c.chunks_exact(LANES),
+    );
+    let (a_rest, b_rest, c_rest) = (
+        a_chunks.remainder(),
+        b_chunks.remainder(),
+        c_chunks.remainder(),
+    );
+    for ((a, b), c) in a_chunks.zip(b_chunks).zip(c_chunks) {
+        for (((lane, a), b), c) in lanes.iter_mut().zip(a).zip(b).zip(c) {
+            *lane += a * b * c;
+        }
+    }
+    let rest: f32 = a_rest
+        .iter()
+        .zip(b_rest)
+        .zip(c_rest)
+        .map(|((a, b), c)| a * b * c)
+        .sum();
     lanes.iter().sum::<f32>() + rest
 }
 
@@ -169,10 +240,48 @@ struct RmsNorm {
     eps: f32,
 }
 
-impl RmsNorm {
-    fn inverse_rms(&self, row: &[f32]) -> f32 {
-        let mean_square = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
-        1.0 / (mean_square + self.eps).sqrt()
+/// `1/√(mean(row²) + ε)`, the sum of squares in [`LANES`] partial sums.
+#[inline(always)]
+fn inverse_rms(row: &[f32], eps: f32) -> f32 {
+    1.0 / (dot(row, row) / row.len() as f32 + eps).sqrt()
+}
+
+widest_vectors! {
+    /// One row of RMSNorm: `out = row·r⊙w`.
+    fn rms_norm_row = rms_norm_row_portable(out: &mut [f32], row: &[f32], weight: &[f32], eps: f32)
+}
+
+#[inline(always)]
+fn rms_norm_row_portable(out: &mut [f32], row: &[f32], weight: &[f32], eps: f32) {
+    let r = inverse_rms(row, eps);
+    for ((o, v), w) in out.iter_mut().zip(row).zip(weight) {
+        *o = v * r * w;
+    }
+}
+
+widest_vectors! {
+    /// One row of RMSNorm's input gradient ([`RmsNormBackward`]).
+    fn rms_norm_backward_row = rms_norm_backward_row_portable(
+        dx: &mut [f32],
+        row: &[f32],
+        dy: &[f32],
+        weight: &[f32],
+        eps: f32,
+    )
+}
+
+#[inline(always)]
+fn rms_norm_backward_row_portable(
+    dx: &mut [f32],
+    row: &[f32],
+    dy: &[f32],
+    weight: &[f32],
+    eps: f32,
+) {
+    let r = inverse_rms(row, eps);
+    let correction = r * r * r * dot3(row, dy, weight) / row.len() as f32;
+    for (((d, x), g), w) in dx.iter_mut().zip(row).zip(dy).zip(weight) {
+        *d = r * w * g - x * correction;
     }
 }
 
@@ -192,10 +301,7 @@ impl CustomOp1 for RmsNorm {
             candle_core::bail!("rms-norm: last dimension is not the weight's {hidden}");
         }
         let out = map_rows(x, None, hidden, |_, out, row, _| {
-            let r = self.inverse_rms(row);
-            for ((o, v), w) in out.iter_mut().zip(row).zip(&self.weight) {
-                *o = v * r * w;
-            }
+            rms_norm_row(out, row, &self.weight, self.eps);
         });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
@@ -236,17 +342,7 @@ impl CustomOp2 for RmsNormBackward {
             candle_core::bail!("rms-norm-backward: shapes differ");
         }
         let dx = map_rows(x, Some(dy), hidden, |_, dx, row, dy| {
-            let r = self.forward.inverse_rms(row);
-            let dot: f32 = row
-                .iter()
-                .zip(dy)
-                .zip(weight)
-                .map(|((x, g), w)| x * g * w)
-                .sum();
-            let correction = r * r * r * dot / hidden as f32;
-            for (((d, x), g), w) in dx.iter_mut().zip(row).zip(dy).zip(weight) {
-                *d = r * w * g - x * correction;
-            }
+            rms_norm_backward_row(dx, row, dy, weight, self.forward.eps);
         });
         Ok((CpuStorage::F32(dx), x_layout.shape().clone()))
     }
@@ -523,13 +619,7 @@ impl CustomOp1 for RopeOp {
             let position = self.offset + index - start;
             let cos = &self.tables.cos[position * d..position * d + half];
             let sin = &self.tables.sin[position * d..position * d + half];
-            let (x1, x2) = x.split_at(half);
-            let (y1, y2) = out.split_at_mut(half);
-            for j in 0..half {
-                let (c, s) = (cos[j], sign * sin[j]);
-                y1[j] = x1[j] * c - x2[j] * s;
-                y2[j] = x2[j] * c + x1[j] * s;
-            }
+            rope_row(out, x, cos, sin, sign);
         });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
@@ -542,6 +632,30 @@ impl CustomOp1 for RopeOp {
             inverse: !self.inverse,
         };
         Ok(Some(dy.contiguous()?.apply_op1_no_bwd(&op)?))
+    }
+}
+
+widest_vectors! {
+    /// One row of rotary embedding (rotate-half layout): `y = x·cos + rotate_half(x)·sign·sin`,
+    /// `cos` and `sin` half a row long.
+    fn rope_row = rope_row_portable(y: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32], sign: f32)
+}
+
+#[inline(always)]
+fn rope_row_portable(y: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32], sign: f32) {
+    let half = cos.len();
+    let (x1, x2) = x.split_at(half);
+    let (y1, y2) = y.split_at_mut(half);
+    for ((((y1, y2), (&x1, &x2)), &c), &s) in y1
+        .iter_mut()
+        .zip(y2.iter_mut())
+        .zip(x1.iter().zip(x2))
+        .zip(cos)
+        .zip(sin)
+    {
+        let s = sign * s;
+        *y1 = x1 * c - x2 * s;
+        *y2 = x2 * c + x1 * s;
     }
 }
 
@@ -563,6 +677,50 @@ fn sigmoid(g: f32) -> f32 {
     let e = exp(-g.abs());
     let s = 1.0 / (1.0 + e);
     if g >= 0.0 { s } else { e * s }
+}
+
+widest_vectors! {
+    /// `out = silu(gate)·up`, element by element.
+    fn swiglu_values = swiglu_values_portable(out: &mut [f32], gate: &[f32], up: &[f32])
+}
+
+#[inline(always)]
+fn swiglu_values_portable(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g * sigmoid(g) * u;
+    }
+}
+
+widest_vectors! {
+    /// SwiGLU's two input gradients, element by element ([`SwiGluBackward`]).
+    fn swiglu_backward_values = swiglu_backward_values_portable(
+        d_gate: &mut [f32],
+        d_up: &mut [f32],
+        gate: &[f32],
+        up: &[f32],
+        dy: &[f32],
+    )
+}
+
+#[inline(always)]
+fn swiglu_backward_values_portable(
+    d_gate: &mut [f32],
+    d_up: &mut [f32],
+    gate: &[f32],
+    up: &[f32],
+    dy: &[f32],
+) {
+    for ((((dg, du), &g), &u), &d) in d_gate
+        .iter_mut()
+        .zip(d_up.iter_mut())
+        .zip(gate)
+        .zip(up)
+        .zip(dy)
+    {
+        let s = sigmoid(g);
+        *du = d * g * s;
+        *dg = d * u * s * (1.0 + g * (1.0 - s));
+    }
 }
 
 fn same_len<'a>(
@@ -598,11 +756,7 @@ impl CustomOp2 for SwiGlu {
                 gate.par_chunks(ELEMENTS_PER_TASK)
                     .zip(up.par_chunks(ELEMENTS_PER_TASK)),
             )
-            .for_each(|(out, (gate, up))| {
-                for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-                    *o = g * sigmoid(g) * u;
-                }
-            });
+            .for_each(|(out, (gate, up))| swiglu_values(out, gate, up));
         Ok((CpuStorage::F32(out), gate_layout.shape().clone()))
     }
 
@@ -658,17 +812,7 @@ impl CustomOp3 for SwiGluBackward {
             )
             .zip(dy.par_chunks(ELEMENTS_PER_TASK))
             .for_each(|(((d_gate, d_up), (gate, up)), dy)| {
-                for ((((dg, du), &g), &u), &d) in d_gate
-                    .iter_mut()
-                    .zip(d_up.iter_mut())
-                    .zip(gate)
-                    .zip(up)
-                    .zip(dy)
-                {
-                    let s = sigmoid(g);
-                    *du = d * g * s;
-                    *dg = d * u * s * (1.0 + g * (1.0 - s));
-                }
+                swiglu_backward_values(d_gate, d_up, gate, up, dy);
             });
         let mut dims = vec![2];
         dims.extend_from_slice(gate_layout.dims());
