@@ -644,6 +644,7 @@ widest_vectors! {
 #[inline(always)]
 fn rope_row_portable(y: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32], sign: f32) {
     let half = cos.len();
+    debug_assert!(x.len() == 2 * half && y.len() == x.len() && sin.len() == half);
     let (x1, x2) = x.split_at(half);
     let (y1, y2) = y.split_at_mut(half);
     for ((((y1, y2), (&x1, &x2)), &c), &s) in y1
@@ -686,6 +687,7 @@ widest_vectors! {
 
 #[inline(always)]
 fn swiglu_values_portable(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    debug_assert!(out.len() == gate.len() && gate.len() == up.len());
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
         *o = g * sigmoid(g) * u;
     }
@@ -710,6 +712,11 @@ fn swiglu_backward_values_portable(
     up: &[f32],
     dy: &[f32],
 ) {
+    debug_assert!(
+        [d_up.len(), gate.len(), up.len(), dy.len()]
+            .iter()
+            .all(|&len| len == d_gate.len())
+    );
     for ((((dg, du), &g), &u), &d) in d_gate
         .iter_mut()
         .zip(d_up.iter_mut())
@@ -827,6 +834,62 @@ mod tests {
 
     use super::*;
     use crate::testing::{assert_same_as_composed, flat, max_abs_difference};
+
+    /// Values in about [−4, 4) with every kind of mantissa.
+    fn spread(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                let x = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
+                (x % 80_001) as f32 / 10_000.0 - 4.0
+            })
+            .collect()
+    }
+
+    fn bits(values: &[f32]) -> Vec<u32> {
+        values.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// Each `widest_vectors!` function gives its portable code's values bit for bit: the
+    /// dispatcher runs the AVX-512 or AVX2 build where the CPU has one, the direct call the
+    /// baseline build. Lengths past several 16-lane chunks and not a multiple of 16.
+    #[test]
+    fn every_widest_vectors_build_agrees_with_the_portable_one_bit_for_bit() {
+        for len in [1, 15, 33, 200] {
+            let (x, dy, weight) = (spread(len, 1), spread(len, 2), spread(len, 3));
+            let (mut fast, mut portable) = (vec![0f32; len], vec![0f32; len]);
+            rms_norm_row(&mut fast, &x, &weight, 1e-5);
+            rms_norm_row_portable(&mut portable, &x, &weight, 1e-5);
+            assert_eq!(bits(&fast), bits(&portable), "rms_norm_row, {len}");
+            rms_norm_backward_row(&mut fast, &x, &dy, &weight, 1e-5);
+            rms_norm_backward_row_portable(&mut portable, &x, &dy, &weight, 1e-5);
+            assert_eq!(bits(&fast), bits(&portable), "rms_norm_backward_row, {len}");
+            swiglu_values(&mut fast, &x, &dy);
+            swiglu_values_portable(&mut portable, &x, &dy);
+            assert_eq!(bits(&fast), bits(&portable), "swiglu_values, {len}");
+            let (mut fast_up, mut portable_up) = (vec![0f32; len], vec![0f32; len]);
+            swiglu_backward_values(&mut fast, &mut fast_up, &x, &dy, &weight);
+            swiglu_backward_values_portable(&mut portable, &mut portable_up, &x, &dy, &weight);
+            assert_eq!(
+                bits(&fast),
+                bits(&portable),
+                "swiglu_backward_values, {len}"
+            );
+            assert_eq!(
+                bits(&fast_up),
+                bits(&portable_up),
+                "swiglu_backward_values, {len}"
+            );
+        }
+        for half in [1, 8, 33, 64] {
+            let (x, cos, sin) = (spread(2 * half, 4), spread(half, 5), spread(half, 6));
+            let (mut fast, mut portable) = (vec![0f32; 2 * half], vec![0f32; 2 * half]);
+            for sign in [1.0, -1.0] {
+                rope_row(&mut fast, &x, &cos, &sin, sign);
+                rope_row_portable(&mut portable, &x, &cos, &sin, sign);
+                assert_eq!(bits(&fast), bits(&portable), "rope_row, {half}");
+            }
+        }
+    }
 
     #[test]
     fn fast_exp_is_within_two_tenths_of_a_micro_relative_and_keeps_nan() {

@@ -167,7 +167,7 @@ pub struct Llama {
     /// The output head when it is not the embedding table used as it is: the untied `lm_head`
     /// (f32, packed after [`Llama::pack_base_f32`], or bf16 after [`Llama::pack_base_bf16`]), or
     /// a copy of tied embeddings (bf16 after `pack_base_bf16` on the CPU; packed f32 after
-    /// `pack_base_f32` where the kernel is the AVX-512 one). The base is frozen, so a copy never
+    /// `pack_base_f32` where its AVX-512 or AVX2 kernel runs). The base is frozen, so a copy never
     /// goes stale. `None`: tied, and the head is `embed_tokens`.
     head: Option<FrozenWeight>,
     rope: Rope,
@@ -577,10 +577,11 @@ impl Llama {
     ///
     /// A tied head (the embedding table) is packed too: two more copies of the largest matrix
     /// beside the table the lookup keeps. On SmolLM2 dims (49152 × 576) that is 173–192 MiB more
-    /// peak RSS for a step 6% faster (`bench-train --preset smollm2`, four alternating pairs
+    /// peak RSS for a step 6–7% faster (`bench-train --preset smollm2`, four alternating pairs
     /// each: AMD EPYC Zen 5 with the AVX-512 kernel 541–546 → 573–583 tokens/s, AMD EPYC Zen 3
     /// with the AVX2 kernel 228–232 → 242–252, where candle's GEMM had a fifth of the step's
-    /// samples; measured there before the AVX2 kernel's C prefetch, it was no faster).
+    /// samples; on the Zen 3 at fac21cb, before the fused attention and other changes to the
+    /// rest of the step, it had measured no faster).
     ///
     /// DoRA rebuilds each dense weight from its packing every step for its row norms (a copy of
     /// the weight: cheap next to the products). Merging makes a projection dense; unmerging packs

@@ -83,8 +83,8 @@ pub enum QuantType {
 pub enum BasePrecision {
     /// f32 weights and products (the default; exact against PyTorch/PEFT in f32), packed once
     /// for the AVX-512 or AVX2 kernel where the CPU has one ([`Llama::pack_base_f32`]): faster,
-    /// but the projections take twice their memory, and with AVX-512 a tied output head adds two
-    /// packed copies of the embedding table.
+    /// but the projections take twice their memory, and a tied output head adds two packed
+    /// copies of the embedding table.
     #[default]
     F32,
     /// f32 as loaded, multiplied by candle's GEMM: the projections' memory once, a slower step.
