@@ -12,6 +12,17 @@ pub fn logits(model: &Llama, input: &Tensor) -> Vec<f32> {
     flat(&model.forward(input).unwrap())
 }
 
+/// `len` values spread evenly over `[offset, offset + (modulus − 1)/divisor]`, scrambled by a
+/// multiplicative hash of the index (`seed` shifts it): every kind of mantissa, reproducible.
+pub fn hashed_values(len: usize, seed: u32, modulus: u32, divisor: f32, offset: f32) -> Vec<f32> {
+    (0..len)
+        .map(|i| {
+            let x = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
+            (x % modulus) as f32 / divisor + offset
+        })
+        .collect()
+}
+
 /// A tensor's values, flattened to f32.
 pub fn flat(tensor: &Tensor) -> Vec<f32> {
     tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap()

@@ -835,14 +835,9 @@ mod tests {
     use super::*;
     use crate::testing::{assert_same_as_composed, flat, max_abs_difference};
 
-    /// Values in about [−4, 4) with every kind of mantissa.
+    /// Values in [−4, 4] with every kind of mantissa.
     fn spread(len: usize, seed: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| {
-                let x = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
-                (x % 80_001) as f32 / 10_000.0 - 4.0
-            })
-            .collect()
+        crate::testing::hashed_values(len, seed, 80_001, 10_000.0, -4.0)
     }
 
     fn bits(values: &[f32]) -> Vec<u32> {

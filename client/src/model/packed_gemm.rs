@@ -1374,12 +1374,7 @@ mod tests {
     use super::*;
 
     fn values(len: usize, seed: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| {
-                let x = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
-                (x % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
+        crate::testing::hashed_values(len, seed, 2001, 1000.0, -1.0)
     }
 
     /// `A·Wᵀ` in f64 of the inputs as `round` leaves them.
