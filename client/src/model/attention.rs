@@ -13,8 +13,8 @@
 //! does), seven products instead of six for attention (a sixth more, a few percent of a step's
 //! arithmetic) against no stored scores.
 //!
-//! Masking is the causal softmax's of [`super::fused::causal_softmax`]: with `t` queries over
-//! `T ≥ t` keys query `i` sits at position `T − t + i` and sees keys up to it, or, with
+//! Masking is causal: with `t` queries over `T ≥ t` keys (a key/value cache holds the first
+//! `T − t` when decoding) query `i` sits at position `T − t + i` and sees keys up to it, or, with
 //! [`DocumentStarts`] (then `t = T`), only those of its own document up to itself.
 #![allow(
     unsafe_code,
@@ -589,8 +589,8 @@ mod tests {
     use super::*;
     use crate::testing::{flat, max_abs_difference};
 
-    /// Attention composed from candle's ops in `[batch, heads, seq, head_dim]`, as the model's
-    /// generation path computes it: the reference.
+    /// Attention composed from candle's ops in `[batch, heads, seq, head_dim]`, as the model
+    /// computes it off the CPU or in other dtypes: the reference.
     fn composed(
         q: &Tensor,
         k: &Tensor,

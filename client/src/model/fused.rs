@@ -1,9 +1,10 @@
 //! Fused CPU kernels, with their backward passes, for the element-wise parts of a Llama block:
-//! RMSNorm, rotary embeddings, the scaled, causally masked softmax of attention, and SwiGLU. candle composes each from five
-//! to ten tensor ops (each a pass over memory, an allocation and a hand-off to the thread pool)
-//! and as many more in the backward pass; candle-nn's own fused versions have no backward pass
-//! and would cut the gradient. Here each is one parallel pass forward and one backward.
-//! The callers use these on CPU f32 tensors and candle's ops elsewhere.
+//! RMSNorm, rotary embeddings and SwiGLU (attention is one op of its own, `attention.rs`, built
+//! on the softmax and reductions here). candle composes each from five to ten tensor ops (each
+//! a pass over memory, an allocation and a hand-off to the thread pool) and as many more in the
+//! backward pass; candle-nn's own fused versions have no backward pass and would cut the
+//! gradient. Here each is one parallel pass forward and one backward. The callers use these on
+//! CPU f32 tensors and candle's ops elsewhere.
 
 use std::sync::Arc;
 
@@ -405,139 +406,6 @@ impl DocumentStarts {
             .enumerate()
             .map(|(index, &start)| (index % self.seq_len) as u32 - start)
             .collect()
-    }
-
-    /// How many rows of a `[batch, .., seq_len, width]` tensor of `dims` one batch row spans:
-    /// row `i` belongs to batch row `i / rows_per_batch`. Checked once, before an op maps the
-    /// rows; `offset` (a key/value cache's length) must be 0.
-    fn rows_per_batch(
-        &self,
-        dims: &[usize],
-        offset: usize,
-        op: &str,
-    ) -> candle_core::Result<usize> {
-        if offset != 0 {
-            candle_core::bail!("{op}: document starts with a key/value cache");
-        }
-        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
-        match dims {
-            [batch, .., seq_len, _] if *batch == self.batch && *seq_len == self.seq_len => {
-                Ok((rows / self.batch).max(1))
-            }
-            _ => candle_core::bail!(
-                "{op}: document starts of a [{}, {}] batch applied to {dims:?}",
-                self.batch,
-                self.seq_len
-            ),
-        }
-    }
-}
-
-/// `softmax(scale·s + mask)` over the last dimension of attention scores `[..., t, T]`, where
-/// query `i` sits at position `T − t + i` and sees keys `0..=T − t + i` (the causal mask), or,
-/// with `documents` (then `t = T`), only the keys of its own document up to itself.
-pub fn causal_softmax(
-    scores: &Tensor,
-    scale: f64,
-    documents: Option<&DocumentStarts>,
-) -> Result<Tensor> {
-    let op = CausalSoftmax {
-        scale: scale as f32,
-        documents: documents.cloned(),
-    };
-    apply1(scores, op)
-}
-
-struct CausalSoftmax {
-    scale: f32,
-    documents: Option<DocumentStarts>,
-}
-
-/// `(t, T)` of scores `[..., t, T]` with `t ≤ T`.
-fn query_key_lens(shape: &Shape) -> candle_core::Result<(usize, usize)> {
-    let dims = shape.dims();
-    let (Some(&keys), Some(&queries)) = (
-        dims.last(),
-        dims.len().checked_sub(2).and_then(|i| dims.get(i)),
-    ) else {
-        candle_core::bail!("causal-softmax expects [..., queries, keys]");
-    };
-    if queries > keys || keys == 0 {
-        candle_core::bail!("causal-softmax: {queries} queries over {keys} keys");
-    }
-    Ok((queries, keys))
-}
-
-impl CustomOp1 for CausalSoftmax {
-    fn name(&self) -> &'static str {
-        "causal-softmax"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let s = values(storage, layout, self.name())?;
-        let (queries, keys) = query_key_lens(layout.shape())?;
-        let offset = keys - queries;
-        let documents = match &self.documents {
-            Some(documents) => Some((
-                documents,
-                documents.rows_per_batch(layout.shape().dims(), offset, self.name())?,
-            )),
-            None => None,
-        };
-        let out = map_rows(s, None, keys, |row_index, out, row, _| {
-            // Masked keys keep their 0.
-            let query = row_index % queries;
-            let first = documents.map_or(0, |(documents, rows_per_batch)| {
-                documents.start(row_index / rows_per_batch, query)
-            });
-            let visible = first..offset + query + 1;
-            let out = &mut out[visible.clone()];
-            out.copy_from_slice(&row[visible]);
-            softmax_in_place(out, self.scale);
-        });
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
-    }
-
-    fn bwd(&self, _s: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let op = SoftmaxBackward { scale: self.scale };
-        Ok(Some(y.apply_op2_no_bwd(&dy.contiguous()?, &op)?))
-    }
-}
-
-/// `∂L/∂s = scale·y⊙(dy − Σ y⊙dy)` per row (masked entries have `y = 0`, so get 0).
-struct SoftmaxBackward {
-    scale: f32,
-}
-
-impl CustomOp2 for SoftmaxBackward {
-    fn name(&self) -> &'static str {
-        "causal-softmax-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        y: &CpuStorage,
-        y_layout: &Layout,
-        dy: &CpuStorage,
-        dy_layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = values(y, y_layout, self.name())?;
-        let dy = values(dy, dy_layout, self.name())?;
-        let (_, keys) = query_key_lens(y_layout.shape())?;
-        if y.len() != dy.len() {
-            candle_core::bail!("causal-softmax-backward: shapes differ");
-        }
-        let ds = map_rows(y, Some(dy), keys, |_, ds, y, dy| {
-            let dot = dot(y, dy);
-            for ((d, y), g) in ds.iter_mut().zip(y).zip(dy) {
-                *d = self.scale * y * (g - dot);
-            }
-        });
-        Ok((CpuStorage::F32(ds), y_layout.shape().clone()))
     }
 }
 
@@ -1019,30 +887,6 @@ mod tests {
         assert!(
             max_abs_difference(&expected, &got) < 1e-6,
             "{expected:?} vs {got:?}"
-        );
-    }
-
-    #[test]
-    fn causal_softmax_matches_candles_masked_softmax_in_value_and_gradient() {
-        // 5 queries over 7 keys: the queries sit at positions 2..7 (a cache of 2 before them).
-        let (queries, keys) = (5, 7);
-        let mask: Vec<f32> = (0..queries * keys)
-            .map(|i| {
-                if i % keys > keys - queries + i / keys {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (queries, keys), &Device::Cpu).unwrap();
-        assert_same_as_composed(
-            &[2, 3, queries, keys],
-            |s| causal_softmax(s, 0.25, None).unwrap(),
-            |s| {
-                let masked = (s * 0.25).unwrap().broadcast_add(&mask).unwrap();
-                candle_nn::ops::softmax(&masked, D::Minus1).unwrap()
-            },
         );
     }
 }

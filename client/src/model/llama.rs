@@ -694,8 +694,9 @@ impl Llama {
     /// An empty key/value cache for incremental decoding with [`Llama::last_logits_cached`].
     pub fn new_cache(&self) -> KvCache {
         KvCache {
-            layers: vec![None; self.blocks.len()],
+            layers: (0..self.blocks.len()).map(|_| None).collect(),
             len: 0,
+            max_len: self.max_sequence_len(),
         }
     }
 
@@ -756,23 +757,29 @@ impl Llama {
             .embed_tokens
             .index_select(&input_ids.flatten_all()?, 0)?
             .reshape((batch, seq_len, self.config.hidden_size))?;
-        // The fused CPU attention masks by itself (f32 activations: a bf16 base casts back); the
-        // `[batch, 1, t, t]` document mask is built only for candle's ops elsewhere.
-        let mask = match documents {
-            Some(documents) if !self.device.is_cpu() || hidden.dtype() != DType::F32 => {
-                document_mask(documents, &self.device)?
-            }
-            _ => causal_mask(seq_len, offset, &self.device)?,
+        // The fused CPU attention masks by itself (f32 activations: a bf16 base casts back);
+        // candle's ops elsewhere add a mask to the scores.
+        let mask = if self.device.is_cpu() && hidden.dtype() == DType::F32 {
+            None
+        } else {
+            Some(match documents {
+                Some(documents) => document_mask(documents, &self.device)?,
+                None => causal_mask(seq_len, offset, &self.device)?,
+            })
         };
         for (layer, block) in self.blocks.iter().enumerate() {
-            let slot = cache
-                .as_deref_mut()
-                .and_then(|cache| cache.layers.get_mut(layer));
+            let slot = cache.as_deref_mut().and_then(|cache| {
+                let max_len = cache.max_len;
+                cache.layers.get_mut(layer).map(|keys_values| CacheSlot {
+                    keys_values,
+                    max_len,
+                })
+            });
             let position = Position {
                 offset,
                 documents,
                 rope: &self.rope,
-                mask: &mask,
+                mask: mask.as_ref(),
                 cache: slot,
                 dropout_seed: dropout_seed.map(|seed| mix_seed(seed, layer as u64)),
             };
@@ -862,8 +869,13 @@ impl Attention {
             .reshape((batch, seq_len, kv_heads, head_dim))?;
         let q = rope.apply(&q, offset, documents)?;
         let k = rope.apply(&k, offset, documents)?;
+        // Every position's keys and values so far: the cache's, then this call's.
+        let (k, v) = match cache {
+            Some(slot) => slot.append(&k, &v)?,
+            None => (k, v),
+        };
         let scale = 1.0 / (head_dim as f64).sqrt();
-        if cache.is_none() && q.device().is_cpu() && q.dtype() == DType::F32 {
+        let Some(mask) = mask else {
             // One fused op in this layout, its output as `o_proj` takes it (`attention.rs`).
             let attended = super::attention::attention(&q, &k, &v, scale, documents)?.reshape((
                 batch,
@@ -871,40 +883,14 @@ impl Attention {
                 heads * head_dim,
             ))?;
             return self.o_proj.forward_train(&attended, module_seed(seed, 3));
-        }
+        };
         let split =
             |tensor: Tensor| -> Result<Tensor> { Ok(tensor.transpose(1, 2)?.contiguous()?) };
         let (q, k, v) = (split(q)?, split(k)?, split(v)?);
-        let (k, v) = match cache {
-            None => (k, v),
-            Some(slot) => {
-                let (k, v) = match slot.take() {
-                    Some((past_k, past_v)) => (
-                        Tensor::cat(&[&past_k, &k], 2)?,
-                        Tensor::cat(&[&past_v, &v], 2)?,
-                    ),
-                    None => (k, v),
-                };
-                // Detached: with trainable LoRA factors attached, a cached k/v would otherwise
-                // keep every earlier step's graph alive.
-                *slot = Some((k.detach(), v.detach()));
-                (k, v)
-            }
-        };
         let k = repeat_kv(k, heads / kv_heads)?;
         let v = repeat_kv(v, heads / kv_heads)?;
         let scores = q.matmul(&k.t()?)?;
-        let weights = if scores.device().is_cpu() && scores.dtype() == DType::F32 {
-            super::fused::causal_softmax(&scores, scale, documents)?
-        } else {
-            if documents.is_some() && mask.rank() != 4 {
-                return Err(ClientError::Unsupported(format!(
-                    "packed documents with {:?} attention scores on the CPU",
-                    scores.dtype()
-                )));
-            }
-            candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(mask)?, D::Minus1)?
-        };
+        let weights = candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(mask)?, D::Minus1)?;
         let attended =
             weights
                 .matmul(&v)?
@@ -965,11 +951,83 @@ fn document_mask(documents: &DocumentStarts, device: &Device) -> Result<Tensor> 
     )?)
 }
 
-/// Keys and values of every layer for the positions seen so far: `[batch, kv_heads, len, head_dim]`.
-#[derive(Debug, Clone)]
+/// Keys and values of every layer for the positions seen so far, in the layout the projections
+/// write and the fused attention reads, `[batch, positions, kv_heads, head_dim]`. Not `Clone`:
+/// each layer's buffers are written in place as positions are added.
+#[derive(Debug)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerCache>>,
     len: usize,
+    /// The model's longest sequence: no buffer grows past it.
+    max_len: usize,
+}
+
+/// One layer's keys and values: buffers `[batch, capacity, kv_heads, head_dim]` whose first `len`
+/// positions hold values. A new position is written in place; a full buffer is replaced by one
+/// twice its size (up to the model's longest sequence), so decoding `n` tokens copies each
+/// position `O(1)` times on average, where concatenating the cache with each new token copied
+/// all of it every time.
+#[derive(Debug)]
+struct LayerCache {
+    keys: Tensor,
+    values: Tensor,
+    len: usize,
+}
+
+/// A layer's place in a [`KvCache`], handed to its attention.
+struct CacheSlot<'a> {
+    keys_values: &'a mut Option<LayerCache>,
+    max_len: usize,
+}
+
+/// Positions the first buffer of a layer's cache holds at least.
+const CACHE_MIN_CAPACITY: usize = 64;
+
+impl CacheSlot<'_> {
+    /// Appends `k` and `v` (`[batch, t, kv_heads, head_dim]`, positions after those held) and
+    /// returns every position's keys and values so far, views of the buffers. Values only: the
+    /// cache holds no graph (generation takes no gradients).
+    fn append(self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (batch, added, kv_heads, head_dim) = k.dims4()?;
+        let held = self.keys_values.as_ref().map_or(0, |layer| layer.len);
+        let len = held + added;
+        let capacity = self
+            .keys_values
+            .as_ref()
+            .map_or(0, |layer| layer.keys.dim(1).unwrap_or(0));
+        if len > capacity {
+            let capacity = len
+                .next_power_of_two()
+                .max(CACHE_MIN_CAPACITY)
+                .min(self.max_len)
+                .max(len);
+            let shape = (batch, capacity, kv_heads, head_dim);
+            let grown = LayerCache {
+                keys: Tensor::zeros(shape, k.dtype(), k.device())?,
+                values: Tensor::zeros(shape, v.dtype(), v.device())?,
+                len: held,
+            };
+            if let Some(old) = self.keys_values.as_ref() {
+                grown
+                    .keys
+                    .slice_set(&old.keys.narrow(1, 0, held)?.contiguous()?, 1, 0)?;
+                grown
+                    .values
+                    .slice_set(&old.values.narrow(1, 0, held)?.contiguous()?, 1, 0)?;
+            }
+            *self.keys_values = Some(grown);
+        }
+        let layer = self.keys_values.as_mut().ok_or_else(|| {
+            ClientError::Unsupported("key/value cache slot left empty".to_string())
+        })?;
+        layer.keys.slice_set(&k.contiguous()?, 1, held)?;
+        layer.values.slice_set(&v.contiguous()?, 1, held)?;
+        layer.len = len;
+        Ok((
+            layer.keys.narrow(1, 0, len)?,
+            layer.values.narrow(1, 0, len)?,
+        ))
+    }
 }
 
 impl KvCache {
@@ -989,8 +1047,10 @@ struct Position<'a> {
     /// Packed documents kept apart (training only, no cache).
     documents: Option<&'a DocumentStarts>,
     rope: &'a Rope,
-    mask: &'a Tensor,
-    cache: Option<&'a mut Option<(Tensor, Tensor)>>,
+    /// Added to the scores by candle's attention ops; `None` where the fused CPU op runs (CPU,
+    /// f32 activations), which masks by itself.
+    mask: Option<&'a Tensor>,
+    cache: Option<CacheSlot<'a>>,
     /// Seed of this layer's LoRA dropout masks; `None` outside training.
     dropout_seed: Option<u64>,
 }
@@ -1043,7 +1103,7 @@ mod tests {
     }
 
     #[test]
-    fn fused_rope_and_softmax_keep_documents_apart_as_candles_ops_do() {
+    fn fused_rope_and_attention_keep_documents_apart_as_candles_ops_do() {
         let dir = tempfile::tempdir().unwrap();
         let config = write_tiny_model(dir.path(), &TinyModelSpec::default()).unwrap();
         let rope = Rope::new(&config, &Device::Cpu).unwrap();
@@ -1062,13 +1122,22 @@ mod tests {
             .map(|documents| rope.apply(&packed, 0, Some(&documents)).unwrap())
             .unwrap();
         assert!(max_abs_difference(&flat(&alone), &flat(&packed.narrow(1, 3, 4).unwrap())) < 1e-6);
+        // The document mask candle's ops add off the CPU gives the fused attention's values and
+        // gradients (`x` as queries, keys and values at once).
         let mask = document_mask(&documents, &Device::Cpu).unwrap();
         crate::testing::assert_same_as_composed(
-            &[2, 3, 9, 9],
-            |s| super::super::fused::causal_softmax(s, 0.3, Some(&documents)).unwrap(),
-            |s| {
-                let masked = (s * 0.3).unwrap().broadcast_add(&mask).unwrap();
-                candle_nn::ops::softmax(&masked, D::Minus1).unwrap()
+            &[2, 9, 3, head_dim],
+            |x| super::super::attention::attention(x, x, x, 0.3, Some(&documents)).unwrap(),
+            |x| {
+                let x = x.transpose(1, 2).unwrap().contiguous().unwrap();
+                let scores = x.matmul(&x.t().unwrap()).unwrap();
+                let masked = (scores * 0.3).unwrap().broadcast_add(&mask).unwrap();
+                candle_nn::ops::softmax(&masked, D::Minus1)
+                    .unwrap()
+                    .matmul(&x)
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
             },
         );
     }
@@ -1104,6 +1173,37 @@ mod tests {
         // Starts of another shape are refused.
         let wrong = DocumentStarts::new(vec![0; 8], 1, 8).unwrap();
         assert!(model.hidden_train(&packed, Some(&wrong), None).is_err());
+    }
+
+    /// A layer's cache returns every position so far, exactly, in a buffer that doubles from
+    /// [`CACHE_MIN_CAPACITY`] positions and stops at the model's longest sequence.
+    #[test]
+    fn cache_buffers_grow_by_doubling_and_hold_every_position_so_far() {
+        let (batch, kv_heads, head_dim, max_len) = (2, 3, 4, 100);
+        let mut layer = None;
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        for (added, capacity) in [(5, 64), (1, 64), (60, 100), (1, 100), (30, 100)] {
+            let shape = (batch, added, kv_heads, head_dim);
+            let k = Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap();
+            let v = Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap();
+            let slot = CacheSlot {
+                keys_values: &mut layer,
+                max_len,
+            };
+            let (all_k, all_v) = slot.append(&k, &v).unwrap();
+            keys.push(k);
+            values.push(v);
+            let expected_k = Tensor::cat(&keys, 1).unwrap();
+            let expected_v = Tensor::cat(&values, 1).unwrap();
+            assert_eq!(all_k.dims(), expected_k.dims());
+            assert_eq!(flat(&all_k), flat(&expected_k));
+            assert_eq!(flat(&all_v), flat(&expected_v));
+            let held = layer.as_ref().unwrap();
+            assert_eq!(
+                (held.keys.dim(1).unwrap(), held.len),
+                (capacity, all_k.dim(1).unwrap())
+            );
+        }
     }
 
     /// Incremental decoding with the cache gives the logits of re-running the whole sequence.
