@@ -201,6 +201,85 @@ fn check_rows(values: &[f32], rows: usize, width: usize) -> Result<()> {
 /// GEMM; below, candle's quantized matmul (decoding one token at a time).
 const DEQUANTIZED_FORWARD_ROWS: usize = 16;
 
+/// Below this many rows, a dense f32 weight's product without gradients is
+/// [`few_rows_matmul_t`]'s (decoding one token at a time per sequence).
+const FEW_ROWS: usize = 16;
+
+/// Rows of the weight (outputs) per task of [`few_rows_matmul_t`]: 64 rows 576 wide (SmolLM2)
+/// are 144 KiB, read from memory once and kept in L2 while every input row takes its dot
+/// products with them.
+const FEW_ROWS_OUTPUTS_PER_TASK: usize = 64;
+
+/// `x·Wᵀ` for a few rows of `x` (`[..., in]`) and a dense CPU f32 `weight` `[out, in]`, split
+/// over the pool by output. Decoding is bound by reading the weight from memory once per token;
+/// candle's GEMM runs a product this thin on one thread (the `gemm` crate's matrix-vector path),
+/// which left the other core idle for most of a decoding step. No gradient.
+fn few_rows_matmul_t(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?
+        .apply_op2_no_bwd(&weight.contiguous()?, &FewRowsMatmulT)?)
+}
+
+struct FewRowsMatmulT;
+
+impl CustomOp2 for FewRowsMatmulT {
+    fn name(&self) -> &'static str {
+        "few-rows-matmul-t"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (outputs, inputs) = weight_layout.shape().dims2()?;
+        let mut shape = x_layout.shape().dims().to_vec();
+        if inputs == 0 || shape.last() != Some(&inputs) {
+            candle_core::bail!(
+                "{}: {shape:?} by a [{outputs}, {inputs}] weight",
+                self.name()
+            );
+        }
+        let x = super::fused::values(x, x_layout, self.name())?;
+        let weight = super::fused::values(weight, weight_layout, self.name())?;
+        let rows = x.len() / inputs;
+        // Output-major (`[out, rows]`): each task writes one run of it.
+        let mut by_output = vec![0f32; outputs * rows];
+        by_output
+            .par_chunks_mut(FEW_ROWS_OUTPUTS_PER_TASK * rows.max(1))
+            .zip(weight.par_chunks(FEW_ROWS_OUTPUTS_PER_TASK * inputs))
+            .for_each(|(out, w)| dot_products(out, x, w, inputs));
+        let out = if rows == 1 {
+            by_output
+        } else {
+            (0..rows * outputs)
+                .map(|index| by_output[(index % outputs) * rows + index / outputs])
+                .collect()
+        };
+        if let Some(last) = shape.last_mut() {
+            *last = outputs;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+super::fused::widest_vectors! {
+    /// `out[j·rows + r] = x_r · w_j` for every row `w_j` of `w` and `x_r` of `x` (both `inputs`
+    /// wide, `inputs > 0`; `rows` = `x`'s rows).
+    fn dot_products = dot_products_portable(out: &mut [f32], x: &[f32], w: &[f32], inputs: usize)
+}
+
+#[inline(always)]
+fn dot_products_portable(out: &mut [f32], x: &[f32], w: &[f32], inputs: usize) {
+    let rows = x.len() / inputs;
+    for (out, w) in out.chunks_mut(rows.max(1)).zip(w.chunks(inputs)) {
+        for (o, x) in out.iter_mut().zip(x.chunks(inputs)) {
+            *o = super::fused::dot(x, w);
+        }
+    }
+}
+
 struct InputGradOnly {
     weight: FrozenWeight,
 }
@@ -339,7 +418,11 @@ pub fn frozen_matmul_t(x: &Tensor, weight: &FrozenWeight) -> Result<Tensor> {
                 .to_dtype(x.dtype())?);
         }
         FrozenWeight::Dense(dense) => {
-            if !x.track_op() || !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+            let cpu_f32 = x.device().is_cpu() && x.dtype() == candle_core::DType::F32;
+            if !x.track_op() && cpu_f32 && x.elem_count() < FEW_ROWS * dense.dim(1)? {
+                return few_rows_matmul_t(x, dense);
+            }
+            if !x.track_op() || !cpu_f32 {
                 return Ok(x.broadcast_matmul(&dense.t()?)?);
             }
             x.detach().broadcast_matmul(&dense.detach().t()?)?
@@ -384,7 +467,32 @@ mod tests {
     use candle_core::Var;
 
     use super::*;
-    use crate::testing::flat;
+    use crate::testing::{flat, max_abs_difference};
+
+    /// Decoding's few-row product gives candle's matmul values, for one row and several, batched
+    /// or not, with a weight whose outputs are not a multiple of a task's; a tracked input (a
+    /// training step) keeps the path with a backward pass.
+    #[test]
+    fn few_rows_product_matches_matmul() {
+        let device = Device::Cpu;
+        let weight = Tensor::randn(0f32, 1.0, (131, 37), &device).unwrap();
+        let frozen = FrozenWeight::Dense(weight.clone());
+        for shape in [vec![1, 37], vec![1, 1, 37], vec![2, 3, 37], vec![15, 37]] {
+            let x = Tensor::randn(0f32, 1.0, shape.as_slice(), &device).unwrap();
+            let expected = x.broadcast_matmul(&weight.t().unwrap()).unwrap();
+            let got = few_rows_matmul_t(&x, &weight).unwrap();
+            assert_eq!(got.dims(), expected.dims(), "{shape:?}");
+            let difference = max_abs_difference(&flat(&expected), &flat(&got));
+            assert!(difference < 1e-5, "{shape:?}: {difference}");
+            let routed = frozen_matmul_t(&x, &frozen).unwrap();
+            assert_eq!(flat(&routed), flat(&got), "{shape:?}");
+        }
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 37), &device).unwrap()).unwrap();
+        let product = frozen_matmul_t(x.as_tensor(), &frozen).unwrap();
+        let grads = product.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(x.as_tensor()).is_some());
+        assert!(few_rows_matmul_t(&x.as_tensor().narrow(1, 0, 36).unwrap(), &weight).is_err());
+    }
 
     #[test]
     fn same_values_and_input_gradient_as_matmul_and_no_weight_gradient() {
