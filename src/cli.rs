@@ -139,6 +139,13 @@ pub struct GenerateArgs {
     pub top_p: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Keep the frozen projections quantized while decoding: a GGUF file keeps its own types
+    /// (Q4_1, Q8_0, ...), a Hugging Face checkpoint is quantized on load (`--quantize-base` alone
+    /// or `=q8_0`, or `=q4k`). Each token then reads 4-8x fewer weight bytes, which is what
+    /// bounds decoding on a CPU; each product rounds its input row to 8 bits (as llama.cpp
+    /// does), so the text can differ from the f32 model's.
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "q8_0")]
+    pub quantize_base: Option<QuantArg>,
 }
 
 /// Block type for `--quantize-base`.
@@ -528,6 +535,7 @@ impl Cli {
         match &self.command {
             Command::Client(args) => args.base.quantize_base.is_some(),
             Command::BenchTrain(args) => args.base.quantize_base.is_some(),
+            Command::Generate(args) => args.quantize_base.is_some(),
             _ => false,
         }
     }
@@ -1083,7 +1091,7 @@ fn bench_aggregate(args: &BenchAggregateArgs) -> Result<()> {
 
 fn generate(args: &GenerateArgs) -> Result<()> {
     use fedlora_client::generate::{Finish, GenerateConfig, generate};
-    let base = load_with_adapters(&args.model, &args.adapters)?;
+    let base = load_with_adapters(&args.model, &args.adapters, args.quantize_base)?;
     use fedlora_client::chat::PromptTemplate;
     let template = match args.template {
         // Training lays instruction data out as `prompt_template` picks it for this model; a
@@ -1192,13 +1200,20 @@ fn read_adapters(
 }
 
 /// Loads a base model and applies the adapters of `args` to it.
+/// The model at `model` as loaded (f32 products), or with its projections quantized, with the
+/// adapters of `args` applied.
 fn load_with_adapters(
     model: &std::path::Path,
     args: &AdapterArgs,
+    quantize: Option<QuantArg>,
 ) -> Result<fedlora_client::model::BaseModel> {
     use fedlora_client::model::{BaseModel, default_device};
-    let mut base = BaseModel::load(model, &default_device())
-        .with_context(|| format!("loading {}", model.display()))?;
+    let device = default_device();
+    let mut base = match quantize {
+        Some(quant) => BaseModel::load_quantized(model, &device, quant.into()),
+        None => BaseModel::load(model, &device),
+    }
+    .with_context(|| format!("loading {}", model.display()))?;
     if let Some((lora, weights)) = read_adapters(args)? {
         base.model
             .set_adapter(&lora, &weights)
@@ -1211,7 +1226,7 @@ fn merge(args: &MergeArgs) -> Result<()> {
     if args.adapters.adapters.is_empty() {
         bail!("give at least one --adapter to merge");
     }
-    let base = load_with_adapters(&args.model, &args.adapters)?;
+    let base = load_with_adapters(&args.model, &args.adapters, None)?;
     fedlora_client::model::export_merged(&base, &args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!(
@@ -1328,6 +1343,21 @@ mod tests {
         ] {
             let args: Vec<&str> = ["bench-train"].iter().chain(flags).copied().collect();
             assert!(parse(&args).is_err(), "{args:?}");
+        }
+        // `generate` quantizes on request only (candle's pool then runs its quantized matmuls).
+        let generate = ["generate", "--model", "m.gguf", "--prompt", "hi"];
+        for (flags, expected) in [
+            (&[][..], None),
+            (&["--quantize-base"], Some(QuantType::Q8_0)),
+            (&["--quantize-base=q4k"], Some(QuantType::Q4K)),
+        ] {
+            let args: Vec<&str> = generate.iter().chain(flags).copied().collect();
+            let cli = parse(&args).unwrap();
+            let Command::Generate(parsed) = &cli.command else {
+                unreachable!()
+            };
+            assert_eq!(parsed.quantize_base.map(QuantType::from), expected);
+            assert_eq!(cli.quantized_base(), expected.is_some());
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The vendored candle-core's backward-pass patch (one of its two, vendor/README.md):
+//! The vendored candle-core's backward-pass patch (one of its patches, vendor/README.md):
 //! `Tensor::backward` stores the first gradient reaching a tensor instead of adding it to fresh
 //! zeros. Gradients with several terms, reached through views (transposes, broadcasts, narrows)
 //! and through the patched and unpatched rules alike, must still be the exact sums.
