@@ -141,9 +141,10 @@ pub struct GenerateArgs {
     pub seed: u64,
     /// Keep the frozen projections quantized while decoding: a GGUF file keeps its own types
     /// (Q4_1, Q8_0, ...), a Hugging Face checkpoint is quantized on load (`--quantize-base` alone
-    /// or `=q8_0`, or `=q4k`). Each token then reads 4-8x fewer weight bytes, which is what
-    /// bounds decoding on a CPU; each product rounds its input row to 8 bits (as llama.cpp
-    /// does), so the text can differ from the f32 model's.
+    /// or `=q8_0`, or `=q4k`); the output head becomes Q8_0. On the CPU each token then reads
+    /// 4-8x fewer weight bytes, which is what bounds decoding there (on a GPU it only saves
+    /// memory); each product rounds its input row to 8 bits (as llama.cpp does), so the text can
+    /// differ from the f32 model's.
     #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "q8_0")]
     pub quantize_base: Option<QuantArg>,
 }
@@ -1091,7 +1092,12 @@ fn bench_aggregate(args: &BenchAggregateArgs) -> Result<()> {
 
 fn generate(args: &GenerateArgs) -> Result<()> {
     use fedlora_client::generate::{Finish, GenerateConfig, generate};
-    let base = load_with_adapters(&args.model, &args.adapters, args.quantize_base)?;
+    let mut base = load_with_adapters(&args.model, &args.adapters, args.quantize_base)?;
+    if args.quantize_base.is_some() {
+        base.model
+            .quantize_head()
+            .context("quantizing the output head")?;
+    }
     use fedlora_client::chat::PromptTemplate;
     let template = match args.template {
         // Training lays instruction data out as `prompt_template` picks it for this model; a

@@ -9,7 +9,8 @@
 //! projection (and the vocabulary-sized `lm_head`) would cost a full weight-gradient product per
 //! step that nobody reads. Here the product is computed without a graph and passed through a
 //! custom op whose backward is `∂L/∂x = ∂L/∂y · W`. On devices other than the CPU, and when `x`
-//! needs no gradient, the plain matmul is used.
+//! needs no gradient, the plain matmul is used, except for a few rows (decoding) on the CPU in
+//! f32, whose dot products are split over the pool by output (`few_rows_matmul_t`).
 
 use std::sync::Arc;
 
@@ -213,7 +214,8 @@ const FEW_ROWS_OUTPUTS_PER_TASK: usize = 64;
 /// `x·Wᵀ` for a few rows of `x` (`[..., in]`) and a dense CPU f32 `weight` `[out, in]`, split
 /// over the pool by output. Decoding is bound by reading the weight from memory once per token;
 /// candle's GEMM runs a product this thin on one thread (the `gemm` crate's matrix-vector path),
-/// which left the other core idle for most of a decoding step. No gradient.
+/// which left the other core idle for most of a decoding step. No graph: a caller that needs
+/// the input gradient wraps the product ([`frozen_matmul_t`]).
 fn few_rows_matmul_t(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?
         .apply_op2_no_bwd(&weight.contiguous()?, &FewRowsMatmulT)?)
@@ -419,13 +421,20 @@ pub fn frozen_matmul_t(x: &Tensor, weight: &FrozenWeight) -> Result<Tensor> {
         }
         FrozenWeight::Dense(dense) => {
             let cpu_f32 = x.device().is_cpu() && x.dtype() == candle_core::DType::F32;
-            if !x.track_op() && cpu_f32 && x.elem_count() < FEW_ROWS * dense.dim(1)? {
+            // Decoding; with an unmerged adapter (`generate --adapter`) the input tracks the
+            // LoRA factors, and the product below gets its backward pass as any other.
+            let few_rows = cpu_f32 && x.elem_count() < FEW_ROWS * dense.dim(1)?;
+            if !x.track_op() && few_rows {
                 return few_rows_matmul_t(x, dense);
             }
             if !x.track_op() || !cpu_f32 {
                 return Ok(x.broadcast_matmul(&dense.t()?)?);
             }
-            x.detach().broadcast_matmul(&dense.detach().t()?)?
+            if few_rows {
+                few_rows_matmul_t(&x.detach(), &dense.detach())?
+            } else {
+                x.detach().broadcast_matmul(&dense.detach().t()?)?
+            }
         }
         FrozenWeight::Quantized(quantized) if !x.device().is_cpu() => {
             // The pass-through op exists for the CPU only: elsewhere use the dequantized weight.
@@ -470,8 +479,7 @@ mod tests {
     use crate::testing::{flat, max_abs_difference};
 
     /// Decoding's few-row product gives candle's matmul values, for one row and several, batched
-    /// or not, with a weight whose outputs are not a multiple of a task's; a tracked input (a
-    /// training step) keeps the path with a backward pass.
+    /// or not, with a weight whose outputs are not a multiple of a task's.
     #[test]
     fn few_rows_product_matches_matmul() {
         let device = Device::Cpu;
@@ -487,10 +495,16 @@ mod tests {
             let routed = frozen_matmul_t(&x, &frozen).unwrap();
             assert_eq!(flat(&routed), flat(&got), "{shape:?}");
         }
+        // A tracked input (decoding with an unmerged adapter) takes it too, with the input
+        // gradient of the product: ∂Σ(x·Wᵀ)/∂x is the sum of W's rows.
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 37), &device).unwrap()).unwrap();
         let product = frozen_matmul_t(x.as_tensor(), &frozen).unwrap();
+        let plain = x.broadcast_matmul(&weight.t().unwrap()).unwrap();
+        assert!(max_abs_difference(&flat(&plain), &flat(&product)) < 1e-5);
         let grads = product.sum_all().unwrap().backward().unwrap();
-        assert!(grads.get(x.as_tensor()).is_some());
+        let expected = flat(&weight.sum_keepdim(0).unwrap());
+        let difference = max_abs_difference(&expected, &flat(grads.get(x.as_tensor()).unwrap()));
+        assert!(difference < 1e-5, "input gradient off by {difference}");
         assert!(few_rows_matmul_t(&x.as_tensor().narrow(1, 0, 36).unwrap(), &weight).is_err());
     }
 
@@ -509,10 +523,8 @@ mod tests {
             &FrozenWeight::Dense(weight.as_tensor().clone()),
         )
         .unwrap();
-        assert_eq!(
-            plain.to_vec3::<f32>().unwrap(),
-            frozen.to_vec3::<f32>().unwrap()
-        );
+        // Six rows: the few-rows product, in another summation order.
+        assert!(max_abs_difference(&flat(&plain), &flat(&frozen)) < 1e-5);
 
         let loss = |y: &Tensor| (y * &target).unwrap().sum_all().unwrap();
         let plain_grads = loss(&plain).backward().unwrap();

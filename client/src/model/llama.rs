@@ -497,6 +497,29 @@ impl Llama {
         Ok(())
     }
 
+    /// For decoding (`generate --quantize-base`): the output head in Q8_0 too, where its rows are
+    /// whole blocks of 32 (else it stays as it is). A tied head gets a quantized copy of the
+    /// embedding table, which the lookup keeps in f32. Each token reads the head once, and in f32
+    /// a tied SmolLM2-135M head is 113 MB, more than its quantized layers together. Not for
+    /// training: QLoRA keeps the head unquantized, as PEFT does.
+    pub fn quantize_head(&mut self) -> Result<()> {
+        use candle_core::quantized::GgmlDType;
+        let head = match &self.head {
+            Some(head) => head.clone(),
+            None => FrozenWeight::Dense(self.embed_tokens.clone()),
+        };
+        let (_, in_features) = head.dims2()?;
+        if in_features % GgmlDType::Q8_0.block_size() != 0 {
+            tracing::warn!(
+                in_features,
+                "the output head's rows are not whole Q8_0 blocks: kept"
+            );
+            return Ok(());
+        }
+        self.head = Some(head.quantized(GgmlDType::Q8_0)?);
+        Ok(())
+    }
+
     /// Keeps every frozen projection and the output head in bf16 (rounded once), multiplied with
     /// bf16 activations and f32 accumulation (`packed_gemm`: AMX tiles or AVX-512 BF16 where the
     /// CPU has them).
@@ -772,6 +795,7 @@ impl Llama {
                 let max_len = cache.max_len;
                 cache.layers.get_mut(layer).map(|keys_values| CacheSlot {
                     keys_values,
+                    offset,
                     max_len,
                 })
             });
@@ -964,9 +988,11 @@ pub struct KvCache {
 
 /// One layer's keys and values: buffers `[batch, capacity, kv_heads, head_dim]` whose first `len`
 /// positions hold values. A new position is written in place; a full buffer is replaced by one
-/// twice its size (up to the model's longest sequence), so decoding `n` tokens copies each
-/// position `O(1)` times on average, where concatenating the cache with each new token copied
-/// all of it every time.
+/// twice its size (up to the model's longest sequence), so the cache itself copies each
+/// position `O(1)` times on average, where concatenating it with each new token copied all of it
+/// every time. The fused CPU attention reads a batch of one sequence (generation's) in place;
+/// several sequences' views are strided, and it copies them, as candle's ops off the CPU copy
+/// the cache into their own layout every token.
 #[derive(Debug)]
 struct LayerCache {
     keys: Tensor,
@@ -977,6 +1003,8 @@ struct LayerCache {
 /// A layer's place in a [`KvCache`], handed to its attention.
 struct CacheSlot<'a> {
     keys_values: &'a mut Option<LayerCache>,
+    /// Positions the whole cache holds: this layer's must be as many.
+    offset: usize,
     max_len: usize,
 }
 
@@ -990,6 +1018,14 @@ impl CacheSlot<'_> {
     fn append(self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (batch, added, kv_heads, head_dim) = k.dims4()?;
         let held = self.keys_values.as_ref().map_or(0, |layer| layer.len);
+        if held != self.offset {
+            // A call that failed part way added positions to the layers before the failure.
+            return Err(ClientError::InvalidArgument(format!(
+                "a key/value cache out of step (a layer holds {held} of its {} positions, after \
+                 a failed call): start a new cache",
+                self.offset
+            )));
+        }
         let len = held + added;
         let capacity = self
             .keys_values
@@ -1179,15 +1215,43 @@ mod tests {
     /// [`CACHE_MIN_CAPACITY`] positions and stops at the model's longest sequence.
     #[test]
     fn cache_buffers_grow_by_doubling_and_hold_every_position_so_far() {
-        let (batch, kv_heads, head_dim, max_len) = (2, 3, 4, 100);
+        for (max_len, steps) in [
+            (100, &[(5, 64), (1, 64), (60, 100), (1, 100), (30, 100)][..]),
+            (
+                1000,
+                &[(5, 64), (60, 128), (1, 128), (100, 256), (300, 512)],
+            ),
+        ] {
+            assert_cache_grows(max_len, steps);
+        }
+        // A layer behind the cache's length (a failed call) is refused.
+        let k = Tensor::zeros((1, 1, 2, 4), DType::F32, &Device::Cpu).unwrap();
+        let mut layer = None;
+        let slot = CacheSlot {
+            keys_values: &mut layer,
+            offset: 3,
+            max_len: 100,
+        };
+        assert!(matches!(
+            slot.append(&k, &k),
+            Err(ClientError::InvalidArgument(_))
+        ));
+    }
+
+    /// Appends `steps` (positions added, capacity expected after) to one layer's cache, checking
+    /// every returned view against the concatenation, and the first view unchanged at the end.
+    fn assert_cache_grows(max_len: usize, steps: &[(usize, usize)]) {
+        let (batch, kv_heads, head_dim) = (2, 3, 4);
         let mut layer = None;
         let (mut keys, mut values) = (Vec::new(), Vec::new());
-        for (added, capacity) in [(5, 64), (1, 64), (60, 100), (1, 100), (30, 100)] {
+        let mut first = None;
+        for &(added, capacity) in steps {
             let shape = (batch, added, kv_heads, head_dim);
             let k = Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap();
             let v = Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap();
             let slot = CacheSlot {
                 keys_values: &mut layer,
+                offset: keys.iter().map(|k: &Tensor| k.dim(1).unwrap()).sum(),
                 max_len,
             };
             let (all_k, all_v) = slot.append(&k, &v).unwrap();
@@ -1203,13 +1267,20 @@ mod tests {
                 (held.keys.dim(1).unwrap(), held.len),
                 (capacity, all_k.dim(1).unwrap())
             );
+            first.get_or_insert((flat(&all_k), all_k));
         }
+        let (values_then, view) = first.unwrap();
+        assert_eq!(
+            flat(&view),
+            values_then,
+            "a view changed under later appends"
+        );
     }
 
-    /// Decoding with the projections quantized (`generate --quantize-base`: candle's quantized
-    /// matmul for each token's row, its input rounded to 8 bits) gives the logits of recomputing
-    /// the sequence, and stays within Q8_0's rounding (2% of the largest logit measured) of the
-    /// f32 model's.
+    /// Decoding with the projections and the head quantized (`generate --quantize-base`:
+    /// candle's quantized matmul for each token's row, its input rounded to 8 bits) gives the
+    /// logits of recomputing the sequence, and stays within Q8_0's rounding (2% of the largest
+    /// logit measured) of the f32 model's.
     #[test]
     fn quantized_cached_decoding_stays_close_to_the_f32_model() {
         let dir = tempfile::tempdir().unwrap();
@@ -1223,6 +1294,8 @@ mod tests {
         quantized
             .quantize_base(candle_core::quantized::GgmlDType::Q8_0)
             .unwrap();
+        quantized.quantize_head().unwrap();
+        assert!(matches!(quantized.head, Some(FrozenWeight::Quantized(_))));
         let tokens: Vec<u32> = vec![40, 41, 7, 99, 150, 3, 12, 200, 201];
         let mut cache = quantized.new_cache();
         let prompt = Tensor::from_slice(&tokens[..4], (1, 4), &Device::Cpu).unwrap();
@@ -1249,6 +1322,52 @@ mod tests {
                 difference > 0.0 && difference < 0.05 * scale,
                 "position {end}: logits differ from f32 by {difference} (largest {scale})"
             );
+        }
+    }
+
+    /// The path off the CPU or in other dtypes (candle's ops, the `[t, T]` causal mask added to
+    /// the scores, the cache transposed into their layout), run here on the CPU: decoding a
+    /// prompt then token by token through the cache gives the fused attention's outputs over the
+    /// whole sequence (grouped-query attention: the tiny model has 4 heads over 2).
+    #[test]
+    fn masked_attention_through_the_cache_matches_the_fused_op() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_model(dir.path(), &TinyModelSpec::default()).unwrap();
+        let model = BaseModel::load(dir.path(), &Device::Cpu).unwrap().model;
+        let (attention, config) = (&model.blocks[0].attention, &model.config);
+        let x = Tensor::randn(0f32, 1.0, (1, 6, config.hidden_size), &Device::Cpu).unwrap();
+        let whole = Position {
+            offset: 0,
+            documents: None,
+            rope: &model.rope,
+            mask: None,
+            cache: None,
+            dropout_seed: None,
+        };
+        let fused = attention.forward(&x, whole, config).unwrap();
+        let mut layer = None;
+        let mut offset = 0;
+        for added in [3, 1, 2] {
+            let mask = causal_mask(added, offset, &Device::Cpu).unwrap();
+            let slot = CacheSlot {
+                keys_values: &mut layer,
+                offset,
+                max_len: 64,
+            };
+            let step = Position {
+                offset,
+                documents: None,
+                rope: &model.rope,
+                mask: Some(&mask),
+                cache: Some(slot),
+                dropout_seed: None,
+            };
+            let input = x.narrow(1, offset, added).unwrap();
+            let got = attention.forward(&input, step, config).unwrap();
+            let expected = flat(&fused.narrow(1, offset, added).unwrap());
+            let difference = max_abs_difference(&expected, &flat(&got));
+            assert!(difference < 1e-5, "positions from {offset}: {difference}");
+            offset += added;
         }
     }
 
