@@ -1205,7 +1205,6 @@ fn read_adapters(
     }
 }
 
-/// Loads a base model and applies the adapters of `args` to it.
 /// The model at `model` as loaded (f32 products), or with its projections quantized, with the
 /// adapters of `args` applied.
 fn load_with_adapters(
