@@ -83,7 +83,8 @@ pub struct AdapterArgs {
 
 #[derive(Debug, Args)]
 pub struct MergeArgs {
-    /// Base model: a Hugging Face directory or a Llama .gguf file.
+    /// Base model: a Hugging Face directory or a Llama-family .gguf file (llama.cpp's
+    /// architectures llama and qwen2).
     #[arg(long)]
     pub model: PathBuf,
     #[command(flatten)]
@@ -114,7 +115,8 @@ pub enum TemplateChoice {
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Base model: a Hugging Face directory or a Llama .gguf file.
+    /// Base model: a Hugging Face directory or a Llama-family .gguf file (llama.cpp's
+    /// architectures llama and qwen2).
     #[arg(long)]
     pub model: PathBuf,
     #[command(flatten)]

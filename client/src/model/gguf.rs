@@ -1,10 +1,10 @@
-//! Llama-architecture GGUF files (llama.cpp's format): configuration and tokenizer from the
-//! metadata, weights under Hugging Face names: dequantized to f32, or (QLoRA) the projections kept
-//! in their quantized types as loaded.
+//! Llama-family GGUF files (llama.cpp's format; architectures `llama` and `qwen2`): configuration
+//! and tokenizer from the metadata, weights under Hugging Face names: dequantized to f32, or
+//! (QLoRA) the projections kept in their quantized types as loaded.
 //!
-//! llama.cpp's converter permutes the rows of `q_proj`/`k_proj` for its interleaved RoPE; they are
-//! un-permuted here so the same rotate-half RoPE as for Hugging Face weights applies. A missing
-//! `output.weight` means tied embeddings.
+//! llama.cpp's converter permutes the rows of a Llama file's `q_proj`/`k_proj` for its interleaved
+//! RoPE; they are un-permuted here so the same rotate-half RoPE as for Hugging Face weights
+//! applies (Qwen2's are stored unpermuted). A missing `output.weight` means tied embeddings.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -39,44 +39,57 @@ fn meta_usize(content: &Content, key: &str) -> Result<usize> {
     Ok(meta(content, key)?.to_u32()? as usize)
 }
 
-/// The Llama configuration described by GGUF metadata.
+/// The GGUF architectures this engine runs, with the `config.json` model type and class each
+/// stands for. Both are Llama's graph; Qwen2 adds biases to q/k/v and its q/k rows are stored as
+/// in Hugging Face (llama.cpp's converter permutes only Llama's).
+const ARCHITECTURES: [(&str, &str, &str); 2] = [
+    ("llama", "llama", "LlamaForCausalLM"),
+    ("qwen2", "qwen2", "Qwen2ForCausalLM"),
+];
+
+/// The Llama-family configuration described by GGUF metadata (architecture `llama`, which
+/// llama.cpp also uses for Mistral, SmolLM and TinyLlama, or `qwen2`; keys under its name).
 pub fn gguf_config(content: &Content) -> Result<LlamaConfig> {
     let architecture = meta(content, "general.architecture")?.to_string()?;
-    if architecture != "llama" {
+    let Some(&(arch, model_type, class)) = ARCHITECTURES
+        .iter()
+        .find(|(name, _, _)| name == architecture)
+    else {
         return Err(ClientError::Unsupported(format!(
-            "gguf architecture {architecture:?} (llama only)"
+            "gguf architecture {architecture:?} (llama and qwen2 only)"
         )));
-    }
+    };
+    let key = |name: &str| format!("{arch}.{name}");
     // Llama 3.1+ files carry their rope scaling as a `rope_freqs.weight` tensor, which
     // `load_gguf` reads; linear and YaRN scalings are named in the metadata.
-    let rope_scaling = gguf_rope_scaling(content)?;
-    let hidden = meta_usize(content, "llama.embedding_length")?;
-    let heads = meta_usize(content, "llama.attention.head_count")?;
-    let kv_heads = meta_usize(content, "llama.attention.head_count_kv").unwrap_or(heads);
+    let rope_scaling = gguf_rope_scaling(content, arch)?;
+    let hidden = meta_usize(content, &key("embedding_length"))?;
+    let heads = meta_usize(content, &key("attention.head_count"))?;
+    let kv_heads = meta_usize(content, &key("attention.head_count_kv")).unwrap_or(heads);
     let vocab = meta(content, "tokenizer.ggml.tokens")?.to_vec()?.len();
     let rope_theta = content
         .metadata
-        .get("llama.rope.freq_base")
+        .get(&key("rope.freq_base"))
         .map(|value| value.to_f32())
         .transpose()?
         .unwrap_or(10_000.0);
     let eps = content
         .metadata
-        .get("llama.attention.layer_norm_rms_epsilon")
+        .get(&key("attention.layer_norm_rms_epsilon"))
         .map(|value| value.to_f32())
         .transpose()?
         .unwrap_or(1e-5);
     let config = LlamaConfig {
-        architectures: vec!["LlamaForCausalLM".into()],
-        model_type: "llama".into(),
+        architectures: vec![class.into()],
+        model_type: model_type.into(),
         hidden_size: hidden,
-        intermediate_size: meta_usize(content, "llama.feed_forward_length")?,
-        num_hidden_layers: meta_usize(content, "llama.block_count")?,
+        intermediate_size: meta_usize(content, &key("feed_forward_length"))?,
+        num_hidden_layers: meta_usize(content, &key("block_count"))?,
         num_attention_heads: heads,
         num_key_value_heads: Some(kv_heads),
         head_dim: content
             .metadata
-            .get("llama.attention.key_length")
+            .get(&key("attention.key_length"))
             .map(|value| value.to_u32().map(|length| length as usize))
             .transpose()?,
         vocab_size: vocab,
@@ -89,7 +102,7 @@ pub fn gguf_config(content: &Content) -> Result<LlamaConfig> {
         sliding_window: None,
         use_sliding_window: None,
         mlp_bias: false,
-        max_position_embeddings: meta_usize(content, "llama.context_length").unwrap_or(2048),
+        max_position_embeddings: meta_usize(content, &key("context_length")).unwrap_or(2048),
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
         hidden_act: "silu".into(),
         attention_bias: false,
@@ -105,10 +118,11 @@ pub fn gguf_config(content: &Content) -> Result<LlamaConfig> {
     Ok(config)
 }
 
-/// The `rope_scaling` of `config.json` for llama.cpp's rope metadata, read as llama.cpp reads it:
+/// The `rope_scaling` of `config.json` for llama.cpp's rope metadata (keys under the
+/// architecture's name, `arch`), read as llama.cpp reads it:
 ///
-/// - `llama.rope.scaling.type` (absent: linear, if a factor other than 0 or 1 is given, from
-///   `.factor` or the older `llama.rope.scale_linear`);
+/// - `{arch}.rope.scaling.type` (absent: linear, if a factor other than 0 or 1 is given, from
+///   `.factor` or the older `{arch}.rope.scale_linear`);
 /// - `linear`: `.factor`; a `.attn_factor` other than 1 (llama.cpp scales cos and sin by it,
 ///   which transformers' linear scaling cannot express) is refused;
 /// - `yarn`: `.factor`, `.original_context_length`, `.yarn_beta_fast`, `.yarn_beta_slow`; the
@@ -118,7 +132,7 @@ pub fn gguf_config(content: &Content) -> Result<LlamaConfig> {
 ///   meaning depends on the architecture, are refused unless neutral (0 and 1).
 ///
 /// `None` for no scaling.
-fn gguf_rope_scaling(content: &Content) -> Result<Option<serde_json::Value>> {
+fn gguf_rope_scaling(content: &Content, arch: &str) -> Result<Option<serde_json::Value>> {
     let number = |key: &str| -> Result<Option<f64>> {
         content
             .metadata
@@ -130,11 +144,11 @@ fn gguf_rope_scaling(content: &Content) -> Result<Option<serde_json::Value>> {
             })
             .transpose()
     };
-    let scaling = |key: &str| number(&format!("llama.rope.scaling.{key}"));
+    let scaling = |key: &str| number(&format!("{arch}.rope.scaling.{key}"));
     let factor = scaling("factor")?
-        .or(number("llama.rope.scale_linear")?)
+        .or(number(&format!("{arch}.rope.scale_linear"))?)
         .filter(|&factor| factor != 0.0);
-    let kind = match content.metadata.get("llama.rope.scaling.type") {
+    let kind = match content.metadata.get(&format!("{arch}.rope.scaling.type")) {
         Some(kind) => kind.to_string().map(String::as_str).unwrap_or("?"),
         None if factor.is_some_and(|factor| factor != 1.0) => "linear",
         None => return Ok(None),
@@ -142,14 +156,14 @@ fn gguf_rope_scaling(content: &Content) -> Result<Option<serde_json::Value>> {
     let factor = || {
         factor.ok_or_else(|| {
             ClientError::Unsupported(format!(
-                "gguf rope scaling of type {kind:?} without llama.rope.scaling.factor"
+                "gguf rope scaling of type {kind:?} without {arch}.rope.scaling.factor"
             ))
         })
     };
     let refuse_unless = |key: &str, neutral: f64| -> Result<()> {
         match scaling(key)? {
             Some(value) if value != neutral => Err(ClientError::Unsupported(format!(
-                "gguf rope scaling of type {kind:?} with llama.rope.scaling.{key} = {value} \
+                "gguf rope scaling of type {kind:?} with {arch}.rope.scaling.{key} = {value} \
                  (only {neutral} can be run as transformers runs it)"
             ))),
             _ => Ok(()),
@@ -200,7 +214,8 @@ fn gguf_rope_scaling(content: &Content) -> Result<Option<serde_json::Value>> {
 /// Llama 3.1+ rope scaling, as one divisor per frequency (not a weight of the model).
 const ROPE_FREQS: &str = "rope_freqs.weight";
 
-/// Hugging Face name of a GGUF tensor, and whether its rows need un-permuting with that many heads.
+/// Hugging Face name of a GGUF tensor, and whether its rows need un-permuting with that many heads
+/// (Llama's q/k weights and biases only: llama.cpp's converter leaves Qwen2's as they are).
 fn hf_name(gguf: &str, config: &LlamaConfig) -> Option<(String, Option<usize>)> {
     let plain = |name: &str| Some((name.to_string(), None));
     match gguf {
@@ -212,21 +227,26 @@ fn hf_name(gguf: &str, config: &LlamaConfig) -> Option<(String, Option<usize>)> 
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, tensor) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
+    let (tensor, kind) = tensor.rsplit_once('.')?;
+    let permuted = config.model_type == "llama";
     let (module, permute_heads) = match tensor {
-        "attn_q.weight" => ("self_attn.q_proj", Some(config.num_attention_heads)),
-        "attn_k.weight" => ("self_attn.k_proj", Some(config.num_kv_heads())),
-        "attn_v.weight" => ("self_attn.v_proj", None),
-        "attn_output.weight" => ("self_attn.o_proj", None),
-        "ffn_gate.weight" => ("mlp.gate_proj", None),
-        "ffn_up.weight" => ("mlp.up_proj", None),
-        "ffn_down.weight" => ("mlp.down_proj", None),
-        "attn_norm.weight" => ("input_layernorm", None),
-        "ffn_norm.weight" => ("post_attention_layernorm", None),
+        "attn_q" => ("self_attn.q_proj", Some(config.num_attention_heads)),
+        "attn_k" => ("self_attn.k_proj", Some(config.num_kv_heads())),
+        "attn_v" => ("self_attn.v_proj", None),
+        "attn_output" => ("self_attn.o_proj", None),
+        "ffn_gate" => ("mlp.gate_proj", None),
+        "ffn_up" => ("mlp.up_proj", None),
+        "ffn_down" => ("mlp.down_proj", None),
+        "attn_norm" => ("input_layernorm", None),
+        "ffn_norm" => ("post_attention_layernorm", None),
         _ => return None,
     };
+    if !matches!(kind, "weight" | "bias") {
+        return None;
+    }
     Some((
-        format!("model.layers.{layer}.{module}.weight"),
-        permute_heads,
+        format!("model.layers.{layer}.{module}.{kind}"),
+        permute_heads.filter(|_| permuted),
     ))
 }
 
@@ -248,21 +268,107 @@ pub fn unpermute_from_gguf(weight: &Tensor, heads: usize) -> Result<Tensor> {
         .reshape((out, input))?)
 }
 
-/// How a byte-level BPE vocabulary splits text before merging (llama.cpp's `tokenizer.ggml.pre`).
+/// How a byte-level BPE vocabulary splits text before merging, read from llama.cpp's
+/// `tokenizer.ggml.pre` name, with what else llama.cpp's `llama-vocab.cpp` ties to that name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum PreTokenizer {
+struct PreTokenizer {
+    split: PreSplit,
+    /// A pre-token found whole in the vocabulary is taken before merging (llama.cpp's
+    /// `ignore_merges`, tokenizer.json's `"ignore_merges": true`).
+    ignore_merges: bool,
+    /// BOS is added unless the file says otherwise (`tokenizer.ggml.add_bos_token`).
+    adds_bos: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PreSplit {
     /// GPT-2's byte-level split.
     Gpt2,
     /// Digits one by one, then GPT-2's split.
-    SmolLm,
-    /// Llama 3's regex (`LLAMA3_PATTERN`), then bytes, with whole-word vocabulary hits.
-    Llama3,
+    Digits,
+    /// A regex (tokenizer.json's `Split` with `Isolated` pieces), then bytes.
+    Regex(&'static str),
+}
+
+impl PreTokenizer {
+    /// The names llama.cpp and transformers read alike, grouped by split (checked against
+    /// transformers' GGUF tokenizer by `gguf_bpe_pre_tokenizers_match_transformers`). A missing
+    /// name or `default` splits as GPT-2, as transformers reads such a file (llama.cpp, warning of
+    /// degraded output, falls back to regexes of its own).
+    fn named(name: Option<&str>) -> Result<Self> {
+        let plain = |split| Self {
+            split,
+            ignore_merges: false,
+            adds_bos: false,
+        };
+        Ok(match name {
+            None | Some("default" | "gpt-2" | "gpt2" | "phi-2" | "mpt" | "olmo" | "jais") => {
+                plain(PreSplit::Gpt2)
+            }
+            Some(
+                "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone"
+                | "minerva",
+            ) => plain(PreSplit::Digits),
+            Some(
+                "llama-bpe" | "llama3" | "llama-v3" | "falcon3" | "falcon-h1" | "pixtral"
+                | "midm-2.0" | "lfm2",
+            ) => Self {
+                split: PreSplit::Regex(LLAMA3_PATTERN),
+                ignore_merges: true,
+                adds_bos: true,
+            },
+            Some("dbrx" | "smaug-bpe") => plain(PreSplit::Regex(LLAMA3_PATTERN)),
+            Some("qwen2" | "deepseek-r1-qwen" | "stablelm2" | "kormo" | "megrez") => {
+                plain(PreSplit::Regex(QWEN2_PATTERN))
+            }
+            Some("tekken") => Self {
+                split: PreSplit::Regex(TEKKEN_PATTERN),
+                ignore_merges: true,
+                adds_bos: true,
+            },
+            Some(other) => {
+                return Err(ClientError::Unsupported(format!(
+                    "gguf pre-tokenizer {other:?} (supported: the GPT-2, SmolLM/StarCoder, \
+                     Llama 3, Qwen2 and Tekken splits, under llama.cpp's names for them)"
+                )));
+            }
+        })
+    }
+
+    fn wrapper(self) -> Result<PreTokenizerWrapper> {
+        let byte_level = ByteLevel::default().add_prefix_space(false);
+        Ok(match self.split {
+            PreSplit::Gpt2 => PreTokenizerWrapper::ByteLevel(byte_level),
+            PreSplit::Digits => PreTokenizerWrapper::Sequence(Sequence::new(vec![
+                PreTokenizerWrapper::Digits(Digits::new(true)),
+                PreTokenizerWrapper::ByteLevel(byte_level),
+            ])),
+            PreSplit::Regex(pattern) => PreTokenizerWrapper::Sequence(Sequence::new(vec![
+                PreTokenizerWrapper::Split(
+                    Split::new(
+                        SplitPattern::Regex(pattern.into()),
+                        SplitDelimiterBehavior::Isolated,
+                        false,
+                    )
+                    .map_err(|error| ClientError::Tokenizer(error.to_string()))?,
+                ),
+                PreTokenizerWrapper::ByteLevel(byte_level.use_regex(false)),
+            ])),
+        })
+    }
 }
 
 /// Llama 3's pre-tokenizer regex, as in its `tokenizer.json` and llama.cpp's `llama-bpe`: numbers
 /// in groups of up to three, contractions, words with one leading non-letter, punctuation runs,
 /// newlines, and trailing spaces.
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Qwen2's (transformers' `Qwen2Tokenizer`, llama.cpp's `qwen2`): Llama 3's with digits one by one.
+const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Mistral's Tekken (Mistral NeMo, Ministral; llama.cpp's `tekken`): words split at case changes,
+/// digits one by one, no contractions, `/` kept with the punctuation before it.
+const TEKKEN_PATTERN: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// llama.cpp's token types (`tokenizer.ggml.token_type`).
 const TOKEN_NORMAL: i32 = 1;
@@ -311,13 +417,9 @@ pub fn gguf_tokenizer(content: &Content) -> Result<Tokenizer> {
         sentencepiece_tokenizer(&tokens, &scores, &token_types, add_space_prefix)?
     };
     // llama.cpp's defaults where the file does not say: BOS for SentencePiece vocabularies and
-    // Llama 3's byte-level one, none for other byte-level ones (SmolLM, GPT-2); never EOS.
-    let pre = content
-        .metadata
-        .get("tokenizer.ggml.pre")
-        .and_then(|value| value.to_string().ok().cloned());
-    let bos_by_default =
-        model == "llama" || matches!(pre.as_deref(), Some("llama-bpe" | "llama3" | "llama-v3"));
+    // for the byte-level ones of Llama 3 and Tekken, none for other byte-level ones (SmolLM,
+    // GPT-2, Qwen2); never EOS.
+    let bos_by_default = model == "llama" || pre_tokenizer(content)?.adds_bos;
     // Read as leniently as the config reads the same ids: a file that names no usable token
     // gets none added.
     let token_of = |key: &str, wanted: bool| -> Option<(String, u32)> {
@@ -520,32 +622,26 @@ fn add_control_tokens(
     Ok(())
 }
 
-/// A byte-level BPE tokenizer rebuilt from GGUF metadata (`tokenizer.ggml.*`), with the
-/// pre-tokenizer `tokenizer.ggml.pre` names (GPT-2, SmolLM or Llama 3).
+/// The pre-tokenizer a byte-level vocabulary's `tokenizer.ggml.pre` names.
+fn pre_tokenizer(content: &Content) -> Result<PreTokenizer> {
+    PreTokenizer::named(
+        content
+            .metadata
+            .get("tokenizer.ggml.pre")
+            .map(|value| value.to_string().cloned())
+            .transpose()?
+            .as_deref(),
+    )
+}
+
+/// A byte-level BPE tokenizer rebuilt from GGUF metadata (`tokenizer.ggml.*`), split as the
+/// pre-tokenizer `tokenizer.ggml.pre` names.
 fn byte_level_tokenizer(
     content: &Content,
     tokens: &[String],
     token_types: &[i32],
 ) -> Result<Tokenizer> {
-    // Pre-tokenizers by llama.cpp's name: SmolLM splits digits singly before GPT-2's byte-level
-    // split; plain GPT-2 does only the latter; Llama 3 (`llama-bpe`) splits with its own regex.
-    // Others (qwen2, ...) differ in their regex.
-    let pre = match content
-        .metadata
-        .get("tokenizer.ggml.pre")
-        .map(|value| value.to_string().cloned())
-        .transpose()?
-        .as_deref()
-    {
-        Some("smollm") => PreTokenizer::SmolLm,
-        None | Some("default" | "gpt-2" | "gpt2") => PreTokenizer::Gpt2,
-        Some("llama-bpe" | "llama3") => PreTokenizer::Llama3,
-        Some(other) => {
-            return Err(ClientError::Unsupported(format!(
-                "gguf pre-tokenizer {other:?} (smollm, gpt-2 and llama-bpe only)"
-            )));
-        }
-    };
+    let pre = pre_tokenizer(content)?;
     let merges: Vec<(String, String)> = meta(content, "tokenizer.ggml.merges")?
         .to_vec()?
         .iter()
@@ -563,45 +659,21 @@ fn byte_level_tokenizer(
         .collect();
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
-        // Llama 3 takes a whole pre-token from the vocabulary before merging (llama.cpp's
-        // `ignore_merges`, tokenizer.json's `"ignore_merges": true`).
-        .ignore_merges(pre == PreTokenizer::Llama3)
+        .ignore_merges(pre.ignore_merges)
         .build()
         .map_err(|error| ClientError::Tokenizer(error.to_string()))?;
     let mut tokenizer = Tokenizer::new(bpe);
-    let byte_level = PreTokenizerWrapper::ByteLevel(ByteLevel::default().add_prefix_space(false));
-    tokenizer.with_pre_tokenizer(Some(match pre {
-        PreTokenizer::Gpt2 => byte_level,
-        PreTokenizer::SmolLm => PreTokenizerWrapper::Sequence(Sequence::new(vec![
-            PreTokenizerWrapper::Digits(Digits::new(true)),
-            byte_level,
-        ])),
-        PreTokenizer::Llama3 => PreTokenizerWrapper::Sequence(Sequence::new(vec![
-            PreTokenizerWrapper::Split(
-                Split::new(
-                    SplitPattern::Regex(LLAMA3_PATTERN.into()),
-                    SplitDelimiterBehavior::Isolated,
-                    false,
-                )
-                .map_err(|error| ClientError::Tokenizer(error.to_string()))?,
-            ),
-            PreTokenizerWrapper::ByteLevel(
-                ByteLevel::default()
-                    .add_prefix_space(false)
-                    .use_regex(false),
-            ),
-        ])),
-    }));
+    tokenizer.with_pre_tokenizer(Some(pre.wrapper()?));
     tokenizer.with_decoder(Some(ByteLevel::default()));
     add_control_tokens(&mut tokenizer, tokens, token_types)?;
     Ok(tokenizer)
 }
 
-/// Loads a Llama GGUF file, tokenizer from the metadata. Weights are dequantized to f32, unless
-/// `keep_quantized` (QLoRA): then the v/o/gate/up/down projections stay in their GGUF types as
-/// loaded (no f32 copy is ever made), and q/k, whose rows must be un-permuted, are requantized to
-/// Q8_0 (near-lossless for 4- and 5-bit sources), as are projections stored as F32/F16/BF16.
-/// Embeddings, norms and the head are f32.
+/// Loads a Llama-family GGUF file (architecture `llama` or `qwen2`), tokenizer from the metadata.
+/// Weights are dequantized to f32, unless `keep_quantized` (QLoRA): then the projections stay in
+/// their GGUF types as loaded (no f32 copy is ever made), except a Llama file's q/k, whose rows
+/// must be un-permuted and are requantized to Q8_0 (near-lossless for 4- and 5-bit sources), as
+/// are projections stored as F32/F16/BF16. Embeddings, norms, biases and the head are f32.
 pub fn load_gguf(path: &Path, device: &Device, keep_quantized: bool) -> Result<BaseModel> {
     let mut file = std::fs::File::open(path).map_err(ClientError::io(path))?;
     let content = Content::read(&mut file)?;
@@ -638,7 +710,7 @@ pub fn load_gguf(path: &Path, device: &Device, keep_quantized: bool) -> Result<B
             continue;
         };
         let tensor = content.tensor(&mut file, name, device)?;
-        let is_projection = hf.contains("_proj.");
+        let is_projection = hf.ends_with("_proj.weight");
         let dtype = tensor.dtype();
         let stays_quantized = keep_quantized
             && is_projection
@@ -649,6 +721,10 @@ pub fn load_gguf(path: &Path, device: &Device, keep_quantized: bool) -> Result<B
         }
         let dense = tensor.dequantize(device)?;
         let dense = match permute_heads {
+            // A bias is one column.
+            Some(heads) if dense.rank() == 1 => {
+                unpermute_from_gguf(&dense.unsqueeze(1)?, heads)?.squeeze(1)?
+            }
             Some(heads) => unpermute_from_gguf(&dense, heads)?,
             None => dense,
         };
@@ -707,7 +783,7 @@ mod tests {
 
     use super::*;
     use crate::model::config::{RopeScaling, YarnRopeScaling};
-    use crate::testing::{logits, max_abs_difference};
+    use crate::testing::{flat, logits, max_abs_difference};
     use crate::tiny::{TinyModelSpec, write_tiny_model};
 
     /// Writes the tiny HF model in `dir` as a llama.cpp-style GGUF `tiny.gguf` (q/k permuted,
@@ -851,6 +927,53 @@ mod tests {
         let max_difference =
             max_abs_difference(&logits(&hf.model, &input), &logits(&gguf.model, &input));
         assert!(max_difference < 1e-4, "logits differ by {max_difference}");
+    }
+
+    /// GGUF files written by llama.cpp's own Python library as its converter writes them
+    /// (`scripts/gguf_fixtures.py models`: a Llama with q/k permuted, a Qwen2 with q/k/v biases
+    /// and f16 projections) give transformers' logits of the Hugging Face checkpoints they hold,
+    /// which transformers' GGUF reader also gave; and under QLoRA the Qwen2 file's projections,
+    /// q/k included (nothing to un-permute), become Q8_0 with logits close to those.
+    #[test]
+    fn gguf_files_of_llama_cpp_give_transformers_logits() {
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let expected = candle_core::safetensors::load(
+            manifest.join("tests/fixtures/peft/expected.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let input = expected["input_ids"]
+            .to_dtype(candle_core::DType::U32)
+            .unwrap();
+        for (name, model_type, biases) in [("llama", "llama", 0), ("qwen2", "qwen2", 3)] {
+            let path = manifest.join(format!("tests/fixtures/gguf/{name}.gguf"));
+            let base = BaseModel::load(&path, &Device::Cpu).unwrap();
+            let config = base.model.config();
+            assert_eq!(config.model_type, model_type);
+            assert_eq!((config.num_attention_heads, config.num_kv_heads()), (4, 2));
+            let weights = base.model.merged_weights().unwrap();
+            let loaded_biases = weights
+                .keys()
+                .filter(|key| key.starts_with("model.layers.0.") && key.ends_with(".bias"))
+                .count();
+            assert_eq!(loaded_biases, biases, "{name}");
+            let want = flat(&expected[name]);
+            let difference = max_abs_difference(&want, &logits(&base.model, &input));
+            assert!(difference < 1e-4, "{name}: logits differ by {difference}");
+
+            let quantized = load_gguf(&path, &Device::Cpu, true).unwrap();
+            for (module, dtype) in quantized.model.projection_dtypes() {
+                // down_proj's input width, 176, is no multiple of Q8_0's block of 32.
+                let want = (!module.ends_with("down_proj")).then_some(GgmlDType::Q8_0);
+                assert_eq!(dtype, want, "{name}: {module}");
+            }
+            let scale = want.iter().fold(0.0f32, |max, logit| max.max(logit.abs()));
+            let difference = max_abs_difference(&want, &logits(&quantized.model, &input));
+            assert!(
+                difference > 0.0 && difference < 0.03 * scale,
+                "{name} q8_0: logits differ by {difference} (largest {scale})"
+            );
+        }
     }
 
     /// QLoRA on a Q4_1 GGUF: projections stay Q4_1 as loaded (q/k, un-permuted, become Q8_0),
@@ -1099,6 +1222,117 @@ mod tests {
         assert_ne!(ids(&write(None), " 12345"), ids(&ours, " 12345"));
     }
 
+    /// The byte-level BPE vocabulary of `scripts/gguf_fixtures.py vocab` as GGUF metadata under
+    /// the pre-tokenizer name `pre`, with the bos id 0 (its first control token).
+    fn bpe_fixture_content(fixture: &serde_json::Value, pre: &str) -> Content {
+        let strings = |key: &str| {
+            Value::Array(
+                fixture[key]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|value| Value::String(value.as_str().unwrap().into()))
+                    .collect(),
+            )
+        };
+        let types = fixture["tokenizer.ggml.token_type"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|value| Value::I32(value.as_i64().unwrap() as i32))
+            .collect();
+        let metadata = HashMap::from([
+            (
+                "tokenizer.ggml.model".to_string(),
+                Value::String("gpt2".into()),
+            ),
+            ("tokenizer.ggml.pre".to_string(), Value::String(pre.into())),
+            (
+                "tokenizer.ggml.tokens".to_string(),
+                strings("tokenizer.ggml.tokens"),
+            ),
+            (
+                "tokenizer.ggml.merges".to_string(),
+                strings("tokenizer.ggml.merges"),
+            ),
+            ("tokenizer.ggml.token_type".to_string(), Value::Array(types)),
+            ("tokenizer.ggml.bos_token_id".to_string(), Value::U32(0)),
+        ]);
+        Content {
+            magic: gguf_file::VersionedMagic::GgufV3,
+            metadata,
+            tensor_infos: HashMap::new(),
+            tensor_data_offset: 0,
+        }
+    }
+
+    /// Every `tokenizer.ggml.pre` name read here splits and merges as transformers' GGUF
+    /// tokenizer does (with llama.cpp's `ignore_merges`, and its digit split where transformers
+    /// has none: see `scripts/gguf_fixtures.py`), on a vocabulary whose merges tell the GPT-2,
+    /// digit, Llama 3, Qwen2 and Tekken splits apart (contractions in capitals, case changes
+    /// inside words, digit groups, `/` runs, marks, CJK, whitespace runs, a token no merge
+    /// reaches); and BOS is added by default exactly where llama.cpp adds it (Llama 3's names and
+    /// Tekken).
+    #[test]
+    fn gguf_bpe_pre_tokenizers_match_transformers() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/gguf/bpe_vocab.json"
+        );
+        let fixture: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let texts: Vec<&str> = fixture["texts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|text| text.as_str().unwrap())
+            .collect();
+        let names = fixture["ids"].as_object().unwrap();
+        assert_eq!(names.len(), 30);
+        for (name, expected) in names {
+            let tokenizer = gguf_tokenizer(&bpe_fixture_content(&fixture, name)).unwrap();
+            for (text, expected) in texts.iter().zip(expected.as_array().unwrap()) {
+                let expected: Vec<u32> = expected
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|id| id.as_u64().unwrap() as u32)
+                    .collect();
+                let ours = tokenizer.encode(*text, false).unwrap();
+                assert_eq!(ours.get_ids(), expected, "{name}: {text:?}");
+                if !text.contains("<|") {
+                    assert_eq!(tokenizer.decode(ours.get_ids(), false).unwrap(), *text);
+                }
+            }
+            let with_bos = tokenizer.encode("hi", true).unwrap().get_ids().to_vec();
+            let plain = tokenizer.encode("hi", false).unwrap().get_ids().to_vec();
+            let adds_bos = PreTokenizer::named(Some(name)).unwrap().adds_bos;
+            assert_eq!(adds_bos, with_bos.len() > plain.len(), "{name}: bos");
+            // llama-vocab.cpp's `add_bos = true` names.
+            let llama_cpp_adds_bos = [
+                "llama-bpe",
+                "llama3",
+                "llama-v3",
+                "falcon3",
+                "falcon-h1",
+                "pixtral",
+                "midm-2.0",
+                "lfm2",
+                "tekken",
+            ];
+            assert_eq!(
+                adds_bos,
+                llama_cpp_adds_bos.contains(&name.as_str()),
+                "{name}: llama.cpp's add_bos"
+            );
+        }
+        let unknown = gguf_tokenizer(&bpe_fixture_content(&fixture, "deepseek-llm")).unwrap_err();
+        assert!(
+            unknown.to_string().contains("\"deepseek-llm\""),
+            "{unknown}"
+        );
+    }
+
     /// A GGUF file's metadata of a SentencePiece BPE vocabulary, made by
     /// `scripts/gguf_spm_fixture.py` with SentencePiece itself (byte fallback, digits split,
     /// whitespace kept, as Llama 2's), with SentencePiece's ids for its sample texts.
@@ -1307,33 +1541,38 @@ mod tests {
             tensor_data_offset: 0,
         };
         let kind = |name: &str| ("llama.rope.scaling.type", Value::String(name.into()));
-        assert_eq!(gguf_rope_scaling(&content(vec![])).unwrap(), None);
+        assert_eq!(gguf_rope_scaling(&content(vec![]), "llama").unwrap(), None);
         assert_eq!(
-            gguf_rope_scaling(&content(vec![kind("none")])).unwrap(),
+            gguf_rope_scaling(&content(vec![kind("none")]), "llama").unwrap(),
             None
         );
         let factor = ("llama.rope.scaling.factor", Value::F32(4.0));
         let linear = Some(serde_json::json!({"rope_type": "linear", "factor": 4.0}));
         assert_eq!(
-            gguf_rope_scaling(&content(vec![kind("linear"), factor.clone()])).unwrap(),
+            gguf_rope_scaling(&content(vec![kind("linear"), factor.clone()]), "llama").unwrap(),
             linear
         );
         // Without a type, a factor means linear, as in llama.cpp; so does the older key.
         assert_eq!(
-            gguf_rope_scaling(&content(vec![factor.clone()])).unwrap(),
+            gguf_rope_scaling(&content(vec![factor.clone()]), "llama").unwrap(),
             linear
         );
         assert_eq!(
-            gguf_rope_scaling(&content(vec![("llama.rope.scale_linear", Value::F32(4.0))]))
-                .unwrap(),
+            gguf_rope_scaling(
+                &content(vec![("llama.rope.scale_linear", Value::F32(4.0))]),
+                "llama"
+            )
+            .unwrap(),
             linear
         );
         for neutral in [0.0, 1.0] {
             let entries = vec![("llama.rope.scaling.factor", Value::F32(neutral))];
-            assert_eq!(gguf_rope_scaling(&content(entries)).unwrap(), None);
+            assert_eq!(gguf_rope_scaling(&content(entries), "llama").unwrap(), None);
         }
         let yarn_config = |entries: Vec<(&str, Value)>| -> YarnRopeScaling {
-            let rope = gguf_rope_scaling(&content(entries)).unwrap().unwrap();
+            let rope = gguf_rope_scaling(&content(entries), "llama")
+                .unwrap()
+                .unwrap();
             let config: LlamaConfig = serde_json::from_value(serde_json::json!({
                 "hidden_size": 64, "intermediate_size": 8, "num_hidden_layers": 1,
                 "num_attention_heads": 4, "vocab_size": 10, "max_position_embeddings": 32768,
@@ -1403,7 +1642,7 @@ mod tests {
                 "yarn_ext_factor",
             ),
         ] {
-            let error = gguf_rope_scaling(&content(entries))
+            let error = gguf_rope_scaling(&content(entries), "llama")
                 .unwrap_err()
                 .to_string();
             assert!(error.contains(named), "{error}");

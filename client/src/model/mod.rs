@@ -40,7 +40,7 @@ pub struct BaseModel {
 
 impl BaseModel {
     /// Loads a model: a Hugging Face directory (`config.json`, safetensors weights,
-    /// `tokenizer.json`) or a Llama `.gguf` file.
+    /// `tokenizer.json`) or a Llama-family `.gguf` file (architectures `llama` and `qwen2`).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         if is_gguf(dir) {
             return gguf::load_gguf(dir, device, false);

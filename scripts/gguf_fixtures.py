@@ -1,0 +1,316 @@
+#!/usr/bin/env python3
+"""Writes the GGUF fixtures under client/tests/fixtures/gguf/, with llama.cpp's own Python
+library (`gguf`) and Hugging Face transformers as the references:
+
+  models  `llama.gguf` and `qwen2.gguf`: the tiny random Llama and Qwen2 checkpoints of
+          client/tests/fixtures/peft (made by scripts/peft_parity.py) written as llama.cpp's
+          converter writes them (convert_hf_to_gguf.py: tensor names from `gguf.TENSOR_NAMES`,
+          Llama's q/k rows permuted for its interleaved RoPE, Qwen2's not, Qwen2's q/k/v biases,
+          norms and biases in F32). Before writing, the script loads each file back with
+          transformers' own GGUF reader (`from_pretrained(..., gguf_file=...)`) and checks that its
+          logits match transformers' logits of the Hugging Face checkpoint
+          (client/tests/fixtures/peft/expected.safetensors) within 1e-4. The vocabulary is the
+          tiny models' 259 ids as a SentencePiece one (<unk>, <s>, </s>, 256 byte tokens).
+  vocab   `bpe_vocab.json`: a small byte-level BPE vocabulary (trained here with `tokenizers`, plus
+          one token no merge reaches and two control tokens) as GGUF metadata holds it, and, for
+          every `tokenizer.ggml.pre` name fedlora reads, the ids the reference gives for sample
+          texts. The reference is transformers' GGUF tokenizer (transformers/integrations/gguf/
+          gguf_tokenizer_mapping.py, which carries the split regexes of Llama 3, Qwen2 and
+          Mistral's Tekken), with llama.cpp's `ignore_merges` (llama-vocab.cpp: the Llama 3 names
+          and `tekken` take a pre-token whole from the vocabulary before merging). Where
+          transformers has no entry for a name llama.cpp knows, the reference is built from
+          llama.cpp's regex list in the same way: digits one by one before GPT-2's split (SmolLM's
+          tokenizer.json; llama.cpp's `smollm`, `starcoder`, `refact`, `command-r`, ...), and
+          Qwen2's split for `stablelm2`. The script checks that the sample texts tell every two
+          kinds of pre-tokenizer apart.
+
+`gguf::tests` reads these files and must reproduce the logits and ids. Needs `pip install torch
+transformers gguf` (transformers 5.24 and gguf 0.19 made the committed files); not run by CI:
+
+    python3 scripts/gguf_fixtures.py models
+    python3 scripts/gguf_fixtures.py vocab
+"""
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from tokenizers import Regex, pre_tokenizers
+from transformers import AutoModelForCausalLM
+
+ROOT = Path(__file__).resolve().parent.parent
+PEFT = ROOT / "client/tests/fixtures/peft"
+OUT = ROOT / "client/tests/fixtures/gguf"
+
+# llama.cpp's token types.
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+def llama_permute(weights, n_head, n_head_kv):
+    """convert_hf_to_gguf.py's LlamaModel.permute."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+HF_TO_GGUF = {
+    "self_attn.q_proj": gguf.MODEL_TENSOR.ATTN_Q,
+    "self_attn.k_proj": gguf.MODEL_TENSOR.ATTN_K,
+    "self_attn.v_proj": gguf.MODEL_TENSOR.ATTN_V,
+    "self_attn.o_proj": gguf.MODEL_TENSOR.ATTN_OUT,
+    "mlp.gate_proj": gguf.MODEL_TENSOR.FFN_GATE,
+    "mlp.up_proj": gguf.MODEL_TENSOR.FFN_UP,
+    "mlp.down_proj": gguf.MODEL_TENSOR.FFN_DOWN,
+    "input_layernorm": gguf.MODEL_TENSOR.ATTN_NORM,
+    "post_attention_layernorm": gguf.MODEL_TENSOR.FFN_NORM,
+}
+
+
+def gguf_name(hf_name):
+    names = gguf.TENSOR_NAMES
+    top = {
+        "model.embed_tokens.weight": names[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight",
+        "model.norm.weight": names[gguf.MODEL_TENSOR.OUTPUT_NORM] + ".weight",
+        "lm_head.weight": names[gguf.MODEL_TENSOR.OUTPUT] + ".weight",
+    }
+    if hf_name in top:
+        return top[hf_name]
+    _, _, layer, rest = hf_name.split(".", 3)
+    module, kind = rest.rsplit(".", 1)
+    return names[HF_TO_GGUF[module]].format(bid=int(layer)) + "." + kind
+
+
+def write_model(name, path):
+    config = json.loads((PEFT / name / "config.json").read_text())
+    arch = config["model_type"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(f"fedlora tiny {arch}")
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    if arch == "llama":
+        writer.add_vocab_size(config["vocab_size"])
+        writer.add_rope_dimension_count(config["hidden_size"] // heads)
+    # The tiny models' 259 ids: a SentencePiece vocabulary of three specials and 256 bytes.
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{byte:02X}>" for byte in range(256)]
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_types([UNKNOWN, CONTROL, CONTROL] + [BYTE] * 256)
+    writer.add_bos_token_id(config["bos_token_id"])
+    writer.add_eos_token_id(config["eos_token_id"])
+    for hf_name, tensor in sorted(load_file(PEFT / name / "model.safetensors").items()):
+        data = tensor.numpy() if tensor.dtype != torch.bfloat16 else tensor.float().numpy()
+        if arch == "llama" and hf_name.endswith("q_proj.weight"):
+            data = llama_permute(data, heads, heads)
+        elif arch == "llama" and hf_name.endswith("k_proj.weight"):
+            data = llama_permute(data, heads, kv_heads)
+        if data.ndim == 1:  # norms and biases: F32, as the converter keeps them
+            data = data.astype(np.float32)
+        writer.add_tensor(gguf_name(hf_name), np.ascontiguousarray(data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def models():
+    expected = load_file(PEFT / "expected.safetensors")
+    input_ids = expected["input_ids"]
+    OUT.mkdir(parents=True, exist_ok=True)
+    for name in ["llama", "qwen2"]:
+        with tempfile.TemporaryDirectory() as scratch:
+            path = Path(scratch) / f"{name}.gguf"
+            write_model(name, path)
+            model = AutoModelForCausalLM.from_pretrained(
+                scratch, gguf_file=path.name, dtype=torch.float32, attn_implementation="eager"
+            ).eval()
+            with torch.no_grad():
+                logits = model(input_ids=input_ids).logits.float()
+            difference = (logits - expected[name]).abs().max().item()
+            print(f"{name}: transformers' GGUF reader against its HF checkpoint: {difference:.2e}")
+            if not difference < 1e-4:
+                sys.exit(f"{name}: the GGUF file does not hold the checkpoint ({difference})")
+            (OUT / path.name).write_bytes(path.read_bytes())
+            print(f"  -> {OUT / path.name} ({path.stat().st_size} bytes)")
+
+
+CORPUS = """
+The patient was admitted on 12 March 2024 with a temperature of 38.5 degrees.
+Blood pressure: 120/80 mmHg. Heart rate 72 bpm; respiratory rate 16. Ref 1234567.
+The bank approved the loan of 250,000 euros at a fixed rate of 3.1% for 25 years.
+Federated learning trains a shared model while the data stays where it is.
+HelloWorld, camelCase and XMLHttpRequest are names; so are iPhone and McDonald.
+def forward(self, x):
+    return self.norm(x + self.attention(x))  # path/to/file.txt
+She'll say we've done it; THEY'RE sure it's fine. I'M here. Don't.
+Questions? Ask the on-call physician, Dr. Müller, or the night nurse in Straße 5.
+Le modèle apprend sans que les données quittent l'hôpital. Naïve café.
+東京は晴れ。２０２４年 🚑 emergency\t\ttabs
+""".strip().splitlines()
+
+TEXTS = [
+    "Hello world 12345 don't\n\n",
+    " HELLO 12 1234567 DON'T\r\n\n  x",
+    "HelloWorld camelCase XMLHttpRequest iPhone McDonald",
+    "path/to/file.txt // comment\n/* c */",
+    "naïve café Straße Ölfeld",
+    "e\u0301 combining, \u01c5 titlecase",
+    "東京は晴れ 123 ２０２４",
+    "🚑 emoji\tand tabs\t\t",
+    "   leading and trailing   ",
+    "she'll we've I'M it's THEY'RE",
+    "<|endoftext|>after <|im_start|>special",
+    " quizzical",
+    "rate 3.1% for 25 years.",
+    "",
+]
+
+# fedlora's pre-tokenizer kinds, each with the llama.cpp names it reads (client/src/model/gguf.rs).
+KINDS = {
+    "gpt2": ["gpt-2", "gpt2", "default", "phi-2", "mpt", "olmo", "jais"],
+    "digits": ["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"],
+    "llama3": ["llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"],
+    "llama3-merges": ["dbrx", "smaug-bpe"],
+    "qwen2": ["qwen2", "deepseek-r1-qwen", "stablelm2", "kormo", "megrez"],
+    "tekken": ["tekken"],
+}
+# llama.cpp's `ignore_merges` names (llama-vocab.cpp).
+IGNORE_MERGES = set(KINDS["llama3"]) | {"tekken"}
+
+
+def reference(name, tokenizer_dict):
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        _QWEN2_SPLIT,
+        GGUF_PRE_TOKENIZER_SPLITS,
+        convert_gguf_tokenizer,
+    )
+
+    backend, _ = convert_gguf_tokenizer("llama", dict(tokenizer_dict, pre_tokenizer_type=name))
+    if name in KINDS["digits"]:
+        # SmolLM's tokenizer.json; llama.cpp's regexes "\p{N}", then GPT-2's.
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
+    elif name not in GGUF_PRE_TOKENIZER_SPLITS and name in KINDS["qwen2"]:
+        # llama.cpp reads these with Qwen2's regex; transformers lists only some of them.
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    if name in IGNORE_MERGES:
+        backend.model.ignore_merges = True
+    return backend
+
+
+def vocab():
+    from tokenizers import Tokenizer, models as tok_models, trainers
+
+    specials = ["<|endoftext|>", "<|im_start|>"]
+    # Merges learned under several splits (GPT-2's, Llama 3's, Qwen2's, Tekken's, and none at
+    # all), so that pieces one pre-tokenizer keeps whole and another cuts have merges of their own.
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        _LLAMA3_SPLIT,
+        _QWEN2_SPLIT,
+        _TEKKEN_SPLIT,
+    )
+
+    def split(pattern):
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+
+    splits = [
+        (pre_tokenizers.ByteLevel(add_prefix_space=False), 700),
+        (split(_LLAMA3_SPLIT), 700),
+        (split(_QWEN2_SPLIT), 700),
+        (split(_TEKKEN_SPLIT), 700),
+        (pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False), 420),
+    ]
+    tokens = list(specials) + sorted(pre_tokenizers.ByteLevel.alphabet())
+    merges = []
+    for pre_tokenizer, size in splits:
+        trainer = trainers.BpeTrainer(
+            vocab_size=size,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            special_tokens=specials,
+            show_progress=False,
+        )
+        trained = Tokenizer(tok_models.BPE())
+        trained.pre_tokenizer = pre_tokenizer
+        # Not " quizzical": that token is added below, with no merge reaching it.
+        seen = [text for text in TEXTS if "quizzical" not in text]
+        trained.train_from_iterator((CORPUS + seen) * 4, trainer)
+        for merge in json.loads(trained.to_str())["model"]["merges"]:
+            left, right = merge.split(" ") if isinstance(merge, str) else merge
+            if left + right not in tokens:
+                tokens.append(left + right)
+                merges.append(f"{left} {right}")
+    # In the vocabulary but reachable by no merge: only `ignore_merges` finds it whole.
+    assert "Ġquizzical" not in tokens
+    tokens.append("Ġquizzical")
+    types = [CONTROL if token in specials else NORMAL for token in tokens]
+    tokenizer_dict = {
+        "tokenizer_type": "gpt2",
+        "tokens": tokens,
+        "token_type": types,
+        "merges": merges,
+    }
+    cases = {}
+    for names in KINDS.values():
+        for name in names:
+            backend = reference(name, tokenizer_dict)
+            cases[name] = [backend.encode(text, add_special_tokens=False).ids for text in TEXTS]
+    # Every two kinds give different ids on some sample text, so a name read as the wrong kind
+    # fails the Rust test; names of one kind agree.
+    kinds = {kind: cases[names[0]] for kind, names in KINDS.items()}
+    for kind, names in KINDS.items():
+        for name in names:
+            assert cases[name] == kinds[kind], f"{name} differs from {names[0]}"
+        for other in KINDS:
+            if other != kind:
+                assert kinds[other] != kinds[kind], f"the texts do not tell {kind} from {other}"
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / "bpe_vocab.json"
+    path.write_text(
+        json.dumps(
+            {
+                "tokenizer.ggml.model": "gpt2",
+                "tokenizer.ggml.tokens": tokens,
+                "tokenizer.ggml.token_type": types,
+                "tokenizer.ggml.merges": merges,
+                "texts": TEXTS,
+                "ids": cases,
+            },
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+        + "\n"
+    )
+    print(f"{len(tokens)} tokens, {len(merges)} merges, {len(cases)} names -> {path}")
+
+
+if __name__ == "__main__":
+    {"models": models, "vocab": vocab}[sys.argv[1]]()
