@@ -148,7 +148,7 @@ impl ChatTemplate {
     pub fn new(source: String, bos_token: String, eos_token: String) -> Result<Self> {
         let mut environment = environment();
         environment
-            .add_template_owned(TEMPLATE, source.clone())
+            .add_template_owned(TEMPLATE, without_generation_tags(&source)?)
             .map_err(jinja_error)?;
         Ok(Self {
             source,
@@ -250,7 +250,7 @@ impl ChatTemplate {
 }
 
 /// A loaded template, or `None` with a warning when it cannot be used (minijinja does not parse
-/// every Jinja2 extension, e.g. the `{% generation %}` tag some templates carry): text and CSV
+/// every Jinja2 extension): text and CSV
 /// training, `merge` and raw generation need no template, and instruction data falls back to
 /// ChatML or Alpaca.
 pub fn usable(template: Result<Option<ChatTemplate>>) -> Option<Arc<ChatTemplate>> {
@@ -265,6 +265,25 @@ pub fn usable(template: Result<Option<ChatTemplate>>) -> Option<Arc<ChatTemplate
             None
         }
     }
+}
+
+/// transformers' `{% generation %}` … `{% endgeneration %}` tags (an extension of its own that
+/// marks the assistant's text for `return_assistant_tokens_mask`) render their body as it is;
+/// minijinja has no such tag. Rewritten as `{% if true %}` … `{% endif %}`, block tags as they
+/// are, with each tag's whitespace control (`{%-`, `-%}`) kept, the template renders the same text.
+fn without_generation_tags(source: &str) -> Result<String> {
+    let tag = regex::Regex::new(r"\{%([-+]?)\s*(end)?generation\s*([-+]?)%\}")
+        .map_err(|error| ClientError::ChatTemplate(error.to_string()))?;
+    Ok(tag
+        .replace_all(source, |captures: &regex::Captures<'_>| {
+            let (open, close) = (&captures[1], &captures[3]);
+            let statement = match captures.get(2) {
+                Some(_) => "endif",
+                None => "if true",
+            };
+            format!("{{%{open} {statement} {close}%}}")
+        })
+        .into_owned())
 }
 
 /// The environment transformers renders chat templates in: blocks trimmed and left-stripped,
@@ -449,6 +468,27 @@ mod tests {
             layout.render(&[("user", " Say hi. ")], true).unwrap(),
             "  Say hi.\n>"
         );
+
+        // transformers' `{% generation %}` tags render their body, whitespace control and all:
+        // the expected text is what transformers' own environment rendered from this template.
+        let generation = ChatTemplate::new(
+            "{%- for message in messages %}\n{%- if message['role'] == 'assistant' %}\n\
+             <|assistant|>\n{%- generation -%}\n {{ message['content'] }} \n{%- endgeneration %}\n\
+             <|end|>\n{% else %}\n<|{{ message['role'] }}|>\n{% generation %}  \
+             {{ message['content'] }}{% endgeneration %}\n\n{%- endif %}\n{%- endfor %}\n\
+             {%- if add_generation_prompt %}<|assistant|>{% endif %}"
+                .into(),
+            String::new(),
+            String::new(),
+        )
+        .unwrap();
+        assert_eq!(
+            generation
+                .render(&[("user", "Hi"), ("assistant", "Hello!")], true)
+                .unwrap(),
+            "<|user|>\n  Hi<|assistant|>Hello!<|end|>\n<|assistant|>"
+        );
+        assert!(generation.source().contains("{%- generation -%}"));
 
         // No tools and no documents are None, as transformers passes them.
         let tools = ChatTemplate::new(
