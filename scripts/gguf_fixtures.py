@@ -2,14 +2,17 @@
 """Writes the GGUF fixtures under client/tests/fixtures/gguf/, with llama.cpp's own Python
 library (`gguf`) and Hugging Face transformers as the references:
 
-  models  `llama.gguf` and `qwen2.gguf`: the tiny random Llama and Qwen2 checkpoints of
+  models  `llama.gguf`, `qwen2.gguf`: the tiny random Llama and Qwen2 checkpoints of
           client/tests/fixtures/peft (made by scripts/peft_parity.py) written as llama.cpp's
           converter writes them (convert_hf_to_gguf.py: tensor names from `gguf.TENSOR_NAMES`,
-          Llama's q/k rows permuted for its interleaved RoPE, Qwen2's not, Qwen2's q/k/v biases,
-          norms and biases in F32). Before writing, the script loads each file back with
-          transformers' own GGUF reader (`from_pretrained(..., gguf_file=...)`) and checks that its
-          logits match transformers' logits of the Hugging Face checkpoint
-          (client/tests/fixtures/peft/expected.safetensors) within 1e-4. The vocabulary is the
+          Llama's q/k rows and biases permuted for its interleaved RoPE, Qwen2's not, norms and
+          biases in F32); `llama_bias.gguf`, a tiny Llama with `attention_bias` made here;
+          `qwen2_q4_0.gguf`, the Qwen2 with Q4_0 projections (where the input width fits its
+          blocks). The script loads each file back with transformers' own GGUF reader
+          (`from_pretrained(..., gguf_file=...)`) and checks that it gives transformers' logits of
+          the Hugging Face checkpoint within 1e-4; `expected.safetensors` holds the logits of
+          the two that client/tests/fixtures/peft/expected.safetensors lacks (the bias Llama's
+          checkpoint, and the Q4_0 file as transformers dequantizes it). The vocabulary is the
           tiny models' 259 ids as a SentencePiece one (<unk>, <s>, </s>, 256 byte tokens).
   vocab   `bpe_vocab.json`: a small byte-level BPE vocabulary (trained here with `tokenizers`, plus
           one token no merge reaches and two control tokens) as GGUF metadata holds it, and, for
@@ -25,7 +28,8 @@ library (`gguf`) and Hugging Face transformers as the references:
           kinds of pre-tokenizer apart.
 
 `gguf::tests` reads these files and must reproduce the logits and ids. Needs `pip install torch
-transformers gguf` (transformers 5.24 and gguf 0.19 made the committed files); not run by CI:
+transformers peft gguf` (transformers 5.24 and gguf 0.19 made the committed files; peft because
+the tiny models' settings come from scripts/peft_parity.py); not run by CI:
 
     python3 scripts/gguf_fixtures.py models
     python3 scripts/gguf_fixtures.py vocab
@@ -38,9 +42,11 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Regex, pre_tokenizers
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+from peft_parity import DIMS, INPUT_IDS, load, logits, make_model
 
 ROOT = Path(__file__).resolve().parent.parent
 PEFT = ROOT / "client/tests/fixtures/peft"
@@ -88,8 +94,10 @@ def gguf_name(hf_name):
     return names[HF_TO_GGUF[module]].format(bid=int(layer)) + "." + kind
 
 
-def write_model(name, path):
-    config = json.loads((PEFT / name / "config.json").read_text())
+def write_model(model_dir, path, quantized=None):
+    """`model_dir`'s checkpoint as llama.cpp's converter writes it; with `quantized` (a
+    GGMLQuantizationType), projections whose input width fits its blocks in that type."""
+    config = json.loads((model_dir / "config.json").read_text())
     arch = config["model_type"]
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     writer = gguf.GGUFWriter(str(path), arch)
@@ -113,40 +121,78 @@ def write_model(name, path):
     writer.add_token_types([UNKNOWN, CONTROL, CONTROL] + [BYTE] * 256)
     writer.add_bos_token_id(config["bos_token_id"])
     writer.add_eos_token_id(config["eos_token_id"])
-    for hf_name, tensor in sorted(load_file(PEFT / name / "model.safetensors").items()):
-        data = tensor.numpy() if tensor.dtype != torch.bfloat16 else tensor.float().numpy()
-        if arch == "llama" and hf_name.endswith("q_proj.weight"):
+    for hf_name, tensor in sorted(load_file(model_dir / "model.safetensors").items()):
+        data = tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
+        if arch == "llama" and ".q_proj." in hf_name:
             data = llama_permute(data, heads, heads)
-        elif arch == "llama" and hf_name.endswith("k_proj.weight"):
+        elif arch == "llama" and ".k_proj." in hf_name:
             data = llama_permute(data, heads, kv_heads)
         if data.ndim == 1:  # norms and biases: F32, as the converter keeps them
             data = data.astype(np.float32)
-        writer.add_tensor(gguf_name(hf_name), np.ascontiguousarray(data))
+        block = quantized and gguf.GGML_QUANT_SIZES[quantized][0]
+        if quantized and hf_name.endswith("_proj.weight") and data.shape[1] % block == 0:
+            packed = gguf.quants.quantize(data.astype(np.float32), quantized)
+            writer.add_tensor(gguf_name(hf_name), packed, raw_dtype=quantized)
+        else:
+            writer.add_tensor(gguf_name(hf_name), np.ascontiguousarray(data))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
 
 
+def gguf_logits(path, config=None):
+    """transformers' logits of the GGUF file `path`; `config` (a Hugging Face config) replaces
+    what transformers reads from the metadata, where that misses something (Llama's
+    `attention_bias`: llama.cpp loads the biases, transformers' GGUF config leaves them out)."""
+    options = {} if config is None else {"config": config}
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation="eager", **options
+    ).eval()
+    with torch.no_grad():
+        return model(input_ids=INPUT_IDS).logits.float()
+
+
 def models():
+    """The PEFT fixtures' Llama and Qwen2 (whose transformers logits are in
+    fixtures/peft/expected.safetensors), a Llama with `attention_bias` (biases on q/k/v/o, q/k's
+    permuted too) and the Qwen2 with Q4_0 projections; the last two's logits go into
+    fixtures/gguf/expected.safetensors: transformers' of the Hugging Face checkpoint for the
+    Llama, transformers' of the GGUF file itself for the Q4_0 Qwen2 (each reader dequantizes the
+    same blocks)."""
     expected = load_file(PEFT / "expected.safetensors")
-    input_ids = expected["input_ids"]
+    assert torch.equal(expected["input_ids"], INPUT_IDS)
     OUT.mkdir(parents=True, exist_ok=True)
-    for name in ["llama", "qwen2"]:
-        with tempfile.TemporaryDirectory() as scratch:
-            path = Path(scratch) / f"{name}.gguf"
-            write_model(name, path)
-            model = AutoModelForCausalLM.from_pretrained(
-                scratch, gguf_file=path.name, dtype=torch.float32, attn_implementation="eager"
-            ).eval()
-            with torch.no_grad():
-                logits = model(input_ids=input_ids).logits.float()
-            difference = (logits - expected[name]).abs().max().item()
-            print(f"{name}: transformers' GGUF reader against its HF checkpoint: {difference:.2e}")
-            if not difference < 1e-4:
-                sys.exit(f"{name}: the GGUF file does not hold the checkpoint ({difference})")
+    ours = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        make_model(LlamaConfig(**DIMS, attention_bias=True, rms_norm_eps=1e-5), 4, torch.float32,
+                   scratch / "llama_bias")
+        expected["llama_bias"] = logits(load(scratch / "llama_bias"))
+        ours["llama_bias"] = expected["llama_bias"]
+        cases = [
+            ("llama", PEFT / "llama", None),
+            ("qwen2", PEFT / "qwen2", None),
+            ("llama_bias", scratch / "llama_bias", None),
+            ("qwen2_q4_0", PEFT / "qwen2", gguf.GGMLQuantizationType.Q4_0),
+        ]
+        for name, model_dir, quantized in cases:
+            path = scratch / f"{name}.gguf"
+            write_model(model_dir, path, quantized)
+            config = AutoConfig.from_pretrained(model_dir) if name == "llama_bias" else None
+            got = gguf_logits(path, config)
+            if quantized is None:
+                difference = (got - expected[name]).abs().max().item()
+                print(f"{name}: transformers' GGUF reader against its HF checkpoint: {difference:.2e}")
+                if not difference < 1e-4:
+                    sys.exit(f"{name}: the GGUF file does not hold the checkpoint ({difference})")
+            else:
+                ours[name] = got
+                drift = (got - expected[model_dir.name]).abs().max().item()
+                print(f"{name}: quantized, {drift:.2e} from the f16 checkpoint's logits")
             (OUT / path.name).write_bytes(path.read_bytes())
             print(f"  -> {OUT / path.name} ({path.stat().st_size} bytes)")
+    save_file({name: tensor.contiguous() for name, tensor in ours.items()}, OUT / "expected.safetensors")
 
 
 CORPUS = """
@@ -177,13 +223,14 @@ TEXTS = [
     "<|endoftext|>after <|im_start|>special",
     " quizzical",
     "rate 3.1% for 25 years.",
+    "<think>\nthe dose</think> ok",
     "",
 ]
 
 # fedlora's pre-tokenizer kinds, each with the llama.cpp names it reads (client/src/model/gguf.rs).
 KINDS = {
-    "gpt2": ["gpt-2", "gpt2", "default", "phi-2", "mpt", "olmo", "jais"],
-    "digits": ["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"],
+    "gpt2": ["gpt-2", "default", "phi-2", "mpt", "olmo", "jais"],
+    "digits": ["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"],
     "llama3": ["llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"],
     "llama3-merges": ["dbrx", "smaug-bpe"],
     "qwen2": ["qwen2", "deepseek-r1-qwen", "stablelm2", "kormo", "megrez"],
@@ -260,8 +307,8 @@ def vocab():
         )
         trained = Tokenizer(tok_models.BPE())
         trained.pre_tokenizer = pre_tokenizer
-        # Not " quizzical": that token is added below, with no merge reaching it.
-        seen = [text for text in TEXTS if "quizzical" not in text]
+        # Not " quizzical" nor "<think>": those tokens are added below, no merge reaching them.
+        seen = [text for text in TEXTS if "quizzical" not in text and "<think>" not in text]
         trained.train_from_iterator((CORPUS + seen) * 4, trainer)
         for merge in json.loads(trained.to_str())["model"]["merges"]:
             left, right = merge.split(" ") if isinstance(merge, str) else merge
@@ -271,7 +318,14 @@ def vocab():
     # In the vocabulary but reachable by no merge: only `ignore_merges` finds it whole.
     assert "Ġquizzical" not in tokens
     tokens.append("Ġquizzical")
-    types = [CONTROL if token in specials else NORMAL for token in tokens]
+    # An added token not marked special (llama.cpp's USER_DEFINED), as Qwen2's <tool_call> or
+    # DeepSeek-R1's <think>: matched whole, by llama.cpp and transformers alike.
+    assert "<think>" not in tokens
+    tokens.append("<think>")
+    types = [
+        CONTROL if token in specials else USER_DEFINED if token == "<think>" else NORMAL
+        for token in tokens
+    ]
     tokenizer_dict = {
         "tokenizer_type": "gpt2",
         "tokens": tokens,

@@ -250,9 +250,8 @@ impl ChatTemplate {
 }
 
 /// A loaded template, or `None` with a warning when it cannot be used (minijinja does not parse
-/// every Jinja2 extension): text and CSV
-/// training, `merge` and raw generation need no template, and instruction data falls back to
-/// ChatML or Alpaca.
+/// every Jinja2 extension): text and CSV training, `merge` and raw generation need no template,
+/// and instruction data falls back to ChatML or Alpaca.
 pub fn usable(template: Result<Option<ChatTemplate>>) -> Option<Arc<ChatTemplate>> {
     match template {
         Ok(template) => template.map(Arc::new),
@@ -271,6 +270,8 @@ pub fn usable(template: Result<Option<ChatTemplate>>) -> Option<Arc<ChatTemplate
 /// marks the assistant's text for `return_assistant_tokens_mask`) render their body as it is;
 /// minijinja has no such tag. Rewritten as `{% if true %}` … `{% endif %}`, block tags as they
 /// are, with each tag's whitespace control (`{%-`, `-%}`) kept, the template renders the same text.
+/// The rewrite is textual: the tag's spelling inside a string literal or a `{% raw %}` block
+/// would be rewritten too (no shipped template is known to hold one).
 fn without_generation_tags(source: &str) -> Result<String> {
     let tag = regex::Regex::new(r"\{%([-+]?)\s*(end)?generation\s*([-+]?)%\}")
         .map_err(|error| ClientError::ChatTemplate(error.to_string()))?;

@@ -39,26 +39,48 @@ fn meta_usize(content: &Content, key: &str) -> Result<usize> {
     Ok(meta(content, key)?.to_u32()? as usize)
 }
 
-/// The GGUF architectures this engine runs, with the `config.json` model type and class each
-/// stands for. Both are Llama's graph; Qwen2 adds biases to q/k/v and its q/k rows are stored as
-/// in Hugging Face (llama.cpp's converter permutes only Llama's).
-const ARCHITECTURES: [(&str, &str, &str); 2] = [
-    ("llama", "llama", "LlamaForCausalLM"),
-    ("qwen2", "qwen2", "Qwen2ForCausalLM"),
+/// A GGUF architecture this engine runs: Llama's graph, under llama.cpp's name (also the
+/// `config.json` model type).
+struct Architecture {
+    name: &'static str,
+    class: &'static str,
+    /// llama.cpp's converter permutes q/k rows (and biases) for its interleaved RoPE: Llama's,
+    /// not Qwen2's.
+    permutes_qk: bool,
+}
+
+/// `llama` (which llama.cpp also uses for Mistral, SmolLM and TinyLlama) and `qwen2` (biases on
+/// q/k/v).
+const ARCHITECTURES: [Architecture; 2] = [
+    Architecture {
+        name: "llama",
+        class: "LlamaForCausalLM",
+        permutes_qk: true,
+    },
+    Architecture {
+        name: "qwen2",
+        class: "Qwen2ForCausalLM",
+        permutes_qk: false,
+    },
 ];
 
-/// The Llama-family configuration described by GGUF metadata (architecture `llama`, which
-/// llama.cpp also uses for Mistral, SmolLM and TinyLlama, or `qwen2`; keys under its name).
-pub fn gguf_config(content: &Content) -> Result<LlamaConfig> {
-    let architecture = meta(content, "general.architecture")?.to_string()?;
-    let Some(&(arch, model_type, class)) = ARCHITECTURES
+/// The file's `general.architecture`, if this engine runs it.
+fn architecture(content: &Content) -> Result<&'static Architecture> {
+    let name = meta(content, "general.architecture")?.to_string()?;
+    ARCHITECTURES
         .iter()
-        .find(|(name, _, _)| name == architecture)
-    else {
-        return Err(ClientError::Unsupported(format!(
-            "gguf architecture {architecture:?} (llama and qwen2 only)"
-        )));
-    };
+        .find(|architecture| architecture.name == name)
+        .ok_or_else(|| {
+            ClientError::Unsupported(format!("gguf architecture {name:?} (llama and qwen2 only)"))
+        })
+}
+
+/// The Llama-family configuration described by GGUF metadata (keys under the architecture's
+/// name).
+pub fn gguf_config(content: &Content) -> Result<LlamaConfig> {
+    let Architecture {
+        name: arch, class, ..
+    } = architecture(content)?;
     let key = |name: &str| format!("{arch}.{name}");
     // Llama 3.1+ files carry their rope scaling as a `rope_freqs.weight` tensor, which
     // `load_gguf` reads; linear and YaRN scalings are named in the metadata.
@@ -80,8 +102,8 @@ pub fn gguf_config(content: &Content) -> Result<LlamaConfig> {
         .transpose()?
         .unwrap_or(1e-5);
     let config = LlamaConfig {
-        architectures: vec![class.into()],
-        model_type: model_type.into(),
+        architectures: vec![(*class).into()],
+        model_type: (*arch).into(),
         hidden_size: hidden,
         intermediate_size: meta_usize(content, &key("feed_forward_length"))?,
         num_hidden_layers: meta_usize(content, &key("block_count"))?,
@@ -105,7 +127,8 @@ pub fn gguf_config(content: &Content) -> Result<LlamaConfig> {
         max_position_embeddings: meta_usize(content, &key("context_length")).unwrap_or(2048),
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
         hidden_act: "silu".into(),
-        attention_bias: false,
+        // Llama's `attention_bias` (q/k/v/o); Qwen2's q/k/v biases go with its model type.
+        attention_bias: *arch == "llama" && content.tensor_infos.contains_key("blk.0.attn_q.bias"),
         bos_token_id: meta(content, "tokenizer.ggml.bos_token_id")
             .and_then(|value| Ok(value.to_u32()?))
             .ok(),
@@ -215,8 +238,8 @@ fn gguf_rope_scaling(content: &Content, arch: &str) -> Result<Option<serde_json:
 const ROPE_FREQS: &str = "rope_freqs.weight";
 
 /// Hugging Face name of a GGUF tensor, and whether its rows need un-permuting with that many heads
-/// (Llama's q/k weights and biases only: llama.cpp's converter leaves Qwen2's as they are).
-fn hf_name(gguf: &str, config: &LlamaConfig) -> Option<(String, Option<usize>)> {
+/// (q/k weights and biases, where the architecture `permutes_qk`).
+fn hf_name(gguf: &str, config: &LlamaConfig, permutes_qk: bool) -> Option<(String, Option<usize>)> {
     let plain = |name: &str| Some((name.to_string(), None));
     match gguf {
         "token_embd.weight" => return plain("model.embed_tokens.weight"),
@@ -228,7 +251,6 @@ fn hf_name(gguf: &str, config: &LlamaConfig) -> Option<(String, Option<usize>)> 
     let (layer, tensor) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (tensor, kind) = tensor.rsplit_once('.')?;
-    let permuted = config.model_type == "llama";
     let (module, permute_heads) = match tensor {
         "attn_q" => ("self_attn.q_proj", Some(config.num_attention_heads)),
         "attn_k" => ("self_attn.k_proj", Some(config.num_kv_heads())),
@@ -246,7 +268,7 @@ fn hf_name(gguf: &str, config: &LlamaConfig) -> Option<(String, Option<usize>)> 
     }
     Some((
         format!("model.layers.{layer}.{module}.{kind}"),
-        permute_heads.filter(|_| permuted),
+        permute_heads.filter(|_| permutes_qk),
     ))
 }
 
@@ -291,10 +313,13 @@ enum PreSplit {
 }
 
 impl PreTokenizer {
-    /// The names llama.cpp and transformers read alike, grouped by split (checked against
-    /// transformers' GGUF tokenizer by `gguf_bpe_pre_tokenizers_match_transformers`). A missing
-    /// name or `default` splits as GPT-2, as transformers reads such a file (llama.cpp, warning of
-    /// degraded output, falls back to regexes of its own).
+    /// llama.cpp's names, grouped by split as its `llama-vocab.cpp` groups them (checked by
+    /// `gguf_bpe_pre_tokenizers_match_transformers` against transformers' GGUF tokenizer where
+    /// transformers knows the name, else against llama.cpp's regexes rebuilt in the fixture
+    /// script). Only the tokenizer: files of architectures other than `llama` and `qwen2` (OLMo,
+    /// Command-R, StarCoder, ...) are refused by [`gguf_config`]. A missing name or `default`
+    /// splits as GPT-2, as transformers reads such a file (llama.cpp, warning of degraded output,
+    /// falls back to regexes of its own).
     fn named(name: Option<&str>) -> Result<Self> {
         let plain = |split| Self {
             split,
@@ -302,12 +327,12 @@ impl PreTokenizer {
             adds_bos: false,
         };
         Ok(match name {
-            None | Some("default" | "gpt-2" | "gpt2" | "phi-2" | "mpt" | "olmo" | "jais") => {
+            None | Some("default" | "gpt-2" | "phi-2" | "mpt" | "olmo" | "jais") => {
                 plain(PreSplit::Gpt2)
             }
             Some(
                 "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone"
-                | "minerva",
+                | "minerva-7b",
             ) => plain(PreSplit::Digits),
             Some(
                 "llama-bpe" | "llama3" | "llama-v3" | "falcon3" | "falcon-h1" | "pixtral"
@@ -590,34 +615,38 @@ pub fn sentencepiece_tokenizer(
     tokenizer.with_decoder(Some(tokenizers::decoders::sequence::Sequence::new(
         decoders,
     )));
-    add_control_tokens(&mut tokenizer, tokens, token_types)?;
-    let user_defined: Vec<AddedToken> = tokens
-        .iter()
-        .enumerate()
-        .filter(|&(id, _)| kind(id) == TOKEN_USER_DEFINED)
-        // Matched in the raw text: normalising the token itself would prepend a `▁` to it.
-        .map(|(_, token)| AddedToken::from(token.clone(), false).normalized(false))
-        .collect();
-    tokenizer
-        .add_tokens(user_defined)
-        .map_err(|error| ClientError::Tokenizer(error.to_string()))?;
+    add_whole_tokens(&mut tokenizer, tokens, token_types)?;
     Ok(tokenizer)
 }
 
-/// Control tokens (type 3), such as `<|im_start|>` or `</s>`, are matched whole, never split.
-fn add_control_tokens(
+/// Control tokens (type 3), such as `<|im_start|>` or `</s>`, and user-defined ones (type 4,
+/// added tokens not marked special, such as Qwen2's `<tool_call>` or DeepSeek-R1's `<think>`) are
+/// matched whole in the raw text, never split, as llama.cpp and transformers match them; the
+/// user-defined ones are not special (decoding keeps them).
+fn add_whole_tokens(
     tokenizer: &mut Tokenizer,
     tokens: &[String],
     token_types: &[i32],
 ) -> Result<()> {
-    let specials: Vec<AddedToken> = tokens
-        .iter()
-        .zip(token_types.iter().chain(std::iter::repeat(&TOKEN_NORMAL)))
-        .filter(|(_, kind)| **kind == TOKEN_CONTROL)
-        .map(|(token, _)| AddedToken::from(token.clone(), true))
+    let of_kind = |wanted: i32| {
+        tokens
+            .iter()
+            .zip(token_types.iter().chain(std::iter::repeat(&TOKEN_NORMAL)))
+            .filter(move |(_, kind)| **kind == wanted)
+            .map(|(token, _)| token.clone())
+    };
+    let specials: Vec<AddedToken> = of_kind(TOKEN_CONTROL)
+        .map(|token| AddedToken::from(token, true))
         .collect();
     tokenizer
         .add_special_tokens(specials)
+        .map_err(|error| ClientError::Tokenizer(error.to_string()))?;
+    let user_defined: Vec<AddedToken> = of_kind(TOKEN_USER_DEFINED)
+        // Matched in the raw text: normalising the token itself would prepend a `▁` to it.
+        .map(|token| AddedToken::from(token, false).normalized(false))
+        .collect();
+    tokenizer
+        .add_tokens(user_defined)
         .map_err(|error| ClientError::Tokenizer(error.to_string()))?;
     Ok(())
 }
@@ -665,7 +694,7 @@ fn byte_level_tokenizer(
     let mut tokenizer = Tokenizer::new(bpe);
     tokenizer.with_pre_tokenizer(Some(pre.wrapper()?));
     tokenizer.with_decoder(Some(ByteLevel::default()));
-    add_control_tokens(&mut tokenizer, tokens, token_types)?;
+    add_whole_tokens(&mut tokenizer, tokens, token_types)?;
     Ok(tokenizer)
 }
 
@@ -678,6 +707,7 @@ pub fn load_gguf(path: &Path, device: &Device, keep_quantized: bool) -> Result<B
     let mut file = std::fs::File::open(path).map_err(ClientError::io(path))?;
     let content = Content::read(&mut file)?;
     let mut config = gguf_config(&content)?;
+    let permutes_qk = architecture(&content)?.permutes_qk;
     if content.tensor_infos.contains_key(ROPE_FREQS) {
         let divisors = content
             .tensor(&mut file, ROPE_FREQS, &Device::Cpu)?
@@ -706,7 +736,7 @@ pub fn load_gguf(path: &Path, device: &Device, keep_quantized: bool) -> Result<B
     let mut weights = HashMap::new();
     let mut quantized = HashMap::new();
     for name in content.tensor_infos.keys() {
-        let Some((hf, permute_heads)) = hf_name(name, &config) else {
+        let Some((hf, permute_heads)) = hf_name(name, &config, permutes_qk) else {
             continue;
         };
         let tensor = content.tensor(&mut file, name, device)?;
@@ -799,7 +829,7 @@ mod tests {
 
         let mut tensors: Vec<(String, QTensor)> = Vec::new();
         for (gguf_name, _) in [("token_embd.weight", ()), ("output_norm.weight", ())] {
-            let hf_name = hf_name(gguf_name, config).unwrap().0;
+            let hf_name = hf_name(gguf_name, config, true).unwrap().0;
             tensors.push((
                 gguf_name.into(),
                 QTensor::quantize(&weights[&hf_name], GgmlDType::F32).unwrap(),
@@ -818,7 +848,7 @@ mod tests {
                 "ffn_norm",
             ] {
                 let gguf_name = format!("blk.{layer}.{suffix}.weight");
-                let (hf_name, heads) = hf_name(&gguf_name, config).unwrap();
+                let (hf_name, heads) = hf_name(&gguf_name, config, true).unwrap();
                 let tensor = match heads {
                     Some(heads) => permute_for_gguf(&weights[&hf_name], heads).unwrap(),
                     None => weights[&hf_name].clone(),
@@ -930,26 +960,37 @@ mod tests {
     }
 
     /// GGUF files written by llama.cpp's own Python library as its converter writes them
-    /// (`scripts/gguf_fixtures.py models`: a Llama with q/k permuted, a Qwen2 with q/k/v biases
-    /// and f16 projections) give transformers' logits of the Hugging Face checkpoints they hold,
-    /// which transformers' GGUF reader also gave; and under QLoRA the Qwen2 file's projections,
-    /// q/k included (nothing to un-permute), become Q8_0 with logits close to those.
+    /// (`scripts/gguf_fixtures.py models`: a Llama with q/k permuted, the same with biases on
+    /// q/k/v/o (q/k's permuted too), a Qwen2 with q/k/v biases and f16 projections, and that Qwen2
+    /// with Q4_0 projections) give the logits transformers gives: of the Hugging Face checkpoints
+    /// they hold (which transformers' GGUF reader also gave), and of the Q4_0 file itself. Under
+    /// QLoRA the Q4_0 file's projections stay Q4_0, q/k included (Qwen2's need no un-permuting),
+    /// with the same logits; the float files' become Q8_0, with logits close to those.
     #[test]
     fn gguf_files_of_llama_cpp_give_transformers_logits() {
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let expected = candle_core::safetensors::load(
-            manifest.join("tests/fixtures/peft/expected.safetensors"),
-            &Device::Cpu,
-        )
-        .unwrap();
+        let load = |file: &str| {
+            candle_core::safetensors::load(manifest.join("tests/fixtures").join(file), &Device::Cpu)
+                .unwrap()
+        };
+        let mut expected = load("peft/expected.safetensors");
+        expected.extend(load("gguf/expected.safetensors"));
         let input = expected["input_ids"]
             .to_dtype(candle_core::DType::U32)
             .unwrap();
-        for (name, model_type, biases) in [("llama", "llama", 0), ("qwen2", "qwen2", 3)] {
+        // Name, model type, biases per layer, the type QLoRA keeps q_proj in.
+        let cases = [
+            ("llama", "llama", 0, GgmlDType::Q8_0),
+            ("llama_bias", "llama", 4, GgmlDType::Q8_0),
+            ("qwen2", "qwen2", 3, GgmlDType::Q8_0),
+            ("qwen2_q4_0", "qwen2", 3, GgmlDType::Q4_0),
+        ];
+        for (name, model_type, biases, kept) in cases {
             let path = manifest.join(format!("tests/fixtures/gguf/{name}.gguf"));
             let base = BaseModel::load(&path, &Device::Cpu).unwrap();
             let config = base.model.config();
             assert_eq!(config.model_type, model_type);
+            assert_eq!(config.attention_bias, biases == 4, "{name}");
             assert_eq!((config.num_attention_heads, config.num_kv_heads()), (4, 2));
             let weights = base.model.merged_weights().unwrap();
             let loaded_biases = weights
@@ -963,15 +1004,20 @@ mod tests {
 
             let quantized = load_gguf(&path, &Device::Cpu, true).unwrap();
             for (module, dtype) in quantized.model.projection_dtypes() {
-                // down_proj's input width, 176, is no multiple of Q8_0's block of 32.
-                let want = (!module.ends_with("down_proj")).then_some(GgmlDType::Q8_0);
+                // down_proj's input width, 176, is no multiple of a block of 32.
+                let want = (!module.ends_with("down_proj")).then_some(kept);
                 assert_eq!(dtype, want, "{name}: {module}");
             }
             let scale = want.iter().fold(0.0f32, |max, logit| max.max(logit.abs()));
             let difference = max_abs_difference(&want, &logits(&quantized.model, &input));
+            let close = match kept {
+                // The blocks as loaded, dequantized for 16 rows and more, as above.
+                GgmlDType::Q4_0 => difference < 1e-4,
+                _ => difference > 0.0 && difference < 0.03 * scale,
+            };
             assert!(
-                difference > 0.0 && difference < 0.03 * scale,
-                "{name} q8_0: logits differ by {difference} (largest {scale})"
+                close,
+                "{name} QLoRA: logits differ by {difference} (largest {scale})"
             );
         }
     }
@@ -1288,7 +1334,7 @@ mod tests {
             .map(|text| text.as_str().unwrap())
             .collect();
         let names = fixture["ids"].as_object().unwrap();
-        assert_eq!(names.len(), 30);
+        assert_eq!(names.len(), 29);
         for (name, expected) in names {
             let tokenizer = gguf_tokenizer(&bpe_fixture_content(&fixture, name)).unwrap();
             for (text, expected) in texts.iter().zip(expected.as_array().unwrap()) {
@@ -1569,6 +1615,30 @@ mod tests {
             let entries = vec![("llama.rope.scaling.factor", Value::F32(neutral))];
             assert_eq!(gguf_rope_scaling(&content(entries), "llama").unwrap(), None);
         }
+        // Keys under the file's architecture: Qwen2.5's long-context YaRN, and nothing of
+        // another architecture's.
+        let qwen2 = content(vec![
+            ("qwen2.rope.scaling.type", Value::String("yarn".into())),
+            ("qwen2.rope.scaling.factor", Value::F32(4.0)),
+            (
+                "qwen2.rope.scaling.original_context_length",
+                Value::U32(32768),
+            ),
+        ]);
+        let rope = gguf_rope_scaling(&qwen2, "qwen2").unwrap().unwrap();
+        assert_eq!(
+            (
+                &rope["rope_type"],
+                &rope["factor"],
+                &rope["original_max_position_embeddings"]
+            ),
+            (
+                &serde_json::json!("yarn"),
+                &serde_json::json!(4.0),
+                &serde_json::json!(32768)
+            )
+        );
+        assert_eq!(gguf_rope_scaling(&qwen2, "llama").unwrap(), None);
         let yarn_config = |entries: Vec<(&str, Value)>| -> YarnRopeScaling {
             let rope = gguf_rope_scaling(&content(entries), "llama")
                 .unwrap()
