@@ -497,6 +497,16 @@ async fn run_task(
     let windows = make_windows(&site.data.train, site.eos, seq_len);
     // The update's FedAvg weight: the examples this task's windows actually train on.
     let trained = trained_examples(&site.data.train, site.eos, seq_len);
+    let skipped = site.data.train.len() - trained;
+    if skipped > 0 {
+        // A count, never the examples themselves.
+        tracing::warn!(
+            skipped,
+            seq_len,
+            "instruction examples whose prompt fills the task's sequence length teach nothing \
+             and are skipped"
+        );
+    }
     let round_id = task.round_id;
     let step_observer = observer.clone();
     let tokens_per_step =

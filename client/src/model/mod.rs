@@ -47,9 +47,15 @@ impl BaseModel {
         }
         let model = load_llama(dir, device)?;
         let tokenizer_path = dir.join("tokenizer.json");
-        let tokenizer = Tokenizer::from_file(&tokenizer_path).map_err(|error| {
+        let tokenizer_error = |error: tokenizers::Error| {
             ClientError::Tokenizer(format!("{}: {error}", tokenizer_path.display()))
-        })?;
+        };
+        let mut tokenizer = Tokenizer::from_file(&tokenizer_path).map_err(tokenizer_error)?;
+        // A saved tokenizer.json may carry the truncation and padding of the session that saved
+        // it; transformers' `tokenizer(text)` ignores them, and so must training here (they
+        // would cut documents short and make pad tokens targets).
+        tokenizer.with_truncation(None).map_err(tokenizer_error)?;
+        tokenizer.with_padding(None);
         let eos_token_id = model
             .config()
             .eos_token_id()
@@ -316,6 +322,38 @@ mod tests {
 
     use super::*;
     use crate::tiny::{TinyModelSpec, write_tiny_model};
+
+    /// The truncation and padding a saved tokenizer.json may carry are ignored, as transformers'
+    /// `tokenizer(text)` ignores them.
+    #[test]
+    fn saved_truncation_and_padding_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_model(dir.path(), &TinyModelSpec::default()).unwrap();
+        let path = dir.path().join("tokenizer.json");
+        let text = "Transfer of 12.50 EUR on 2026-03-04, reference 77";
+        let plain = Tokenizer::from_file(&path)
+            .unwrap()
+            .encode(text, true)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        assert!(plain.len() > 8);
+        let mut saved = Tokenizer::from_file(&path).unwrap();
+        saved
+            .with_truncation(Some(tokenizers::TruncationParams {
+                max_length: 4,
+                ..Default::default()
+            }))
+            .unwrap();
+        saved.with_padding(Some(tokenizers::PaddingParams {
+            strategy: tokenizers::PaddingStrategy::Fixed(64),
+            ..Default::default()
+        }));
+        assert_eq!(saved.encode(text, true).unwrap().get_ids().len(), 64);
+        saved.save(&path, false).unwrap();
+        let base = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
+        assert_eq!(base.tokenizer.encode(text, true).unwrap().get_ids(), plain);
+    }
 
     /// A checkpoint split into shards with `model.safetensors.index.json` (as transformers
     /// saves large models) loads to the same model; an index naming a file outside the

@@ -1,8 +1,9 @@
 //! Local data, tokenized and split into train and held-out examples, then cut into windows:
 //!
 //! - JSONL, one object per line: `{"text": ...}` is a document; `{"instruction": ...,
-//!   "input": ... (optional), "output": ...}` is an instruction example, rendered through the
-//!   model's prompt template (`crate::chat`), trained with loss on the response only.
+//!   "input": ... (optional), "output": ...}` is an instruction example (also where a `text`
+//!   field stands beside them), rendered through the model's prompt template (`crate::chat`),
+//!   trained with loss on the response only.
 //! - CSV with a header row: one column (default `text`) holds the documents.
 //!
 //! Text is tokenized as transformers' `tokenizer(text)` does, with the tokenizer's special tokens:
@@ -130,27 +131,38 @@ impl SiteData {
         }
     }
 
-    /// Reads JSONL: per line a `text` document or an `instruction`/`input`/`output` example;
-    /// blank lines are skipped.
+    /// Reads JSONL (UTF-8, a byte-order mark ignored): per line a `text` document or an
+    /// `instruction`/`input`/`output` example (which wins where a line has both, as Alpaca
+    /// exports do); blank lines are skipped.
     pub fn from_jsonl(
         path: &Path,
         tokenizer: &Tokenizer,
         template: &PromptTemplate,
     ) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(ClientError::io(path))?;
+        let bytes = std::fs::read(path).map_err(ClientError::io(path))?;
+        // A byte-order mark (some editors write one) is not part of the first line's JSON.
+        let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
         let mut examples = Vec::new();
-        for (index, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
+        for (index, line) in bytes.split(|&byte| byte == b'\n').enumerate() {
             let data_error = |message: String| ClientError::Data {
                 path: path.to_path_buf(),
                 line: index + 1,
                 message,
             };
+            let line = std::str::from_utf8(line)
+                .map_err(|error| data_error(format!("not UTF-8 text: {error}")))?;
+            if line.trim().is_empty() {
+                continue;
+            }
             let value: serde_json::Value =
                 serde_json::from_str(line).map_err(|error| data_error(error.to_string()))?;
             let field = |name: &str| value.get(name).and_then(serde_json::Value::as_str);
+            if value
+                .get("input")
+                .is_some_and(|input| !input.is_string() && !input.is_null())
+            {
+                return Err(data_error("\"input\" must be a string".into()));
+            }
             let encode = |text: &str| -> Result<Vec<u32>> {
                 Ok(tokenizer
                     .encode(text, true)
@@ -162,7 +174,9 @@ impl SiteData {
                 // Blank documents teach nothing, and are not counted (as in CSV).
                 (Some(text), None, None) if text.trim().is_empty() => continue,
                 (Some(text), None, None) => Example::Text(encode(text)?),
-                (None, Some(instruction), Some(output)) => {
+                // Alpaca-style exports carry a pre-rendered `text` beside the fields: the fields
+                // win, rendered in this model's template with loss on the response only.
+                (_, Some(instruction), Some(output)) => {
                     let (prompt, full) = template
                         .example(instruction, field("input").unwrap_or(""), output)
                         .map_err(|error| data_error(error.to_string()))?;
@@ -213,9 +227,12 @@ impl SiteData {
             .ok_or_else(|| ClientError::Data {
                 path: path.to_path_buf(),
                 line: 1,
+                // The names are not printed: in a file without a header row they are the
+                // first record, data that must not reach a log.
                 message: format!(
-                    "no column {column:?} (columns: {})",
-                    headers.iter().collect::<Vec<_>>().join(", ")
+                    "no column {column:?} among the {} of the first row, which must name the \
+                     columns (choose one with --text-column)",
+                    headers.len()
                 ),
             })?;
         let mut examples = Vec::new();
@@ -546,13 +563,15 @@ mod tests {
         let tokenizer = crate::tiny::byte_level_tokenizer().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let jsonl = dir.path().join("data.jsonl");
+        // A byte-order mark, CRLF line ends, and an Alpaca export's pre-rendered `text` beside
+        // its fields (the fields win).
         std::fs::write(
             &jsonl,
             concat!(
-                "{\"text\": \"ab\"}\n",
+                "\u{feff}{\"text\": \"ab\"}\r\n",
                 "\n",
                 "{\"instruction\": \"Say hi.\", \"output\": \"hi\"}\n",
-                "{\"instruction\": \"Echo\", \"input\": \"x\", \"output\": \"x\"}\n",
+                "{\"instruction\": \"Echo\", \"input\": \"x\", \"output\": \"x\", \"text\": \"x\"}\n",
             ),
         )
         .unwrap();
@@ -577,22 +596,32 @@ mod tests {
             PromptTemplate::Alpaca.prompt("Say hi.", "").unwrap().len()
         );
         assert_eq!(response.len(), 2);
+        assert!(matches!(&data.train[2], Example::Supervised { .. }));
 
-        std::fs::write(
-            &jsonl,
-            "{\"text\": \"ok\"}\n{\"instruction\": \"no output\"}\n",
-        )
-        .unwrap();
-        let error = SiteData::load(
-            &jsonl,
-            &tokenizer,
-            &PromptTemplate::for_tokenizer(&tokenizer),
-            "text",
-        )
-        .unwrap_err()
-        .to_string();
+        let refused = |contents: &[u8]| {
+            std::fs::write(&jsonl, contents).unwrap();
+            SiteData::load(
+                &jsonl,
+                &tokenizer,
+                &PromptTemplate::for_tokenizer(&tokenizer),
+                "text",
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        let error = refused(b"{\"text\": \"ok\"}\n{\"instruction\": \"no output\"}\n");
         assert!(
             error.contains("line 2") && error.contains("instruction"),
+            "{error}"
+        );
+        let error = refused(b"{\"text\": \"ok\"}\n{\"text\": \"caf\xe9\"}\n");
+        assert!(
+            error.contains("line 2") && error.contains("not UTF-8"),
+            "{error}"
+        );
+        let error = refused(b"{\"instruction\": \"a\", \"input\": 3, \"output\": \"b\"}\n");
+        assert!(
+            error.contains("line 1") && error.contains("\"input\" must be a string"),
             "{error}"
         );
 
@@ -626,8 +655,20 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
+        assert!(error.contains("no column \"text\" among the 2"), "{error}");
+        // A file without a header row: its first record is read as the names, and stays out of
+        // the error.
+        std::fs::write(&csv, "Jane Roe,diabetes type 2\n").unwrap();
+        let error = SiteData::load(
+            &csv,
+            &tokenizer,
+            &PromptTemplate::for_tokenizer(&tokenizer),
+            "text",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
-            error.contains("no column \"text\"") && error.contains("id, note"),
+            !error.contains("Jane") && !error.contains("diabetes"),
             "{error}"
         );
     }

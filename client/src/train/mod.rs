@@ -213,7 +213,8 @@ pub fn train(
 ) -> Result<TrainReport> {
     if windows.is_empty() {
         return Err(ClientError::NotEnoughData(format!(
-            "no training window of {} tokens: the local data is too short",
+            "no training window of {} tokens: the local data is too short, or every \
+             instruction example's prompt fills the window",
             config.seq_len + 1
         )));
     }
