@@ -78,6 +78,7 @@ pub fn write_tiny_model(dir: &Path, spec: &TinyModelSpec) -> Result<LlamaConfig>
         attention_bias: false,
         bos_token_id: Some(1),
         eos_token_id: Some(serde_json::json!(2)),
+        quantization_config: None,
     };
     config
         .validate()

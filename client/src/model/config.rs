@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{ClientError, Result};
 
 /// The fields of `config.json` that a Llama-family decoder needs. Unknown fields are ignored:
-/// real configs carry many we do not use.
+/// real configs carry many we do not use. Absent optional fields stay absent when written (a
+/// merged export's config): transformers reads a `"head_dim": null` as a head size of None.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
     #[serde(default)]
@@ -19,16 +20,16 @@ pub struct LlamaConfig {
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_key_value_heads: Option<usize>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<usize>,
     pub vocab_size: usize,
     #[serde(default = "default_rms_norm_eps")]
     pub rms_norm_eps: f64,
     #[serde(default = "default_rope_theta")]
     pub rope_theta: f64,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<serde_json::Value>,
     /// transformers ≥ 5 writes `rope_theta` and the scaling here instead (see [`LlamaConfig::normalize`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -56,11 +57,15 @@ pub struct LlamaConfig {
     pub hidden_act: String,
     #[serde(default)]
     pub attention_bias: bool,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bos_token_id: Option<u32>,
     /// An id or a list of ids in real configs.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eos_token_id: Option<serde_json::Value>,
+    /// A pre-quantized checkpoint's method (GPTQ, AWQ, bitsandbytes, FP8, ...): refused, since
+    /// its weights are not the float matrices this engine reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization_config: Option<serde_json::Value>,
 }
 
 /// Llama 3's `rope_scaling` (`rope_type: "llama3"`): long wavelengths are stretched by
@@ -454,6 +459,17 @@ impl LlamaConfig {
                 self.model_type
             ));
         }
+        if let Some(quantization) = &self.quantization_config {
+            let method = quantization
+                .get("quant_method")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("unnamed");
+            return Err(format!(
+                "the checkpoint is pre-quantized (quantization_config, method {method:?}), which \
+                 is not supported: use its unquantized form (with --quantize-base for QLoRA) or a \
+                 GGUF file"
+            ));
+        }
         if self.hidden_act != "silu" {
             return Err(format!(
                 "hidden_act {:?} is not supported (silu only)",
@@ -516,6 +532,20 @@ mod tests {
         assert_eq!(config.eos_token_id(), Some(2));
         assert_eq!(config.rope_theta, 100_000.0);
         assert!(config.tie_word_embeddings);
+
+        // A pre-quantized checkpoint (here bitsandbytes 4-bit, as unsloth publishes them) is
+        // refused by name, not left to fail on its packed weights.
+        let mut quantized: serde_json::Value = serde_json::from_str(json).unwrap();
+        quantized["quantization_config"] =
+            serde_json::json!({"quant_method": "bitsandbytes", "load_in_4bit": true});
+        let error = serde_json::from_value::<LlamaConfig>(quantized)
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(
+            error.contains("pre-quantized") && error.contains("bitsandbytes"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -136,6 +136,7 @@ pub fn gguf_config(content: &Content) -> Result<LlamaConfig> {
             .and_then(|value| Ok(value.to_u32()?))
             .ok()
             .map(|id| serde_json::json!(id)),
+        quantization_config: None,
     };
     config.validate().map_err(ClientError::Unsupported)?;
     Ok(config)

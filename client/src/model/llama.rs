@@ -480,18 +480,10 @@ impl Llama {
     /// [`Llama::projection_dtypes`] reports what each got. Embeddings, norms and the output head
     /// stay f32. Gradients still reach the LoRA factors below quantized layers (see `frozen.rs`).
     pub fn quantize_base(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<()> {
-        use candle_core::quantized::GgmlDType;
         for linear in self.projections_mut() {
             let (in_features, _) = linear.in_out();
-            let fitting = [dtype, GgmlDType::Q8_0]
-                .into_iter()
-                .find(|candidate| in_features % candidate.block_size() == 0);
-            match fitting {
-                Some(fitting) => linear.quantize_weight(fitting)?,
-                None => tracing::warn!(
-                    in_features,
-                    "a projection's rows are not whole blocks of {dtype:?} or Q8_0: kept in f32"
-                ),
+            if let Some(fitting) = quantized_type_for(in_features, dtype) {
+                linear.quantize_weight(fitting)?;
             }
         }
         Ok(())
@@ -814,6 +806,26 @@ impl Llama {
         }
         self.norm.forward(&hidden)
     }
+}
+
+/// The type QLoRA keeps a projection with `in_features` inputs in: `dtype` where its rows are
+/// whole blocks of it, else Q8_0 where they are whole blocks of that (as llama.cpp falls back),
+/// else none: the projection stays f32, with a warning.
+pub(crate) fn quantized_type_for(
+    in_features: usize,
+    dtype: candle_core::quantized::GgmlDType,
+) -> Option<candle_core::quantized::GgmlDType> {
+    use candle_core::quantized::GgmlDType;
+    let fitting = [dtype, GgmlDType::Q8_0]
+        .into_iter()
+        .find(|candidate| in_features.is_multiple_of(candidate.block_size()));
+    if fitting.is_none() {
+        tracing::warn!(
+            in_features,
+            "a projection's rows are not whole blocks of {dtype:?} or Q8_0: kept in f32"
+        );
+    }
+    fitting
 }
 
 fn is_attention(module: &str) -> bool {

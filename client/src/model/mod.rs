@@ -45,7 +45,17 @@ impl BaseModel {
         if is_gguf(dir) {
             return gguf::load_gguf(dir, device, false);
         }
-        let model = load_llama(dir, device)?;
+        Self::load_hf(dir, device, None)
+    }
+
+    /// A Hugging Face directory, its projections quantized as they are read with `quantize`
+    /// (see [`load_llama_quantizing`]).
+    fn load_hf(
+        dir: &Path,
+        device: &Device,
+        quantize: Option<candle_core::quantized::GgmlDType>,
+    ) -> Result<Self> {
+        let model = load_llama_quantizing(dir, device, quantize)?;
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer_error = |error: tokenizers::Error| {
             ClientError::Tokenizer(format!("{}: {error}", tokenizer_path.display()))
@@ -132,28 +142,141 @@ impl BaseModel {
     }
 
     /// QLoRA: as [`BaseModel::load`] with the frozen projections quantized. A GGUF file keeps its
-    /// quantized types as loaded (q/k requantized to Q8_0, see `gguf::load_gguf`; `quant` is not
-    /// used); a Hugging Face checkpoint is quantized to `quant` after loading (see
-    /// [`Llama::quantize_base`] for rows that do not fit its blocks).
+    /// quantized types as loaded (a Llama file's q/k requantized to Q8_0, see
+    /// `gguf::load_gguf`; `quant` is not used); a Hugging Face checkpoint's projections are
+    /// quantized to `quant` as they are read (see [`load_llama_quantizing`]).
     pub fn load_quantized(path: &Path, device: &Device, quant: QuantType) -> Result<Self> {
         if is_gguf(path) {
             return gguf::load_gguf(path, device, true);
         }
-        let mut base = Self::load(path, device)?;
-        base.model.quantize_base(quant.ggml())?;
-        Ok(base)
+        Self::load_hf(path, device, Some(quant.ggml()))
     }
 }
 
 /// Loads the model of a Hugging Face directory (`config.json` and safetensors weights, single or
 /// sharded, f32/f16/bf16), without its tokenizer.
 pub fn load_llama(dir: &Path, device: &Device) -> Result<Llama> {
+    load_llama_quantizing(dir, device, None)
+}
+
+/// As [`load_llama`]; with `quantize` (QLoRA), each projection is quantized to that type (or
+/// Q8_0, or kept, where its rows do not fit: [`llama::quantized_type_for`]) as soon as it is read.
+/// Tensors are read from their files one at a time and made f32 (and quantized) on the spot, so a
+/// quantized base never holds the checkpoint, nor its projections in f32, all at once: the peak
+/// is about what is kept plus the largest tensor, where quantizing after loading needed 4 bytes
+/// per parameter first (32 GB for an 8B model).
+pub fn load_llama_quantizing(
+    dir: &Path,
+    device: &Device,
+    quantize: Option<candle_core::quantized::GgmlDType>,
+) -> Result<Llama> {
     let config = LlamaConfig::from_file(&dir.join("config.json"))?;
     let mut weights = HashMap::new();
+    let mut quantized = HashMap::new();
     for file in weight_files(dir)? {
-        weights.extend(candle_core::safetensors::load(&file, device)?);
+        for_each_tensor(&file, device, |name, tensor| {
+            let tensor = tensor.to_dtype(candle_core::DType::F32)?;
+            let is_projection = name.starts_with("model.layers.") && name.ends_with("_proj.weight");
+            let fitting = match quantize {
+                Some(dtype) if is_projection => {
+                    llama::quantized_type_for(tensor.dim(candle_core::D::Minus1)?, dtype)
+                }
+                _ => None,
+            };
+            match fitting {
+                Some(dtype) => {
+                    let tensor = candle_core::quantized::QTensor::quantize(&tensor, dtype)?;
+                    quantized.insert(name, std::sync::Arc::new(tensor));
+                }
+                None => {
+                    weights.insert(name, tensor);
+                }
+            }
+            Ok(())
+        })?;
     }
-    Llama::from_weights(config, weights, device)
+    Llama::from_parts(config, weights, quantized, device)
+}
+
+/// Calls `each` with every tensor of a safetensors file, in file order, each read on its own
+/// (the file is never in memory whole), with errors that name the file: a missing shard, a Git
+/// LFS pointer left where the weights should be (a clone without `git lfs`), a truncated or
+/// otherwise malformed file.
+fn for_each_tensor(
+    file: &Path,
+    device: &Device,
+    mut each: impl FnMut(String, candle_core::Tensor) -> Result<()>,
+) -> Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let invalid = |message: String| ClientError::Config {
+        path: file.to_path_buf(),
+        message,
+    };
+    let mut reader = std::fs::File::open(file).map_err(ClientError::io(file))?;
+    let file_len = reader.metadata().map_err(ClientError::io(file))?.len();
+    let mut head = [0u8; 64];
+    let read = reader.read(&mut head).map_err(ClientError::io(file))?;
+    if head[..read].starts_with(b"version https://git-lfs") {
+        return Err(invalid(
+            "a Git LFS pointer, not the weights: fetch them with `git lfs pull`".into(),
+        ));
+    }
+    let header_len = head
+        .get(..8)
+        .filter(|_| read >= 8)
+        .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
+        .map_or(u64::MAX, u64::from_le_bytes);
+    // safetensors' own limit on the JSON header.
+    if header_len > 100_000_000 || header_len.saturating_add(8) > file_len {
+        return Err(invalid(format!(
+            "not a safetensors file (a header of {header_len} bytes in a file of {file_len})"
+        )));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    reader
+        .seek(SeekFrom::Start(8))
+        .and_then(|_| reader.read_exact(&mut header))
+        .map_err(ClientError::io(file))?;
+    let metadata: safetensors::tensor::Metadata = serde_json::from_slice(&header)
+        .map_err(|error| invalid(format!("not a safetensors file: {error}")))?;
+    let mut tensors: Vec<_> = metadata.tensors().into_iter().collect();
+    tensors.sort_by_key(|(_, info)| info.data_offsets);
+    let data_start = 8 + header_len;
+    let data_len = tensors.last().map_or(0, |(_, info)| info.data_offsets.1) as u64;
+    if data_start + data_len != file_len {
+        return Err(invalid(format!(
+            "truncated or damaged: its header describes {} bytes, the file holds {file_len}",
+            data_start + data_len
+        )));
+    }
+    let mut buffer = Vec::new();
+    for (name, info) in tensors {
+        use candle_core::DType;
+        use safetensors::Dtype;
+        let dtype = match info.dtype {
+            Dtype::F32 => DType::F32,
+            Dtype::F16 => DType::F16,
+            Dtype::BF16 => DType::BF16,
+            Dtype::F64 => DType::F64,
+            Dtype::I64 => DType::I64,
+            Dtype::U32 => DType::U32,
+            Dtype::U8 => DType::U8,
+            other => {
+                return Err(invalid(format!(
+                    "tensor {name:?} is {other:?}, a type this engine does not read"
+                )));
+            }
+        };
+        let (start, end) = info.data_offsets;
+        buffer.resize(end - start, 0);
+        reader
+            .seek(SeekFrom::Start(data_start + start as u64))
+            .and_then(|_| reader.read_exact(&mut buffer))
+            .map_err(ClientError::io(file))?;
+        let tensor = candle_core::Tensor::from_raw_buffer(&buffer, dtype, &info.shape, device)?;
+        each(name, tensor)?;
+    }
+    Ok(())
 }
 
 /// Writes `base` with its attached LoRA factors merged into the weights as a Hugging Face
@@ -323,6 +446,58 @@ mod tests {
     use super::*;
     use crate::tiny::{TinyModelSpec, write_tiny_model};
 
+    /// QLoRA on a Hugging Face checkpoint quantizes each projection as it is read: the same
+    /// types (Q4K, Q8_0 where rows do not fit, f32 where neither does) and the same model as
+    /// quantizing after loading.
+    #[test]
+    fn quantizing_while_loading_matches_quantizing_after() {
+        use candle_core::quantized::GgmlDType;
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_model(dir.path(), &TinyModelSpec::default()).unwrap();
+        let mut after = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
+        after.model.quantize_base(GgmlDType::Q4K).unwrap();
+        let during = BaseModel::load_quantized(dir.path(), &Device::Cpu, QuantType::Q4K).unwrap();
+        let types = during.model.projection_dtypes();
+        assert_eq!(types, after.model.projection_dtypes());
+        assert!(types.iter().any(|(_, dtype)| dtype.is_some()), "{types:?}");
+        let input = Tensor::new(&[[5u32, 70, 71, 72, 3, 90]], &Device::Cpu).unwrap();
+        assert_eq!(logits(&during.model, &input), logits(&after.model, &input));
+    }
+
+    /// Weight files that are not weights get errors naming the file: a Git LFS pointer (a
+    /// clone without `git lfs`), a truncated download, a missing shard.
+    #[test]
+    fn unreadable_weight_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_model(dir.path(), &TinyModelSpec::default()).unwrap();
+        let weights = dir.path().join("model.safetensors");
+        let bytes = std::fs::read(&weights).unwrap();
+        let error = |contents: &[u8]| {
+            std::fs::write(&weights, contents).unwrap();
+            BaseModel::load(dir.path(), &Device::Cpu)
+                .err()
+                .unwrap()
+                .to_string()
+        };
+        let pointer = b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n";
+        let message = error(pointer);
+        assert!(
+            message.contains("model.safetensors") && message.contains("git lfs pull"),
+            "{message}"
+        );
+        let message = error(&bytes[..bytes.len() / 2]);
+        assert!(
+            message.contains("model.safetensors") && message.contains("truncated"),
+            "{message}"
+        );
+        std::fs::remove_file(&weights).unwrap();
+        let message = BaseModel::load(dir.path(), &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(message.contains("model.safetensors"), "{message}");
+    }
+
     /// The truncation and padding a saved tokenizer.json may carry are ignored, as transformers'
     /// `tokenizer(text)` ignores them.
     #[test]
@@ -475,6 +650,36 @@ mod tests {
             std::fs::read(base_dir.join("model.safetensors")).unwrap(),
             weights
         );
+    }
+
+    /// Qwen2's config as transformers 5 saved it has no `head_dim`: the export must not write
+    /// `"head_dim": null` (transformers' Qwen2 attention reads it as a head size of None), nor
+    /// any other null.
+    #[test]
+    fn merged_export_of_a_transformers_checkpoint_writes_no_nulls() {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft/qwen2");
+        let dir = tempfile::tempdir().unwrap();
+        let (base_dir, out) = (dir.path().join("base"), dir.path().join("merged"));
+        // The fixture's checkpoint, with a tokenizer (which it lacks) from the tiny model.
+        write_tiny_model(&base_dir, &TinyModelSpec::default()).unwrap();
+        for name in ["config.json", "model.safetensors"] {
+            std::fs::copy(fixture.join(name), base_dir.join(name)).unwrap();
+        }
+        let base = BaseModel::load(&base_dir, &Device::Cpu).unwrap();
+        assert_eq!(base.model.config().head_dim, None);
+        export_merged(&base, &out).unwrap();
+        let config: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
+        let nulls: Vec<&String> = config
+            .iter()
+            .filter(|(_, value)| value.is_null())
+            .map(|(key, _)| key)
+            .collect();
+        assert!(nulls.is_empty(), "null fields: {nulls:?}");
+        assert_eq!(config["num_key_value_heads"], 2);
+        let merged = BaseModel::load(&out, &Device::Cpu).unwrap();
+        assert_eq!(merged.model.config(), base.model.config());
     }
 
     /// The merged checkpoint, loaded with no adapter, computes what base + adapter computes.
