@@ -1134,12 +1134,7 @@ fn generate(args: &GenerateArgs) -> Result<()> {
         .tokenizer
         .encode(text, add_special_tokens)
         .map_err(|error| anyhow::anyhow!("tokenizing the prompt: {error}"))?;
-    let mut stop = vec![base.eos_token_id];
-    stop.extend(base.tokenizer.token_to_id("<|im_end|>"));
-    // A template's end-of-turn token (Llama 3's <|eot_id|>) ends the answer too.
-    if let Some(template) = &base.chat_template {
-        stop.extend(base.tokenizer.token_to_id(template.eos_token()));
-    }
+    let stop = base.stop_ids();
     let config = GenerateConfig {
         max_new_tokens: args.max_tokens,
         temperature: args.temperature,

@@ -7,6 +7,7 @@
 //! when the tokenizer has its control tokens; otherwise the Alpaca layout, which needs no
 //! special tokens.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -78,11 +79,18 @@ impl PromptTemplate {
         !matches!(self, Self::Model(_))
     }
 
-    /// Whether [`PromptTemplate::example`]'s text already ends the answer with the template's
-    /// own end-of-turn token, so that no end-of-sequence token is to be appended (a model
-    /// template; Llama 3's ends a turn with `<|eot_id|>`, not its config's `<|end_of_text|>`).
-    pub fn closes_answers(&self) -> bool {
-        matches!(self, Self::Model(_))
+    /// Whether an answer tokenized as `response` (what [`PromptTemplate::example`] renders after
+    /// the prompt) ends its turn itself, so that no end-of-sequence token is to be appended:
+    /// ChatML does (`<|im_end|>`), Alpaca does not, and a model template does where it writes a
+    /// special token after the answer (Llama 3's `<|eot_id|>`, not its config's
+    /// `<|end_of_text|>`). A template that ends a turn in plain text gets the end-of-sequence
+    /// token appended, or the model would never learn to stop.
+    pub fn closes(&self, response: &[u32], special: &HashSet<u32>) -> bool {
+        match self {
+            Self::Model(_) => response.iter().any(|id| special.contains(id)),
+            Self::ChatMl => true,
+            Self::Alpaca => false,
+        }
     }
 
     /// `(prompt, whole)`: the prompt, and the prompt followed by the answer as trained on
@@ -223,6 +231,31 @@ impl ChatTemplate {
         Self::new(source, token("bos_token"), token("eos_token")).map(Some)
     }
 
+    /// The special tokens this template writes after an assistant's answer (Llama 3's
+    /// `<|eot_id|>`, ChatML's `<|im_end|>`, Llama 2's `</s>`), by rendering one exchange: where
+    /// generation stops. Empty where the template ends a turn in plain text or cannot render it.
+    pub fn end_of_turn_ids(&self, tokenizer: &Tokenizer) -> Vec<u32> {
+        const ANSWER: &str = "fedlora-answer";
+        let Ok(whole) = self.render(&[("user", "Hi"), ("assistant", ANSWER)], false) else {
+            return Vec::new();
+        };
+        let Some(at) = whole.rfind(ANSWER) else {
+            return Vec::new();
+        };
+        let special = special_ids(tokenizer);
+        tokenizer
+            .encode(&whole[at + ANSWER.len()..], false)
+            .map(|encoding| {
+                encoding
+                    .get_ids()
+                    .iter()
+                    .copied()
+                    .filter(|id| special.contains(id))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Renders `messages` (`(role, content)`), with the assistant's opening when
     /// `add_generation_prompt`.
     pub fn render(&self, messages: &[(&str, &str)], add_generation_prompt: bool) -> Result<String> {
@@ -247,6 +280,16 @@ impl ChatTemplate {
             })
             .map_err(jinja_error)
     }
+}
+
+/// The ids of `tokenizer`'s special tokens (`<|eot_id|>`, `</s>`, `<|im_end|>`, ...).
+pub fn special_ids(tokenizer: &Tokenizer) -> HashSet<u32> {
+    tokenizer
+        .get_added_tokens_decoder()
+        .into_iter()
+        .filter(|(_, token)| token.special)
+        .map(|(id, _)| id)
+        .collect()
 }
 
 /// A loaded template, or `None` with a warning when it cannot be used (minijinja does not parse
@@ -444,9 +487,47 @@ mod tests {
              <|start_header_id|>assistant<|end_header_id|>\n\nHi!<|eot_id|>"
         );
 
+        // Generation stops on the special tokens a template writes after an answer: Llama 3's
+        // <|eot_id|>, ChatML's <|im_end|> (not the newline after it); none for a plain-text
+        // turn end.
+        let mut tokenizer = crate::tiny::byte_level_tokenizer().unwrap();
+        let added: Vec<tokenizers::AddedToken> = ["<|eot_id|>", "<|begin_of_text|>", "<|im_end|>"]
+            .into_iter()
+            .chain(["<|start_header_id|>", "<|end_header_id|>", "<|im_start|>"])
+            .map(|token| tokenizers::AddedToken::from(token, true))
+            .collect();
+        tokenizer.add_special_tokens(added).unwrap();
+        let id = |token: &str| tokenizer.token_to_id(token).unwrap();
+        let PromptTemplate::Model(llama3_template) = &llama3 else {
+            unreachable!()
+        };
+        assert_eq!(
+            llama3_template.end_of_turn_ids(&tokenizer),
+            [id("<|eot_id|>")]
+        );
+        let plain = ChatTemplate::new(
+            "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}".into(),
+            String::new(),
+            String::new(),
+        )
+        .unwrap();
+        assert!(plain.end_of_turn_ids(&tokenizer).is_empty());
+        let special = special_ids(&tokenizer);
+        let response = |template: &PromptTemplate| {
+            let (prompt, whole) = template.example("Say hi.", "", "Hi!").unwrap();
+            let ids = tokenizer.encode(&whole[prompt.len()..], false).unwrap();
+            ids.get_ids().to_vec()
+        };
+        assert!(llama3.closes(&response(&llama3), &special));
+        let plain = PromptTemplate::Model(Arc::new(plain));
+        assert!(!plain.closes(&response(&plain), &special));
+
         let smollm2 = PromptTemplate::Model(Arc::new(
             ChatTemplate::new(SMOLLM2.into(), String::new(), "<|im_end|>".into()).unwrap(),
         ));
+        if let PromptTemplate::Model(template) = &smollm2 {
+            assert_eq!(template.end_of_turn_ids(&tokenizer), [id("<|im_end|>")]);
+        }
         let (prompt, whole) = smollm2.example("Say hi.", "", "Hi!").unwrap();
         assert_eq!(
             prompt,

@@ -68,6 +68,15 @@ pub struct LlamaConfig {
     pub quantization_config: Option<serde_json::Value>,
 }
 
+/// The ids of a `config.json` or `generation_config.json` token field: an id or a list of ids.
+pub fn token_ids(value: &serde_json::Value) -> Vec<u32> {
+    let id = |value: &serde_json::Value| value.as_u64().and_then(|id| u32::try_from(id).ok());
+    match value {
+        serde_json::Value::Array(ids) => ids.iter().filter_map(id).collect(),
+        other => id(other).into_iter().collect(),
+    }
+}
+
 /// Llama 3's `rope_scaling` (`rope_type: "llama3"`): long wavelengths are stretched by
 /// `factor`, short ones kept, and the band between interpolated.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -367,6 +376,11 @@ impl LlamaConfig {
     pub fn head_dim(&self) -> usize {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Every end-of-sequence id the config names (an id or a list of ids).
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        self.eos_token_id.as_ref().map_or_else(Vec::new, token_ids)
     }
 
     /// The first end-of-sequence id, if the config names one.

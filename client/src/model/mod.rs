@@ -124,6 +124,31 @@ impl QuantType {
 }
 
 impl BaseModel {
+    /// The tokens that end a generated answer: every end-of-sequence id of `config.json` and of
+    /// `generation_config.json` (Llama 3.1 Instruct lists `<|eom_id|>` and `<|eot_id|>` there,
+    /// Qwen2.5 Instruct `<|im_end|>` and `<|endoftext|>`), `<|im_end|>` where the tokenizer has
+    /// it, and the special tokens the model's chat template writes after an answer.
+    pub fn stop_ids(&self) -> Vec<u32> {
+        let mut stop = vec![self.eos_token_id];
+        stop.extend(self.model.config().eos_token_ids());
+        let generation = self.dir.join("generation_config.json");
+        if let Some(eos) = std::fs::read_to_string(&generation)
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|config| config.get("eos_token_id").map(config::token_ids))
+        {
+            stop.extend(eos);
+        }
+        stop.extend(self.tokenizer.token_to_id("<|im_end|>"));
+        if let Some(template) = &self.chat_template {
+            stop.extend(self.tokenizer.token_to_id(template.eos_token()));
+            stop.extend(template.end_of_turn_ids(&self.tokenizer));
+        }
+        stop.sort_unstable();
+        stop.dedup();
+        stop
+    }
+
     /// How instruction data is laid out for this model: its own chat template, else ChatML or
     /// Alpaca by its tokenizer ([`crate::chat::PromptTemplate::for_model`]).
     pub fn prompt_template(&self) -> crate::chat::PromptTemplate {
@@ -496,6 +521,21 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(message.contains("model.safetensors"), "{message}");
+    }
+
+    /// Generation stops on every end-of-sequence id of config.json and generation_config.json
+    /// (Llama 3.1 Instruct lists three there).
+    #[test]
+    fn stop_ids_gather_every_end_of_sequence_id() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_model(dir.path(), &TinyModelSpec::default()).unwrap();
+        std::fs::write(
+            dir.path().join("generation_config.json"),
+            r#"{"bos_token_id": 1, "eos_token_id": [2, 40, 41]}"#,
+        )
+        .unwrap();
+        let base = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
+        assert_eq!(base.stop_ids(), [2, 40, 41]);
     }
 
     /// The truncation and padding a saved tokenizer.json may carry are ignored, as transformers'

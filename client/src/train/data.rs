@@ -142,6 +142,7 @@ impl SiteData {
         let bytes = std::fs::read(path).map_err(ClientError::io(path))?;
         // A byte-order mark (some editors write one) is not part of the first line's JSON.
         let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+        let special = crate::chat::special_ids(tokenizer);
         let mut examples = Vec::new();
         for (index, line) in bytes.split(|&byte| byte == b'\n').enumerate() {
             let data_error = |message: String| ClientError::Data {
@@ -195,7 +196,7 @@ impl SiteData {
                     Example::Supervised {
                         prompt: ids[..split].to_vec(),
                         response: ids[split..].to_vec(),
-                        closed: template.closes_answers(),
+                        closed: template.closes(&ids[split..], &special),
                     }
                 }
                 _ => {
@@ -530,11 +531,21 @@ mod tests {
             };
             assert_eq!(text[..], [1, 3 + u32::from(b'a'), 3 + u32::from(b'b')]);
             let Example::Supervised {
-                prompt, response, ..
+                prompt,
+                response,
+                closed,
             } = &data.train[1]
             else {
                 panic!("instruction example");
             };
+            // Only ChatML ends the turn itself (<|im_end|>); this model template ends it in plain
+            // text, so the answer gets EOS like Alpaca's, or the model would never learn to stop.
+            assert_eq!(
+                *closed,
+                matches!(template, PromptTemplate::ChatMl),
+                "{}",
+                template.name()
+            );
             let bos_count = prompt.iter().chain(response).filter(|&&id| id == 1).count();
             assert_eq!((prompt[0], bos_count), (1, 1), "{}", template.name());
             let layout = template.prompt("x", "").unwrap();
