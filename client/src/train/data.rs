@@ -609,10 +609,10 @@ mod tests {
         assert_eq!(response.len(), 2);
         assert!(matches!(&data.train[2], Example::Supervised { .. }));
 
-        let refused = |contents: &[u8]| {
-            std::fs::write(&jsonl, contents).unwrap();
+        let refused_file = |path: &Path, contents: &[u8]| {
+            std::fs::write(path, contents).unwrap();
             SiteData::load(
-                &jsonl,
+                path,
                 &tokenizer,
                 &PromptTemplate::for_tokenizer(&tokenizer),
                 "text",
@@ -620,6 +620,7 @@ mod tests {
             .unwrap_err()
             .to_string()
         };
+        let refused = |contents: &[u8]| refused_file(&jsonl, contents);
         let error = refused(b"{\"text\": \"ok\"}\n{\"instruction\": \"no output\"}\n");
         assert!(
             error.contains("line 2") && error.contains("instruction"),
@@ -658,26 +659,11 @@ mod tests {
                 Example::Text(tokenizer.encode("third", false).unwrap().get_ids().to_vec()),
             ]
         );
-        let error = SiteData::load(
-            &csv,
-            &tokenizer,
-            &PromptTemplate::for_tokenizer(&tokenizer),
-            "text",
-        )
-        .unwrap_err()
-        .to_string();
+        let error = refused_file(&csv, b"id,note\n1,first\n");
         assert!(error.contains("no column \"text\" among the 2"), "{error}");
         // A file without a header row: its first record is read as the names, and stays out of
         // the error.
-        std::fs::write(&csv, "Jane Roe,diabetes type 2\n").unwrap();
-        let error = SiteData::load(
-            &csv,
-            &tokenizer,
-            &PromptTemplate::for_tokenizer(&tokenizer),
-            "text",
-        )
-        .unwrap_err()
-        .to_string();
+        let error = refused_file(&csv, b"Jane Roe,diabetes type 2\n");
         assert!(
             !error.contains("Jane") && !error.contains("diabetes"),
             "{error}"
