@@ -79,15 +79,16 @@ impl PromptTemplate {
         !matches!(self, Self::Model(_))
     }
 
-    /// Whether an answer tokenized as `response` (what [`PromptTemplate::example`] renders after
-    /// the prompt) ends its turn itself, so that no end-of-sequence token is to be appended:
-    /// ChatML does (`<|im_end|>`), Alpaca does not, and a model template does where it writes a
-    /// special token after the answer (Llama 3's `<|eot_id|>`, not its config's
-    /// `<|end_of_text|>`). A template that ends a turn in plain text gets the end-of-sequence
-    /// token appended, or the model would never learn to stop.
-    pub fn closes(&self, response: &[u32], special: &HashSet<u32>) -> bool {
+    /// Whether [`PromptTemplate::example`]'s answers end their turn themselves, so that no
+    /// end-of-sequence token is to be appended: ChatML's do (`<|im_end|>`), Alpaca's do not, and
+    /// a model template's do where it writes a special token of `tokenizer` after an answer
+    /// (Llama 3's `<|eot_id|>`, not its config's `<|end_of_text|>`:
+    /// [`ChatTemplate::end_of_turn_ids`]). A template that ends a turn in plain text gets the
+    /// end-of-sequence token appended, or the model would never learn to stop. Decided once per
+    /// template, not from each answer's tokens (an answer may spell a special token itself).
+    pub fn closes(&self, tokenizer: &Tokenizer) -> bool {
         match self {
-            Self::Model(_) => response.iter().any(|id| special.contains(id)),
+            Self::Model(template) => !template.end_of_turn_ids(tokenizer).is_empty(),
             Self::ChatMl => true,
             Self::Alpaca => false,
         }
@@ -512,15 +513,8 @@ mod tests {
         )
         .unwrap();
         assert!(plain.end_of_turn_ids(&tokenizer).is_empty());
-        let special = special_ids(&tokenizer);
-        let response = |template: &PromptTemplate| {
-            let (prompt, whole) = template.example("Say hi.", "", "Hi!").unwrap();
-            let ids = tokenizer.encode(&whole[prompt.len()..], false).unwrap();
-            ids.get_ids().to_vec()
-        };
-        assert!(llama3.closes(&response(&llama3), &special));
-        let plain = PromptTemplate::Model(Arc::new(plain));
-        assert!(!plain.closes(&response(&plain), &special));
+        assert!(llama3.closes(&tokenizer));
+        assert!(!PromptTemplate::Model(Arc::new(plain)).closes(&tokenizer));
 
         let smollm2 = PromptTemplate::Model(Arc::new(
             ChatTemplate::new(SMOLLM2.into(), String::new(), "<|im_end|>".into()).unwrap(),

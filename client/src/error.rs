@@ -16,6 +16,8 @@ pub enum ClientError {
     },
     #[error("invalid model config {path}: {message}")]
     Config { path: PathBuf, message: String },
+    #[error("unreadable weights {path}: {message}")]
+    Weights { path: PathBuf, message: String },
     #[error("unsupported model: {0}")]
     Unsupported(String),
     #[error("missing weight {0:?} in the model files")]

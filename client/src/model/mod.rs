@@ -188,8 +188,9 @@ pub fn load_llama(dir: &Path, device: &Device) -> Result<Llama> {
 /// Q8_0, or kept, where its rows do not fit: [`llama::quantized_type_for`]) as soon as it is read.
 /// Tensors are read from their files one at a time and made f32 (and quantized) on the spot, so a
 /// quantized base never holds the checkpoint, nor its projections in f32, all at once: the peak
-/// is about what is kept plus the largest tensor, where quantizing after loading needed 4 bytes
-/// per parameter first (32 GB for an 8B model).
+/// is about what is kept plus a few copies of the largest tensor (its bytes as read, as stored,
+/// in f32), where quantizing after loading needed 4 bytes per parameter first (32 GB for an 8B
+/// model).
 pub fn load_llama_quantizing(
     dir: &Path,
     device: &Device,
@@ -233,7 +234,7 @@ fn for_each_tensor(
     mut each: impl FnMut(String, candle_core::Tensor) -> Result<()>,
 ) -> Result<()> {
     use std::io::{Seek, SeekFrom};
-    let invalid = |message: String| ClientError::Config {
+    let invalid = |message: String| ClientError::Weights {
         path: file.to_path_buf(),
         message,
     };
@@ -246,11 +247,16 @@ fn for_each_tensor(
             "a Git LFS pointer, not the weights: fetch them with `git lfs pull`".into(),
         ));
     }
-    let header_len = head
+    let Some(header_len) = head
         .get(..8)
         .filter(|_| read >= 8)
         .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
-        .map_or(u64::MAX, u64::from_le_bytes);
+        .map(u64::from_le_bytes)
+    else {
+        return Err(invalid(format!(
+            "{file_len} bytes, too short for a safetensors file (a failed download?)"
+        )));
+    };
     // safetensors' own limit on the JSON header.
     if header_len > 100_000_000 || header_len.saturating_add(8) > file_len {
         return Err(invalid(format!(
@@ -283,7 +289,10 @@ fn for_each_tensor(
             Dtype::F16 => DType::F16,
             Dtype::BF16 => DType::BF16,
             Dtype::F64 => DType::F64,
+            Dtype::F8_E4M3 => DType::F8E4M3,
             Dtype::I64 => DType::I64,
+            Dtype::I32 => DType::I32,
+            Dtype::I16 => DType::I16,
             Dtype::U32 => DType::U32,
             Dtype::U8 => DType::U8,
             other => {
@@ -298,7 +307,8 @@ fn for_each_tensor(
             .seek(SeekFrom::Start(data_start + start as u64))
             .and_then(|_| reader.read_exact(&mut buffer))
             .map_err(ClientError::io(file))?;
-        let tensor = candle_core::Tensor::from_raw_buffer(&buffer, dtype, &info.shape, device)?;
+        let tensor = candle_core::Tensor::from_raw_buffer(&buffer, dtype, &info.shape, device)
+            .map_err(|error| invalid(format!("tensor {name:?}: {error}")))?;
         each(name, tensor)?;
     }
     Ok(())
@@ -471,22 +481,38 @@ mod tests {
     use super::*;
     use crate::tiny::{TinyModelSpec, write_tiny_model};
 
-    /// QLoRA on a Hugging Face checkpoint quantizes each projection as it is read: the same
-    /// types (Q4K, Q8_0 where rows do not fit, f32 where neither does) and the same model as
-    /// quantizing after loading.
+    /// QLoRA on a Hugging Face checkpoint quantizes each projection as it is read: Q4K where its
+    /// rows are whole blocks of 256, Q8_0 where they are whole blocks of 32 only (down_proj's 288
+    /// inputs here), f32 where neither fits (176); and the same model as quantizing after
+    /// loading.
     #[test]
     fn quantizing_while_loading_matches_quantizing_after() {
         use candle_core::quantized::GgmlDType;
-        let dir = tempfile::tempdir().unwrap();
-        write_tiny_model(dir.path(), &TinyModelSpec::default()).unwrap();
-        let mut after = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
-        after.model.quantize_base(GgmlDType::Q4K).unwrap();
-        let during = BaseModel::load_quantized(dir.path(), &Device::Cpu, QuantType::Q4K).unwrap();
-        let types = during.model.projection_dtypes();
-        assert_eq!(types, after.model.projection_dtypes());
-        assert!(types.iter().any(|(_, dtype)| dtype.is_some()), "{types:?}");
-        let input = Tensor::new(&[[5u32, 70, 71, 72, 3, 90]], &Device::Cpu).unwrap();
-        assert_eq!(logits(&during.model, &input), logits(&after.model, &input));
+        for (intermediate, down) in [(288, Some(GgmlDType::Q8_0)), (176, None)] {
+            let dir = tempfile::tempdir().unwrap();
+            let spec = TinyModelSpec {
+                hidden_size: 256,
+                intermediate_size: intermediate,
+                ..TinyModelSpec::default()
+            };
+            write_tiny_model(dir.path(), &spec).unwrap();
+            let during =
+                BaseModel::load_quantized(dir.path(), &Device::Cpu, QuantType::Q4K).unwrap();
+            let types = during.model.projection_dtypes();
+            for (module, dtype) in &types {
+                let want = if module.ends_with("down_proj") {
+                    down
+                } else {
+                    Some(GgmlDType::Q4K)
+                };
+                assert_eq!(*dtype, want, "{module}");
+            }
+            let mut after = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
+            after.model.quantize_base(GgmlDType::Q4K).unwrap();
+            assert_eq!(types, after.model.projection_dtypes());
+            let input = Tensor::new(&[[5u32, 70, 71, 72, 3, 90]], &Device::Cpu).unwrap();
+            assert_eq!(logits(&during.model, &input), logits(&after.model, &input));
+        }
     }
 
     /// Weight files that are not weights get errors naming the file: a Git LFS pointer (a
@@ -513,6 +539,11 @@ mod tests {
         let message = error(&bytes[..bytes.len() / 2]);
         assert!(
             message.contains("model.safetensors") && message.contains("truncated"),
+            "{message}"
+        );
+        let message = error(b"{}");
+        assert!(
+            message.contains("unreadable weights") && message.contains("too short"),
             "{message}"
         );
         std::fs::remove_file(&weights).unwrap();

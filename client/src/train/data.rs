@@ -142,7 +142,7 @@ impl SiteData {
         let bytes = std::fs::read(path).map_err(ClientError::io(path))?;
         // A byte-order mark (some editors write one) is not part of the first line's JSON.
         let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
-        let special = crate::chat::special_ids(tokenizer);
+        let closed = template.closes(tokenizer);
         let mut examples = Vec::new();
         for (index, line) in bytes.split(|&byte| byte == b'\n').enumerate() {
             let data_error = |message: String| ClientError::Data {
@@ -196,7 +196,7 @@ impl SiteData {
                     Example::Supervised {
                         prompt: ids[..split].to_vec(),
                         response: ids[split..].to_vec(),
-                        closed: template.closes(&ids[split..], &special),
+                        closed,
                     }
                 }
                 _ => {
