@@ -1099,6 +1099,16 @@ fn generate(args: &GenerateArgs) -> Result<()> {
         base.model
             .quantize_head()
             .context("quantizing the output head")?;
+    } else if args
+        .model
+        .extension()
+        .is_some_and(|extension| extension == "gguf")
+    {
+        tracing::info!(
+            "decoding with the GGUF's projections dequantized to f32: --quantize-base keeps a \
+             quantized file's types as stored (SmolLM2-135M Q4_1: 267 instead of 587 MiB, as fast \
+             or faster)"
+        );
     }
     use fedlora_client::chat::PromptTemplate;
     let template = match args.template {

@@ -66,11 +66,24 @@ impl BaseModel {
         // would cut documents short and make pad tokens targets).
         tokenizer.with_truncation(None).map_err(tokenizer_error)?;
         tokenizer.with_padding(None);
+        // Where config.json names none: tokenizer_config.json's eos_token (a string or an
+        // AddedToken object), then the usual spellings.
+        let configured_eos = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|config| {
+                let eos = config.get("eos_token")?;
+                eos.as_str()
+                    .or_else(|| eos.get("content")?.as_str())
+                    .map(str::to_string)
+            });
         let eos_token_id = model
             .config()
             .eos_token_id()
+            .or_else(|| tokenizer.token_to_id(configured_eos.as_deref()?))
             .or_else(|| tokenizer.token_to_id("</s>"))
             .or_else(|| tokenizer.token_to_id("<|endoftext|>"))
+            .or_else(|| tokenizer.token_to_id("<|end_of_text|>"))
             .ok_or_else(|| {
                 ClientError::Tokenizer("no eos_token_id in config.json or tokenizer".into())
             })?;
@@ -567,6 +580,29 @@ mod tests {
         .unwrap();
         let base = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
         assert_eq!(base.stop_ids(), [2, 40, 41]);
+    }
+
+    /// Without an eos_token_id in config.json, the end of sequence is tokenizer_config.json's
+    /// eos_token.
+    #[test]
+    fn eos_falls_back_to_the_tokenizer_config() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_model(dir.path(), &TinyModelSpec::default()).unwrap();
+        let config_path = dir.path().join("config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+        config.as_object_mut().unwrap().remove("eos_token_id");
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"eos_token": {"content": "<unk>", "special": true}}"#,
+        )
+        .unwrap();
+        let base = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
+        assert_eq!(
+            base.eos_token_id,
+            base.tokenizer.token_to_id("<unk>").unwrap()
+        );
     }
 
     /// The truncation and padding a saved tokenizer.json may carry are ignored, as transformers'
