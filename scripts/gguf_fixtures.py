@@ -23,8 +23,8 @@ library (`gguf`) and Hugging Face transformers as the references:
           and `tekken` take a pre-token whole from the vocabulary before merging). Where
           transformers has no entry for a name llama.cpp knows, the reference is built from
           llama.cpp's regex list in the same way: digits one by one before GPT-2's split (SmolLM's
-          tokenizer.json; llama.cpp's `smollm`, `starcoder`, `refact`, `command-r`, ...), and
-          Qwen2's split for `stablelm2`. The script checks that the sample texts tell every two
+          tokenizer.json; llama.cpp's `smollm`, `starcoder`, `refact`, `command-r`, ...),
+          Qwen2's split for `stablelm2`, and DeepSeek Coder's five splits. The script checks that the sample texts tell every two
           kinds of pre-tokenizer apart.
 
 `gguf::tests` reads these files and must reproduce the logits and ids. Needs `pip install torch
@@ -235,7 +235,17 @@ KINDS = {
     "llama3-merges": ["dbrx", "smaug-bpe"],
     "qwen2": ["qwen2", "deepseek-r1-qwen", "stablelm2", "kormo", "megrez"],
     "tekken": ["tekken"],
+    "deepseek-coder": ["deepseek-coder"],
 }
+# llama.cpp's regex list for `deepseek-coder` (llama-vocab.cpp), each split in turn (`\p{N}`: digits
+# one by one); transformers has no entry for the name.
+DEEPSEEK_CODER_SPLITS = [
+    r"[\r\n]",
+    r"\s?\p{L}+",
+    r"\s?\p{P}+",
+    "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+",
+    r"\p{N}",
+]
 # llama.cpp's `ignore_merges` names (llama-vocab.cpp).
 IGNORE_MERGES = set(KINDS["llama3"]) | {"tekken"}
 
@@ -255,6 +265,11 @@ def reference(name, tokenizer_dict):
                 pre_tokenizers.Digits(individual_digits=True),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
             ]
+        )
+    elif name in KINDS["deepseek-coder"]:
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(split), behavior="isolated") for split in DEEPSEEK_CODER_SPLITS]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
         )
     elif name not in GGUF_PRE_TOKENIZER_SPLITS and name in KINDS["qwen2"]:
         # llama.cpp reads these with Qwen2's regex; transformers lists only some of them.

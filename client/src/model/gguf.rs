@@ -309,8 +309,9 @@ enum PreSplit {
     Gpt2,
     /// Digits one by one, then GPT-2's split.
     Digits,
-    /// A regex (tokenizer.json's `Split` with `Isolated` pieces), then bytes.
-    Regex(&'static str),
+    /// Regexes, each splitting the pieces of the one before (tokenizer.json's `Split` with
+    /// `Isolated` pieces, llama.cpp's regex lists), then bytes.
+    Regexes(&'static [&'static str]),
 }
 
 impl PreTokenizer {
@@ -339,23 +340,25 @@ impl PreTokenizer {
                 "llama-bpe" | "llama3" | "llama-v3" | "falcon3" | "falcon-h1" | "pixtral"
                 | "midm-2.0" | "lfm2",
             ) => Self {
-                split: PreSplit::Regex(LLAMA3_PATTERN),
+                split: PreSplit::Regexes(&[LLAMA3_PATTERN]),
                 ignore_merges: true,
                 adds_bos: true,
             },
-            Some("dbrx" | "smaug-bpe") => plain(PreSplit::Regex(LLAMA3_PATTERN)),
+            Some("dbrx" | "smaug-bpe") => plain(PreSplit::Regexes(&[LLAMA3_PATTERN])),
             Some("qwen2" | "deepseek-r1-qwen" | "stablelm2" | "kormo" | "megrez") => {
-                plain(PreSplit::Regex(QWEN2_PATTERN))
+                plain(PreSplit::Regexes(&[QWEN2_PATTERN]))
             }
             Some("tekken") => Self {
-                split: PreSplit::Regex(TEKKEN_PATTERN),
+                split: PreSplit::Regexes(&[TEKKEN_PATTERN]),
                 ignore_merges: true,
                 adds_bos: true,
             },
+            Some("deepseek-coder") => plain(PreSplit::Regexes(&DEEPSEEK_CODER_PATTERNS)),
             Some(other) => {
                 return Err(ClientError::Unsupported(format!(
                     "gguf pre-tokenizer {other:?} (supported: the GPT-2, SmolLM/StarCoder, \
-                     Llama 3, Qwen2 and Tekken splits, under llama.cpp's names for them)"
+                     Llama 3, Qwen2, Tekken and DeepSeek Coder splits, under llama.cpp's names \
+                     for them)"
                 )));
             }
         })
@@ -369,17 +372,22 @@ impl PreTokenizer {
                 PreTokenizerWrapper::Digits(Digits::new(true)),
                 PreTokenizerWrapper::ByteLevel(byte_level),
             ])),
-            PreSplit::Regex(pattern) => PreTokenizerWrapper::Sequence(Sequence::new(vec![
-                PreTokenizerWrapper::Split(
-                    Split::new(
-                        SplitPattern::Regex(pattern.into()),
-                        SplitDelimiterBehavior::Isolated,
-                        false,
-                    )
-                    .map_err(|error| ClientError::Tokenizer(error.to_string()))?,
-                ),
-                PreTokenizerWrapper::ByteLevel(byte_level.use_regex(false)),
-            ])),
+            PreSplit::Regexes(patterns) => {
+                let mut steps = patterns
+                    .iter()
+                    .map(|pattern| {
+                        Split::new(
+                            SplitPattern::Regex((*pattern).into()),
+                            SplitDelimiterBehavior::Isolated,
+                            false,
+                        )
+                        .map(PreTokenizerWrapper::Split)
+                        .map_err(|error| ClientError::Tokenizer(error.to_string()))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                steps.push(PreTokenizerWrapper::ByteLevel(byte_level.use_regex(false)));
+                PreTokenizerWrapper::Sequence(Sequence::new(steps))
+            }
         })
     }
 }
@@ -395,6 +403,16 @@ const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{
 /// Mistral's Tekken (Mistral NeMo, Ministral; llama.cpp's `tekken`): words split at case changes,
 /// digits one by one, no contractions, `/` kept with the punctuation before it.
 const TEKKEN_PATTERN: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// DeepSeek Coder's splits (llama.cpp's `deepseek-coder` list, in turn): line breaks, letter runs
+/// with one leading space, punctuation runs likewise, CJK and Hangul runs, digits one by one.
+const DEEPSEEK_CODER_PATTERNS: [&str; 5] = [
+    r"[\r\n]",
+    r"\s?\p{L}+",
+    r"\s?\p{P}+",
+    "[\u{4E00}-\u{9FA5}\u{0800}-\u{4E00}\u{AC00}-\u{D7FF}]+",
+    r"\p{N}",
+];
 
 /// llama.cpp's token types (`tokenizer.ggml.token_type`).
 const TOKEN_NORMAL: i32 = 1;
@@ -1335,7 +1353,7 @@ mod tests {
             .map(|text| text.as_str().unwrap())
             .collect();
         let names = fixture["ids"].as_object().unwrap();
-        assert_eq!(names.len(), 29);
+        assert_eq!(names.len(), 30);
         for (name, expected) in names {
             let tokenizer = gguf_tokenizer(&bpe_fixture_content(&fixture, name)).unwrap();
             for (text, expected) in texts.iter().zip(expected.as_array().unwrap()) {
