@@ -224,6 +224,7 @@ TEXTS = [
     " quizzical",
     "rate 3.1% for 25 years.",
     "<think>\nthe dose</think> ok",
+    "नमस्ते 한국어 ㄱㄴ ㈠⺀ 東京",
     "",
 ]
 

@@ -1103,11 +1103,11 @@ fn generate(args: &GenerateArgs) -> Result<()> {
         .model
         .extension()
         .is_some_and(|extension| extension == "gguf")
+        && fedlora_client::model::gguf::stores_quantized_projections(&args.model)?
     {
         tracing::info!(
-            "decoding with the GGUF's projections dequantized to f32: --quantize-base keeps a \
-             quantized file's types as stored (SmolLM2-135M Q4_1: 267 instead of 587 MiB, as fast \
-             or faster)"
+            "decoding with the GGUF's quantized projections dequantized to f32: --quantize-base \
+             keeps them as stored (SmolLM2-135M Q4_1: 267 instead of 587 MiB, as fast or faster)"
         );
     }
     use fedlora_client::chat::PromptTemplate;

@@ -7,7 +7,6 @@
 //! when the tokenizer has its control tokens; otherwise the Alpaca layout, which needs no
 //! special tokens.
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -81,7 +80,7 @@ impl PromptTemplate {
 
     /// Whether [`PromptTemplate::example`]'s answers end their turn themselves, so that no
     /// end-of-sequence token is to be appended: ChatML's do (`<|im_end|>`), Alpaca's do not, and
-    /// a model template's do where it writes a special token of `tokenizer` after an answer
+    /// a model template's do where it writes an added token of `tokenizer` after an answer
     /// (Llama 3's `<|eot_id|>`, not its config's `<|end_of_text|>`:
     /// [`ChatTemplate::end_of_turn_ids`]). A template that ends a turn in plain text gets the
     /// end-of-sequence token appended, or the model would never learn to stop. Decided once per
@@ -232,9 +231,10 @@ impl ChatTemplate {
         Self::new(source, token("bos_token"), token("eos_token")).map(Some)
     }
 
-    /// The special tokens this template writes after an assistant's answer (Llama 3's
-    /// `<|eot_id|>`, ChatML's `<|im_end|>`, Llama 2's `</s>`), by rendering one exchange: where
-    /// generation stops. Empty where the template ends a turn in plain text or cannot render it.
+    /// The added tokens (special or not) this template writes after an assistant's answer (Llama
+    /// 3's `<|eot_id|>`, ChatML's `<|im_end|>`, Llama 2's `</s>`), by rendering one exchange:
+    /// where generation stops. Empty where the template ends a turn in plain text or cannot
+    /// render it.
     pub fn end_of_turn_ids(&self, tokenizer: &Tokenizer) -> Vec<u32> {
         const ANSWER: &str = "fedlora-answer";
         let Ok(whole) = self.render(&[("user", "Hi"), ("assistant", ANSWER)], false) else {
@@ -243,7 +243,7 @@ impl ChatTemplate {
         let Some(at) = whole.rfind(ANSWER) else {
             return Vec::new();
         };
-        let special = special_ids(tokenizer);
+        let added = tokenizer.get_added_tokens_decoder();
         tokenizer
             .encode(&whole[at + ANSWER.len()..], false)
             .map(|encoding| {
@@ -251,7 +251,7 @@ impl ChatTemplate {
                     .get_ids()
                     .iter()
                     .copied()
-                    .filter(|id| special.contains(id))
+                    .filter(|id| added.contains_key(id))
                     .collect()
             })
             .unwrap_or_default()
@@ -281,16 +281,6 @@ impl ChatTemplate {
             })
             .map_err(jinja_error)
     }
-}
-
-/// The ids of `tokenizer`'s special tokens (`<|eot_id|>`, `</s>`, `<|im_end|>`, ...).
-pub fn special_ids(tokenizer: &Tokenizer) -> HashSet<u32> {
-    tokenizer
-        .get_added_tokens_decoder()
-        .into_iter()
-        .filter(|(_, token)| token.special)
-        .map(|(id, _)| id)
-        .collect()
 }
 
 /// A loaded template, or `None` with a warning when it cannot be used (minijinja does not parse
@@ -515,6 +505,21 @@ mod tests {
         assert!(plain.end_of_turn_ids(&tokenizer).is_empty());
         assert!(llama3.closes(&tokenizer));
         assert!(!PromptTemplate::Model(Arc::new(plain)).closes(&tokenizer));
+        // An end-of-turn token the tokenizer adds without marking it special still ends a turn.
+        let chatml_like = PromptTemplate::Model(Arc::new(
+            ChatTemplate::new(
+                "{% for m in messages %}<|turn|>{{ m['content'] }}<|endturn|>\n{% endfor %}".into(),
+                String::new(),
+                String::new(),
+            )
+            .unwrap(),
+        ));
+        assert!(!chatml_like.closes(&tokenizer));
+        let mut unmarked = tokenizer.clone();
+        unmarked
+            .add_tokens(vec![tokenizers::AddedToken::from("<|endturn|>", false)])
+            .unwrap();
+        assert!(chatml_like.closes(&unmarked));
 
         let smollm2 = PromptTemplate::Model(Arc::new(
             ChatTemplate::new(SMOLLM2.into(), String::new(), "<|im_end|>".into()).unwrap(),

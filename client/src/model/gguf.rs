@@ -462,7 +462,7 @@ pub fn gguf_tokenizer(content: &Content) -> Result<Tokenizer> {
     };
     // llama.cpp's defaults where the file does not say: BOS for SentencePiece vocabularies and
     // for the byte-level ones of Llama 3 and Tekken, none for other byte-level ones (SmolLM,
-    // GPT-2, Qwen2); never EOS.
+    // GPT-2, Qwen2, DeepSeek Coder, whose files say so themselves); never EOS.
     let bos_by_default = model == "llama" || pre_tokenizer(content)?.adds_bos;
     // Read as leniently as the config reads the same ids: a file that names no usable token
     // gets none added.
@@ -715,6 +715,31 @@ fn byte_level_tokenizer(
     tokenizer.with_decoder(Some(ByteLevel::default()));
     add_whole_tokens(&mut tokenizer, tokens, token_types)?;
     Ok(tokenizer)
+}
+
+/// Whether a GGUF file stores its projections in quantized types (not F32, F16 or BF16): read
+/// from the header alone.
+pub fn stores_quantized_projections(path: &Path) -> Result<bool> {
+    let mut file = std::fs::File::open(path).map_err(ClientError::io(path))?;
+    let content = Content::read(&mut file)?;
+    Ok(content.tensor_infos.iter().any(|(name, info)| {
+        name.starts_with("blk.")
+            && [
+                "attn_q",
+                "attn_k",
+                "attn_v",
+                "attn_output",
+                "ffn_gate",
+                "ffn_up",
+                "ffn_down",
+            ]
+            .iter()
+            .any(|projection| name.ends_with(&format!(".{projection}.weight")))
+            && !matches!(
+                info.ggml_dtype,
+                GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+            )
+    }))
 }
 
 /// Loads a Llama-family GGUF file (architecture `llama` or `qwen2`), tokenizer from the metadata.
@@ -1021,6 +1046,11 @@ mod tests {
             let difference = max_abs_difference(&want, &logits(&base.model, &input));
             assert!(difference < 1e-4, "{name}: logits differ by {difference}");
 
+            assert_eq!(
+                stores_quantized_projections(&path).unwrap(),
+                kept == GgmlDType::Q4_0,
+                "{name}"
+            );
             let quantized = load_gguf(&path, &Device::Cpu, true).unwrap();
             for (module, dtype) in quantized.model.projection_dtypes() {
                 // down_proj's input width, 176, is no multiple of a block of 32.
@@ -1332,12 +1362,12 @@ mod tests {
     }
 
     /// Every `tokenizer.ggml.pre` name read here splits and merges as transformers' GGUF
-    /// tokenizer does (with llama.cpp's `ignore_merges`, and its digit split where transformers
-    /// has none: see `scripts/gguf_fixtures.py`), on a vocabulary whose merges tell the GPT-2,
-    /// digit, Llama 3, Qwen2 and Tekken splits apart (contractions in capitals, case changes
-    /// inside words, digit groups, `/` runs, marks, CJK, whitespace runs, a token no merge
-    /// reaches); and BOS is added by default exactly where llama.cpp adds it (Llama 3's names and
-    /// Tekken).
+    /// tokenizer does (with llama.cpp's `ignore_merges`, and its regexes rebuilt where
+    /// transformers has none: see `scripts/gguf_fixtures.py`), on a vocabulary whose merges tell
+    /// the GPT-2, digit, Llama 3, Qwen2, Tekken and DeepSeek Coder splits apart (contractions in
+    /// capitals, case changes inside words, digit groups, `/` runs, marks, CJK, Devanagari and
+    /// Hangul jamo, whitespace runs, a token no merge reaches, a user-defined token); and BOS is
+    /// added by default exactly where llama.cpp adds it (Llama 3's names and Tekken).
     #[test]
     fn gguf_bpe_pre_tokenizers_match_transformers() {
         let path = concat!(

@@ -593,16 +593,19 @@ mod tests {
             serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
         config.as_object_mut().unwrap().remove("eos_token_id");
         std::fs::write(&config_path, config.to_string()).unwrap();
-        std::fs::write(
-            dir.path().join("tokenizer_config.json"),
-            r#"{"eos_token": {"content": "<unk>", "special": true}}"#,
-        )
-        .unwrap();
-        let base = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
-        assert_eq!(
-            base.eos_token_id,
-            base.tokenizer.token_to_id("<unk>").unwrap()
-        );
+        // An AddedToken object, or a plain string.
+        for eos in [r#"{"content": "<unk>", "special": true}"#, r#""<unk>""#] {
+            std::fs::write(
+                dir.path().join("tokenizer_config.json"),
+                format!(r#"{{"eos_token": {eos}}}"#),
+            )
+            .unwrap();
+            let base = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
+            assert_eq!(
+                base.eos_token_id,
+                base.tokenizer.token_to_id("<unk>").unwrap()
+            );
+        }
     }
 
     /// The truncation and padding a saved tokenizer.json may carry are ignored, as transformers'
