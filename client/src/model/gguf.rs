@@ -717,6 +717,17 @@ fn byte_level_tokenizer(
     Ok(tokenizer)
 }
 
+/// llama.cpp's names of a block's seven projections (`blk.N.NAME.weight`).
+const PROJECTIONS: [&str; 7] = [
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+];
+
 /// Whether a GGUF file stores its projections in quantized types (not F32, F16 or BF16): read
 /// from the header alone.
 pub fn stores_quantized_projections(path: &Path) -> Result<bool> {
@@ -724,17 +735,9 @@ pub fn stores_quantized_projections(path: &Path) -> Result<bool> {
     let content = Content::read(&mut file)?;
     Ok(content.tensor_infos.iter().any(|(name, info)| {
         name.starts_with("blk.")
-            && [
-                "attn_q",
-                "attn_k",
-                "attn_v",
-                "attn_output",
-                "ffn_gate",
-                "ffn_up",
-                "ffn_down",
-            ]
-            .iter()
-            .any(|projection| name.ends_with(&format!(".{projection}.weight")))
+            && PROJECTIONS
+                .iter()
+                .any(|projection| name.ends_with(&format!(".{projection}.weight")))
             && !matches!(
                 info.ggml_dtype,
                 GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
@@ -880,17 +883,7 @@ mod tests {
             ));
         }
         for layer in 0..config.num_hidden_layers {
-            for suffix in [
-                "attn_q",
-                "attn_k",
-                "attn_v",
-                "attn_output",
-                "ffn_gate",
-                "ffn_up",
-                "ffn_down",
-                "attn_norm",
-                "ffn_norm",
-            ] {
+            for suffix in PROJECTIONS.into_iter().chain(["attn_norm", "ffn_norm"]) {
                 let gguf_name = format!("blk.{layer}.{suffix}.weight");
                 let (hf_name, heads) = hf_name(&gguf_name, config, true).unwrap();
                 let tensor = match heads {
