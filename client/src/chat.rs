@@ -221,10 +221,7 @@ impl ChatTemplate {
         let token = |name: &str| {
             [&config, &map]
                 .iter()
-                .find_map(|source| {
-                    let value = source.get(name)?;
-                    value.as_str().or_else(|| value.get("content")?.as_str())
-                })
+                .find_map(|source| token_text(source.get(name)?))
                 .unwrap_or_default()
                 .to_string()
         };
@@ -281,6 +278,12 @@ impl ChatTemplate {
             })
             .map_err(jinja_error)
     }
+}
+
+/// A special token's text as tokenizer_config.json and special_tokens_map.json give it: a string,
+/// or an AddedToken object with its text in `content`.
+pub fn token_text(value: &serde_json::Value) -> Option<&str> {
+    value.as_str().or_else(|| value.get("content")?.as_str())
 }
 
 /// A loaded template, or `None` with a warning when it cannot be used (minijinja does not parse

@@ -787,7 +787,7 @@ pub fn load_gguf(path: &Path, device: &Device, keep_quantized: bool) -> Result<B
             continue;
         };
         let tensor = content.tensor(&mut file, name, device)?;
-        let is_projection = hf.ends_with("_proj.weight");
+        let is_projection = super::llama::is_projection_weight(&hf);
         let dtype = tensor.dtype();
         let stays_quantized = keep_quantized
             && is_projection

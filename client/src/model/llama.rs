@@ -808,6 +808,13 @@ impl Llama {
     }
 }
 
+/// Whether a Hugging Face weight name is one of the seven frozen projections
+/// (`model.layers.{i}.self_attn.q_proj.weight`, ..., `model.layers.{i}.mlp.down_proj.weight`),
+/// what QLoRA quantizes.
+pub(crate) fn is_projection_weight(name: &str) -> bool {
+    name.starts_with("model.layers.") && name.ends_with("_proj.weight")
+}
+
 /// The type QLoRA keeps a projection with `in_features` inputs in: `dtype` where its rows are
 /// whole blocks of it, else Q8_0 where they are whole blocks of that (as llama.cpp falls back),
 /// else none: the projection stays f32, with a warning.

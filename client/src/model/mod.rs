@@ -72,10 +72,7 @@ impl BaseModel {
             .ok()
             .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
             .and_then(|config| {
-                let eos = config.get("eos_token")?;
-                eos.as_str()
-                    .or_else(|| eos.get("content")?.as_str())
-                    .map(str::to_string)
+                crate::chat::token_text(config.get("eos_token")?).map(str::to_string)
             });
         let eos_token_id = model
             .config()
@@ -215,9 +212,8 @@ pub fn load_llama_quantizing(
     for file in weight_files(dir)? {
         for_each_tensor(&file, device, |name, tensor| {
             let tensor = tensor.to_dtype(candle_core::DType::F32)?;
-            let is_projection = name.starts_with("model.layers.") && name.ends_with("_proj.weight");
             let fitting = match quantize {
-                Some(dtype) if is_projection => {
+                Some(dtype) if llama::is_projection_weight(&name) => {
                     llama::quantized_type_for(tensor.dim(candle_core::D::Minus1)?, dtype)
                 }
                 _ => None,
