@@ -329,7 +329,10 @@ pub fn evaluate(
     let windows = &windows[..windows.len().min(max_windows)];
     if windows.is_empty() {
         return Err(ClientError::NotEnoughData(
-            "no held-out window: the local data is too short to evaluate".into(),
+            "no held-out window to evaluate: the held-out documents (every tenth) are shorter \
+             than two tokens, or every held-out instruction example's prompt fills the task's \
+             sequence length"
+                .into(),
         ));
     }
     let mut loss_sum = 0.0f64;
@@ -946,6 +949,12 @@ mod tests {
         // Evaluation weights by counted targets.
         let report = evaluate(model, &[response, short], 2, 8).unwrap();
         assert_eq!(report.tokens, 2 + 5);
+        // No window at all (every held-out prompt too long): an error that says why.
+        let error = evaluate(model, &[], 2, 8).unwrap_err();
+        assert!(
+            matches!(&error, ClientError::NotEnoughData(message) if message.contains("prompt fills")),
+            "{error}"
+        );
     }
 
     /// A packed window trains as its documents would alone: its loss is their losses weighted
