@@ -25,7 +25,9 @@ pub fn combine_adapters(parts: &[(&LoraSpec, &Adapter, f64)]) -> Result<(LoraSpe
     }
     if parts.iter().any(|(spec, _, _)| spec.use_dora) {
         return Err(ClientError::Unsupported(
-            "DoRA adapters cannot be combined linearly; merge them one at a time".into(),
+            "DoRA adapters cannot be combined or weighted (their row normalisation is not linear); \
+             use one at a time, at weight 1"
+                .into(),
         ));
     }
     if let Some((_, _, weight)) = parts.iter().find(|(_, _, weight)| !weight.is_finite()) {
@@ -36,9 +38,38 @@ pub fn combine_adapters(parts: &[(&LoraSpec, &Adapter, f64)]) -> Result<(LoraSpe
     // Every (layer, module) adapted by any part, with the concatenated factors.
     let mut modules: BTreeMap<ModuleKey, Factors> = BTreeMap::new();
     for (spec, adapter, weight) in parts {
-        for (layer, module) in adapted_modules(adapter)? {
+        let adapted = adapted_modules(adapter)?;
+        // Only factor pairs: a lora_B without its lora_A, or a DoRA magnitude in a file whose
+        // config says LoRA, would otherwise be dropped without a word.
+        if let Some(stray) = adapter.tensors.keys().find(|name| {
+            !adapted.iter().any(|&(layer, module)| {
+                [Factor::A, Factor::B]
+                    .into_iter()
+                    .any(|factor| peft_key(layer, module, factor).is_ok_and(|key| key == **name))
+            })
+        }) {
+            return Err(AdapterError::UnexpectedTensor(stray.clone()).into());
+        }
+        for (layer, module) in adapted {
             let a = tensor(adapter, layer, module, Factor::A)?;
             let b = tensor(adapter, layer, module, Factor::B)?;
+            // The scale comes from the config: it must describe these tensors.
+            if !spec.target_modules.iter().any(|target| target == module) {
+                return Err(ClientError::Unsupported(format!(
+                    "the adapter has factors for {} but its adapter_config.json does not list \
+                     {module} in target_modules",
+                    module_path(layer, module)
+                )));
+            }
+            let config_rank = spec.rank_for(layer, module);
+            if a.shape[0] != config_rank {
+                return Err(ClientError::Unsupported(format!(
+                    "{} has factors of rank {} but its adapter_config.json says rank {config_rank}: \
+                     its scale would be wrong",
+                    module_path(layer, module),
+                    a.shape[0]
+                )));
+            }
             if a.shape[0] != b.shape[1] || a.data.len() != a.shape.iter().product::<usize>() {
                 return Err(ClientError::Unsupported(format!(
                     "{} has lora_A of shape {:?} and lora_B of shape {:?}: the ranks differ",
@@ -271,5 +302,28 @@ mod tests {
             ..first_spec.clone()
         };
         assert!(combine_adapters(&[(&dora, &first, 1.0)]).is_err());
+
+        // A config that does not describe its tensors is refused, not mis-scaled or skipped.
+        let wrong_rank = LoraSpec {
+            rank_pattern: vec![("layers.0.self_attn.q_proj".into(), 4)],
+            ..first_spec.clone()
+        };
+        let error = combine_adapters(&[(&wrong_rank, &first, 0.5)]).unwrap_err();
+        assert!(error.to_string().contains("rank 2 but"), "{error}");
+        let fewer_targets = LoraSpec::new(2, 4.0, &["q_proj"]);
+        let error = combine_adapters(&[(&fewer_targets, &first, 0.5)]).unwrap_err();
+        assert!(error.to_string().contains("target_modules"), "{error}");
+        let mut orphan_b = first.clone();
+        orphan_b
+            .tensors
+            .remove(&peft_key(1, "v_proj", Factor::A).unwrap());
+        let error = combine_adapters(&[(&first_spec, &orphan_b, 0.5)]).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                ClientError::Adapter(AdapterError::UnexpectedTensor(ref name)) if name.contains("v_proj.lora_B")
+            ),
+            "{error}"
+        );
     }
 }

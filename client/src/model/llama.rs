@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use candle_core::{D, DType, Device, Tensor, Var};
-use fedlora_proto::adapter::{Adapter, AdapterTensor, Factor, LoraSpec, peft_key};
+use fedlora_proto::adapter::{Adapter, AdapterTensor, Factor, LoraSpec, TensorSpec, peft_key};
 
 use super::config::{LlamaConfig, RopeScaling};
 use super::frozen::FrozenWeight;
@@ -416,19 +416,21 @@ impl Llama {
                 named.len()
             )));
         }
+        // Every name, shape and value checked before the first factor changes: a bad file
+        // (a NaN, a tensor of another rank) leaves the attached factors as they were.
+        let layout: Vec<TensorSpec> = named
+            .iter()
+            .map(|(name, var)| TensorSpec {
+                name: name.clone(),
+                shape: var.dims().to_vec(),
+            })
+            .collect();
+        adapter.validate(&layout)?;
         for (name, var) in named {
             let AdapterTensor { shape, data } = adapter
                 .tensors
                 .get(&name)
                 .ok_or_else(|| fedlora_proto::adapter::AdapterError::MissingTensor(name.clone()))?;
-            if shape.as_slice() != var.dims() {
-                return Err(fedlora_proto::adapter::AdapterError::ShapeMismatch {
-                    name,
-                    expected: var.dims().to_vec(),
-                    got: shape.clone(),
-                }
-                .into());
-            }
             var.set(&Tensor::from_slice(data, shape.as_slice(), &self.device)?)?;
         }
         Ok(())

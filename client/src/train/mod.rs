@@ -354,7 +354,7 @@ pub fn evaluate(
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use candle_core::{D, DType};
-    use fedlora_proto::adapter::{LORA_MODULES, LoraSpec};
+    use fedlora_proto::adapter::{Adapter, LORA_MODULES, LoraSpec};
 
     use super::*;
     use crate::model::BaseModel;
@@ -476,6 +476,33 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert_eq!(ours, theirs);
+
+        // A bad file changes nothing: every tensor is checked before the first is set.
+        let before = other.export_adapter().unwrap();
+        let doubled = |adapter: &Adapter| {
+            let mut doubled = adapter.clone();
+            for tensor in doubled.tensors.values_mut() {
+                tensor.data.iter_mut().for_each(|value| *value *= 2.0);
+            }
+            doubled
+        };
+        let mut corrupt = doubled(&adapter);
+        let last = corrupt.tensors.values_mut().last().unwrap();
+        last.data[0] = f32::NAN;
+        let error = other.load_adapter(&corrupt).unwrap_err();
+        assert!(
+            matches!(
+                &error,
+                ClientError::Adapter(fedlora_proto::adapter::AdapterError::NonFinite { .. })
+            ),
+            "{error}"
+        );
+        assert_eq!(other.export_adapter().unwrap(), before);
+        let mut wrong_rank = doubled(&adapter);
+        let last = wrong_rank.tensors.values_mut().last().unwrap();
+        last.shape.reverse();
+        assert!(other.load_adapter(&wrong_rank).is_err());
+        assert_eq!(other.export_adapter().unwrap(), before);
     }
 
     /// Same seed, same adapter: sequentially and with several trainings running at once (as in
