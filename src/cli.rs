@@ -245,7 +245,7 @@ pub struct BenchQualityArgs {
     #[arg(long, value_delimiter = ',', default_value = "fedavg,svd")]
     pub heterogeneous: Vec<String>,
     /// Held-out windows evaluated per site.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = at_least_one)]
     pub eval_windows: usize,
 }
 
@@ -479,7 +479,7 @@ pub struct ClientArgs {
     #[arg(long, default_value_t = 64)]
     pub max_rank: usize,
     /// Held-out windows evaluated per task, at most.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     pub max_eval_windows: usize,
     #[command(flatten)]
     pub base: BaseArgs,
@@ -1265,6 +1265,15 @@ fn combine(args: &CombineArgs) -> Result<()> {
     Ok(())
 }
 
+/// Parses a count that must be at least 1 (an evaluation of no window has no loss).
+fn at_least_one(text: &str) -> std::result::Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(count) => Ok(count),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
 /// Parses `PATTERN=VALUE` for `--rank-pattern` and `--alpha-pattern`.
 fn parse_pattern<T: std::str::FromStr>(text: &str) -> std::result::Result<(String, T), String>
 where
@@ -1371,5 +1380,33 @@ mod tests {
             assert_eq!(parsed.quantize_base.map(QuantType::from), expected);
             assert_eq!(cli.quantized_base(), expected.is_some());
         }
+        // An evaluation of no window has no loss: 0 is refused where the flag is read.
+        let windows = |flag: &str, value: &str| {
+            let args: Vec<&str> = client.iter().copied().chain([flag, value]).collect();
+            parse(&args).map(|cli| match cli.command {
+                Command::Client(args) => args.max_eval_windows,
+                _ => unreachable!(),
+            })
+        };
+        assert_eq!(windows("--max-eval-windows", "3").unwrap(), 3);
+        let error = windows("--max-eval-windows", "0").unwrap_err().to_string();
+        assert!(error.contains("must be at least 1"), "{error}");
+        let quality = [
+            "bench-quality",
+            "--model",
+            "m",
+            "--csv",
+            "t.csv",
+            "--eval-windows",
+        ];
+        let eval_windows = |value: &str| {
+            let args: Vec<&str> = quality.iter().copied().chain([value]).collect();
+            parse(&args).map(|cli| match cli.command {
+                Command::BenchQuality(args) => args.eval_windows,
+                _ => unreachable!(),
+            })
+        };
+        assert_eq!(eval_windows("2").unwrap(), 2);
+        assert!(eval_windows("0").is_err());
     }
 }

@@ -326,12 +326,16 @@ pub fn evaluate(
     batch_size: usize,
     max_windows: usize,
 ) -> Result<EvalReport> {
+    if max_windows == 0 {
+        return Err(ClientError::NotEnoughData(
+            "evaluation needs at least one window (max_eval_windows is 0)".into(),
+        ));
+    }
     let windows = &windows[..windows.len().min(max_windows)];
     if windows.is_empty() {
         return Err(ClientError::NotEnoughData(
-            "no held-out window to evaluate: the held-out documents (every tenth) are shorter \
-             than two tokens, or every held-out instruction example's prompt fills the task's \
-             sequence length"
+            "no held-out window to evaluate: the held-out documents (every tenth) are empty, or \
+             every held-out instruction example's prompt fills the task's sequence length"
                 .into(),
         ));
     }
@@ -498,10 +502,10 @@ mod tests {
             "{error}"
         );
         assert_eq!(other.export_adapter().unwrap(), before);
-        let mut wrong_rank = doubled(&adapter);
-        let last = wrong_rank.tensors.values_mut().last().unwrap();
+        let mut wrong_shape = doubled(&adapter);
+        let last = wrong_shape.tensors.values_mut().last().unwrap();
         last.shape.reverse();
-        assert!(other.load_adapter(&wrong_rank).is_err());
+        assert!(other.load_adapter(&wrong_shape).is_err());
         assert_eq!(other.export_adapter().unwrap(), before);
     }
 
@@ -976,10 +980,16 @@ mod tests {
         // Evaluation weights by counted targets.
         let report = evaluate(model, &[response, short], 2, 8).unwrap();
         assert_eq!(report.tokens, 2 + 5);
-        // No window at all (every held-out prompt too long): an error that says why.
+        // No window at all (every held-out prompt too long), or none allowed: errors that say
+        // which.
         let error = evaluate(model, &[], 2, 8).unwrap_err();
         assert!(
             matches!(&error, ClientError::NotEnoughData(message) if message.contains("prompt fills")),
+            "{error}"
+        );
+        let error = evaluate(model, &[], 2, 0).unwrap_err();
+        assert!(
+            error.to_string().contains("max_eval_windows is 0"),
             "{error}"
         );
     }
