@@ -41,13 +41,12 @@ pub fn combine_adapters(parts: &[(&LoraSpec, &Adapter, f64)]) -> Result<(LoraSpe
         let adapted = adapted_modules(adapter)?;
         // Only factor pairs: a lora_B without its lora_A, or a DoRA magnitude in a file whose
         // config says LoRA, would otherwise be dropped without a word.
-        if let Some(stray) = adapter.tensors.keys().find(|name| {
-            !adapted.iter().any(|&(layer, module)| {
-                [Factor::A, Factor::B]
-                    .into_iter()
-                    .any(|factor| peft_key(layer, module, factor).is_ok_and(|key| key == **name))
-            })
-        }) {
+        let mut pairs = std::collections::HashSet::new();
+        for &(layer, module) in &adapted {
+            pairs.insert(peft_key(layer, module, Factor::A)?);
+            pairs.insert(peft_key(layer, module, Factor::B)?);
+        }
+        if let Some(stray) = adapter.tensors.keys().find(|name| !pairs.contains(*name)) {
             return Err(AdapterError::UnexpectedTensor(stray.clone()).into());
         }
         for (layer, module) in adapted {
