@@ -1095,6 +1095,14 @@ fn bench_aggregate(args: &BenchAggregateArgs) -> Result<()> {
 fn generate(args: &GenerateArgs) -> Result<()> {
     use fedlora_client::generate::{Finish, GenerateConfig, generate};
     let mut base = load_with_adapters(&args.model, &args.adapters, args.quantize_base)?;
+    if !args.adapters.adapters.is_empty() && args.quantize_base.is_none() {
+        // Decoding at the base model's cost: unmerged, every token would add two low-rank
+        // products per projection, and a DoRA adapter would rebuild W₀ + s·B·A and its row
+        // norms per projection (a quantized base cannot merge and keeps that cost).
+        base.model
+            .merge_lora()
+            .context("merging the adapter into the base for decoding")?;
+    }
     if args.quantize_base.is_some() {
         base.model
             .quantize_head()

@@ -244,6 +244,52 @@ mod tests {
         }
     }
 
+    /// `fedlora generate` merges an adapter before decoding (unmerged, DoRA rebuilds its row
+    /// norms per token): the cached decoding must give the same answer either way.
+    #[test]
+    fn a_dora_adapter_decodes_alike_merged_or_not() {
+        let (_dir, mut base) = crate::testing::tiny_base();
+        let prompt = [3u32, 9, 27, 81];
+        let greedy = GenerateConfig {
+            max_new_tokens: 8,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        };
+        let plain = generate(&base.model, &prompt, &[], &greedy).unwrap();
+        let lora = fedlora_proto::adapter::LoraSpec {
+            use_dora: true,
+            ..fedlora_proto::adapter::LoraSpec::new(4, 8.0, &["q_proj", "v_proj", "down_proj"])
+        };
+        base.model.attach_lora(&lora, 11).unwrap();
+        crate::testing::randomize_lora_b(&base.model, 0.5, 12);
+        let unmerged = generate(&base.model, &prompt, &[], &greedy).unwrap();
+        assert_ne!(
+            unmerged.tokens, plain.tokens,
+            "the adapter changes the answer"
+        );
+        let cached_logits = |model: &Llama| {
+            let mut cache = model.new_cache();
+            let mut last = Vec::new();
+            for &token in prompt.iter().chain(&unmerged.tokens) {
+                let input = Tensor::new(&[token], model.device())
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap();
+                let logits = model.last_logits_cached(&input, &mut cache).unwrap();
+                last = crate::testing::flat(&logits);
+            }
+            last
+        };
+        let before = cached_logits(&base.model);
+        base.model.merge_lora().unwrap();
+        let merged = generate(&base.model, &prompt, &[], &greedy).unwrap();
+        assert_eq!(merged, unmerged);
+        let after = cached_logits(&base.model);
+        let difference = crate::testing::max_abs_difference(&before, &after);
+        assert!(difference < 1e-4, "{difference}");
+    }
+
     #[test]
     fn greedy_and_seeded_sampling_are_reproducible_and_limits_are_enforced() {
         let (_dir, base) = crate::testing::tiny_base();

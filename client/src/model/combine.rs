@@ -155,18 +155,24 @@ pub fn combine_adapters(parts: &[(&LoraSpec, &Adapter, f64)]) -> Result<(LoraSpe
     let spec = LoraSpec {
         rank_pattern: overrides
             .iter()
-            .map(|((layer, module), rank)| (regex::escape(&module_path(*layer, module)), *rank))
+            .map(|((layer, module), rank)| (pattern_key(*layer, module), *rank))
             .collect(),
         alpha_pattern: overrides
             .iter()
-            .map(|((layer, module), rank)| {
-                (regex::escape(&module_path(*layer, module)), *rank as f32)
-            })
+            .map(|((layer, module), rank)| (pattern_key(*layer, module), *rank as f32))
             .collect(),
         ..LoraSpec::new(max_rank, max_rank as f32, &target_modules)
     };
     spec.validate()?;
     Ok((spec, combined))
+}
+
+/// The `rank_pattern`/`alpha_pattern` key of one module: `layers\.N\.self_attn\.q_proj`, without
+/// the leading `model.`, so that older PEFT releases, which match a key only as `.*\.{key}$` or
+/// as the whole name (`model.layers.N...`), find it as PEFT 0.21 does (`(.*\.)?({key})$`).
+fn pattern_key(layer: usize, module: &str) -> String {
+    let path = module_path(layer, module);
+    regex::escape(path.strip_prefix("model.").unwrap_or(&path))
 }
 
 /// `(layer, module)` of every `lora_A` tensor in `adapter`.
@@ -266,6 +272,19 @@ mod tests {
         assert_eq!(spec.rank_for(1, "down_proj"), 5);
         assert_eq!(spec.rank_for(0, "down_proj"), 3);
         assert_eq!(spec.scale_for(0, "down_proj"), 1.0);
+        // Older PEFT releases match a pattern key as `.*\.{key}$` against the module's name
+        // (`model.layers.N...`): each key written must find its own module that way too.
+        assert!(!spec.rank_pattern.is_empty());
+        let layers = model.config().num_hidden_layers;
+        for (key, rank) in &spec.rank_pattern {
+            let older_peft = regex::Regex::new(&format!(r".*\.{key}$")).unwrap();
+            let found: Vec<(usize, &str)> = (0..layers)
+                .flat_map(|layer| spec.target_modules.iter().map(move |m| (layer, m.as_str())))
+                .filter(|(layer, module)| older_peft.is_match(&module_path(*layer, module)))
+                .collect();
+            assert_eq!(found.len(), 1, "{key}: {found:?}");
+            assert_eq!(spec.rank_for(found[0].0, found[0].1), *rank, "{key}");
+        }
         model.set_adapter(&spec, &combined).unwrap();
         let combined_weights = model.merged_weights().unwrap();
         for (name, weight) in &base_weights {
