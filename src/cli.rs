@@ -387,7 +387,8 @@ pub struct ServeArgs {
     /// Clip the global L2 norm of the LoRA gradients (0 = off).
     #[arg(long, default_value_t = 0.0)]
     pub max_grad_norm: f32,
-    /// Micro-batches accumulated into each optimizer step.
+    /// Micro-batches accumulated into each optimizer step, each weighted by its share of the
+    /// step's loss tokens (the gradient of one batch N times as large).
     #[arg(long, default_value_t = 1)]
     pub grad_accumulation: u32,
     /// Keep individual updates after aggregation (default: delete them once the round closes).

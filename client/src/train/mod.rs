@@ -246,41 +246,24 @@ pub fn train(
     let micro_batches = config.grad_accumulation.max(1);
     for step in 0..config.local_steps {
         optimizer.set_learning_rate(config.learning_rate_at(step));
-        let mut gradients: Option<GradStore> = None;
-        let mut step_loss = 0.0f64;
-        for micro_batch in 0..micro_batches {
-            let batch: Vec<&Window> = (0..config.batch_size.max(1))
-                .map(|_| &windows[rng.random_range(0..windows.len())])
-                .collect();
-            // A fresh dropout mask stream per micro-batch, reproducible from the task's seed.
-            let dropout_seed = config.seed ^ ((step * micro_batches + micro_batch) as u64) << 20;
-            let loss = batch_loss_train(model, &batch, Some(dropout_seed))?;
-            let value = loss.to_scalar::<f32>()?;
-            if !value.is_finite() {
-                return Err(ClientError::Protocol(format!(
-                    "training diverged at step {step}: loss is {value}"
-                )));
-            }
-            step_loss += f64::from(value) / micro_batches as f64;
-            tokens += batch
-                .iter()
-                .map(|window| window.input_len() as u64)
-                .sum::<u64>();
-            let micro = (loss / micro_batches as f64)?.backward()?;
-            // Keep detached gradients only: a Var's gradient links back to this micro-batch's
-            // activations, which must be freed before the next one runs.
-            let sum = gradients.get_or_insert_with(GradStore::default);
-            for var in &vars {
-                if let Some(gradient) = micro.get(var.as_tensor()) {
-                    let gradient = gradient.detach();
-                    let total = match sum.get(var.as_tensor()) {
-                        Some(previous) => (previous + gradient)?,
-                        None => gradient,
-                    };
-                    sum.insert(var.as_tensor(), total);
-                }
-            }
-        }
+        // Drawn one micro-batch after another, as before accumulation weighed them.
+        let batches: Vec<Vec<&Window>> = (0..micro_batches)
+            .map(|_| {
+                (0..config.batch_size.max(1))
+                    .map(|_| &windows[rng.random_range(0..windows.len())])
+                    .collect()
+            })
+            .collect();
+        tokens += batches
+            .iter()
+            .flatten()
+            .map(|window| window.input_len() as u64)
+            .sum::<u64>();
+        // A fresh dropout mask stream per micro-batch, reproducible from the task's seed.
+        let dropout_seeds =
+            |micro_batch: usize| config.seed ^ ((step * micro_batches + micro_batch) as u64) << 20;
+        let (gradients, step_loss) =
+            accumulate_gradients(model, &vars, &batches, step, dropout_seeds)?;
         let Some(mut gradients) = gradients else {
             continue;
         };
@@ -297,6 +280,51 @@ pub fn train(
         mean_loss: (loss_sum / config.local_steps.max(1) as f64) as f32,
         seconds: started.elapsed().as_secs_f32(),
     })
+}
+
+/// The summed gradients of one optimizer step over `batches` (micro-batches), each weighted by
+/// its share of the step's counted targets, and the step's loss: the mean over every counted
+/// target of the step, as one batch of all the windows would give it (and as transformers
+/// accumulates since 4.46). Weighing micro-batches equally would let one with 3 response tokens
+/// count as much as one with 300. Only detached gradients are kept: a `Var`'s gradient links
+/// back to its micro-batch's activations, which must be freed before the next one runs. `None`
+/// when no variable got a gradient. A non-finite loss is an error naming `step`.
+fn accumulate_gradients(
+    model: &Llama,
+    vars: &[Var],
+    batches: &[Vec<&Window>],
+    step: usize,
+    dropout_seed: impl Fn(usize) -> u64,
+) -> Result<(Option<GradStore>, f64)> {
+    let targets =
+        |batch: &[&Window]| -> usize { batch.iter().map(|window| window.num_targets()).sum() };
+    let step_targets: usize = batches.iter().map(|batch| targets(batch)).sum();
+    let mut gradients: Option<GradStore> = None;
+    let mut step_loss = 0.0f64;
+    for (micro_batch, batch) in batches.iter().enumerate() {
+        let share = targets(batch) as f64 / step_targets.max(1) as f64;
+        let loss = batch_loss_train(model, batch, Some(dropout_seed(micro_batch)))?;
+        let value = loss.to_scalar::<f32>()?;
+        if !value.is_finite() {
+            return Err(ClientError::Protocol(format!(
+                "training diverged at step {step}: loss is {value}"
+            )));
+        }
+        step_loss += f64::from(value) * share;
+        let micro = (loss * share)?.backward()?;
+        let sum = gradients.get_or_insert_with(GradStore::default);
+        for var in vars {
+            if let Some(gradient) = micro.get(var.as_tensor()) {
+                let gradient = gradient.detach();
+                let total = match sum.get(var.as_tensor()) {
+                    Some(previous) => (previous + gradient)?,
+                    None => gradient,
+                };
+                sum.insert(var.as_tensor(), total);
+            }
+        }
+    }
+    Ok((gradients, step_loss))
 }
 
 /// Scales the gradients of `vars` so that their global L2 norm is at most `max_norm`.
@@ -614,6 +642,52 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(after < before - 0.3, "loss {before} -> {after}");
+    }
+
+    /// Accumulation weighs each micro-batch by its counted targets: two micro-batches give the
+    /// gradients and loss of one batch of both windows, even when one has 4 response targets
+    /// and the other 32 (weighing them equally would not).
+    #[test]
+    fn accumulated_micro_batches_equal_one_batch_of_their_windows() {
+        let (_dir, mut base) = tiny();
+        base.model
+            .attach_lora(&LoraSpec::new(4, 8.0, &["q_proj", "v_proj"]), 1)
+            .unwrap();
+        crate::testing::randomize_lora_b(&base.model, 0.1, 2);
+        let vars = base.model.lora_vars();
+        let windows = sample_windows(32);
+        let response_only = Window {
+            targets: 28..32,
+            ..windows[0].clone()
+        };
+        let (short, long) = (&response_only, &windows[1]);
+        assert_eq!((short.num_targets(), long.num_targets()), (4, 32));
+        let run = |batches: &[Vec<&Window>]| {
+            let (gradients, loss) =
+                accumulate_gradients(&base.model, &vars, batches, 0, |_| 0).unwrap();
+            let gradients = gradients.unwrap();
+            let flat: Vec<f32> = vars
+                .iter()
+                .flat_map(|var| crate::testing::flat(gradients.get(var.as_tensor()).unwrap()))
+                .collect();
+            (flat, loss)
+        };
+        let (accumulated, accumulated_loss) = run(&[vec![short], vec![long]]);
+        let (together, together_loss) = run(&[vec![short, long]]);
+        let scale = together.iter().fold(0f32, |max, g| max.max(g.abs()));
+        let difference = crate::testing::max_abs_difference(&together, &accumulated);
+        assert!(difference < 1e-4 * scale, "{difference} of {scale}");
+        assert!((accumulated_loss - together_loss).abs() < 1e-5 * together_loss);
+        // The old rule, each micro-batch's mean loss halved, is measurably different here.
+        let (first, _) = run(&[vec![short]]);
+        let (second, _) = run(&[vec![long]]);
+        let halved: Vec<f32> = first
+            .iter()
+            .zip(&second)
+            .map(|(a, b)| (a + b) / 2.0)
+            .collect();
+        let difference = crate::testing::max_abs_difference(&together, &halved);
+        assert!(difference > 0.05 * scale, "{difference} of {scale}");
     }
 
     /// Loss and LoRA gradients of the tiny model with its frozen base changed by `reduce` (to a
