@@ -152,18 +152,38 @@ impl PartialEq for ChatTemplate {
 const TEMPLATE: &str = "chat";
 
 impl ChatTemplate {
-    /// Compiles `source` (an error names what minijinja cannot parse).
+    /// Compiles `source` and renders one exchange with it, as instruction data will (an error
+    /// names what minijinja cannot parse, or what failed to render: minijinja reports an
+    /// unknown filter or method only when it runs, and a template that cannot render a plain
+    /// user/assistant exchange would fail on every example).
     pub fn new(source: String, bos_token: String, eos_token: String) -> Result<Self> {
         let mut environment = environment();
         environment
             .add_template_owned(TEMPLATE, without_generation_tags(&source)?)
             .map_err(jinja_error)?;
-        Ok(Self {
+        let template = Self {
             source,
             bos_token,
             eos_token,
             environment,
-        })
+        };
+        for (messages, add_generation_prompt) in [
+            (&[("user", "Hi")][..], true),
+            (&[("user", "Hi"), ("assistant", "Hello")][..], false),
+        ] {
+            template
+                .render(messages, add_generation_prompt)
+                .map_err(|error| {
+                    let reason = match error {
+                        ClientError::ChatTemplate(reason) => reason,
+                        other => other.to_string(),
+                    };
+                    ClientError::ChatTemplate(format!(
+                        "it fails on a plain user/assistant exchange: {reason}"
+                    ))
+                })?;
+        }
+        Ok(template)
     }
 
     /// The text of the model's end-of-sequence token (what the template calls `eos_token`).
@@ -627,12 +647,22 @@ mod tests {
             "{{ raise_exception('no system role') }}",
         )
         .unwrap();
-        let template = ChatTemplate::from_model_dir(dir.path()).unwrap().unwrap();
-        let error = template
-            .render(&[("user", "x")], true)
+        let error = ChatTemplate::from_model_dir(dir.path())
             .unwrap_err()
             .to_string();
         assert!(error.contains("no system role"), "{error}");
+        // An unknown filter compiles in minijinja and fails only when it runs: refused on
+        // load too, so that `usable` falls back to ChatML or Alpaca.
+        std::fs::write(
+            dir.path().join("chat_template.jinja"),
+            "{% for m in messages %}{{ m['content'] | no_such_filter }}{% endfor %}",
+        )
+        .unwrap();
+        let error = ChatTemplate::from_model_dir(dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("plain user/assistant exchange"), "{error}");
+        assert!(usable(ChatTemplate::from_model_dir(dir.path())).is_none());
 
         std::fs::write(dir.path().join("chat_template.jinja"), "{% if %}").unwrap();
         let error = ChatTemplate::from_model_dir(dir.path())
