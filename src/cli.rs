@@ -1131,8 +1131,10 @@ fn generate(args: &GenerateArgs) -> Result<()> {
         TemplateChoice::Model => match base.prompt_template() {
             template @ PromptTemplate::Model(_) => Some(template),
             _ => anyhow::bail!(
-                "{} has no chat template of its own (no chat_template in tokenizer_config.json, \
-                 no chat_template.jinja, no tokenizer.chat_template in the GGUF)",
+                "{} has no usable chat template of its own (no chat_template in \
+                 tokenizer_config.json, no chat_template.jinja, no tokenizer.chat_template in the \
+                 GGUF, or one that cannot parse or render a user/assistant exchange here: see \
+                 the warning above)",
                 args.model.display()
             ),
         },

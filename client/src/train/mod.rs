@@ -288,7 +288,7 @@ pub fn train(
 /// accumulates since 4.46). Weighing micro-batches equally would let one with 3 response tokens
 /// count as much as one with 300. Only detached gradients are kept: a `Var`'s gradient links
 /// back to its micro-batch's activations, which must be freed before the next one runs. `None`
-/// when no variable got a gradient. A non-finite loss is an error naming `step`.
+/// only for no batches. A non-finite loss is an error naming `step`.
 fn accumulate_gradients(
     model: &Llama,
     vars: &[Var],
