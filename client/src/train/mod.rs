@@ -262,11 +262,8 @@ pub fn train(
         // A fresh dropout mask stream per micro-batch, reproducible from the task's seed.
         let dropout_seeds =
             |micro_batch: usize| config.seed ^ ((step * micro_batches + micro_batch) as u64) << 20;
-        let (gradients, step_loss) =
+        let (mut gradients, step_loss) =
             accumulate_gradients(model, &vars, &batches, step, dropout_seeds)?;
-        let Some(mut gradients) = gradients else {
-            continue;
-        };
         if let Some(max_norm) = config.max_grad_norm {
             clip_gradients(&mut gradients, &vars, max_norm)?;
         }
@@ -287,22 +284,24 @@ pub fn train(
 /// target of the step, as one batch of all the windows would give it (and as transformers
 /// accumulates since 4.46). Weighing micro-batches equally would let one with 3 response tokens
 /// count as much as one with 300. Only detached gradients are kept: a `Var`'s gradient links
-/// back to its micro-batch's activations, which must be freed before the next one runs. `None`
-/// only for no batches. A non-finite loss is an error naming `step`.
+/// back to its micro-batch's activations, which must be freed before the next one runs. A
+/// non-finite loss is an error naming `step`.
 fn accumulate_gradients(
     model: &Llama,
     vars: &[Var],
     batches: &[Vec<&Window>],
     step: usize,
     dropout_seed: impl Fn(usize) -> u64,
-) -> Result<(Option<GradStore>, f64)> {
-    let targets =
-        |batch: &[&Window]| -> usize { batch.iter().map(|window| window.num_targets()).sum() };
-    let step_targets: usize = batches.iter().map(|batch| targets(batch)).sum();
-    let mut gradients: Option<GradStore> = None;
+) -> Result<(GradStore, f64)> {
+    let targets: Vec<usize> = batches
+        .iter()
+        .map(|batch| batch.iter().map(|window| window.num_targets()).sum())
+        .collect();
+    let step_targets = targets.iter().sum::<usize>().max(1) as f64;
+    let mut gradients = GradStore::default();
     let mut step_loss = 0.0f64;
-    for (micro_batch, batch) in batches.iter().enumerate() {
-        let share = targets(batch) as f64 / step_targets.max(1) as f64;
+    for (micro_batch, (batch, &count)) in batches.iter().zip(&targets).enumerate() {
+        let share = count as f64 / step_targets;
         let loss = batch_loss_train(model, batch, Some(dropout_seed(micro_batch)))?;
         let value = loss.to_scalar::<f32>()?;
         if !value.is_finite() {
@@ -312,15 +311,14 @@ fn accumulate_gradients(
         }
         step_loss += f64::from(value) * share;
         let micro = (loss * share)?.backward()?;
-        let sum = gradients.get_or_insert_with(GradStore::default);
         for var in vars {
             if let Some(gradient) = micro.get(var.as_tensor()) {
                 let gradient = gradient.detach();
-                let total = match sum.get(var.as_tensor()) {
+                let total = match gradients.get(var.as_tensor()) {
                     Some(previous) => (previous + gradient)?,
                     None => gradient,
                 };
-                sum.insert(var.as_tensor(), total);
+                gradients.insert(var.as_tensor(), total);
             }
         }
     }
@@ -665,7 +663,6 @@ mod tests {
         let run = |batches: &[Vec<&Window>]| {
             let (gradients, loss) =
                 accumulate_gradients(&base.model, &vars, batches, 0, |_| 0).unwrap();
-            let gradients = gradients.unwrap();
             let flat: Vec<f32> = vars
                 .iter()
                 .flat_map(|var| crate::testing::flat(gradients.get(var.as_tensor()).unwrap()))
