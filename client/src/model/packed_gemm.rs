@@ -30,8 +30,9 @@
 //! The driver blocks `k` so that a panel's slice (64–128 KiB) stays in L2 while it sweeps tiles
 //! of [`MR`] rows of `A` (also in L2; the micro-kernel streams both through L1), and splits rows
 //! (or, for few rows, panels) across rayon's threads. The AVX2 kernel, with half the registers,
-//! is fed differently: a strip's k-block (up to 256 steps, 16 KiB) stays in L1 while tiles of `A`,
-//! copied into steps of [`MR`] values side by side (`interleave_rows`), stream past it from L2.
+//! is fed differently: tiles of `A`, copied into steps of [`MR`] values side by side
+//! (`interleave_rows`), sweep one strip's k-block (up to 512 steps, 32 KiB, in L1 and L2) after
+//! another, and while they sweep one strip they fetch the next into L2.
 #![allow(
     unsafe_code,
     reason = "AVX-512 and AVX2 intrinsics, and disjoint writes into one output from several threads"
@@ -631,8 +632,18 @@ fn matmul_with<W: Word>(a: &AOperand<'_, W>, m: usize, b: &PackedB<W>, kernel: K
                                 Layout::Rows => (kc0 * NR + first, NR),
                                 Layout::Strips => ((first / 16 * b.depth + kc0) * 16, 16),
                             };
+                            let next = match (kernel, b.layout) {
+                                (Kernel::Avx2, Layout::Strips) => {
+                                    next_strip(b, panel, first, panel_range.end, kc0, kc)
+                                }
+                                _ => &[],
+                            };
+                            // Each tile of the sweep fetches its share of the next strip.
+                            let share = 16 * kc.div_ceil((mc_end - mc0).div_ceil(MR));
                             let mut row = mc0;
                             while row < mc_end {
+                                let from = ((row - mc0) / MR * share).min(next.len());
+                                let prefetch = &next[from..(from + share).min(next.len())];
                                 let (a_words, a_lda, a_step) = if interleave_a {
                                     (&interleaved[(row - mc0) * kc..], 1, MR)
                                 } else {
@@ -648,6 +659,7 @@ fn matmul_with<W: Word>(a: &AOperand<'_, W>, m: usize, b: &PackedB<W>, kernel: K
                                     rows: tile_rows(kernel, mc_end - row),
                                     cols: strip_cols.min(cols - first),
                                     accumulate: kc0 > 0,
+                                    prefetch,
                                 };
                                 tile.check(kernel);
                                 // SAFETY: tasks own disjoint (row range × panel range)
@@ -677,13 +689,47 @@ fn matmul_with<W: Word>(a: &AOperand<'_, W>, m: usize, b: &PackedB<W>, kernel: K
     c
 }
 
-/// Word steps of `B` per k-block with `kernel`, at most: the AVX2 kernel keeps a strip's k-block
-/// in L1 (256 steps × 16 columns = 16 KiB of its 32 KiB), the others a panel slice in L2.
+/// Word steps of `B` per k-block with `kernel`, at most: for the AVX2 kernel a strip's k-block
+/// (512 steps × 16 columns = 32 KiB, read from L1 and L2), the others a panel slice in L2.
+///
+/// The AVX2 kernel's blocks were 256 steps (16 KiB, to stay in L1 across a sweep) until 512 turned
+/// out faster on every product of the reference step: for k = 512 it writes C once instead of
+/// storing it, reading it back and storing it again, and the logits of the output head's forward
+/// product are 16 MiB per 128-row chunk (a throwaway probe timing `product` on the step's shapes
+/// with both sizes alternating in one process, two threads, AMD EPYC Zen 3, paired medians of 15:
+/// the head's forward product +9%, its input gradient +5%, the layers' +4–6%).
 fn max_kc_words<W: Word>(kernel: Kernel) -> usize {
     match kernel {
-        Kernel::Avx2 => 256,
+        Kernel::Avx2 => 512,
         Kernel::Portable | Kernel::Avx512 | Kernel::Amx => W::KC_WORDS,
     }
+}
+
+/// The k-block `kc0..kc0 + kc` of the strip the AVX2 driver sweeps after strip `first / 16` of
+/// `panel` (the panel's next strip, else the next panel's first, if it is below `panel_end`), in
+/// [`Layout::Strips`]; empty after the last.
+///
+/// The tiles fetch it into L2 while they sweep the current strip (spread over them, one line per
+/// kernel step): its lines otherwise come from L3 or memory as the first tile reaches them, and
+/// the output head's 32000 columns are read once for each block of rows, its rows too few for
+/// the sweep to hide the wait (the same probe as [`max_kc_words`], prefetch on and off: the
+/// head's products +7–11% with blocks of 256 steps, +5–7% with 512; the layers' 0–3%).
+fn next_strip<W: Word>(
+    b: &PackedB<W>,
+    panel: usize,
+    first: usize,
+    panel_end: usize,
+    kc0: usize,
+    kc: usize,
+) -> &[W] {
+    let start = if first + 16 < NR.min(b.n - panel * NR) {
+        panel * b.depth * NR + ((first / 16 + 1) * b.depth + kc0) * 16
+    } else if panel + 1 < panel_end {
+        (panel + 1) * b.depth * NR + kc0 * 16
+    } else {
+        return &[];
+    };
+    &b.words()[start..start + kc * 16]
 }
 
 /// Copies `rows` × `steps` of the row-major `a` (row stride `lda`) into `out` as tiles of `MR`
@@ -753,6 +799,9 @@ pub struct Tile<'a, W> {
     rows: usize,
     cols: usize,
     accumulate: bool,
+    /// Lines the AVX2 kernel fetches into L2 while it runs, one per step from its first: a
+    /// part of the strip the next tiles read (empty for none). Only prefetched, never read.
+    prefetch: &'a [W],
 }
 
 impl<W> Tile<'_, W> {
@@ -1081,6 +1130,7 @@ mod x86 {
                 rows: MR.min(tile.rows - first_row),
                 cols: tile.cols,
                 accumulate: tile.accumulate || steps > 0,
+                prefetch: &[],
             };
             part.check(Kernel::Avx512);
             // SAFETY: the CPU has AVX-512F and AVX-512 BF16; `part` was checked; its rows lie
@@ -1268,25 +1318,37 @@ mod x86 {
     ) {
         let mut a = tile.a.as_ptr();
         let mut b = tile.b.as_ptr();
-        // C's lines, up to 256 steps (about 1,500 cycles) before the loads and stores use them.
+        // C's lines, up to 512 steps (about 3,000 cycles) before the loads and stores use them.
         prefetch_c::<ROWS, 16>(c, ldc);
         let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
-        for _ in 0..tile.depth {
-            // SAFETY (all reads): at the `p`-th step (`p < depth`) `b` points at the strip's 16
-            // values at `p × b_step` and `a` at A's `MR` values at `p × MR` (`ROWS <= MR`), inside
-            // the checked slices. The pointers move by `wrapping_add`: after the last step, in
-            // `Layout::Rows`, `b` may point past the slice's end (never read).
-            unsafe {
-                let b0 = _mm256_loadu_ps(b);
-                let b1 = _mm256_loadu_ps(b.add(8));
-                for (r, acc_row) in acc.iter_mut().enumerate() {
-                    let broadcast = _mm256_broadcast_ss(&*a.add(r));
-                    acc_row[0] = _mm256_fmadd_ps(broadcast, b0, acc_row[0]);
-                    acc_row[1] = _mm256_fmadd_ps(broadcast, b1, acc_row[1]);
+        // One step; a macro rather than a closure, which might not inherit the target features.
+        macro_rules! step {
+            () => {
+                // SAFETY (all reads): at the `p`-th step (`p < depth`) `b` points at the strip's
+                // 16 values at `p × b_step` and `a` at A's `MR` values at `p × MR` (`ROWS <= MR`),
+                // inside the checked slices. The pointers move by `wrapping_add`: after the last
+                // step, in `Layout::Rows`, `b` may point past the slice's end (never read).
+                unsafe {
+                    let b0 = _mm256_loadu_ps(b);
+                    let b1 = _mm256_loadu_ps(b.add(8));
+                    for (r, acc_row) in acc.iter_mut().enumerate() {
+                        let broadcast = _mm256_broadcast_ss(&*a.add(r));
+                        acc_row[0] = _mm256_fmadd_ps(broadcast, b0, acc_row[0]);
+                        acc_row[1] = _mm256_fmadd_ps(broadcast, b1, acc_row[1]);
+                    }
                 }
                 a = a.wrapping_add(MR);
                 b = b.wrapping_add(tile.b_step);
-            }
+            };
+        }
+        let prefetched = tile.prefetch.chunks(16).take(tile.depth);
+        let fetching = prefetched.len();
+        for line in prefetched {
+            _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast());
+            step!();
+        }
+        for _ in fetching..tile.depth {
+            step!();
         }
         // SAFETY: as this function's caller vouches.
         unsafe { store_avx2(&acc, tile.cols, tile.accumulate, c, ldc) }
@@ -1477,6 +1539,31 @@ mod tests {
         // Strip `s` of panel `p` is `depth` steps of 16 columns, contiguous.
         assert_eq!(strips.words()[strips.word_index(5, 64 + 20)], w[5 * n + 84]);
         assert_eq!(strips.word_index(5, 64 + 20), 64 * k + k * 16 + 5 * 16 + 4);
+    }
+
+    /// The AVX2 driver prefetches the k-block of the strip it sweeps next: the panel's next
+    /// strip, after a panel's last the next panel's first, after the range's last nothing.
+    #[test]
+    fn the_next_strip_is_the_k_block_swept_next() {
+        let (k, n) = (600, 150);
+        let w = values(k * n, 6);
+        let b = PackedB::<f32>::pack_in(Layout::Strips, k, n, |l, j| w[l * n + j]);
+        let panels = n.div_ceil(NR);
+        let block = |col: usize, kc0: usize, kc: usize| -> Vec<f32> {
+            (kc0..kc0 + kc)
+                .flat_map(|p| (col..col + 16).map(move |j| (p, j)))
+                .map(|(p, j)| b.words()[b.word_index(p, j)])
+                .collect()
+        };
+        for (kc0, kc) in [(0, 300), (300, 300)] {
+            assert_eq!(next_strip(&b, 0, 0, panels, kc0, kc), block(16, kc0, kc));
+            assert_eq!(next_strip(&b, 0, 48, panels, kc0, kc), block(64, kc0, kc));
+            // Panel 2 has 22 columns: strips 0 and 1, then no panel after it.
+            assert_eq!(next_strip(&b, 2, 0, panels, kc0, kc), block(144, kc0, kc));
+            assert!(next_strip(&b, 2, 16, panels, kc0, kc).is_empty());
+            // A task's range of panels ends before panel 2.
+            assert!(next_strip(&b, 1, 48, 2, kc0, kc).is_empty());
+        }
     }
 
     #[test]
