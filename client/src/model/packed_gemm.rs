@@ -49,7 +49,7 @@ pub const NR: usize = 64;
 /// (AVX-512); 6 × 2 accumulators, 2 strip registers, 1 broadcast (AVX2).
 const MR: usize = 6;
 /// Rows of A per block: 96 rows × 512 words × 4 bytes = 192 KiB of A at most, in L2 (AVX2:
-/// 96 rows × up to 256 steps = 96 KiB, copied).
+/// 96 rows × up to 512 steps = 192 KiB, copied).
 const MC: usize = 96;
 /// Panels of B per block: 16 panel slices (1–2 MiB), in L2/L3.
 const NC_PANELS: usize = 16;
@@ -297,8 +297,8 @@ pub enum Layout {
     /// and AMX kernels read.
     Rows,
     /// The panel is four strips of 16 columns, each `depth` steps of one line, one strip after
-    /// another: what the AVX2 kernel reads. A strip's k-block (up to 256 steps, 16 KiB) is one
-    /// contiguous run that stays in L1 while the kernel sweeps rows of `A` against it; in
+    /// another: what the AVX2 kernel reads. A strip's k-block (up to 512 steps, 32 KiB) is one
+    /// contiguous run, in L1 and L2 while the kernel sweeps rows of `A` against it; in
     /// [`Layout::Rows`] the same 16 columns lie 256 bytes apart per step, in a quarter of L1's
     /// sets, and could not.
     Strips,
@@ -567,7 +567,7 @@ fn matmul_with<W: Word>(a: &AOperand<'_, W>, m: usize, b: &PackedB<W>, kernel: K
         kc_words = kc_words.next_multiple_of(16);
     }
     // The AVX2 kernel takes one strip of 16 columns at a time, so that the strip's k-block
-    // stays in L1 across a block's tiles of rows, and `A` interleaved (below).
+    // stays close (L1 and L2) across a block's tiles of rows, and `A` interleaved (below).
     let strip_cols = if kernel == Kernel::Avx2 || b.layout == Layout::Strips {
         16
     } else {
@@ -1193,8 +1193,8 @@ mod x86 {
     }
 
     /// Asks for the lines of a tile of C (`ROWS` rows × up to `COLS` columns) before a kernel's
-    /// loop: C is read and written (or only written) after the last of up to 256 (AVX2; AVX-512
-    /// bf16 pairs) or 512 (AVX-512 f32) word steps, where `perf annotate` found the loads waiting
+    /// loop: C is read and written (or only written) after the last of up to 256 (AVX-512 bf16
+    /// pairs) or 512 (AVX2, AVX-512 f32) word steps, where `perf annotate` found the loads waiting
     /// on L3 or memory. A row's `COLS` values span at most the lines of every 16th column and of
     /// the last one, at any alignment (16 columns: two lines; 64: five). A prefetch never faults;
     /// `wrapping_add` because a narrow tile's last row may end, with C, before column `COLS`.
