@@ -503,8 +503,9 @@ async fn run_task(
         tracing::warn!(
             skipped,
             seq_len,
-            "instruction examples whose prompt fills the task's sequence length teach nothing \
-             and are skipped"
+            "examples that teach nothing at the task's sequence length are skipped and carry no \
+             FedAvg weight: instruction examples whose prompt fills it, documents wholly in the \
+             packed stream's tail past the last full window"
         );
     }
     let round_id = task.round_id;

@@ -380,6 +380,34 @@ pub fn export_merged(base: &BaseModel, out_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Where a merged export keeps a chat template that fedlora could not use (minijinja does not
+/// parse or render it), a caveat for whoever runs the merged model: instruction data was laid out in
+/// ChatML or Alpaca instead (see [`crate::chat::usable`]), while tools that can render the
+/// copied template (transformers' `apply_chat_template`) would prompt the model in it. Whether
+/// the adapter saw instruction data at all, the export cannot know, so it keeps the model's
+/// template and says so. `None` where the template was used, or there is none.
+pub fn merged_template_caveat(base: &BaseModel) -> Option<String> {
+    if base.chat_template.is_some() || !base.dir.is_dir() {
+        return None;
+    }
+    let error = crate::chat::ChatTemplate::from_model_dir(&base.dir).err()?;
+    // A malformed tokenizer_config.json fails too, with or without a template in it.
+    let ships_one = base.dir.join("chat_template.jinja").is_file()
+        || std::fs::read_to_string(base.dir.join("tokenizer_config.json"))
+            .is_ok_and(|config| config.contains("chat_template"));
+    if !ships_one {
+        return None;
+    }
+    let layout = crate::chat::PromptTemplate::for_tokenizer(&base.tokenizer).name();
+    Some(format!(
+        "the merged model keeps {}'s own chat template, which fedlora cannot render ({error}); \
+         fedlora laid instruction data out in {layout} instead, so if the adapter was trained on \
+         instruction examples, prompt the merged model in {layout}, not with its chat template \
+         (`fedlora generate` does so by itself)",
+        base.dir.display()
+    ))
+}
+
 /// Files of a Hugging Face model directory beside `tokenizer.json` that a merged export keeps.
 const TOKENIZER_SIDE_FILES: [&str; 4] = [
     "tokenizer_config.json",
@@ -756,6 +784,40 @@ mod tests {
             std::fs::read(base_dir.join("model.safetensors")).unwrap(),
             weights
         );
+    }
+
+    /// A chat template fedlora cannot render is copied as it is, with a caveat naming the
+    /// layout instruction data fell back to.
+    #[test]
+    fn a_merged_export_of_an_unusable_template_says_which_layout_was_trained() {
+        let dir = tempfile::tempdir().unwrap();
+        let base_dir = dir.path().join("base");
+        write_tiny_model(&base_dir, &TinyModelSpec::default()).unwrap();
+        let base = BaseModel::load(&base_dir, &Device::Cpu).unwrap();
+        assert_eq!(merged_template_caveat(&base), None, "no template at all");
+        let unusable = "{% for m in messages %}{{ m['content'] | no_such_filter }}{% endfor %}";
+        std::fs::write(base_dir.join("chat_template.jinja"), unusable).unwrap();
+        let base = BaseModel::load(&base_dir, &Device::Cpu).unwrap();
+        assert!(base.chat_template.is_none());
+        let caveat = merged_template_caveat(&base).unwrap();
+        let layout = crate::chat::PromptTemplate::for_tokenizer(&base.tokenizer).name();
+        assert!(
+            caveat.contains(&format!("prompt the merged model in {layout}")),
+            "{caveat}"
+        );
+        let out = dir.path().join("merged");
+        export_merged(&base, &out).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(out.join("chat_template.jinja")).unwrap(),
+            unusable
+        );
+        // A template fedlora renders needs no caveat.
+        let usable = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}\
+                      {% if add_generation_prompt %}<|assistant|>{% endif %}";
+        std::fs::write(base_dir.join("chat_template.jinja"), usable).unwrap();
+        let base = BaseModel::load(&base_dir, &Device::Cpu).unwrap();
+        assert!(base.chat_template.is_some());
+        assert_eq!(merged_template_caveat(&base), None);
     }
 
     /// Qwen2's config as transformers 5 saved it has no `head_dim`: the export must not write

@@ -328,18 +328,66 @@ fn supervised_window(example: &Example, eos: u32, seq_len: usize) -> Option<Wind
     })
 }
 
-/// How many of `examples` [`make_windows`] trains on at `seq_len`: every text document (packed;
-/// a short last stretch of the stream may fall outside every window), and the instruction
-/// examples whose response fits. This is the weight a site's update carries in FedAvg, so
-/// examples that teach nothing do not count.
+/// How many of `examples` [`make_windows`] trains on at `seq_len`: the text documents with a
+/// counted target in some packed window (not those that fall wholly in the stream's tail past
+/// the last full window, nor a document that is only an EOS token, whose one target is not
+/// counted), and the
+/// instruction examples whose response fits. This is the weight a site's update carries in
+/// FedAvg, so examples that teach nothing do not count.
 pub fn trained_examples(examples: &[Example], eos: u32, seq_len: usize) -> usize {
-    examples
+    let (starts, extents): (Vec<usize>, Vec<usize>) = stream_layout(
+        examples.iter().filter_map(|example| match example {
+            Example::Text(tokens) => Some(tokens.as_slice()),
+            Example::Supervised { .. } => None,
+        }),
+        eos,
+    )
+    .unzip();
+    let stream_len = starts.last().zip(extents.last()).map_or(0, |(s, e)| s + e);
+    // A document's tokens after its first are predicted, and counted, up to `last`.
+    let documents = last_target(stream_len, seq_len).map_or(0, |last| {
+        starts
+            .iter()
+            .zip(&extents)
+            .filter(|&(&start, &extent)| extent >= 2 && start < last)
+            .count()
+    });
+    let instructions = examples
         .iter()
-        .filter(|example| match example {
-            Example::Text(_) => true,
-            Example::Supervised { .. } => supervised_window(example, eos, seq_len).is_some(),
+        .filter(|example| supervised_window(example, eos, seq_len).is_some())
+        .count();
+    documents + instructions
+}
+
+/// Where each non-empty document starts in the packed stream, and how many tokens it takes
+/// there (its own, and the EOS appended unless it already ends with one).
+fn stream_layout<'a>(
+    documents: impl IntoIterator<Item = &'a [u32]>,
+    eos: u32,
+) -> impl Iterator<Item = (usize, usize)> {
+    documents
+        .into_iter()
+        .filter(|document| !document.is_empty())
+        .scan(0, move |next, document| {
+            let start = *next;
+            let extent = document.len() + usize::from(document.last() != Some(&eos));
+            *next += extent;
+            Some((start, extent))
         })
-        .count()
+}
+
+/// The stream position of the last token that [`pack_windows`]' targets predict, for a stream
+/// of `len` tokens cut at `seq_len`: the end of the last full window, or the stream's own end
+/// when it is shorter than one window; `None` when no window is cut. Every token at positions
+/// `1..=last` is predicted by exactly one window's target.
+fn last_target(len: usize, seq_len: usize) -> Option<usize> {
+    if seq_len == 0 || len < 2 {
+        None
+    } else if len <= seq_len {
+        Some(len - 1)
+    } else {
+        Some((len - 1) / seq_len * seq_len)
+    }
 }
 
 /// Packs the non-empty documents (each followed by `eos`, unless the tokenizer already ended it
@@ -359,28 +407,25 @@ pub fn pack_windows(documents: &[Vec<u32>], eos: u32, seq_len: usize) -> Vec<Win
             stream.push(eos);
         }
     }
-    if seq_len == 0 || stream.len() < 2 {
+    let Some(last) = last_target(stream.len(), seq_len) else {
         return Vec::new();
-    }
-    let window = |first: usize, end: usize| Window {
-        tokens: stream[first..end].to_vec(),
-        targets: 0..end - first - 1,
-        starts: starts
-            .iter()
-            .filter(|&&start| start > first && start < end)
-            .map(|start| start - first)
-            .collect(),
     };
-    let windows = if stream.len() < seq_len + 1 {
-        vec![window(0, stream.len())]
-    } else {
-        (0..=(stream.len() - seq_len - 1) / seq_len)
-            .map(|index| window(index * seq_len, index * seq_len + seq_len + 1))
-            .collect()
-    };
-    // A window whose every target predicts a document's first token teaches nothing.
-    windows
-        .into_iter()
+    // Window i spans stream[i·seq_len ..= min((i+1)·seq_len, last)].
+    (0..last.div_ceil(seq_len))
+        .map(|index| {
+            let first = index * seq_len;
+            let end = (first + seq_len).min(last) + 1;
+            Window {
+                tokens: stream[first..end].to_vec(),
+                targets: 0..end - first - 1,
+                starts: starts
+                    .iter()
+                    .filter(|&&start| start > first && start < end)
+                    .map(|start| start - first)
+                    .collect(),
+            }
+        })
+        // A window whose every target predicts a document's first token teaches nothing.
         .filter(|window| window.num_targets() > 0)
         .collect()
 }
@@ -433,6 +478,64 @@ mod tests {
             )]
         );
         assert!(pack_windows(&[], 99, 4).is_empty());
+    }
+
+    /// The FedAvg weight counts exactly the documents some counted target of the packed windows
+    /// predicts a token of: not those wholly in the tail past the last full window.
+    #[test]
+    fn trained_documents_are_those_the_windows_teach() {
+        use rand::Rng;
+        let text = |documents: &[Vec<u32>]| -> Vec<Example> {
+            documents.iter().cloned().map(Example::Text).collect()
+        };
+        // stream: 1 2 3 4 E 5 6 E; at seq_len 4 one window (positions 0..=4): the second
+        // document lies in the left-out tail.
+        let documents = vec![vec![1, 2, 3, 4], vec![5, 6]];
+        assert_eq!(trained_examples(&text(&documents), 99, 4), 1);
+        assert_eq!(trained_examples(&text(&documents), 99, 7), 2);
+        assert_eq!(trained_examples(&text(&documents), 99, 64), 2);
+        // A document that is only an EOS has no counted target (a one-token one gets EOS
+        // appended and predicts it); an empty one is no document.
+        assert_eq!(trained_examples(&text(&[vec![7], vec![5, 6]]), 99, 64), 2);
+        assert_eq!(
+            trained_examples(&text(&[vec![99], vec![], vec![5, 6]]), 99, 64),
+            1
+        );
+        assert_eq!(trained_examples(&text(&documents), 99, 0), 0);
+
+        let mut rng = crate::model::lora::seeded_rng(11);
+        for _ in 0..500 {
+            // Token 1000 + 100·d + j is document d's j-th: every real token names its document.
+            let documents: Vec<Vec<u32>> = (0..rng.random_range(0..8u32))
+                .map(|d| {
+                    let mut tokens: Vec<u32> = (0..rng.random_range(0..7u32))
+                        .map(|j| 1000 + 100 * d + j)
+                        .collect();
+                    if rng.random_bool(0.3) {
+                        tokens.push(99);
+                    }
+                    tokens
+                })
+                .collect();
+            let seq_len = rng.random_range(1..10);
+            let mut taught = std::collections::BTreeSet::new();
+            for window in pack_windows(&documents, 99, seq_len) {
+                for position in window.targets.clone().filter(|&p| window.counts(p)) {
+                    // A predicted EOS belongs to the document of the token before it.
+                    let token = match window.tokens[position + 1] {
+                        99 => window.tokens[position],
+                        token => token,
+                    };
+                    assert_ne!(token, 99);
+                    taught.insert((token - 1000) / 100);
+                }
+            }
+            assert_eq!(
+                trained_examples(&text(&documents), 99, seq_len),
+                taught.len(),
+                "{documents:?} at seq_len {seq_len}"
+            );
+        }
     }
 
     #[test]

@@ -346,6 +346,10 @@ fn clip_gradients(gradients: &mut GradStore, vars: &[Var], max_norm: f64) -> Res
 }
 
 /// Token-weighted mean loss over at most `max_windows` held-out windows, in batches of `batch_size`.
+/// Where there are more, `max_windows` of them spread evenly over the list are taken (the same
+/// ones every round, so losses compare across rounds): in a file mixing documents and
+/// instruction examples, whose windows [`make_windows`](data::make_windows) lists kind by kind,
+/// both kinds are evaluated in proportion, not only the first.
 pub fn evaluate(
     model: &Llama,
     windows: &[Window],
@@ -357,7 +361,9 @@ pub fn evaluate(
             "evaluation needs at least one window (max_eval_windows is 0)".into(),
         ));
     }
-    let windows = &windows[..windows.len().min(max_windows)];
+    let windows: Vec<&Window> = evenly_spaced(windows.len(), max_windows)
+        .map(|index| &windows[index])
+        .collect();
     if windows.is_empty() {
         return Err(ClientError::NotEnoughData(
             "no held-out window to evaluate: the held-out documents (every tenth) are empty, or \
@@ -367,10 +373,9 @@ pub fn evaluate(
     }
     let mut loss_sum = 0.0f64;
     let mut tokens = 0u64;
-    for chunk in windows.chunks(batch_size.max(1)) {
-        let batch: Vec<&Window> = chunk.iter().collect();
+    for batch in windows.chunks(batch_size.max(1)) {
         let batch_tokens: u64 = batch.iter().map(|window| window.num_targets() as u64).sum();
-        let loss = batch_loss_with(model, &batch, None, false)?.to_scalar::<f32>()?;
+        let loss = batch_loss_with(model, batch, None, false)?.to_scalar::<f32>()?;
         loss_sum += f64::from(loss) * batch_tokens as f64;
         tokens += batch_tokens;
     }
@@ -378,6 +383,13 @@ pub fn evaluate(
         loss: (loss_sum / tokens as f64) as f32,
         tokens,
     })
+}
+
+/// `min(len, max)` indices into a list of `len`, ascending and spread evenly over it: all of
+/// them when `len <= max`, else `⌊i·len/max⌋` for `i` in `0..max` (distinct, as `len > max`).
+fn evenly_spaced(len: usize, max: usize) -> impl Iterator<Item = usize> {
+    let count = len.min(max);
+    (0..count).map(move |i| i * len / count)
 }
 
 #[cfg(test)]
@@ -1049,8 +1061,12 @@ mod tests {
             / 2.0;
         assert!((loss(&[&response]) - manual).abs() < 1e-5);
         // Evaluation weights by counted targets.
-        let report = evaluate(model, &[response, short], 2, 8).unwrap();
+        let report = evaluate(model, &[response.clone(), short.clone()], 2, 8).unwrap();
         assert_eq!(report.tokens, 2 + 5);
+        // Capped at two windows of four listed kind by kind, one of each kind is evaluated
+        // (the first two would be `response` twice: 4 tokens).
+        let mixed = [response.clone(), response, short.clone(), short];
+        assert_eq!(evaluate(model, &mixed, 2, 2).unwrap().tokens, 2 + 5);
         // No window at all (every held-out prompt too long), or none allowed: errors that say
         // which.
         let error = evaluate(model, &[], 2, 8).unwrap_err();
@@ -1063,6 +1079,25 @@ mod tests {
             error.to_string().contains("max_eval_windows is 0"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn evaluation_subsets_spread_over_the_whole_list() {
+        let spaced = |len, max| evenly_spaced(len, max).collect::<Vec<_>>();
+        assert_eq!(spaced(6, 2), [0, 3]);
+        assert_eq!(spaced(10, 3), [0, 3, 6]);
+        assert_eq!(spaced(5, 5), [0, 1, 2, 3, 4]);
+        assert_eq!(spaced(3, 8), [0, 1, 2]);
+        assert!(spaced(0, 4).is_empty());
+        assert!(spaced(4, 0).is_empty());
+        for (len, max) in [(1000, 64), (65, 64), (64, 63), (7, 3)] {
+            let indices = spaced(len, max);
+            assert_eq!(indices.len(), max);
+            assert!(indices.windows(2).all(|pair| pair[0] < pair[1]));
+            assert!(*indices.last().unwrap() < len);
+            // The last index lies in the last stretch of len/max: the list's end is reached.
+            assert!(*indices.last().unwrap() >= len - len.div_ceil(max));
+        }
     }
 
     /// A packed window trains as its documents would alone: its loss is their losses weighted
