@@ -1252,14 +1252,14 @@ fn merge(args: &MergeArgs) -> Result<()> {
     let base = load_with_adapters(&args.model, &args.adapters, None)?;
     fedlora_client::model::export_merged(&base, &args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;
-    if let Some(caveat) = fedlora_client::model::merged_template_caveat(&base) {
-        eprintln!("note: {caveat}");
-    }
     eprintln!(
         "wrote {} with {} adapter(s) merged in",
         args.out.display(),
         args.adapters.adapters.len()
     );
+    if let Some(caveat) = fedlora_client::model::merged_template_caveat(&base) {
+        eprintln!("note: {caveat}");
+    }
     Ok(())
 }
 

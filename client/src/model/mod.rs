@@ -400,7 +400,7 @@ pub fn merged_template_caveat(base: &BaseModel) -> Option<String> {
     }
     let layout = crate::chat::PromptTemplate::for_tokenizer(&base.tokenizer).name();
     Some(format!(
-        "the merged model keeps {}'s own chat template, which fedlora cannot render ({error}); \
+        "the merged model keeps {}'s own chat template, which fedlora cannot use ({error}); \
          fedlora laid instruction data out in {layout} instead, so if the adapter was trained on \
          instruction examples, prompt the merged model in {layout}, not with its chat template \
          (`fedlora generate` does so by itself)",
