@@ -331,8 +331,9 @@ fn supervised_window(example: &Example, eos: u32, seq_len: usize) -> Option<Wind
 /// How many of `examples` [`make_windows`] trains on at `seq_len`: the text documents with a
 /// counted target in some packed window (not those that fall wholly in the stream's tail past
 /// the last full window, nor a document that is only an EOS token, whose one target is not
-/// counted), and the instruction examples whose response fits. This is the weight a site's
-/// update carries in FedAvg, so examples that teach nothing do not count.
+/// counted), and the instruction examples whose prompt leaves room for a response token (a
+/// longer response is cut). This is the weight a site's update carries in FedAvg, so examples
+/// that teach nothing do not count.
 pub fn trained_examples(examples: &[Example], eos: u32, seq_len: usize) -> usize {
     let (starts, extents): (Vec<usize>, Vec<usize>) = stream_layout(
         examples.iter().filter_map(|example| match example {
