@@ -219,6 +219,9 @@ pub fn show(bar: &ProgressBar, event: &DaemonEvent) {
                 fedlora_client::train::perplexity(*loss)
             ));
         }
+        DaemonEvent::NotEvaluated { round_id, seq_len } => bar.set_message(format!(
+            "round {round_id}: no held-out window at sequence length {seq_len}"
+        )),
         DaemonEvent::Step {
             round_id,
             step,

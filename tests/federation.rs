@@ -18,7 +18,7 @@ use fedlora_coordinator::pki::{CertificateAuthority, IssueRequest, Role};
 use fedlora_coordinator::rounds::Coordinator;
 use fedlora_coordinator::rounds::round_seed;
 use fedlora_coordinator::server::{self, RunningServer, ServerTransport};
-use fedlora_coordinator::store::{PgStore, RevokedRow, RoundRow, Store};
+use fedlora_coordinator::store::{PgStore, RevokedRow, RoundRow, SqliteStore, Store};
 use fedlora_coordinator::tls::ServerTls;
 use fedlora_proto::adapter::{Adapter, Factor, LoraSpec, adapter_spec, sha256_hex};
 use fedlora_proto::factors::{client_spec, initial_factors};
@@ -409,6 +409,7 @@ async fn upload_parts(
             train_loss: 1.0,
             eval_loss: 1.0,
             seconds: 0.1,
+            eval_tokens: Some(10),
         }),
     };
     let mut messages = vec![pb::SubmitUpdateRequest {
@@ -862,6 +863,97 @@ async fn every_site_beats_the_base_model_after_two_rounds() {
             site.eval_loss,
             after.eval_loss
         );
+    }
+}
+
+/// A site whose held-out examples (every tenth) all have prompts that fill the task's sequence
+/// length trains as usual and reports "no held-out tokens": the federation finishes, its loss
+/// shows as none in the round summaries, and the other site's loss is the round's mean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_without_heldout_windows_trains_and_reports_no_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("model");
+    write_tiny_model(&model_dir, &TinyModelSpec::default()).unwrap();
+    // A short template, so that a short example's prompt leaves room for its answer (a byte is
+    // a token here; Alpaca's preamble alone would fill the window).
+    std::fs::write(
+        model_dir.join("chat_template.jinja"),
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}\
+         {% if add_generation_prompt %}<|assistant|>{% endif %}",
+    )
+    .unwrap();
+    let mut sites = make_sites(dir.path(), &[("clinic", 60)]);
+    let long_prompt = "summarise this note please ".repeat(40);
+    let lines: Vec<String> = (0..40)
+        .map(|index| {
+            let instruction = if index % 10 == 9 {
+                long_prompt.as_str()
+            } else {
+                "say hi"
+            };
+            serde_json::json!({ "instruction": instruction, "output": "hi there" }).to_string()
+        })
+        .collect();
+    let data = dir.path().join("helpdesk.jsonl");
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    sites.push(Site {
+        name: "helpdesk",
+        documents: 40,
+        base: BasePrecision::F32,
+        state_dir: dir.path().join("state").join("helpdesk"),
+        data,
+        max_rank: 16,
+    });
+    let url = format!("sqlite://{}", dir.path().join("state.db").display());
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::connect(&url).await.unwrap());
+    let mut config = small_config(1, 2);
+    config.training.seq_len = 64;
+    let summaries = run_federation(store.clone(), config.clone(), &model_dir, &sites).await;
+    assert!(summaries[0].last_eval_loss.is_some());
+    assert_eq!(summaries[1].last_eval_loss, None, "{:?}", summaries[1]);
+    assert_eq!(summaries[1].rounds_trained, 1);
+
+    let federation = store.create_or_get_federation("test", "", 0).await.unwrap();
+    assert_eq!(federation.state, "finished");
+    let clients = store.list_clients(federation.id).await.unwrap();
+    let id = |name| {
+        clients
+            .iter()
+            .find(|client| client.name == name)
+            .unwrap()
+            .id
+    };
+    let rounds = rounds_oldest_first(store.as_ref(), federation.id).await;
+    assert_eq!(rounds.len(), 2, "a train round and the final evaluation");
+    for round in &rounds {
+        for evaluation in store.list_evaluations(round.id).await.unwrap() {
+            let measured = evaluation.client_id == id("clinic");
+            assert_eq!(evaluation.num_tokens > 0, measured, "{evaluation:?}");
+            assert_eq!(evaluation.eval_loss > 0.0, measured, "{evaluation:?}");
+        }
+    }
+    for update in store.list_updates(rounds[0].id).await.unwrap() {
+        let measured = update.client_id == id("clinic");
+        assert_eq!(
+            update.local_eval_tokens.unwrap() > 0,
+            measured,
+            "{update:?}"
+        );
+        assert_eq!(update.local_eval_loss > 0.0, measured, "{update:?}");
+    }
+    let coordinator = Coordinator::start(store.clone(), config).await.unwrap();
+    for summary in coordinator.rounds(10).await.unwrap() {
+        let loss = |name: &str| {
+            summary
+                .clients
+                .iter()
+                .find(|client| client.client_name == name)
+                .unwrap()
+                .eval_loss
+        };
+        assert!(loss("helpdesk").is_nan());
+        assert!(loss("clinic") > 0.0);
+        assert_eq!(summary.mean_eval_loss, loss("clinic"));
     }
 }
 

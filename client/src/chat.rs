@@ -207,8 +207,10 @@ impl ChatTemplate {
     pub fn from_model_dir(dir: &Path) -> Result<Option<Self>> {
         let config_path = dir.join("tokenizer_config.json");
         let config: serde_json::Value = match std::fs::read_to_string(&config_path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|error| {
-                ClientError::ChatTemplate(format!("{}: {error}", config_path.display()))
+            // Not a template's fault: `usable` keeps no refusal for it (see `merge`'s caveat).
+            Ok(text) => serde_json::from_str(&text).map_err(|error| ClientError::Config {
+                path: config_path.clone(),
+                message: error.to_string(),
             })?,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => serde_json::Value::Null,
             Err(error) => return Err(ClientError::io(&config_path)(error)),
@@ -308,17 +310,23 @@ pub fn token_text(value: &serde_json::Value) -> Option<&str> {
 
 /// A loaded template, or `None` with a warning when it cannot be used (minijinja does not parse
 /// every Jinja2 extension): text and CSV training, `merge` and raw generation need no template,
-/// and instruction data falls back to ChatML or Alpaca.
-pub fn usable(template: Result<Option<ChatTemplate>>) -> Option<Arc<ChatTemplate>> {
+/// and instruction data falls back to ChatML or Alpaca. The second value is why a template the
+/// model ships was refused ([`ClientError::ChatTemplate`]: it does not parse or render), kept
+/// for `merge`'s caveat; `None` where there is no template, or where the files around it could
+/// not be read (an unreadable or malformed `tokenizer_config.json` says nothing about a template).
+pub fn usable(
+    template: Result<Option<ChatTemplate>>,
+) -> (Option<Arc<ChatTemplate>>, Option<String>) {
     match template {
-        Ok(template) => template.map(Arc::new),
+        Ok(template) => (template.map(Arc::new), None),
         Err(error) => {
             tracing::warn!(
                 %error,
                 "the model's chat template cannot be used: instruction data falls back to \
                  ChatML or Alpaca"
             );
-            None
+            let refused = matches!(error, ClientError::ChatTemplate(_)).then(|| error.to_string());
+            (None, refused)
         }
     }
 }
@@ -662,12 +670,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("plain user/assistant exchange"), "{error}");
-        assert!(usable(ChatTemplate::from_model_dir(dir.path())).is_none());
+        let (template, refused) = usable(ChatTemplate::from_model_dir(dir.path()));
+        assert!(template.is_none());
+        assert!(refused.unwrap().contains("plain user/assistant exchange"));
 
         std::fs::write(dir.path().join("chat_template.jinja"), "{% if %}").unwrap();
         let error = ChatTemplate::from_model_dir(dir.path())
             .unwrap_err()
             .to_string();
         assert!(error.starts_with("chat template: "), "{error}");
+
+        // A malformed tokenizer_config.json is the config's fault, not a refused template.
+        std::fs::remove_file(dir.path().join("chat_template.jinja")).unwrap();
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            "{\"chat_template\": ",
+        )
+        .unwrap();
+        let error = ChatTemplate::from_model_dir(dir.path()).unwrap_err();
+        assert!(matches!(error, ClientError::Config { .. }), "{error}");
+        assert_eq!(usable(Err(error)), (None, None));
     }
 }

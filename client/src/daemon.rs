@@ -27,8 +27,8 @@ use crate::error::{ClientError, Result};
 pub use crate::model::BasePrecision;
 use crate::model::peft::write_peft_adapter;
 use crate::model::{BaseModel, Llama, fingerprint};
-use crate::train::data::{SiteData, make_windows, trained_examples};
-use crate::train::{TrainConfig, TrainedFactors, evaluate, train};
+use crate::train::data::{SiteData, Window, make_windows, trained_examples};
+use crate::train::{EvalReport, TrainConfig, TrainedFactors, evaluate, train};
 
 /// How the daemon reaches the coordinator.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +78,12 @@ pub enum DaemonEvent {
         round_id: u64,
         adapter_round: u64,
         loss: f32,
+    },
+    /// No held-out window at the task's `seq_len` (every held-out instruction example's prompt
+    /// fills it): the task goes on, and the coordinator is told that no loss was measured.
+    NotEvaluated {
+        round_id: u64,
+        seq_len: usize,
     },
     Step {
         round_id: u64,
@@ -450,21 +456,39 @@ async fn run_task(
     let eval = {
         let model = model.clone();
         let heldout = heldout.clone();
-        compute::run_async(move || evaluate(&model, &heldout, batch_size, max_eval_windows))
+        compute::run_async(move || evaluate_heldout(&model, &heldout, batch_size, max_eval_windows))
             .await??
     };
-    summary.last_eval_loss = Some(eval.loss);
-    observer(&DaemonEvent::Evaluated {
-        round_id: task.round_id,
-        adapter_round: task.global_adapter_round,
-        loss: eval.loss,
-    });
+    match &eval {
+        Some(eval) => {
+            summary.last_eval_loss = Some(eval.loss);
+            observer(&DaemonEvent::Evaluated {
+                round_id: task.round_id,
+                adapter_round: task.global_adapter_round,
+                loss: eval.loss,
+            });
+        }
+        None => {
+            // Counts only: the examples themselves stay out of the log.
+            warn!(
+                seq_len,
+                heldout_examples = site.data.heldout.len(),
+                "no held-out window at the task's sequence length (every held-out instruction \
+                 example's prompt fills it): no held-out loss this round, the task goes on"
+            );
+            observer(&DaemonEvent::NotEvaluated {
+                round_id: task.round_id,
+                seq_len,
+            });
+        }
+    }
+    let (eval_loss, num_eval_tokens) = eval.map_or((0.0, 0), |eval| (eval.loss, eval.tokens));
     client
         .submit_evaluation(pb::SubmitEvaluationRequest {
             client_id: client_id.to_string(),
             task_id: task.task_id.clone(),
-            eval_loss: eval.loss,
-            num_eval_tokens: eval.tokens,
+            eval_loss,
+            num_eval_tokens,
         })
         .await?;
     if !is_train {
@@ -527,7 +551,7 @@ async fn run_task(
     })
     .await??;
     let (adapter, local_eval) = compute::run_async(move || {
-        let local_eval = evaluate(&model, &heldout, batch_size, max_eval_windows)?;
+        let local_eval = evaluate_heldout(&model, &heldout, batch_size, max_eval_windows)?;
         Ok::<_, ClientError>((model.export_adapter()?, local_eval))
     })
     .await??;
@@ -555,8 +579,9 @@ async fn run_task(
             steps: report.steps as u32,
             tokens: report.tokens,
             train_loss: report.mean_loss,
-            eval_loss: local_eval.loss,
+            eval_loss: local_eval.as_ref().map_or(0.0, |eval| eval.loss),
             seconds: report.seconds,
+            eval_tokens: Some(local_eval.as_ref().map_or(0, |eval| eval.tokens)),
         }),
     };
     let mut messages = vec![pb::SubmitUpdateRequest {
@@ -587,6 +612,21 @@ async fn run_task(
         sha256,
     });
     Ok(())
+}
+
+/// The held-out loss, or `None` where the held-out data has no window at the task's sequence
+/// length (every held-out instruction example's prompt fills it): a fact about the site's data
+/// and the task, reported as no measurement rather than failing a task that can still train.
+fn evaluate_heldout(
+    model: &Llama,
+    heldout: &[Window],
+    batch_size: usize,
+    max_windows: usize,
+) -> Result<Option<EvalReport>> {
+    if heldout.is_empty() {
+        return Ok(None);
+    }
+    evaluate(model, heldout, batch_size, max_windows).map(Some)
 }
 
 fn site_seed(client_name: &str) -> u64 {

@@ -319,6 +319,7 @@ impl FederationService {
                 train_loss: metrics.train_loss,
                 eval_loss: metrics.eval_loss,
                 seconds: metrics.seconds,
+                eval_tokens: metrics.eval_tokens,
             },
         })
     }

@@ -145,8 +145,12 @@ pub struct UpdateMetrics {
     pub steps: u32,
     pub tokens: u64,
     pub train_loss: f32,
+    /// Held-out loss of the locally trained adapter, over `eval_tokens` target tokens (0: the
+    /// site had no held-out window at the task's sequence length, and the loss is no
+    /// measurement; `None`: a client that predates the count, whose loss stands).
     pub eval_loss: f32,
     pub seconds: f32,
+    pub eval_tokens: Option<u64>,
 }
 
 /// A complete uploaded update: the header's claims and the received bytes.
@@ -181,7 +185,8 @@ pub struct Status {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientRoundMetric {
     pub client_name: String,
-    /// Held-out loss of the global adapter the round started from; NaN if not reported.
+    /// Held-out loss of the global adapter the round started from; NaN if not reported, or
+    /// reported over no tokens (no held-out window at the task's sequence length).
     pub eval_loss: f64,
     /// Mean local training loss; NaN if no update.
     pub train_loss: f64,
@@ -742,7 +747,14 @@ impl Coordinator {
             sha256: sha256.clone(),
             bytes,
             train_loss: f64::from(metrics.train_loss),
-            local_eval_loss: f64::from(metrics.eval_loss),
+            local_eval_loss: if metrics.eval_tokens == Some(0) {
+                0.0
+            } else {
+                f64::from(metrics.eval_loss)
+            },
+            local_eval_tokens: metrics
+                .eval_tokens
+                .map(|tokens| tokens.min(i64::MAX as u64) as i64),
             steps: i64::from(metrics.steps),
             tokens: metrics.tokens.min(i64::MAX as u64) as i64,
             train_seconds: f64::from(metrics.seconds),
@@ -773,6 +785,8 @@ impl Coordinator {
     }
 
     /// Records the held-out loss a client measured for the global adapter its task started from.
+    /// A report of 0 tokens (the site has no held-out window at the task's sequence length) is
+    /// recorded as the site's report, with a loss of 0 that counts in no mean and shows as none.
     #[instrument(skip(self))]
     pub async fn submit_evaluation(
         &self,
@@ -796,12 +810,23 @@ impl Coordinator {
                 state: round.state,
             });
         }
+        if num_tokens == 0 {
+            info!(
+                round_id = round.id,
+                client_id,
+                "the site has no held-out window at the task's sequence length: no loss measured"
+            );
+        }
         let evaluation = EvaluationRow {
             task_id: task.id,
             round_id: round.id,
             client_id,
             adapter_round_id: round.base_round_id,
-            eval_loss: f64::from(eval_loss),
+            eval_loss: if num_tokens == 0 {
+                0.0
+            } else {
+                f64::from(eval_loss)
+            },
             num_tokens: num_tokens.min(i64::MAX as u64) as i64,
             created_ms: now_ms(),
         };
@@ -1388,9 +1413,11 @@ impl Coordinator {
                     .iter()
                     .map(|update| (update.train_loss, update.num_examples as f64)),
             );
-            // The strategy's `aggregate_evaluate` (token-weighted for the built-in ones).
+            // The strategy's `aggregate_evaluate` (token-weighted for the built-in ones), over the
+            // reports that measured something.
             let reports: Vec<(f64, u64)> = evaluations
                 .iter()
+                .filter(|evaluation| evaluation.num_tokens > 0)
                 .map(|evaluation| (evaluation.eval_loss, evaluation.num_tokens.max(0) as u64))
                 .collect();
             let mean_eval_loss = self
@@ -1403,9 +1430,11 @@ impl Coordinator {
                     let update = updates.iter().find(|update| update.task_id == task.id);
                     ClientRoundMetric {
                         client_name: names.get(&task.client_id).cloned().unwrap_or_default(),
+                        // None reported, or a report of no held-out tokens: no loss.
                         eval_loss: evaluations
                             .iter()
                             .find(|evaluation| evaluation.task_id == task.id)
+                            .filter(|evaluation| evaluation.num_tokens > 0)
                             .map_or(f64::NAN, |evaluation| evaluation.eval_loss),
                         train_loss: update.map_or(f64::NAN, |update| update.train_loss),
                         num_examples: update.map_or(0, |update| update.num_examples as u64),

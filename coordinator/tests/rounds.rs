@@ -101,6 +101,7 @@ fn submission(
             train_loss: 2.0,
             eval_loss: 2.5,
             seconds: 0.1,
+            eval_tokens: Some(16),
         },
     }
 }
@@ -300,6 +301,82 @@ async fn a_full_federation_aggregates_each_round_and_finishes() {
     );
 }
 
+/// A site with no held-out window at the task's sequence length reports 0 tokens: its report
+/// completes an evaluation round like any other, but its loss is stored as 0, shows as none and
+/// counts in no mean; an update's local evaluation of 0 tokens is kept as such.
+#[tokio::test]
+async fn a_report_of_no_heldout_tokens_counts_as_a_report_without_a_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let config = config(1, 2);
+    let coordinator = Coordinator::start(store.clone(), config.clone())
+        .await
+        .unwrap();
+    let a = coordinator.join(&join_request("a")).await.unwrap().id;
+    let b = coordinator.join(&join_request("b")).await.unwrap().id;
+    let (task_a, task_b) = (task(&coordinator, a).await, task(&coordinator, b).await);
+    coordinator
+        .submit_evaluation(a, &task_a.task_id, 0.0, 0)
+        .await
+        .unwrap();
+    coordinator
+        .submit_evaluation(b, &task_b.task_id, 3.0, 64)
+        .await
+        .unwrap();
+    // A loss over no tokens is no measurement: stored as 0.
+    let mut unmeasured = submission(a, &task_a, &adapter(&config, 1.0), 20);
+    unmeasured.metrics.eval_tokens = Some(0);
+    coordinator.submit_update(unmeasured).await.unwrap();
+    coordinator
+        .submit_update(submission(b, &task_b, &adapter(&config, 2.0), 20))
+        .await
+        .unwrap();
+    let updates = store.list_updates(task_a.round_id).await.unwrap();
+    let local = |client| {
+        let update = updates
+            .iter()
+            .find(|update| update.client_id == client)
+            .unwrap();
+        (update.local_eval_loss, update.local_eval_tokens)
+    };
+    assert_eq!(local(a), (0.0, Some(0)));
+    assert_eq!(local(b), (2.5, Some(16)));
+
+    // The evaluation round: a's report, with a loss that is no measurement, still closes it.
+    let (eval_a, eval_b) = (task(&coordinator, a).await, task(&coordinator, b).await);
+    assert_eq!(eval_a.kind, RoundKind::Evaluate);
+    coordinator
+        .submit_evaluation(a, &eval_a.task_id, 7.0, 0)
+        .await
+        .unwrap();
+    coordinator
+        .submit_evaluation(b, &eval_b.task_id, 2.0, 300)
+        .await
+        .unwrap();
+    assert!(matches!(
+        coordinator.next_task(a, Duration::ZERO).await.unwrap(),
+        NextTask::Finished { .. }
+    ));
+    let stored = store.list_evaluations(eval_a.round_id).await.unwrap();
+    let stored_a = stored.iter().find(|row| row.client_id == a).unwrap();
+    assert_eq!((stored_a.eval_loss, stored_a.num_tokens), (0.0, 0));
+    let summaries = coordinator.rounds(10).await.unwrap();
+    let client_loss = |summary: &fedlora_coordinator::rounds::RoundSummary, name: &str| {
+        summary
+            .clients
+            .iter()
+            .find(|client| client.client_name == name)
+            .unwrap()
+            .eval_loss
+    };
+    for (summary, b_loss) in [(&summaries[0], 2.0), (&summaries[1], 3.0)] {
+        assert_eq!(summary.mean_eval_loss, b_loss, "b's loss alone");
+        assert!(client_loss(summary, "a").is_nan());
+        assert_eq!(client_loss(summary, "b"), b_loss);
+    }
+    assert_eq!(summaries[0].round.state, "closed");
+}
+
 #[tokio::test]
 async fn a_round_without_quorum_fails_at_its_deadline_and_is_retried() {
     let dir = tempfile::tempdir().unwrap();
@@ -376,6 +453,7 @@ async fn a_restarted_coordinator_finishes_an_interrupted_aggregation() {
                 bytes,
                 train_loss: 1.0,
                 local_eval_loss: 1.0,
+                local_eval_tokens: None,
                 steps: 1,
                 tokens: 1,
                 train_seconds: 0.0,

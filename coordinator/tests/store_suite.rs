@@ -58,6 +58,7 @@ fn new_update(task: &TaskRow, bytes: Vec<u8>) -> NewUpdate {
         bytes,
         train_loss: 1.25,
         local_eval_loss: 1.5,
+        local_eval_tokens: Some(640),
         steps: 10,
         tokens: 4_096,
         train_seconds: 2.5,
@@ -527,6 +528,7 @@ async fn updates_insert_bytes_and_conflict(store: &dyn Store) {
     assert_eq!(update.size_bytes, 70_000);
     assert_eq!(update.train_loss, 1.25);
     assert_eq!(update.local_eval_loss, 1.5);
+    assert_eq!(update.local_eval_tokens, Some(640));
     assert_eq!(update.steps, 10);
     assert_eq!(update.tokens, 4_096);
     assert_eq!(update.train_seconds, 2.5);

@@ -779,7 +779,7 @@ pub fn load_gguf(path: &Path, device: &Device, keep_quantized: bool) -> Result<B
         config.rope_scaling = Some(scaling.to_json());
     }
     let tokenizer = gguf_tokenizer(&content)?;
-    let chat_template = crate::chat::usable(gguf_chat_template(&content));
+    let (chat_template, chat_template_refused) = crate::chat::usable(gguf_chat_template(&content));
     let mut weights = HashMap::new();
     let mut quantized = HashMap::new();
     for name in content.tensor_infos.keys() {
@@ -825,6 +825,7 @@ pub fn load_gguf(path: &Path, device: &Device, keep_quantized: bool) -> Result<B
         tokenizer,
         eos_token_id,
         chat_template,
+        chat_template_refused,
     })
 }
 

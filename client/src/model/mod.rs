@@ -36,6 +36,9 @@ pub struct BaseModel {
     pub eos_token_id: u32,
     /// The model's own chat template, when it ships one (instruction data is rendered in it).
     pub chat_template: Option<std::sync::Arc<crate::chat::ChatTemplate>>,
+    /// Why the model's own chat template was refused, where it ships one fedlora cannot use
+    /// (see [`crate::chat::usable`]); instruction data was then laid out in ChatML or Alpaca.
+    pub chat_template_refused: Option<String>,
 }
 
 impl BaseModel {
@@ -84,12 +87,15 @@ impl BaseModel {
             .ok_or_else(|| {
                 ClientError::Tokenizer("no eos_token_id in config.json or tokenizer".into())
             })?;
+        let (chat_template, chat_template_refused) =
+            crate::chat::usable(crate::chat::ChatTemplate::from_model_dir(dir));
         Ok(Self {
             dir: dir.to_path_buf(),
             model,
             tokenizer,
             eos_token_id,
-            chat_template: crate::chat::usable(crate::chat::ChatTemplate::from_model_dir(dir)),
+            chat_template,
+            chat_template_refused,
         })
     }
 }
@@ -387,20 +393,14 @@ pub fn export_merged(base: &BaseModel, out_dir: &Path) -> Result<()> {
 /// the adapter saw instruction data at all, the export cannot know, so it keeps the model's
 /// template and says so. `None` where the template was used, or there is none.
 pub fn merged_template_caveat(base: &BaseModel) -> Option<String> {
-    if base.chat_template.is_some() || !base.dir.is_dir() {
-        return None;
-    }
-    let error = crate::chat::ChatTemplate::from_model_dir(&base.dir).err()?;
-    // A malformed tokenizer_config.json fails too, with or without a template in it.
-    let ships_one = base.dir.join("chat_template.jinja").is_file()
-        || std::fs::read_to_string(base.dir.join("tokenizer_config.json"))
-            .is_ok_and(|config| config.contains("chat_template"));
-    if !ships_one {
-        return None;
-    }
+    // Only a directory's template is copied; a GGUF file's goes along only where it was used.
+    let refused = base
+        .chat_template_refused
+        .as_deref()
+        .filter(|_| base.dir.is_dir())?;
     let layout = crate::chat::PromptTemplate::for_tokenizer(&base.tokenizer).name();
     Some(format!(
-        "the merged model keeps {}'s own chat template, which fedlora cannot use ({error}); \
+        "the merged model keeps {}'s own chat template, which fedlora cannot use ({refused}); \
          fedlora laid instruction data out in {layout} instead, so if the adapter was trained on \
          instruction examples, prompt the merged model in {layout}, not with its chat template \
          (`fedlora generate` does so by itself)",
@@ -817,6 +817,17 @@ mod tests {
         std::fs::write(base_dir.join("chat_template.jinja"), usable).unwrap();
         let base = BaseModel::load(&base_dir, &Device::Cpu).unwrap();
         assert!(base.chat_template.is_some());
+        assert_eq!(merged_template_caveat(&base), None);
+        // Nor does a malformed tokenizer_config.json, which names no refused template.
+        std::fs::remove_file(base_dir.join("chat_template.jinja")).unwrap();
+        std::fs::write(
+            base_dir.join("tokenizer_config.json"),
+            "{\"chat_template\": ",
+        )
+        .unwrap();
+        let base = BaseModel::load(&base_dir, &Device::Cpu).unwrap();
+        assert!(base.chat_template.is_none());
+        assert_eq!(base.chat_template_refused, None);
         assert_eq!(merged_template_caveat(&base), None);
     }
 

@@ -115,6 +115,10 @@ pub struct UpdateRow {
     pub size_bytes: i64,
     pub train_loss: f64,
     pub local_eval_loss: f64,
+    /// Held-out target tokens `local_eval_loss` was measured on: 0 where the site had no
+    /// held-out window at the task's sequence length (the loss is then 0 and no measurement),
+    /// `None` for updates stored before the column existed or sent by a client that predates it.
+    pub local_eval_tokens: Option<i64>,
     pub steps: i64,
     pub tokens: i64,
     pub train_seconds: f64,
@@ -131,6 +135,8 @@ pub struct NewUpdate {
     pub bytes: Vec<u8>,
     pub train_loss: f64,
     pub local_eval_loss: f64,
+    /// See [`UpdateRow::local_eval_tokens`] (`None`: a client that predates the count).
+    pub local_eval_tokens: Option<i64>,
     pub steps: i64,
     pub tokens: i64,
     pub train_seconds: f64,
@@ -157,6 +163,8 @@ pub struct EvaluationRow {
     /// The round whose global adapter was evaluated (the task round's `base_round_id`); `None` = base model.
     pub adapter_round_id: Option<i64>,
     pub eval_loss: f64,
+    /// 0: the site had no held-out window at the task's sequence length; `eval_loss` is then
+    /// no measurement and counts in no mean.
     pub num_tokens: i64,
     pub created_ms: i64,
 }

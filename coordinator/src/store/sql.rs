@@ -25,7 +25,7 @@ const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 macro_rules! update_columns {
     () => {
         "id, task_id, round_id, client_id, num_examples, sha256, size_bytes, train_loss, \
-         local_eval_loss, steps, tokens, train_seconds, received_ms"
+         local_eval_loss, local_eval_tokens, steps, tokens, train_seconds, received_ms"
     };
 }
 
@@ -362,9 +362,10 @@ macro_rules! impl_store {
                 let size_bytes = i64::try_from(update.bytes.len()).unwrap_or(i64::MAX);
                 sqlx::query_as::<_, UpdateRow>(concat!(
                     "INSERT INTO updates (task_id, round_id, client_id, num_examples, sha256, \
-                     size_bytes, bytes, train_loss, local_eval_loss, steps, tokens, \
-                     train_seconds, received_ms) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING ",
+                     size_bytes, bytes, train_loss, local_eval_loss, local_eval_tokens, steps, \
+                     tokens, train_seconds, received_ms) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+                     RETURNING ",
                     update_columns!()
                 ))
                 .bind(&update.task_id)
@@ -376,6 +377,7 @@ macro_rules! impl_store {
                 .bind(&update.bytes)
                 .bind(update.train_loss)
                 .bind(update.local_eval_loss)
+                .bind(update.local_eval_tokens)
                 .bind(update.steps)
                 .bind(update.tokens)
                 .bind(update.train_seconds)
