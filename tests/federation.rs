@@ -943,17 +943,9 @@ async fn a_site_without_heldout_windows_trains_and_reports_no_loss() {
     }
     let coordinator = Coordinator::start(store.clone(), config).await.unwrap();
     for summary in coordinator.rounds(10).await.unwrap() {
-        let loss = |name: &str| {
-            summary
-                .clients
-                .iter()
-                .find(|client| client.client_name == name)
-                .unwrap()
-                .eval_loss
-        };
-        assert!(loss("helpdesk").is_nan());
-        assert!(loss("clinic") > 0.0);
-        assert_eq!(summary.mean_eval_loss, loss("clinic"));
+        assert!(summary.eval_loss_of("helpdesk").is_nan());
+        assert!(summary.eval_loss_of("clinic") > 0.0);
+        assert_eq!(summary.mean_eval_loss, summary.eval_loss_of("clinic"));
     }
 }
 

@@ -204,6 +204,17 @@ pub struct RoundSummary {
     pub clients: Vec<ClientRoundMetric>,
 }
 
+impl RoundSummary {
+    /// The held-out loss `client_name` reported in this round: NaN where it reported none, or
+    /// none over any token, or took no part.
+    pub fn eval_loss_of(&self, client_name: &str) -> f64 {
+        self.clients
+            .iter()
+            .find(|client| client.client_name == client_name)
+            .map_or(f64::NAN, |client| client.eval_loss)
+    }
+}
+
 /// Digests ([`Adapter::factor_digest`]) of the factors a client already holds at its task's rank.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HeldFactors {

@@ -82,6 +82,20 @@ async fn task(coordinator: &Coordinator, client_id: i64) -> TaskAssignment {
     }
 }
 
+/// `client`'s held-out loss over `tokens` for `task`.
+async fn report(
+    coordinator: &Coordinator,
+    client: i64,
+    task: &TaskAssignment,
+    loss: f32,
+    tokens: u64,
+) {
+    coordinator
+        .submit_evaluation(client, &task.task_id, loss, tokens)
+        .await
+        .unwrap();
+}
+
 fn submission(
     client_id: i64,
     task: &TaskAssignment,
@@ -274,14 +288,8 @@ async fn a_full_federation_aggregates_each_round_and_finishes() {
             .await,
         Err(CoordinatorError::WrongTaskKind { .. })
     ));
-    coordinator
-        .submit_evaluation(a, &eval_a.task_id, 1.5, 100)
-        .await
-        .unwrap();
-    coordinator
-        .submit_evaluation(b, &eval_b.task_id, 2.5, 300)
-        .await
-        .unwrap();
+    report(&coordinator, a, &eval_a, 1.5, 100).await;
+    report(&coordinator, b, &eval_b, 2.5, 300).await;
     assert!(matches!(
         coordinator.next_task(a, Duration::ZERO).await.unwrap(),
         NextTask::Finished { .. }
@@ -315,14 +323,8 @@ async fn a_report_of_no_heldout_tokens_counts_as_a_report_without_a_loss() {
     let a = coordinator.join(&join_request("a")).await.unwrap().id;
     let b = coordinator.join(&join_request("b")).await.unwrap().id;
     let (task_a, task_b) = (task(&coordinator, a).await, task(&coordinator, b).await);
-    coordinator
-        .submit_evaluation(a, &task_a.task_id, 0.0, 0)
-        .await
-        .unwrap();
-    coordinator
-        .submit_evaluation(b, &task_b.task_id, 3.0, 64)
-        .await
-        .unwrap();
+    report(&coordinator, a, &task_a, 0.0, 0).await;
+    report(&coordinator, b, &task_b, 3.0, 64).await;
     // A loss over no tokens is no measurement: stored as 0.
     let mut unmeasured = submission(a, &task_a, &adapter(&config, 1.0), 20);
     unmeasured.metrics.eval_tokens = Some(0);
@@ -345,14 +347,8 @@ async fn a_report_of_no_heldout_tokens_counts_as_a_report_without_a_loss() {
     // The evaluation round: a's report, with a loss that is no measurement, still closes it.
     let (eval_a, eval_b) = (task(&coordinator, a).await, task(&coordinator, b).await);
     assert_eq!(eval_a.kind, RoundKind::Evaluate);
-    coordinator
-        .submit_evaluation(a, &eval_a.task_id, 7.0, 0)
-        .await
-        .unwrap();
-    coordinator
-        .submit_evaluation(b, &eval_b.task_id, 2.0, 300)
-        .await
-        .unwrap();
+    report(&coordinator, a, &eval_a, 7.0, 0).await;
+    report(&coordinator, b, &eval_b, 2.0, 300).await;
     assert!(matches!(
         coordinator.next_task(a, Duration::ZERO).await.unwrap(),
         NextTask::Finished { .. }
@@ -361,18 +357,10 @@ async fn a_report_of_no_heldout_tokens_counts_as_a_report_without_a_loss() {
     let stored_a = stored.iter().find(|row| row.client_id == a).unwrap();
     assert_eq!((stored_a.eval_loss, stored_a.num_tokens), (0.0, 0));
     let summaries = coordinator.rounds(10).await.unwrap();
-    let client_loss = |summary: &fedlora_coordinator::rounds::RoundSummary, name: &str| {
-        summary
-            .clients
-            .iter()
-            .find(|client| client.client_name == name)
-            .unwrap()
-            .eval_loss
-    };
     for (summary, b_loss) in [(&summaries[0], 2.0), (&summaries[1], 3.0)] {
         assert_eq!(summary.mean_eval_loss, b_loss, "b's loss alone");
-        assert!(client_loss(summary, "a").is_nan());
-        assert_eq!(client_loss(summary, "b"), b_loss);
+        assert!(summary.eval_loss_of("a").is_nan());
+        assert_eq!(summary.eval_loss_of("b"), b_loss);
     }
     assert_eq!(summaries[0].round.state, "closed");
 }
