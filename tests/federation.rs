@@ -949,6 +949,47 @@ async fn a_site_without_heldout_windows_trains_and_reports_no_loss() {
     }
 }
 
+/// A site none of whose examples fits the task's sequence length cannot train: its daemon stops
+/// with an error that says who sets the length.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_with_no_training_window_stops_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("model");
+    write_tiny_model(&model_dir, &TinyModelSpec::default()).unwrap();
+    let line = serde_json::json!({
+        "instruction": "summarise this note please ".repeat(10),
+        "output": "ok",
+    })
+    .to_string();
+    let data = dir.path().join("long.jsonl");
+    std::fs::write(&data, vec![line; 20].join("\n")).unwrap();
+    let site = Site {
+        name: "long",
+        documents: 20,
+        base: BasePrecision::F32,
+        state_dir: dir.path().join("state"),
+        data,
+        max_rank: 16,
+    };
+    let url = format!("sqlite://{}", dir.path().join("state.db").display());
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::connect(&url).await.unwrap());
+    let mut config = small_config(1, 1);
+    config.min_clients = 1;
+    let running = start_coordinator(store, config).await;
+    let daemon = spawn_daemon(&running.url(), &model_dir, &site);
+    let error = tokio::time::timeout(Duration::from_secs(300), daemon)
+        .await
+        .expect("daemon stopped in time")
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("sequence length of 32 tokens") && error.contains("fedlora serve --seq-len"),
+        "{error}"
+    );
+    running.stop().await.unwrap();
+}
+
 /// `alternating` with clients of two ranks: round 0 trains B only, round 1 A only; the frozen
 /// factor comes through bit for bit, the lower-rank site trains and receives a prefix with the
 /// alpha that keeps the federation's scale, and each slot is the mean of the sites reaching it.

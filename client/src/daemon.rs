@@ -519,6 +519,16 @@ async fn run_task(
         },
     };
     let windows = make_windows(&site.data.train, site.eos, seq_len);
+    if windows.is_empty() {
+        // Nothing to send: the task's settings and this site's data must change, by hand.
+        return Err(ClientError::NotEnoughData(format!(
+            "no training window at the task's sequence length of {seq_len} tokens: none of the \
+             {} training examples leaves a token to predict (an instruction example's prompt \
+             must leave room for its response); the federation's operator sets the length \
+             (`fedlora serve --seq-len`), or shorten the prompts",
+            site.data.train.len()
+        )));
+    }
     // The update's FedAvg weight: the examples this task's windows actually train on.
     let trained = trained_examples(&site.data.train, site.eos, seq_len);
     let skipped = site.data.train.len() - trained;
