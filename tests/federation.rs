@@ -926,13 +926,17 @@ async fn a_site_without_heldout_windows_trains_and_reports_no_loss() {
     let rounds = rounds_oldest_first(store.as_ref(), federation.id).await;
     assert_eq!(rounds.len(), 2, "a train round and the final evaluation");
     for round in &rounds {
-        for evaluation in store.list_evaluations(round.id).await.unwrap() {
+        let evaluations = store.list_evaluations(round.id).await.unwrap();
+        assert_eq!(evaluations.len(), 2, "both sites reported");
+        for evaluation in evaluations {
             let measured = evaluation.client_id == id("clinic");
             assert_eq!(evaluation.num_tokens > 0, measured, "{evaluation:?}");
             assert_eq!(evaluation.eval_loss > 0.0, measured, "{evaluation:?}");
         }
     }
-    for update in store.list_updates(rounds[0].id).await.unwrap() {
+    let updates = store.list_updates(rounds[0].id).await.unwrap();
+    assert_eq!(updates.len(), 2, "both sites trained");
+    for update in updates {
         let measured = update.client_id == id("clinic");
         assert_eq!(
             update.local_eval_tokens.unwrap() > 0,

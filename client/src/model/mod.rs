@@ -391,7 +391,8 @@ pub fn export_merged(base: &BaseModel, out_dir: &Path) -> Result<()> {
 /// ChatML or Alpaca instead (see [`crate::chat::usable`]), while tools that can render the
 /// copied template (transformers' `apply_chat_template`) would prompt the model in it. Whether
 /// the adapter saw instruction data at all, the export cannot know, so it keeps the model's
-/// template and says so. `None` where the template was used, or there is none.
+/// template and says so. `None` where the template was used, or there is none, or where
+/// `tokenizer_config.json` is malformed (not a refused template; the copy is malformed too).
 pub fn merged_template_caveat(base: &BaseModel) -> Option<String> {
     // Only a directory's template is copied; a GGUF file's goes along only where it was used.
     let refused = base
