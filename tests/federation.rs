@@ -953,8 +953,8 @@ async fn a_site_without_heldout_windows_trains_and_reports_no_loss() {
     }
 }
 
-/// A site none of whose examples fits the task's sequence length cannot train: its daemon stops
-/// with an error that says who sets the length.
+/// A site none of whose examples fits the federation's sequence length cannot train: its daemon
+/// stops at join, before it takes a task, with an error that says who sets the length.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_with_no_training_window_stops_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -979,7 +979,7 @@ async fn a_site_with_no_training_window_stops_with_a_clear_error() {
     let store: Arc<dyn Store> = Arc::new(SqliteStore::connect(&url).await.unwrap());
     let mut config = small_config(1, 1);
     config.min_clients = 1;
-    let running = start_coordinator(store, config).await;
+    let running = start_coordinator(store.clone(), config).await;
     let daemon = spawn_daemon(&running.url(), &model_dir, &site);
     let error = tokio::time::timeout(Duration::from_secs(300), daemon)
         .await
@@ -991,6 +991,14 @@ async fn a_site_with_no_training_window_stops_with_a_clear_error() {
         error.contains("sequence length of 32 tokens") && error.contains("fedlora serve --seq-len"),
         "{error}"
     );
+    // The daemon found out at join, before taking a task: no round waits for it.
+    let federation = store.create_or_get_federation("test", "", 0).await.unwrap();
+    for round in store.list_rounds(federation.id, 10).await.unwrap() {
+        assert!(
+            store.list_tasks(round.id).await.unwrap().is_empty(),
+            "{round:?}"
+        );
+    }
     running.stop().await.unwrap();
 }
 

@@ -328,6 +328,10 @@ async fn session(
         .await?
         .into_inner();
     summary.client_id = joined.client_id.clone();
+    // Before taking a task, so that no round waits for a site that cannot train.
+    if joined.seq_len > 0 {
+        trainable_examples(site, joined.seq_len as usize)?;
+    }
     *backoff = INITIAL_BACKOFF;
     info!(client_id = %joined.client_id, federation = %joined.federation_name, "joined");
     observer(&DaemonEvent::Joined {
@@ -518,19 +522,9 @@ async fn run_task(
             }
         },
     };
-    let windows = make_windows(&site.data.train, site.eos, seq_len);
-    if windows.is_empty() {
-        // Nothing to send: the task's settings and this site's data must change, by hand.
-        return Err(ClientError::NotEnoughData(format!(
-            "no training window at the task's sequence length of {seq_len} tokens: none of the \
-             {} training examples leaves a token to predict (an instruction example's prompt \
-             must leave room for its response); the federation's operator sets the length \
-             (`fedlora serve --seq-len`), or shorten the prompts",
-            site.data.train.len()
-        )));
-    }
     // The update's FedAvg weight: the examples this task's windows actually train on.
-    let trained = trained_examples(&site.data.train, site.eos, seq_len);
+    let trained = trainable_examples(site, seq_len)?;
+    let windows = make_windows(&site.data.train, site.eos, seq_len);
     let skipped = site.data.train.len() - trained;
     if skipped > 0 {
         // A count, never the examples themselves.
@@ -622,6 +616,24 @@ async fn run_task(
         sha256,
     });
     Ok(())
+}
+
+/// How many training examples the windows at `seq_len` teach ([`trained_examples`]: none
+/// exactly when there is no window), or the error that says why none does: every instruction
+/// prompt fills the window. The federation's settings or the site's data must then change, by
+/// hand.
+fn trainable_examples(site: &Site, seq_len: usize) -> Result<usize> {
+    let trained = trained_examples(&site.data.train, site.eos, seq_len);
+    if trained == 0 {
+        return Err(ClientError::NotEnoughData(format!(
+            "no training window at the federation's sequence length of {seq_len} tokens: none of \
+             the {} training examples leaves a token to predict (an instruction example's prompt \
+             must leave room for its response); the federation's operator sets the length \
+             (`fedlora serve --seq-len`), or shorten the prompts",
+            site.data.train.len()
+        )));
+    }
+    Ok(trained)
 }
 
 /// The held-out loss, or `None` where the held-out data has no window at the task's sequence

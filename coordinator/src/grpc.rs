@@ -399,6 +399,7 @@ impl Federation for FederationService {
             lora: Some(lora_to_pb(&config.lora)),
             rounds_total: config.rounds,
             strategy: config.strategy.clone(),
+            seq_len: config.training.seq_len,
         }))
     }
 
