@@ -461,13 +461,16 @@ pub struct ClientArgs {
     /// This site's name in the federation (letters, digits, '-', '_', '.').
     #[arg(long)]
     pub name: String,
-    /// Base model directory in Hugging Face layout (config.json, *.safetensors, tokenizer.json).
+    /// Base model: a Hugging Face directory (config.json, *.safetensors, tokenizer.json) or a
+    /// Llama-family .gguf file (llama.cpp's architectures llama and qwen2). Every site of a
+    /// federation must hold the same files (the coordinator compares their sha256 at join).
     #[arg(long)]
     pub model: PathBuf,
     /// Local training data; it never leaves this machine. JSONL: per line {"text": ...}, or
     /// {"instruction": ..., "input": ... (optional), "output": ...} for instruction tuning (loss
-    /// on the response only, prompt in the model's chat template). Or CSV (by the .csv extension)
-    /// with a header row, documents in --text-column.
+    /// on the response only, prompt in the model's chat template; an example whose prompt fills
+    /// the federation's sequence length is skipped). Or CSV (by the .csv extension) with a
+    /// header row, documents in --text-column. Every tenth example is held out for evaluation.
     #[arg(long)]
     pub data: PathBuf,
     /// The CSV column that holds the documents.
