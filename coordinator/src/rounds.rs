@@ -205,8 +205,8 @@ pub struct RoundSummary {
 }
 
 impl RoundSummary {
-    /// The held-out loss `client_name` reported in this round: NaN where it reported none, or
-    /// none over any token, or took no part.
+    /// The held-out loss `client_name` reported in this round: NaN where it reported nothing,
+    /// reported over no tokens, or took no part.
     pub fn eval_loss_of(&self, client_name: &str) -> f64 {
         self.clients
             .iter()
