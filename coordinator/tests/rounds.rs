@@ -57,6 +57,22 @@ fn join_request(name: &str) -> JoinRequest {
     }
 }
 
+/// A coordinator started on `store` with `config`, and the ids of the sites `names` that joined.
+async fn start_with_sites(
+    store: &Arc<dyn Store>,
+    config: &FederationConfig,
+    names: &[&str],
+) -> (Arc<Coordinator>, Vec<i64>) {
+    let coordinator = Coordinator::start(store.clone(), config.clone())
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for name in names {
+        ids.push(coordinator.join(&join_request(name)).await.unwrap().id);
+    }
+    (coordinator, ids)
+}
+
 fn spec(config: &FederationConfig) -> Vec<TensorSpec> {
     adapter_spec(&dims(), &config.lora).unwrap()
 }
@@ -207,12 +223,8 @@ async fn a_full_federation_aggregates_each_round_and_finishes() {
     let dir = tempfile::tempdir().unwrap();
     let store = store(&dir).await;
     let config = config(2, 2);
-    let coordinator = Coordinator::start(store.clone(), config.clone())
-        .await
-        .unwrap();
-    let a = coordinator.join(&join_request("a")).await.unwrap().id;
-    let b = coordinator.join(&join_request("b")).await.unwrap().id;
-    let c = coordinator.join(&join_request("c")).await.unwrap().id;
+    let (coordinator, ids) = start_with_sites(&store, &config, &["a", "b", "c"]).await;
+    let (a, b, c) = (ids[0], ids[1], ids[2]);
 
     let mut base = None;
     for (round_index, seed) in [(0, 1.0f32), (1, -0.5)] {
@@ -317,11 +329,8 @@ async fn a_report_of_no_heldout_tokens_counts_as_a_report_without_a_loss() {
     let dir = tempfile::tempdir().unwrap();
     let store = store(&dir).await;
     let config = config(1, 2);
-    let coordinator = Coordinator::start(store.clone(), config.clone())
-        .await
-        .unwrap();
-    let a = coordinator.join(&join_request("a")).await.unwrap().id;
-    let b = coordinator.join(&join_request("b")).await.unwrap().id;
+    let (coordinator, ids) = start_with_sites(&store, &config, &["a", "b"]).await;
+    let (a, b) = (ids[0], ids[1]);
     let (task_a, task_b) = (task(&coordinator, a).await, task(&coordinator, b).await);
     report(&coordinator, a, &task_a, 0.0, 0).await;
     report(&coordinator, b, &task_b, 3.0, 64).await;
@@ -373,11 +382,8 @@ async fn a_round_without_quorum_fails_at_its_deadline_and_is_retried() {
         round_timeout_secs: 1,
         ..config(1, 2)
     };
-    let coordinator = Coordinator::start(store.clone(), config.clone())
-        .await
-        .unwrap();
-    let a = coordinator.join(&join_request("a")).await.unwrap().id;
-    let b = coordinator.join(&join_request("b")).await.unwrap().id;
+    let (coordinator, ids) = start_with_sites(&store, &config, &["a", "b"]).await;
+    let (a, b) = (ids[0], ids[1]);
     let task_a = task(&coordinator, a).await;
     let _task_b = task(&coordinator, b).await;
     coordinator
@@ -410,11 +416,8 @@ async fn a_restarted_coordinator_finishes_an_interrupted_aggregation() {
     let config = config(1, 2);
     let (task_a, task_b, update_a, update_b);
     {
-        let coordinator = Coordinator::start(store.clone(), config.clone())
-            .await
-            .unwrap();
-        let a = coordinator.join(&join_request("a")).await.unwrap().id;
-        let b = coordinator.join(&join_request("b")).await.unwrap().id;
+        let (coordinator, ids) = start_with_sites(&store, &config, &["a", "b"]).await;
+        let (a, b) = (ids[0], ids[1]);
         task_a = task(&coordinator, a).await;
         task_b = task(&coordinator, b).await;
         update_a = adapter(&config, 0.25);
@@ -493,11 +496,8 @@ async fn server_momentum_carries_over_between_rounds() {
         },
         ..config(2, 2)
     };
-    let coordinator = Coordinator::start(store.clone(), config.clone())
-        .await
-        .unwrap();
-    let a = coordinator.join(&join_request("a")).await.unwrap().id;
-    let b = coordinator.join(&join_request("b")).await.unwrap().id;
+    let (coordinator, ids) = start_with_sites(&store, &config, &["a", "b"]).await;
+    let (a, b) = (ids[0], ids[1]);
     let mut globals = Vec::new();
     let mut first_round = 0;
     for seed in [1.0f32, -0.5] {
@@ -559,11 +559,8 @@ async fn updates_over_the_norm_bound_are_left_out_and_audited() {
         },
         ..config(2, 2)
     };
-    let coordinator = Coordinator::start(store.clone(), config.clone())
-        .await
-        .unwrap();
-    let a = coordinator.join(&join_request("a")).await.unwrap().id;
-    let b = coordinator.join(&join_request("b")).await.unwrap().id;
+    let (coordinator, ids) = start_with_sites(&store, &config, &["a", "b"]).await;
+    let (a, b) = (ids[0], ids[1]);
     let (task_a, task_b) = (task(&coordinator, a).await, task(&coordinator, b).await);
     let start = initial_factors(&dims(), &config.lora, round_seed(task_a.round_id)).unwrap();
     let mut honest = start.clone();
