@@ -15,17 +15,20 @@ library (`gguf`) and Hugging Face transformers as the references:
           checkpoint, and the Q4_0 file as transformers dequantizes it). The vocabulary is the
           tiny models' 259 ids as a SentencePiece one (<unk>, <s>, </s>, 256 byte tokens).
   vocab   `bpe_vocab.json`: a small byte-level BPE vocabulary (trained here with `tokenizers`, plus
-          one token no merge reaches and two control tokens) as GGUF metadata holds it, and, for
-          every `tokenizer.ggml.pre` name fedlora reads, the ids the reference gives for sample
-          texts. The reference is transformers' GGUF tokenizer (transformers/integrations/gguf/
-          gguf_tokenizer_mapping.py, which carries the split regexes of Llama 3, Qwen2 and
-          Mistral's Tekken), with llama.cpp's `ignore_merges` (llama-vocab.cpp: the Llama 3 names
-          and `tekken` take a pre-token whole from the vocabulary before merging). Where
-          transformers has no entry for a name llama.cpp knows, the reference is built from
-          llama.cpp's regex list in the same way: digits one by one before GPT-2's split (SmolLM's
+          one token no merge reaches, one merge made by hand, a user-defined and two control
+          tokens) as GGUF metadata holds it, and, for every `tokenizer.ggml.pre` name fedlora
+          reads, the ids the reference gives for sample texts. The reference is transformers'
+          GGUF tokenizer (transformers/integrations/gguf/gguf_tokenizer_mapping.py, which carries
+          the split regexes of Llama 3, Qwen2, Qwen3.5, GPT-4o and Mistral's Tekken), with
+          llama.cpp's `ignore_merges` (llama-vocab.cpp: the Llama 3 names and `tekken` take a
+          pre-token whole from the vocabulary before merging). Where transformers has no entry
+          for a name llama.cpp knows, the reference is built from llama.cpp's regex list in the
+          same way: digits one by one before GPT-2's split (SmolLM's
           tokenizer.json; llama.cpp's `smollm`, `starcoder`, `refact`, `command-r`, ...),
-          Qwen2's split for `stablelm2`, and DeepSeek Coder's five splits. The script checks that the sample texts tell every two
-          kinds of pre-tokenizer apart.
+          Qwen2's split for `stablelm2`, DeepSeek LLM's six splits and DeepSeek Coder's five.
+          Beside the ids, the file holds the pieces each pre-tokenizer cuts the texts into (ids
+          show a split only where a merge crosses it). The script checks that the sample texts
+          tell every two kinds of pre-tokenizer apart.
 
 `gguf::tests` reads these files and must reproduce the logits and ids. Needs `pip install torch
 transformers peft gguf` (transformers 5.24 and gguf 0.19 made the committed files; peft because
@@ -209,6 +212,10 @@ Le modèle apprend sans que les données quittent l'hôpital. Naïve café.
 東京は晴れ。２０２４年 🚑 emergency\t\ttabs
 """.strip().splitlines()
 
+# Sample texts holding these are kept from training: their tokens are made by hand below, or the
+# texts came after the vocabulary, which must stay as it was.
+UNTRAINED = ["quizzical", "<think>", "a\u0301", "\u2126"]
+
 TEXTS = [
     "Hello world 12345 don't\n\n",
     " HELLO 12 1234567 DON'T\r\n\n  x",
@@ -226,17 +233,35 @@ TEXTS = [
     "<think>\nthe dose</think> ok",
     "नमस्ते 한국어 ㄱㄴ ㈠⺀ 東京",
     "",
+    "la\u0301piz a\u0301 e\u0301",
+    # Letters DeepSeek LLM's split lists that Unicode normalization would turn into others (ohm,
+    # kelvin, Greek extended), each after two spaces (a later split cuts them from one), full-width
+    # letters and punctuation.
+    "5  \u2126 at 300  \u212a:  \u1fd3  \u1fbe  \u1f7d [x]^{y}_z ｆｕｌｌ－ｗｉｄｔｈ！ ok",
 ]
 
 # fedlora's pre-tokenizer kinds, each with the llama.cpp names it reads (client/src/model/gguf.rs).
 KINDS = {
     "gpt2": ["gpt-2", "default", "phi-2", "mpt", "olmo", "jais"],
     "digits": ["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"],
-    "llama3": ["llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"],
+    "llama3": [
+        "llama-bpe",
+        "llama3",
+        "llama-v3",
+        "falcon3",
+        "falcon-h1",
+        "pixtral",
+        "midm-2.0",
+        "lfm2",
+        "jina-v5-nano",
+    ],
     "llama3-merges": ["dbrx", "smaug-bpe"],
-    "qwen2": ["qwen2", "deepseek-r1-qwen", "stablelm2", "kormo", "megrez"],
+    "qwen2": ["qwen2", "deepseek-r1-qwen", "stablelm2", "kormo", "megrez", "f2llmv2"],
+    "qwen35": ["qwen35"],
     "tekken": ["tekken"],
+    "gpt-4o": ["gpt-4o", "llama4", "kanana2", "talkie"],
     "deepseek-coder": ["deepseek-coder"],
+    "deepseek-llm": ["deepseek-llm"],
 }
 # llama.cpp's regex list for `deepseek-coder` (llama-vocab.cpp), each split in turn (`\p{N}`: digits
 # one by one); transformers has no entry for the name.
@@ -246,6 +271,18 @@ DEEPSEEK_CODER_SPLITS = [
     r"\s?\p{P}+",
     "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+",
     r"\p{N}",
+]
+# llama.cpp's regex list for `deepseek-llm` (llama-vocab.cpp; DeepSeek LLM's tokenizer.json splits
+# alike): line breaks, runs of Latin, Greek, Cyrillic and other cased letters with one leading
+# space, ASCII and full-width punctuation runs likewise, trailing spaces, CJK and Hangul runs, digit
+# runs. transformers has no entry for the name.
+DEEPSEEK_LLM_SPLITS = [
+    r"[\r\n]",
+    "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-\u1f7dᾀ-ᾴᾶ-ᾼ\u1fbeῂ-ῄῆ-ῌῐ-\u1fd3ῖ-\u1fdbῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤ\u2126ℨ\u212a-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",
+    r"\s?[!-/:-~！-／：-～‘-‟　-。]+",
+    r"\s+$",
+    "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+",
+    r"\p{N}+",
 ]
 # llama.cpp's `ignore_merges` names (llama-vocab.cpp).
 IGNORE_MERGES = set(KINDS["llama3"]) | {"tekken"}
@@ -267,9 +304,10 @@ def reference(name, tokenizer_dict):
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
             ]
         )
-    elif name in KINDS["deepseek-coder"]:
+    elif name in KINDS["deepseek-coder"] or name in KINDS["deepseek-llm"]:
+        splits = DEEPSEEK_CODER_SPLITS if name in KINDS["deepseek-coder"] else DEEPSEEK_LLM_SPLITS
         backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(split), behavior="isolated") for split in DEEPSEEK_CODER_SPLITS]
+            [pre_tokenizers.Split(Regex(split), behavior="isolated") for split in splits]
             + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
         )
     elif name not in GGUF_PRE_TOKENIZER_SPLITS and name in KINDS["qwen2"]:
@@ -323,8 +361,7 @@ def vocab():
         )
         trained = Tokenizer(tok_models.BPE())
         trained.pre_tokenizer = pre_tokenizer
-        # Not " quizzical" nor "<think>": those tokens are added below, no merge reaching them.
-        seen = [text for text in TEXTS if "quizzical" not in text and "<think>" not in text]
+        seen = [text for text in TEXTS if not any(word in text for word in UNTRAINED)]
         trained.train_from_iterator((CORPUS + seen) * 4, trainer)
         for merge in json.loads(trained.to_str())["model"]["merges"]:
             left, right = merge.split(" ") if isinstance(merge, str) else merge
@@ -338,6 +375,11 @@ def vocab():
     # DeepSeek-R1's <think>: matched whole, by llama.cpp and transformers alike.
     assert "<think>" not in tokens
     tokens.append("<think>")
+    # " a" and a combining acute accent: one piece for Qwen3.5's split (letters with their marks),
+    # two for Qwen2's, so this merge tells them apart.
+    assert {"Ġa", "Ìģ"} <= set(tokens) and "ĠaÌģ" not in tokens
+    tokens.append("ĠaÌģ")
+    merges.append("Ġa Ìģ")
     types = [
         CONTROL if token in specials else USER_DEFINED if token == "<think>" else NORMAL
         for token in tokens
@@ -349,10 +391,15 @@ def vocab():
         "merges": merges,
     }
     cases = {}
+    pieces = {}
     for names in KINDS.values():
         for name in names:
             backend = reference(name, tokenizer_dict)
             cases[name] = [backend.encode(text, add_special_tokens=False).ids for text in TEXTS]
+            # The split alone (byte-level pieces), which ids show only where a merge crosses it.
+            pieces[name] = [
+                [piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str(text)] for text in TEXTS
+            ]
     # Every two kinds give different ids on some sample text, so a name read as the wrong kind
     # fails the Rust test; names of one kind agree.
     kinds = {kind: cases[names[0]] for kind, names in KINDS.items()}
@@ -373,6 +420,7 @@ def vocab():
                 "tokenizer.ggml.merges": merges,
                 "texts": TEXTS,
                 "ids": cases,
+                "pieces": pieces,
             },
             ensure_ascii=False,
             separators=(",", ":"),

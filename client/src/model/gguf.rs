@@ -338,15 +338,19 @@ impl PreTokenizer {
             ) => plain(PreSplit::Digits),
             Some(
                 "llama-bpe" | "llama3" | "llama-v3" | "falcon3" | "falcon-h1" | "pixtral"
-                | "midm-2.0" | "lfm2",
+                | "midm-2.0" | "lfm2" | "jina-v5-nano",
             ) => Self {
                 split: PreSplit::Regexes(&[LLAMA3_PATTERN]),
                 ignore_merges: true,
                 adds_bos: true,
             },
             Some("dbrx" | "smaug-bpe") => plain(PreSplit::Regexes(&[LLAMA3_PATTERN])),
-            Some("qwen2" | "deepseek-r1-qwen" | "stablelm2" | "kormo" | "megrez") => {
+            Some("qwen2" | "deepseek-r1-qwen" | "stablelm2" | "kormo" | "megrez" | "f2llmv2") => {
                 plain(PreSplit::Regexes(&[QWEN2_PATTERN]))
+            }
+            Some("qwen35") => plain(PreSplit::Regexes(&[QWEN35_PATTERN])),
+            Some("gpt-4o" | "llama4" | "kanana2" | "talkie") => {
+                plain(PreSplit::Regexes(&[GPT4O_PATTERN]))
             }
             Some("tekken") => Self {
                 split: PreSplit::Regexes(&[TEKKEN_PATTERN]),
@@ -354,11 +358,12 @@ impl PreTokenizer {
                 adds_bos: true,
             },
             Some("deepseek-coder") => plain(PreSplit::Regexes(&DEEPSEEK_CODER_PATTERNS)),
+            Some("deepseek-llm") => plain(PreSplit::Regexes(&DEEPSEEK_LLM_PATTERNS)),
             Some(other) => {
                 return Err(ClientError::Unsupported(format!(
                     "gguf pre-tokenizer {other:?} (supported: the GPT-2, SmolLM/StarCoder, \
-                     Llama 3, Qwen2, Tekken and DeepSeek Coder splits, under llama.cpp's names \
-                     for them)"
+                     Llama 3, Qwen2, Qwen3.5, GPT-4o, Tekken, DeepSeek LLM and DeepSeek Coder \
+                     splits, under llama.cpp's names for them)"
                 )));
             }
         })
@@ -400,18 +405,45 @@ const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p
 /// Qwen2's (transformers' `Qwen2Tokenizer`, llama.cpp's `qwen2`): Llama 3's with digits one by one.
 const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Qwen3.5's (transformers' `Qwen3_5Tokenizer`, llama.cpp's `qwen35`): Qwen2's with combining
+/// marks kept with the letters before them.
+const QWEN35_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// GPT-4o's (o200k; llama.cpp's `gpt-4o`, also Llama 4's): Tekken's word split with contractions
+/// kept on the word and numbers in groups of up to three.
+const GPT4O_PATTERN: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// Mistral's Tekken (Mistral NeMo, Ministral; llama.cpp's `tekken`): words split at case changes,
 /// digits one by one, no contractions, `/` kept with the punctuation before it.
 const TEKKEN_PATTERN: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// DeepSeek Coder's splits (llama.cpp's `deepseek-coder` list, in turn): line breaks, letter runs
-/// with one leading space, punctuation runs likewise, CJK and Hangul runs, digits one by one.
+/// with one leading space, punctuation runs likewise, runs of CJK, Hangul and everything from
+/// U+0800 to U+4E00 (Indic scripts, Thai, Georgian, Greek Extended, symbols, ...), digits one by
+/// one.
 const DEEPSEEK_CODER_PATTERNS: [&str; 5] = [
     r"[\r\n]",
     r"\s?\p{L}+",
     r"\s?\p{P}+",
     "[\u{4E00}-\u{9FA5}\u{0800}-\u{4E00}\u{AC00}-\u{D7FF}]+",
     r"\p{N}",
+];
+
+/// DeepSeek LLM's splits (llama.cpp's `deepseek-llm` list, in turn): line breaks; runs of cased
+/// letters (Unicode's Lu, Ll and Lt, Latin, Greek, Cyrillic, Armenian, Georgian, ..., as the list
+/// has them) with one leading space; ASCII and full-width punctuation runs likewise; trailing
+/// spaces; runs of CJK, Hangul and everything from U+0800 to U+4E00 (Indic scripts, Thai,
+/// Georgian, Greek Extended, symbols, ...); digit runs. Six letters are escaped: Unicode normalization (an
+/// editor's, a copy's) would turn them into others (the ohm and kelvin signs into Ω and K, four
+/// Greek ones likewise), and the range from the kelvin sign would then start at ASCII's `K`,
+/// taking in punctuation and most alphabets.
+const DEEPSEEK_LLM_PATTERNS: [&str; 6] = [
+    r"[\r\n]",
+    "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-\u{1f7d}ᾀ-ᾴᾶ-ᾼ\u{1fbe}ῂ-ῄῆ-ῌῐ-\u{1fd3}ῖ-\u{1fdb}ῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤ\u{2126}ℨ\u{212a}-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",
+    r"\s?[!-/:-~！-／：-～‘-‟　-。]+",
+    r"\s+$",
+    "[\u{4E00}-\u{9FA5}\u{0800}-\u{4E00}\u{AC00}-\u{D7FF}]+",
+    r"\p{N}+",
 ];
 
 /// llama.cpp's token types (`tokenizer.ggml.token_type`).
@@ -859,6 +891,8 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 
+    use tokenizers::{OffsetReferential, OffsetType};
+
     use super::*;
     use crate::model::config::{RopeScaling, YarnRopeScaling};
     use crate::testing::{flat, logits, max_abs_difference};
@@ -1180,8 +1214,6 @@ mod tests {
     /// vocabulary whose merges tell the regexes apart.
     #[test]
     fn llama_bpe_tokenizer_matches_llama3_tokenizer_json() {
-        use tokenizers::OffsetReferential;
-        use tokenizers::OffsetType;
         use tokenizers::PreTokenizedString;
         use tokenizers::PreTokenizer as _;
 
@@ -1358,10 +1390,12 @@ mod tests {
     /// Every `tokenizer.ggml.pre` name read here splits and merges as transformers' GGUF
     /// tokenizer does (with llama.cpp's `ignore_merges`, and its regexes rebuilt where
     /// transformers has none: see `scripts/gguf_fixtures.py`), on a vocabulary whose merges tell
-    /// the GPT-2, digit, Llama 3, Qwen2, Tekken and DeepSeek Coder splits apart (contractions in
-    /// capitals, case changes inside words, digit groups, `/` runs, marks, CJK, Devanagari and
-    /// Hangul jamo, whitespace runs, a token no merge reaches, a user-defined token); and BOS is
-    /// added by default exactly where llama.cpp adds it (Llama 3's names and Tekken).
+    /// the GPT-2, digit, Llama 3, Qwen2, Qwen3.5, GPT-4o, Tekken, DeepSeek LLM and DeepSeek Coder
+    /// splits apart (contractions in capitals, case changes inside words, digit groups, `/` runs,
+    /// marks, CJK, Devanagari and Hangul jamo, whitespace runs, a token no merge reaches, a
+    /// user-defined token, a letter with a combining accent); each name's pre-tokenizer cuts every
+    /// text into the same pieces as the reference's; and BOS is added by default exactly where
+    /// llama.cpp adds it (Llama 3's names and Tekken).
     #[test]
     fn gguf_bpe_pre_tokenizers_match_transformers() {
         let path = concat!(
@@ -1377,9 +1411,21 @@ mod tests {
             .map(|text| text.as_str().unwrap())
             .collect();
         let names = fixture["ids"].as_object().unwrap();
-        assert_eq!(names.len(), 30);
+        assert_eq!(names.len(), 38);
         for (name, expected) in names {
             let tokenizer = gguf_tokenizer(&bpe_fixture_content(&fixture, name)).unwrap();
+            // The split itself, which the ids below show only where a merge crosses it.
+            let pieces: Vec<Vec<String>> =
+                serde_json::from_value(fixture["pieces"][name].clone()).unwrap();
+            assert_eq!(pieces.len(), texts.len(), "{name}");
+            assert_eq!(expected.as_array().unwrap().len(), texts.len(), "{name}");
+            for (text, expected) in texts.iter().zip(&pieces) {
+                assert_eq!(
+                    &pre_tokenized(&tokenizer, text),
+                    expected,
+                    "{name}: {text:?}"
+                );
+            }
             for (text, expected) in texts.iter().zip(expected.as_array().unwrap()) {
                 let expected: Vec<u32> = expected
                     .as_array()
@@ -1407,6 +1453,7 @@ mod tests {
                 "pixtral",
                 "midm-2.0",
                 "lfm2",
+                "jina-v5-nano",
                 "tekken",
             ];
             assert_eq!(
@@ -1415,11 +1462,21 @@ mod tests {
                 "{name}: llama.cpp's add_bos"
             );
         }
-        let unknown = gguf_tokenizer(&bpe_fixture_content(&fixture, "deepseek-llm")).unwrap_err();
-        assert!(
-            unknown.to_string().contains("\"deepseek-llm\""),
-            "{unknown}"
-        );
+        // DeepSeek V3's split (its architecture is refused anyway).
+        let unknown = gguf_tokenizer(&bpe_fixture_content(&fixture, "deepseek-v3")).unwrap_err();
+        assert!(unknown.to_string().contains("\"deepseek-v3\""), "{unknown}");
+    }
+
+    /// The byte-level pieces `tokenizer`'s pre-tokenizer cuts `text` into.
+    fn pre_tokenized(tokenizer: &Tokenizer, text: &str) -> Vec<String> {
+        let mut split = tokenizers::PreTokenizedString::from(text);
+        tokenizers::PreTokenizer::pre_tokenize(tokenizer.get_pre_tokenizer().unwrap(), &mut split)
+            .unwrap();
+        split
+            .get_splits(OffsetReferential::Original, OffsetType::Char)
+            .into_iter()
+            .map(|(piece, _, _)| piece.to_string())
+            .collect()
     }
 
     /// A GGUF file's metadata of a SentencePiece BPE vocabulary, made by
