@@ -259,7 +259,7 @@ KINDS = {
     "qwen2": ["qwen2", "deepseek-r1-qwen", "stablelm2", "kormo", "megrez", "f2llmv2"],
     "qwen35": ["qwen35"],
     "tekken": ["tekken"],
-    "gpt-4o": ["gpt-4o", "llama4", "kanana2", "talkie"],
+    "gpt-4o": ["gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"],
     "deepseek-coder": ["deepseek-coder"],
     "deepseek-llm": ["deepseek-llm"],
 }

@@ -349,7 +349,7 @@ impl PreTokenizer {
                 plain(PreSplit::Regexes(&[QWEN2_PATTERN]))
             }
             Some("qwen35") => plain(PreSplit::Regexes(&[QWEN35_PATTERN])),
-            Some("gpt-4o" | "llama4" | "kanana2" | "talkie") => {
+            Some("gpt-4o" | "llama4" | "kanana2" | "talkie" | "minimax-m2") => {
                 plain(PreSplit::Regexes(&[GPT4O_PATTERN]))
             }
             Some("tekken") => Self {
@@ -409,8 +409,8 @@ const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{
 /// marks kept with the letters before them.
 const QWEN35_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-/// GPT-4o's (o200k; llama.cpp's `gpt-4o`, also Llama 4's): Tekken's word split with contractions
-/// kept on the word and numbers in groups of up to three.
+/// GPT-4o's (o200k; llama.cpp's `gpt-4o`, also Llama 4's and MiniMax-M2's): Tekken's word split
+/// with contractions kept on the word and numbers in groups of up to three.
 const GPT4O_PATTERN: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Mistral's Tekken (Mistral NeMo, Ministral; llama.cpp's `tekken`): words split at case changes,
@@ -1411,7 +1411,7 @@ mod tests {
             .map(|text| text.as_str().unwrap())
             .collect();
         let names = fixture["ids"].as_object().unwrap();
-        assert_eq!(names.len(), 38);
+        assert_eq!(names.len(), 39);
         for (name, expected) in names {
             let tokenizer = gguf_tokenizer(&bpe_fixture_content(&fixture, name)).unwrap();
             // The split itself, which the ids below show only where a merge crosses it.
