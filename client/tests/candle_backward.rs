@@ -1,7 +1,8 @@
-//! The vendored candle-core's backward-pass patch (one of its patches, vendor/README.md):
-//! `Tensor::backward` stores the first gradient reaching a tensor instead of adding it to fresh
-//! zeros. Gradients with several terms, reached through views (transposes, broadcasts, narrows)
-//! and through the patched and unpatched rules alike, must still be the exact sums.
+//! The vendored candle-core's backward-pass patches (vendor/README.md): `Tensor::backward` stores
+//! the first gradient reaching a tensor instead of adding it to fresh zeros, and a matmul's
+//! backward skips a side that tracks no op. Gradients with several terms, reached through views
+//! (transposes, broadcasts, narrows) and through the patched and unpatched rules alike, must
+//! still be the exact sums; a frozen side of a matmul gets no gradient.
 #![allow(clippy::unwrap_used, reason = "tests")]
 
 use candle_core::{D, Device, Tensor, Var};
@@ -110,4 +111,44 @@ fn both_sides_of_an_op_on_one_tensor_and_offset_views_add_up() {
     let expected: Vec<f32> = start.iter().map(|v| 6.0 + 4.0 * v).collect();
     assert_close(&values(grads.get(x.as_tensor()).unwrap()), &expected);
     assert_close(&values(grads.get(other.as_tensor()).unwrap()), &[0.0; 3]);
+}
+
+/// The vendored backward's second patch: a side of a matmul that tracks no op (a frozen weight)
+/// gets no gradient, where the release computed and kept one as large as the weight (for an
+/// output head, vocabulary × hidden). The tracked side's gradient is unchanged.
+#[test]
+fn a_frozen_side_of_a_matmul_gets_no_gradient() {
+    let device = Device::Cpu;
+    let x = Var::from_vec(vec![1f32, 2.0, 3.0, 4.0, 5.0, 6.0], (2, 3), &device).unwrap();
+    let w = Tensor::new(&[[0.5f32, -1.0, 2.0], [0.25, 3.0, -0.5]], &device).unwrap();
+    assert!(!w.track_op());
+
+    // y = Σ x·wᵀ: ∂y/∂x has every row equal to the column sums of w.
+    let right = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
+    let grads = right.sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(&w).is_none());
+    assert!(grads.get(&w.t().unwrap()).is_none());
+    assert_close(
+        &values(grads.get(x.as_tensor()).unwrap()),
+        &[0.75, 2.0, 1.5, 0.75, 2.0, 1.5],
+    );
+
+    // y = Σ w·xᵀ (the frozen side on the left): the same gradient for x, none for w.
+    let left = w.matmul(&x.as_tensor().t().unwrap()).unwrap();
+    let grads = left.sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(&w).is_none());
+    assert_close(
+        &values(grads.get(x.as_tensor()).unwrap()),
+        &[0.75, 2.0, 1.5, 0.75, 2.0, 1.5],
+    );
+
+    // Both sides tracked: both still get their gradients.
+    let v = Var::from_tensor(&w).unwrap();
+    let both = x.as_tensor().matmul(&v.as_tensor().t().unwrap()).unwrap();
+    let grads = both.sum_all().unwrap().backward().unwrap();
+    // ∂y/∂v has every row equal to the column sums of x.
+    assert_close(
+        &values(grads.get(v.as_tensor()).unwrap()),
+        &[5.0, 7.0, 9.0, 5.0, 7.0, 9.0],
+    );
 }
