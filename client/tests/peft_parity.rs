@@ -221,6 +221,35 @@ fn our_spec() -> LoraSpec {
 #[test]
 #[ignore = "writes fixtures; run by scripts/peft_parity.py's procedure"]
 fn write_our_adapter() {
+    write_ours(&fixtures().join("ours"));
+}
+
+/// fedlora's PEFT writer, given the committed adapter's values, writes the committed files byte
+/// for byte: the files PEFT read and gave `ours.safetensors`'s logits for. So the fedlora → PEFT
+/// direction is checked on every run, not only when the fixtures are made, whatever the random
+/// initialisation `write_our_adapter` draws today.
+#[test]
+fn our_adapter_is_written_back_as_committed() {
+    let committed = fixtures().join("ours");
+    let mut adapted = model("llama");
+    let spec = apply(&mut adapted, &committed);
+    let bytes = adapted
+        .export_adapter()
+        .unwrap()
+        .to_safetensors(None)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_peft_adapter(dir.path(), &spec, "llama", &bytes).unwrap();
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        let written = std::fs::read(dir.path().join(file)).unwrap();
+        let expected = std::fs::read(committed.join(file)).unwrap();
+        assert!(written == expected, "{file} differs from the committed one");
+    }
+}
+
+/// The adapter of `our_spec` with random B factors and DoRA magnitudes, written as PEFT's
+/// `adapter_config.json` and `adapter_model.safetensors` in `dir`.
+fn write_ours(dir: &Path) {
     let mut adapted = model("llama");
     adapted.attach_lora(&our_spec(), 42).unwrap();
     let mut rng = StdRng::seed_from_u64(43);
@@ -251,5 +280,5 @@ fn write_our_adapter() {
         .unwrap()
         .to_safetensors(None)
         .unwrap();
-    write_peft_adapter(&fixtures().join("ours"), &our_spec(), "llama", &bytes).unwrap();
+    write_peft_adapter(dir, &our_spec(), "llama", &bytes).unwrap();
 }
