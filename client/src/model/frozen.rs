@@ -5,12 +5,14 @@
 //! on CPUs with AVX-512F or with AVX2 and FMA), or in bf16 (both products in bf16 with f32
 //! accumulation, as PyTorch's bf16 autocast).
 //!
-//! candle's matmul backward always computes the gradients of both operands, so every frozen
-//! projection (and the vocabulary-sized `lm_head`) would cost a full weight-gradient product per
-//! step that nobody reads. Here the product is computed without a graph and passed through a
-//! custom op whose backward is `∂L/∂x = ∂L/∂y · W`. On devices other than the CPU, and when `x`
-//! needs no gradient, the plain matmul is used, except for a few rows (decoding) on the CPU in
-//! f32, whose dot products are split over the pool by output (`few_rows_matmul_t`).
+//! candle's released matmul backward always computes the gradients of both operands, so every
+//! frozen projection (and the vocabulary-sized `lm_head`) would cost a full weight-gradient
+//! product per step that nobody reads (the vendored copy skips a side that tracks no op, so the
+//! paths below that use the plain matmul keep no such gradient: vendor/README.md). Here the
+//! product is computed without a graph and passed through a custom op whose backward is
+//! `∂L/∂x = ∂L/∂y · W`. On devices other than the CPU, and when `x` needs no gradient, the plain
+//! matmul is used, except for a few rows (decoding) on the CPU in f32, whose dot products are
+//! split over the pool by output (`few_rows_matmul_t`).
 
 use std::sync::Arc;
 
