@@ -89,9 +89,43 @@ pub struct MergeArgs {
     pub model: PathBuf,
     #[command(flatten)]
     pub adapters: AdapterArgs,
-    /// Output directory for config.json, model.safetensors (f32) and tokenizer.json.
+    /// Output directory: config.json, the weights (model.safetensors, or shards with
+    /// model.safetensors.index.json), tokenizer.json and the model's tokenizer and generation
+    /// configs and chat template. Weight files of an earlier export there are replaced.
     #[arg(long)]
     pub out: PathBuf,
+    /// Type of the written weights. `auto` keeps the checkpoint's own (a bf16 model stays bf16;
+    /// f32 for a quantized GGUF file, the one type that holds its blocks exactly). Each adapted
+    /// projection is merged in f32 and rounded once.
+    #[arg(long, value_enum, default_value_t = MergeDtype::Auto)]
+    pub dtype: MergeDtype,
+    /// Largest weight file: a larger model is split into model-00001-of-0000N.safetensors
+    /// shards with an index, as transformers saves them. Bytes, or a number with KB, MB, GB,
+    /// KiB, MiB or GiB.
+    #[arg(long, default_value = "5GB", value_parser = fedlora_client::model::export::parse_byte_size)]
+    pub max_shard_size: u64,
+}
+
+/// `fedlora merge --dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MergeDtype {
+    /// The type the checkpoint stores most of its weights in.
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+impl MergeDtype {
+    fn weight_dtype(self) -> Option<fedlora_client::model::WeightDtype> {
+        use fedlora_client::model::WeightDtype;
+        match self {
+            Self::Auto => None,
+            Self::F32 => Some(WeightDtype::F32),
+            Self::Bf16 => Some(WeightDtype::Bf16),
+            Self::F16 => Some(WeightDtype::F16),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -1253,17 +1287,47 @@ fn merge(args: &MergeArgs) -> Result<()> {
         bail!("give at least one --adapter to merge");
     }
     let base = load_with_adapters(&args.model, &args.adapters, None)?;
-    fedlora_client::model::export_merged(&base, &args.out)
+    let options = fedlora_client::model::ExportOptions {
+        dtype: args.dtype.weight_dtype(),
+        max_shard_bytes: args.max_shard_size,
+    };
+    let export = fedlora_client::model::export_merged(&base, &args.out, &options)
         .with_context(|| format!("writing {}", args.out.display()))?;
+    let files = match export.files.len() {
+        1 => "one file".to_string(),
+        shards => format!("{shards} shards"),
+    };
     eprintln!(
-        "wrote {} with {} adapter(s) merged in",
+        "wrote {} with {} adapter(s) merged in: {} weights, {} in {files}",
         args.out.display(),
-        args.adapters.adapters.len()
+        args.adapters.adapters.len(),
+        export.dtype.torch_name(),
+        decimal_size(export.total_bytes),
     );
     if let Some(caveat) = fedlora_client::model::merged_template_caveat(&base) {
         eprintln!("note: {caveat}");
     }
     Ok(())
+}
+
+/// `bytes` in decimal units, three significant digits: `254 kB`, `14.2 GB`.
+fn decimal_size(bytes: u64) -> String {
+    let units = [(1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")];
+    let bytes_f = bytes as f64;
+    for (scale, unit) in units {
+        if bytes_f >= scale {
+            let value = bytes_f / scale;
+            let decimals = if value >= 100.0 {
+                0
+            } else if value >= 10.0 {
+                1
+            } else {
+                2
+            };
+            return format!("{value:.decimals$} {unit}");
+        }
+    }
+    format!("{bytes} bytes")
 }
 
 fn combine(args: &CombineArgs) -> Result<()> {
@@ -1328,6 +1392,47 @@ mod tests {
         ] {
             assert!(!is_loopback_url(url), "{url}");
         }
+    }
+
+    /// `merge` keeps the checkpoint's type and 5 GB shards unless told otherwise; a size it
+    /// cannot read is refused where the flag is read.
+    #[test]
+    fn merge_flags_default_to_the_checkpoints_type_and_5gb_shards() {
+        use fedlora_client::model::WeightDtype;
+        let parse = |flags: &[&str]| {
+            let base = [
+                "fedlora",
+                "merge",
+                "--model",
+                "m",
+                "--adapter",
+                "a",
+                "--out",
+                "o",
+            ];
+            Cli::try_parse_from(base.iter().chain(flags)).map(|cli| match cli.command {
+                Command::Merge(args) => (args.dtype.weight_dtype(), args.max_shard_size),
+                _ => unreachable!(),
+            })
+        };
+        assert_eq!(parse(&[]).unwrap(), (None, 5_000_000_000));
+        assert_eq!(
+            parse(&["--dtype", "bf16", "--max-shard-size", "2GiB"]).unwrap(),
+            (Some(WeightDtype::Bf16), 2 << 30)
+        );
+        assert_eq!(parse(&["--dtype=f16"]).unwrap().0, Some(WeightDtype::F16));
+        assert_eq!(parse(&["--dtype=f32"]).unwrap().0, Some(WeightDtype::F32));
+        for (bytes, text) in [
+            (900, "900 bytes"),
+            (253_992, "254 kB"),
+            (14_190_000_000, "14.2 GB"),
+            (5_000_000_000, "5.00 GB"),
+        ] {
+            assert_eq!(decimal_size(bytes), text);
+        }
+        let error = parse(&["--max-shard-size", "5XB"]).unwrap_err().to_string();
+        assert!(error.contains("unknown unit"), "{error}");
+        assert!(parse(&["--dtype", "int8"]).is_err());
     }
 
     /// `client` and `bench-train` read the base flags alike; conflicting ones are refused.

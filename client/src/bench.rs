@@ -58,6 +58,8 @@ fn llama(
         attention_bias: false,
         bos_token_id: Some(1),
         eos_token_id: Some(serde_json::json!(2)),
+        dtype: None,
+        torch_dtype: None,
         quantization_config: None,
     }
 }

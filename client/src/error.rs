@@ -14,6 +14,11 @@ pub enum ClientError {
         path: PathBuf,
         error: std::io::Error,
     },
+    #[error("cannot write {path}: {error}")]
+    Write {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     #[error("invalid model config {path}: {message}")]
     Config { path: PathBuf, message: String },
     #[error("unreadable weights {path}: {message}")]
@@ -56,6 +61,12 @@ impl ClientError {
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
         move |error| Self::Io { path, error }
+    }
+
+    /// As [`ClientError::io`], for an error while writing `path`.
+    pub(crate) fn io_write(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |error| Self::Write { path, error }
     }
 }
 

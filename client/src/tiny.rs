@@ -78,6 +78,8 @@ pub fn write_tiny_model(dir: &Path, spec: &TinyModelSpec) -> Result<LlamaConfig>
         attention_bias: false,
         bos_token_id: Some(1),
         eos_token_id: Some(serde_json::json!(2)),
+        dtype: None,
+        torch_dtype: None,
         quantization_config: None,
     };
     config

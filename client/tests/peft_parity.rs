@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use fedlora_client::model::peft::{read_peft_adapter, write_peft_adapter};
-use fedlora_client::model::{BaseModel, Llama, export_merged, load_llama};
+use fedlora_client::model::{
+    BaseModel, ExportOptions, Llama, WeightDtype, export_merged, load_llama,
+};
 use fedlora_proto::adapter::{LORA_MODULES, LoraSpec};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
@@ -183,8 +185,14 @@ fn peft_adapters_on_gguf_bases_merge_to_peft_logits() {
             &expected[case],
             &format!("{base}.gguf + {case}"),
         );
+        // In f32: PEFT's logits are an f32 computation. (By default the export keeps the
+        // file's own type: f16 for qwen2.gguf, whose weights are f16.)
         let out = tempfile::tempdir().unwrap();
-        export_merged(&model, out.path()).unwrap();
+        let f32_export = ExportOptions {
+            dtype: Some(WeightDtype::F32),
+            ..ExportOptions::default()
+        };
+        export_merged(&model, out.path(), &f32_export).unwrap();
         let merged = BaseModel::load(out.path(), &Device::Cpu).unwrap();
         assert!(merged.model.lora_vars().is_empty());
         assert_eq!(merged.model.config().model_type, base);

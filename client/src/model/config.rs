@@ -62,6 +62,13 @@ pub struct LlamaConfig {
     /// An id or a list of ids in real configs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eos_token_id: Option<serde_json::Value>,
+    /// The weights' dtype (`"bfloat16"`), as transformers ≥ 4.56 writes it; kept so that a
+    /// merged export can say what it wrote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<String>,
+    /// The same, as transformers before 4.56 (and most published checkpoints) wrote it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub torch_dtype: Option<String>,
     /// A pre-quantized checkpoint's method (GPTQ, AWQ, bitsandbytes, FP8, ...): refused, since
     /// its weights are not the float matrices this engine reads.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -136,6 +136,8 @@ pub fn gguf_config(content: &Content) -> Result<LlamaConfig> {
             .and_then(|value| Ok(value.to_u32()?))
             .ok()
             .map(|id| serde_json::json!(id)),
+        dtype: None,
+        torch_dtype: None,
         quantization_config: None,
     };
     config.validate().map_err(ClientError::Unsupported)?;
@@ -814,6 +816,7 @@ pub fn load_gguf(path: &Path, device: &Device, keep_quantized: bool) -> Result<B
     let (chat_template, chat_template_refused) = crate::chat::usable(gguf_chat_template(&content));
     let mut weights = HashMap::new();
     let mut quantized = HashMap::new();
+    let mut stored = super::StoredDtypes::default();
     for name in content.tensor_infos.keys() {
         let Some((hf, permute_heads)) = hf_name(name, &config, permutes_qk) else {
             continue;
@@ -821,6 +824,13 @@ pub fn load_gguf(path: &Path, device: &Device, keep_quantized: bool) -> Result<B
         let tensor = content.tensor(&mut file, name, device)?;
         let is_projection = super::llama::is_projection_weight(&hf);
         let dtype = tensor.dtype();
+        let stored_as = match dtype {
+            GgmlDType::BF16 => candle_core::DType::BF16,
+            GgmlDType::F16 => candle_core::DType::F16,
+            // F32, and quantized blocks (exact only in f32 once dequantized).
+            _ => candle_core::DType::F32,
+        };
+        stored.add(stored_as, tensor.shape().elem_count());
         let stays_quantized = keep_quantized
             && is_projection
             && !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
@@ -858,6 +868,7 @@ pub fn load_gguf(path: &Path, device: &Device, keep_quantized: bool) -> Result<B
         eos_token_id,
         chat_template,
         chat_template_refused,
+        stored_dtype: stored.most_common(),
     })
 }
 

@@ -673,11 +673,25 @@ impl Llama {
     /// Every weight under its Hugging Face name, with the attached LoRA factors merged into the
     /// adapted projections (W₀ + s·B·A): the model as a plain checkpoint that needs no adapter.
     pub fn merged_weights(&self) -> Result<HashMap<String, Tensor>> {
-        let mut weights = HashMap::new();
-        weights.insert(
-            "model.embed_tokens.weight".to_string(),
-            self.embed_tokens.clone(),
-        );
+        self.merged_tensors()?
+            .into_iter()
+            .map(|tensor| Ok((tensor.name.clone(), tensor.compute()?)))
+            .collect()
+    }
+
+    /// The tensors of [`Llama::merged_weights`], in checkpoint order (embedding, layer by layer,
+    /// final norm, output head), each with its name and shape, computed only when asked: a
+    /// writer holds one at a time, never the merged model whole.
+    pub fn merged_tensors(&self) -> Result<Vec<MergedTensor<'_>>> {
+        let plain = |name: String, tensor: &Tensor| MergedTensor {
+            name,
+            shape: tensor.dims().to_vec(),
+            source: MergedSource::Plain(tensor.clone()),
+        };
+        let mut tensors = vec![plain(
+            "model.embed_tokens.weight".into(),
+            &self.embed_tokens,
+        )];
         for (layer, block) in self.blocks.iter().enumerate() {
             let prefix = format!("model.layers.{layer}");
             for (module, linear) in block.linears() {
@@ -687,25 +701,35 @@ impl Llama {
                     "mlp"
                 };
                 let name = format!("{prefix}.{block_name}.{module}");
-                weights.insert(format!("{name}.weight"), linear.merged_weight()?);
+                let (out_features, in_features) = linear.frozen_weight().dims2()?;
+                tensors.push(MergedTensor {
+                    name: format!("{name}.weight"),
+                    shape: vec![out_features, in_features],
+                    source: MergedSource::Linear(linear),
+                });
                 if let Some(bias) = linear.bias() {
-                    weights.insert(format!("{name}.bias"), bias.clone());
+                    tensors.push(plain(format!("{name}.bias"), bias));
                 }
             }
-            weights.insert(
+            tensors.push(plain(
                 format!("{prefix}.input_layernorm.weight"),
-                block.input_layernorm.weight.clone(),
-            );
-            weights.insert(
+                &block.input_layernorm.weight,
+            ));
+            tensors.push(plain(
                 format!("{prefix}.post_attention_layernorm.weight"),
-                block.post_attention_layernorm.weight.clone(),
-            );
+                &block.post_attention_layernorm.weight,
+            ));
         }
-        weights.insert("model.norm.weight".to_string(), self.norm.weight.clone());
+        tensors.push(plain("model.norm.weight".into(), &self.norm.weight));
         if let (false, Some(head)) = (self.config.tie_word_embeddings, &self.head) {
-            weights.insert("lm_head.weight".to_string(), head.dequantize()?);
+            let (out_features, in_features) = head.dims2()?;
+            tensors.push(MergedTensor {
+                name: "lm_head.weight".into(),
+                shape: vec![out_features, in_features],
+                source: MergedSource::Head(head),
+            });
         }
-        Ok(weights)
+        Ok(tensors)
     }
 
     /// An empty key/value cache for incremental decoding with [`Llama::last_logits_cached`].
@@ -1123,6 +1147,34 @@ fn mix_seed(seed: u64, stream: u64) -> u64 {
 
 fn module_seed(layer_seed: Option<u64>, module: u64) -> Option<u64> {
     layer_seed.map(|seed| mix_seed(seed, module))
+}
+
+/// One tensor of a merged checkpoint ([`Llama::merged_tensors`]): its name and shape, and what
+/// computes it.
+pub struct MergedTensor<'a> {
+    pub name: String,
+    pub shape: Vec<usize>,
+    source: MergedSource<'a>,
+}
+
+enum MergedSource<'a> {
+    /// Kept as it is (embedding, norms, biases); a tensor clone shares its storage.
+    Plain(Tensor),
+    /// A projection, with its LoRA factors merged in.
+    Linear(&'a LoraLinear),
+    /// An untied output head.
+    Head(&'a FrozenWeight),
+}
+
+impl MergedTensor<'_> {
+    /// The tensor, in f32.
+    pub fn compute(&self) -> Result<Tensor> {
+        Ok(match &self.source {
+            MergedSource::Plain(tensor) => tensor.to_dtype(DType::F32)?,
+            MergedSource::Linear(linear) => linear.merged_weight()?,
+            MergedSource::Head(head) => head.dequantize()?,
+        })
+    }
 }
 
 #[cfg(test)]
