@@ -8,7 +8,6 @@
 //! shard in the written type, never the whole merged model in f32.
 
 use std::collections::BTreeMap;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
@@ -185,20 +184,23 @@ fn write_weights(
     )]));
     let mut files = Vec::with_capacity(shards.len());
     let mut weight_map = BTreeMap::new();
-    for (index, range) in shards.iter().enumerate() {
+    for (index, members) in shards.iter().enumerate() {
         let name = file_name(index);
-        let mut shard = Vec::with_capacity(range.len());
-        for tensor in &tensors[range.clone()] {
+        let mut shard = Vec::with_capacity(members.len());
+        for tensor in members.iter().map(|&member| &tensors[member]) {
             shard.push((tensor.name.clone(), cast_checked(tensor, dtype)?));
             weight_map.insert(tensor.name.clone(), name.clone());
         }
         let path = out_dir.join(&name);
-        safetensors::serialize_to_file(shard, metadata.clone(), &path).map_err(|error| {
-            ClientError::Weights {
-                path: path.clone(),
-                message: format!("writing: {error}"),
-            }
-        })?;
+        safetensors::serialize_to_file(shard, metadata.clone(), &path).map_err(
+            |error| match error {
+                safetensors::SafeTensorError::IoError(error) => ClientError::Write {
+                    path: path.clone(),
+                    error,
+                },
+                other => ClientError::Unsupported(format!("{}: {other}", path.display())),
+            },
+        )?;
         std::fs::set_permissions(&path, like.clone()).map_err(ClientError::io_write(&path))?;
         files.push(path);
     }
@@ -241,8 +243,8 @@ fn cast_checked(tensor: &MergedTensor<'_>, dtype: WeightDtype) -> Result<Tensor>
     };
     match largest {
         Some(largest) if largest <= limit => Ok(merged.to_dtype(dtype.dtype())?),
-        Some(largest) => Err(ClientError::Unsupported(format!(
-            "{} holds {largest}, beyond f16's range: export it in bf16 or f32",
+        Some(largest) => Err(ClientError::InvalidArgument(format!(
+            "{} holds {largest}, beyond f16's range: export it in bf16 or f32 (--dtype)",
             tensor.name
         ))),
         None => Err(ClientError::Unsupported(format!(
@@ -252,27 +254,35 @@ fn cast_checked(tensor: &MergedTensor<'_>, dtype: WeightDtype) -> Result<Tensor>
     }
 }
 
-/// Splits tensors of `sizes` bytes, in order, into shards of at most `max_bytes` each, as
-/// huggingface_hub's `split_torch_state_dict_into_shards` does: a tensor that does not fit in
-/// the current shard starts the next one; a tensor larger than `max_bytes` is a shard of its own.
-/// Never empty (an empty model is one empty shard).
-pub fn plan_shards(sizes: &[u64], max_bytes: u64) -> Vec<Range<usize>> {
+/// Splits tensors of `sizes` bytes into shards of at most `max_bytes` each (lists of indices),
+/// as huggingface_hub's `split_torch_state_dict_into_shards` does: tensors fill the current
+/// shard in order, and one that does not fit closes it and starts the next; a tensor larger than
+/// `max_bytes` is a shard of its own at once, while the shard being filled stays open. Never
+/// empty (an empty model is one empty shard).
+pub fn plan_shards(sizes: &[u64], max_bytes: u64) -> Vec<Vec<usize>> {
     let mut shards = Vec::new();
-    let (mut start, mut filled) = (0, 0u64);
+    let (mut current, mut filled) = (Vec::new(), 0u64);
     for (index, &size) in sizes.iter().enumerate() {
-        if index > start && filled.saturating_add(size) > max_bytes {
-            shards.push(start..index);
-            (start, filled) = (index, 0);
+        if size > max_bytes {
+            shards.push(vec![index]);
+            continue;
         }
+        if !current.is_empty() && filled.saturating_add(size) > max_bytes {
+            shards.push(std::mem::take(&mut current));
+            filled = 0;
+        }
+        current.push(index);
         filled = filled.saturating_add(size);
     }
-    shards.push(start..sizes.len());
+    if !current.is_empty() || shards.is_empty() {
+        shards.push(current);
+    }
     shards
 }
 
-/// Parses a size as transformers' `max_shard_size` takes it: a number of bytes, or a number
-/// with a unit, decimal (`KB`, `MB`, `GB`, `TB`) or binary (`KiB`, `MiB`, `GiB`, `TiB`), case
-/// ignored: `5GB`, `500MB`, `2GiB`, `1.5GB`.
+/// Parses a shard size: a number of bytes, or a number with a unit, decimal (`KB`, `MB`, `GB`,
+/// `TB`, as transformers' `max_shard_size` takes them) or binary (`KiB`, `MiB`, `GiB`, `TiB`),
+/// case ignored: `5GB`, `500MB`, `2GiB`, `1.5GB`.
 pub fn parse_byte_size(text: &str) -> std::result::Result<u64, String> {
     let text = text.trim();
     let split = text
@@ -300,7 +310,9 @@ pub fn parse_byte_size(text: &str) -> std::result::Result<u64, String> {
         .map_err(|_| format!("{text:?} is not a size such as 5GB, 500MB or 2GiB"))?;
     let bytes = (value * factor as f64).round();
     if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
-        return Err(format!("{text:?}: a size must be at least one byte"));
+        return Err(format!(
+            "{text:?}: a size must be between one byte and 16 EiB"
+        ));
     }
     Ok(bytes as u64)
 }
@@ -578,18 +590,23 @@ mod tests {
 
     #[test]
     fn shards_are_planned_as_huggingface_hub_plans_them() {
-        let ranges = |sizes: &[u64], max| plan_shards(sizes, max);
-        assert_eq!(ranges(&[4, 4, 4], 12), vec![0..3]);
-        assert_eq!(ranges(&[4, 4, 4], 8), vec![0..2, 2..3]);
-        assert_eq!(ranges(&[4, 4, 4], 7), vec![0..1, 1..2, 2..3]);
-        // A tensor beyond the limit is a shard of its own; the next starts a new one.
-        assert_eq!(ranges(&[1, 10, 1], 8), vec![0..1, 1..2, 2..3]);
-        assert_eq!(ranges(&[10, 1, 1], 8), vec![0..1, 1..3]);
-        assert_eq!(ranges(&[], 8), vec![0..0]);
+        let plan = |sizes: &[u64], max| plan_shards(sizes, max);
+        assert_eq!(plan(&[4, 4, 4], 12), [vec![0, 1, 2]]);
+        assert_eq!(plan(&[4, 4, 4], 8), [vec![0, 1], vec![2]]);
+        assert_eq!(plan(&[4, 4, 4], 7), [vec![0], vec![1], vec![2]]);
+        // A tensor beyond the limit is a shard of its own at once; the open shard goes on
+        // (huggingface_hub 2.4's splitter gives these, run on the same sizes).
+        assert_eq!(plan(&[1, 10, 1], 8), [vec![1], vec![0, 2]]);
+        assert_eq!(
+            plan(&[3, 10, 3, 10, 3], 8),
+            [vec![1], vec![3], vec![0, 2], vec![4]]
+        );
+        assert_eq!(plan(&[10, 1, 1], 8), [vec![0], vec![1, 2]]);
+        assert_eq!(plan(&[], 8), [Vec::<usize>::new()]);
     }
 
     #[test]
-    fn byte_sizes_parse_as_transformers_takes_them() {
+    fn byte_sizes_parse_in_decimal_and_binary_units() {
         for (text, bytes) in [
             ("5GB", 5_000_000_000),
             ("50GB", 50_000_000_000),
@@ -669,7 +686,7 @@ mod tests {
         assert_eq!(
             metadata.metadata().as_ref().unwrap()["format"],
             "pt",
-            "transformers refuses a file without it"
+            "as save_pretrained writes it"
         );
         let written = SafeTensors::deserialize(&bytes).unwrap();
         let source_bytes = std::fs::read(base_dir.join("model.safetensors")).unwrap();
@@ -772,6 +789,10 @@ mod tests {
         let (whole, sharded) = (dir.path().join("whole"), dir.path().join("sharded"));
         let single = export_merged(&base, &whole, &ExportOptions::default()).unwrap();
         assert_eq!(single.files.len(), 1);
+        // Into a directory holding a single-file export: that file goes (transformers would
+        // load it before the index).
+        export_merged(&base, &sharded, &ExportOptions::default()).unwrap();
+        assert!(sharded.join("model.safetensors").exists());
         let max_shard_bytes = 100_000;
         let options = ExportOptions {
             max_shard_bytes,
