@@ -63,10 +63,67 @@ pub enum Command {
     /// coordinator, sites and operators.
     #[command(subcommand)]
     Ca(crate::ca::CaCommand),
+    /// Train a LoRA adapter on this machine alone, without a coordinator, and write it as a
+    /// PEFT adapter: held-out loss before, during and after, checkpoints, a progress bar.
+    Train(Box<TrainArgs>),
     /// Fold PEFT adapters into their base model and write a plain Hugging Face checkpoint.
     Merge(MergeArgs),
     /// Combine PEFT adapters into one, exactly: ΔW = Σ weight·ΔW (factors concatenated).
     Combine(CombineArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Base model: a Hugging Face directory (config.json, *.safetensors, tokenizer.json) or a
+    /// Llama-family .gguf file (llama.cpp's architectures llama and qwen2).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Training data, as `fedlora client` reads it. JSONL: per line {"text": ...}, or
+    /// {"instruction": ..., "input": ... (optional), "output": ...} for instruction tuning (loss
+    /// on the response only, prompt in the model's chat template). Or CSV (by the .csv
+    /// extension) with a header row, documents in --text-column. Every tenth example is held
+    /// out for evaluation.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The CSV column that holds the documents.
+    #[arg(long, default_value = "text")]
+    pub text_column: String,
+    /// Output directory: the adapter (adapter_config.json and adapter_model.safetensors, PEFT's
+    /// format: `fedlora generate --adapter`, `fedlora merge`, or PEFT itself load it) and the
+    /// checkpoint-STEP directories of --save-every. It must not hold an adapter already.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue from a PEFT adapter (a checkpoint, or a federation's global adapter) instead of
+    /// fresh factors; its own adapter_config.json sets the LoRA options, which may then not be
+    /// given. The optimizer's moments start afresh.
+    #[arg(long, conflicts_with = "lora")]
+    pub init_adapter: Option<PathBuf>,
+    /// Optimizer steps [default: as many as --epochs takes].
+    #[arg(long, conflicts_with = "epochs", value_parser = at_least_one)]
+    pub steps: Option<usize>,
+    /// Epochs: steps enough to draw this many times as many windows as the training data has
+    /// (batches are drawn at random, with replacement, so an epoch is a count, not a pass).
+    #[arg(long, default_value_t = 1.0, value_parser = positive_f64)]
+    pub epochs: f64,
+    /// Seed of the LoRA factors' initialisation and of the batches drawn.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Evaluate on the held-out tenth every N steps [default: 0, before and after only].
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: usize,
+    /// Write the adapter so far to OUT/checkpoint-STEP every N steps [default: 0, none]. On
+    /// Ctrl-C the run also writes one, after the step under way, and stops.
+    #[arg(long, default_value_t = 0)]
+    pub save_every: usize,
+    /// Held-out windows per evaluation, at most (spread evenly over them).
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
+    pub max_eval_windows: usize,
+    #[command(flatten)]
+    pub lora: LoraArgs,
+    #[command(flatten)]
+    pub hyper: HyperArgs,
+    #[command(flatten)]
+    pub base: BaseArgs,
 }
 
 /// One or more PEFT adapters with weights.
@@ -374,57 +431,13 @@ pub struct ServeArgs {
     /// Seconds before a round aggregates with a quorum, or fails and restarts without one.
     #[arg(long, default_value_t = 600)]
     pub round_timeout: u64,
-    /// LoRA rank r.
-    #[arg(long, default_value_t = 8)]
-    pub rank: usize,
-    /// LoRA alpha (the update is scaled by alpha/r).
-    #[arg(long, default_value_t = 16.0)]
-    pub alpha: f32,
-    /// rsLoRA: scale the update by alpha/sqrt(r) instead of alpha/r.
-    #[arg(long)]
-    pub rslora: bool,
-    /// DoRA: also train a magnitude per output row of each adapted layer (PEFT's use_dora).
-    #[arg(long)]
-    pub dora: bool,
-    /// Dropout on the LoRA path's input while training (PEFT's lora_dropout).
-    #[arg(long, default_value_t = 0.0)]
-    pub lora_dropout: f32,
-    /// Per-module rank, PEFT's rank_pattern: PATTERN=RANK, repeated for several, first match
-    /// wins; a pattern is a regex matched against a dotted suffix of the module's name, e.g.
-    /// --rank-pattern q_proj=16 --rank-pattern 'layers\.0\.self_attn\.v_proj=4'.
-    #[arg(long, value_parser = parse_pattern::<usize>)]
-    pub rank_pattern: Vec<(String, usize)>,
-    /// Per-module alpha, PEFT's alpha_pattern, written like --rank-pattern.
-    #[arg(long, value_parser = parse_pattern::<f32>)]
-    pub alpha_pattern: Vec<(String, f32)>,
-    /// Modules to adapt, comma separated (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).
-    #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
-    pub target_modules: Vec<String>,
+    #[command(flatten)]
+    pub lora: LoraArgs,
     /// Local optimizer steps per round.
     #[arg(long, default_value_t = 20)]
     pub local_steps: u32,
-    /// AdamW learning rate for local training.
-    #[arg(long, default_value_t = 5e-3)]
-    pub learning_rate: f32,
-    /// Sequences per local step.
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: u32,
-    /// Tokens per training sequence.
-    #[arg(long, default_value_t = 64)]
-    pub seq_len: u32,
-    /// Steps of linear learning-rate warm-up at the start of each local run.
-    #[arg(long, default_value_t = 0)]
-    pub warmup_steps: u32,
-    /// Decay the learning rate to 0 along a half cosine after warm-up (default: constant).
-    #[arg(long)]
-    pub cosine_decay: bool,
-    /// Clip the global L2 norm of the LoRA gradients (0 = off).
-    #[arg(long, default_value_t = 0.0)]
-    pub max_grad_norm: f32,
-    /// Micro-batches accumulated into each optimizer step, each weighted by its share of the
-    /// step's loss tokens (the gradient of one batch N times as large).
-    #[arg(long, default_value_t = 1)]
-    pub grad_accumulation: u32,
+    #[command(flatten)]
+    pub hyper: HyperArgs,
     /// Keep individual updates after aggregation (default: delete them once the round closes).
     #[arg(long)]
     pub keep_updates: bool,
@@ -525,6 +538,98 @@ pub struct ClientArgs {
     pub transport: TransportArgs,
 }
 
+/// The LoRA adapter trained: `serve` sets it for the federation, `train` for a local run.
+#[derive(Debug, Args)]
+#[group(id = "lora", multiple = true)]
+pub struct LoraArgs {
+    /// LoRA rank r.
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// LoRA alpha (the update is scaled by alpha/r).
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f32,
+    /// rsLoRA: scale the update by alpha/sqrt(r) instead of alpha/r.
+    #[arg(long)]
+    pub rslora: bool,
+    /// DoRA: also train a magnitude per output row of each adapted layer (PEFT's use_dora).
+    #[arg(long)]
+    pub dora: bool,
+    /// Dropout on the LoRA path's input while training (PEFT's lora_dropout).
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f32,
+    /// Per-module rank, PEFT's rank_pattern: PATTERN=RANK, repeated for several, first match
+    /// wins; a pattern is a regex matched against a dotted suffix of the module's name, e.g.
+    /// --rank-pattern q_proj=16 --rank-pattern 'layers\.0\.self_attn\.v_proj=4'.
+    #[arg(long, value_parser = parse_pattern::<usize>)]
+    pub rank_pattern: Vec<(String, usize)>,
+    /// Per-module alpha, PEFT's alpha_pattern, written like --rank-pattern.
+    #[arg(long, value_parser = parse_pattern::<f32>)]
+    pub alpha_pattern: Vec<(String, f32)>,
+    /// Modules to adapt, comma separated (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
+    pub target_modules: Vec<String>,
+}
+
+impl LoraArgs {
+    pub fn spec(&self) -> LoraSpec {
+        LoraSpec {
+            use_rslora: self.rslora,
+            use_dora: self.dora,
+            dropout: self.lora_dropout,
+            rank_pattern: self.rank_pattern.clone(),
+            alpha_pattern: self.alpha_pattern.clone(),
+            rank: self.rank,
+            alpha: self.alpha,
+            target_modules: self.target_modules.clone(),
+        }
+    }
+}
+
+/// Training hyper-parameters shared by `serve` (each round's local run) and `train`.
+#[derive(Debug, Args)]
+pub struct HyperArgs {
+    /// AdamW learning rate.
+    #[arg(long, default_value_t = 5e-3)]
+    pub learning_rate: f32,
+    /// Sequences per local step.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: u32,
+    /// Tokens per training sequence.
+    #[arg(long, default_value_t = 64)]
+    pub seq_len: u32,
+    /// Steps of linear learning-rate warm-up at the start of each run.
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: u32,
+    /// Decay the learning rate to 0 along a half cosine after warm-up (default: constant).
+    #[arg(long)]
+    pub cosine_decay: bool,
+    /// Clip the global L2 norm of the LoRA gradients (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub max_grad_norm: f32,
+    /// Micro-batches accumulated into each optimizer step, each weighted by its share of the
+    /// step's loss tokens (the gradient of one batch N times as large).
+    #[arg(long, default_value_t = 1)]
+    pub grad_accumulation: u32,
+}
+
+impl HyperArgs {
+    /// A client's training config with these hyper-parameters (`local_steps` left at 0).
+    pub fn train_config(&self, seed: u64) -> fedlora_client::train::TrainConfig {
+        fedlora_client::train::TrainConfig {
+            local_steps: 0,
+            learning_rate: f64::from(self.learning_rate),
+            batch_size: self.batch_size as usize,
+            seq_len: self.seq_len as usize,
+            seed,
+            warmup_steps: self.warmup_steps as usize,
+            cosine_decay: self.cosine_decay,
+            max_grad_norm: (self.max_grad_norm > 0.0).then_some(f64::from(self.max_grad_norm)),
+            grad_accumulation: (self.grad_accumulation as usize).max(1),
+            trained: fedlora_client::train::TrainedFactors::Both,
+        }
+    }
+}
+
 /// How the frozen base model is held and multiplied (the default: f32, packed once for
 /// fedlora's own kernel).
 #[derive(Debug, Args)]
@@ -565,6 +670,7 @@ impl Cli {
                 | Command::BenchTrain(_)
                 | Command::BenchQuality(_)
                 | Command::Generate(_)
+                | Command::Train(_)
                 | Command::Merge(_)
                 | Command::Combine(_)
         )
@@ -576,6 +682,7 @@ impl Cli {
         match &self.command {
             Command::Client(args) => args.base.quantize_base.is_some(),
             Command::BenchTrain(args) => args.base.quantize_base.is_some(),
+            Command::Train(args) => args.base.quantize_base.is_some(),
             Command::Generate(args) => args.quantize_base.is_some(),
             _ => false,
         }
@@ -668,6 +775,21 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::BenchQuality(args) => on_compute_thread(move || bench_quality(args)).await,
         Command::Generate(args) => on_compute_thread(move || generate(&args)).await,
         Command::Ca(command) => crate::ca::run(command).await,
+        Command::Train(args) => {
+            // Ctrl-C ends the run after the step under way, with what it trained saved.
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = stop.clone();
+            tokio::spawn(async move {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    eprintln!("stopping after this step (Ctrl-C again to abort)");
+                    flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                    if tokio::signal::ctrl_c().await.is_ok() {
+                        std::process::exit(130);
+                    }
+                }
+            });
+            on_compute_thread(move || crate::train::run(&args, &stop)).await
+        }
         Command::Merge(args) => on_compute_thread(move || merge(&args)).await,
         Command::Combine(args) => on_compute_thread(move || combine(&args)).await,
     }
@@ -720,25 +842,16 @@ async fn serve(args: ServeArgs) -> Result<()> {
         min_clients: args.min_clients,
         clients_per_round: args.clients_per_round.unwrap_or(args.min_clients),
         round_timeout_secs: args.round_timeout,
-        lora: LoraSpec {
-            use_rslora: args.rslora,
-            use_dora: args.dora,
-            dropout: args.lora_dropout,
-            rank_pattern: args.rank_pattern,
-            alpha_pattern: args.alpha_pattern,
-            rank: args.rank,
-            alpha: args.alpha,
-            target_modules: args.target_modules,
-        },
+        lora: args.lora.spec(),
         training: TrainingConfig {
             local_steps: args.local_steps,
-            learning_rate: args.learning_rate,
-            batch_size: args.batch_size,
-            seq_len: args.seq_len,
-            warmup_steps: args.warmup_steps,
-            cosine_decay: args.cosine_decay,
-            max_grad_norm: args.max_grad_norm,
-            grad_accumulation: args.grad_accumulation,
+            learning_rate: args.hyper.learning_rate,
+            batch_size: args.hyper.batch_size,
+            seq_len: args.hyper.seq_len,
+            warmup_steps: args.hyper.warmup_steps,
+            cosine_decay: args.hyper.cosine_decay,
+            max_grad_norm: args.hyper.max_grad_norm,
+            grad_accumulation: args.hyper.grad_accumulation,
         },
         keep_updates: args.keep_updates,
         strategy: args.strategy,
@@ -1355,6 +1468,14 @@ fn at_least_one(text: &str) -> std::result::Result<usize, String> {
     }
 }
 
+fn positive_f64(text: &str) -> std::result::Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if value > 0.0 && value.is_finite() => Ok(value),
+        Ok(_) => Err("must be a positive number".into()),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
 /// Parses `PATTERN=VALUE` for `--rank-pattern` and `--alpha-pattern`.
 fn parse_pattern<T: std::str::FromStr>(text: &str) -> std::result::Result<(String, T), String>
 where
@@ -1433,6 +1554,60 @@ mod tests {
         let error = parse(&["--max-shard-size", "5XB"]).unwrap_err().to_string();
         assert!(error.contains("unknown unit"), "{error}");
         assert!(parse(&["--dtype", "int8"]).is_err());
+    }
+
+    /// `train` reads the LoRA and training flags `serve` reads; an adapter to continue from
+    /// brings its own LoRA options, so none may be given beside it.
+    #[test]
+    fn train_flags_parse_and_conflicts_are_refused() {
+        let parse = |flags: &[&str]| {
+            let base = [
+                "fedlora", "train", "--model", "m", "--data", "d.jsonl", "--out", "o",
+            ];
+            Cli::try_parse_from(base.iter().chain(flags)).map(|cli| match cli.command {
+                Command::Train(args) => args,
+                _ => unreachable!(),
+            })
+        };
+        let args = parse(&[]).unwrap();
+        assert_eq!(
+            (args.steps, args.epochs, args.init_adapter),
+            (None, 1.0, None)
+        );
+        assert_eq!(
+            args.lora.spec(),
+            LoraSpec::new(8, 16.0, &["q_proj", "v_proj"])
+        );
+        let config = args.hyper.train_config(3);
+        assert_eq!((config.batch_size, config.seq_len, config.seed), (8, 64, 3));
+        assert_eq!(config.max_grad_norm, None);
+        let args = parse(&[
+            "--rank",
+            "4",
+            "--dora",
+            "--steps",
+            "7",
+            "--max-grad-norm",
+            "1",
+        ])
+        .unwrap();
+        assert_eq!(
+            (args.lora.spec().rank, args.lora.spec().use_dora),
+            (4, true)
+        );
+        assert_eq!(args.steps, Some(7));
+        assert_eq!(args.hyper.train_config(0).max_grad_norm, Some(1.0));
+        assert!(parse(&["--init-adapter", "a"]).is_ok());
+        for flags in [
+            &["--init-adapter", "a", "--rank", "4"][..],
+            &["--init-adapter", "a", "--target-modules", "q_proj"],
+            &["--steps", "5", "--epochs", "2"],
+            &["--epochs", "0"],
+            &["--epochs", "nan"],
+            &["--steps", "0"],
+        ] {
+            assert!(parse(flags).is_err(), "{flags:?}");
+        }
     }
 
     /// `client` and `bench-train` read the base flags alike; conflicting ones are refused.

@@ -9,3 +9,4 @@ pub mod cli;
 pub mod demo;
 pub mod quality;
 pub mod sites;
+pub mod train;

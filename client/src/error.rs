@@ -55,6 +55,9 @@ pub enum ClientError {
     InvalidArgument(String),
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A run stopped on request (Ctrl-C) after saving what it had done.
+    #[error("interrupted: {0}")]
+    Interrupted(String),
 }
 
 impl ClientError {

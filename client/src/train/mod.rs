@@ -2,6 +2,7 @@
 //! factors only, a fixed number of steps.
 
 pub mod data;
+pub mod local;
 pub mod loss;
 
 use std::time::Instant;
@@ -211,6 +212,20 @@ pub fn train(
     config: &TrainConfig,
     on_step: &mut dyn FnMut(usize, f32),
 ) -> Result<TrainReport> {
+    train_with(model, windows, config, &mut |step, loss| {
+        on_step(step, loss);
+        Ok(())
+    })
+}
+
+/// As [`train`], where `on_step` may end the run: its error is returned as it is, after the step
+/// it was called for (the factors hold that step's values).
+pub fn train_with(
+    model: &Llama,
+    windows: &[Window],
+    config: &TrainConfig,
+    on_step: &mut dyn FnMut(usize, f32) -> Result<()>,
+) -> Result<TrainReport> {
     if windows.is_empty() {
         return Err(ClientError::NotEnoughData(format!(
             "no training window of {} tokens: the local data is too short, or every \
@@ -269,7 +284,7 @@ pub fn train(
         }
         optimizer.step(&gradients)?;
         loss_sum += step_loss;
-        on_step(step + 1, step_loss as f32);
+        on_step(step + 1, step_loss as f32)?;
     }
     Ok(TrainReport {
         steps: config.local_steps,
