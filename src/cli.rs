@@ -90,7 +90,7 @@ pub struct TrainArgs {
     pub text_column: String,
     /// Output directory: the adapter (adapter_config.json and adapter_model.safetensors, PEFT's
     /// format: `fedlora generate --adapter`, `fedlora merge`, or PEFT itself load it) and the
-    /// checkpoint-STEP directories of --save-every. It must not hold an adapter already.
+    /// checkpoint-STEP directories of --save-every. It must be new or empty.
     #[arg(long)]
     pub out: PathBuf,
     /// Continue from a PEFT adapter (a checkpoint, or a federation's global adapter) instead of
@@ -105,15 +105,17 @@ pub struct TrainArgs {
     /// (batches are drawn at random, with replacement, so an epoch is a count, not a pass).
     #[arg(long, default_value_t = 1.0, value_parser = positive_f64)]
     pub epochs: f64,
-    /// Seed of the LoRA factors' initialisation and of the batches drawn.
+    /// Seed of the LoRA factors' initialisation, the batches drawn and the dropout masks. A run
+    /// continued with --init-adapter restarts the schedule (warm-up, cosine decay) and, with the
+    /// same seed, draws the first run's batches again: give it another seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Evaluate on the held-out tenth every N steps [default: 0, before and after only].
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, hide_default_value = true)]
     pub eval_every: usize,
     /// Write the adapter so far to OUT/checkpoint-STEP every N steps [default: 0, none]. On
-    /// Ctrl-C the run also writes one, after the step under way, and stops.
-    #[arg(long, default_value_t = 0)]
+    /// Ctrl-C (or SIGTERM) the run also writes one, after the step under way, and stops.
+    #[arg(long, default_value_t = 0, hide_default_value = true)]
     pub save_every: usize,
     /// Held-out windows per evaluation, at most (spread evenly over them).
     #[arg(long, default_value_t = 64, value_parser = at_least_one)]
@@ -588,16 +590,16 @@ impl LoraArgs {
 /// Training hyper-parameters shared by `serve` (each round's local run) and `train`.
 #[derive(Debug, Args)]
 pub struct HyperArgs {
-    /// AdamW learning rate.
+    /// AdamW learning rate of each local run.
     #[arg(long, default_value_t = 5e-3)]
     pub learning_rate: f32,
-    /// Sequences per local step.
+    /// Sequences per optimizer step (per micro-batch with --grad-accumulation).
     #[arg(long, default_value_t = 8)]
     pub batch_size: u32,
     /// Tokens per training sequence.
     #[arg(long, default_value_t = 64)]
     pub seq_len: u32,
-    /// Steps of linear learning-rate warm-up at the start of each run.
+    /// Steps of linear learning-rate warm-up at the start of each local run.
     #[arg(long, default_value_t = 0)]
     pub warmup_steps: u32,
     /// Decay the learning rate to 0 along a half cosine after warm-up (default: constant).
@@ -776,16 +778,16 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => on_compute_thread(move || generate(&args)).await,
         Command::Ca(command) => crate::ca::run(command).await,
         Command::Train(args) => {
-            // Ctrl-C ends the run after the step under way, with what it trained saved.
+            // Ctrl-C or SIGTERM ends the run after the step under way, with what it trained
+            // saved.
             let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let flag = stop.clone();
             tokio::spawn(async move {
+                shutdown_signal().await;
+                eprintln!("stopping after the step under way (Ctrl-C again to abort)");
+                flag.store(true, std::sync::atomic::Ordering::Relaxed);
                 if tokio::signal::ctrl_c().await.is_ok() {
-                    eprintln!("stopping after this step (Ctrl-C again to abort)");
-                    flag.store(true, std::sync::atomic::Ordering::Relaxed);
-                    if tokio::signal::ctrl_c().await.is_ok() {
-                        std::process::exit(130);
-                    }
+                    std::process::exit(130);
                 }
             });
             on_compute_thread(move || crate::train::run(&args, &stop)).await

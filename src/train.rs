@@ -42,6 +42,7 @@ pub fn run(args: &TrainArgs, stop: &AtomicBool) -> Result<()> {
         LocalEvent::Ready {
             train_windows,
             heldout_windows,
+            skipped_examples,
             steps,
             template,
         } => {
@@ -51,6 +52,14 @@ pub fn run(args: &TrainArgs, stop: &AtomicBool) -> Result<()> {
                  (instruction layout: {template}); {steps} steps",
                 job.config.seq_len
             ));
+            if skipped_examples > 0 {
+                say(&format!(
+                    "{skipped_examples} training examples teach nothing at --seq-len {} and are \
+                     skipped: instruction examples whose prompt fills it, documents wholly in \
+                     the packed stream's tail",
+                    job.config.seq_len
+                ));
+            }
         }
         LocalEvent::Step {
             step,

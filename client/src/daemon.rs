@@ -27,8 +27,8 @@ use crate::error::{ClientError, Result};
 pub use crate::model::BasePrecision;
 use crate::model::peft::write_peft_adapter;
 use crate::model::{BaseModel, Llama, fingerprint};
-use crate::train::data::{SiteData, Window, make_windows, trained_examples};
-use crate::train::{EvalReport, TrainConfig, TrainedFactors, evaluate, train};
+use crate::train::data::{SiteData, make_windows, trained_examples};
+use crate::train::{TrainConfig, TrainedFactors, evaluate_heldout, train};
 
 /// How the daemon reaches the coordinator.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -262,13 +262,7 @@ fn load_site(config: &DaemonConfig) -> Result<Site> {
         &template,
         &config.text_column,
     )?;
-    if data.train.is_empty() || data.heldout.is_empty() {
-        return Err(ClientError::NotEnoughData(format!(
-            "{} has {} documents; at least 10 are needed (every tenth is held out)",
-            config.data_path.display(),
-            data.train.len() + data.heldout.len()
-        )));
-    }
+    data.check_split(&config.data_path)?;
     Ok(Site {
         fingerprint: fingerprint(&config.model_dir)?,
         model: base.model,
@@ -634,21 +628,6 @@ fn trainable_examples(site: &Site, seq_len: usize) -> Result<usize> {
         )));
     }
     Ok(trained)
-}
-
-/// The held-out loss, or `None` where the held-out data has no window at the task's sequence
-/// length (every held-out instruction example's prompt fills it): a fact about the site's data
-/// and the task, reported as no measurement rather than failing a task that can still train.
-fn evaluate_heldout(
-    model: &Llama,
-    heldout: &[Window],
-    batch_size: usize,
-    max_windows: usize,
-) -> Result<Option<EvalReport>> {
-    if heldout.is_empty() {
-        return Ok(None);
-    }
-    evaluate(model, heldout, batch_size, max_windows).map(Some)
 }
 
 fn site_seed(client_name: &str) -> u64 {

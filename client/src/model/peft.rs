@@ -33,14 +33,21 @@ pub fn write_peft_adapter(
     base_model: &str,
     weights: &[u8],
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(ClientError::io(dir))?;
-    let weights_path = dir.join("adapter_model.safetensors");
-    std::fs::write(&weights_path, weights).map_err(ClientError::io(&weights_path))?;
-    let config_path = dir.join("adapter_config.json");
+    std::fs::create_dir_all(dir).map_err(ClientError::io_write(dir))?;
     let json = serde_json::to_string_pretty(&peft_adapter_config(lora, base_model))
         .map_err(|error| ClientError::Protocol(error.to_string()))?;
-    std::fs::write(&config_path, json + "\n").map_err(ClientError::io(&config_path))?;
-    Ok(())
+    write_whole(&dir.join("adapter_model.safetensors"), weights)?;
+    write_whole(&dir.join("adapter_config.json"), (json + "\n").as_bytes())
+}
+
+/// Writes `bytes` to a temporary file beside `path`, then renames it there: a crash leaves the
+/// old file or the new one, never a truncated one.
+fn write_whole(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = std::path::PathBuf::from(partial);
+    std::fs::write(&partial, bytes).map_err(ClientError::io_write(&partial))?;
+    std::fs::rename(&partial, path).map_err(ClientError::io_write(path))
 }
 
 #[cfg(test)]

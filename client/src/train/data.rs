@@ -278,6 +278,19 @@ impl SiteData {
         Self { train, heldout }
     }
 
+    /// Refuses data too small to split: at least 10 examples are needed (every tenth is held
+    /// out). `path` names the file in the error.
+    pub fn check_split(&self, path: &Path) -> Result<()> {
+        if self.train.is_empty() || self.heldout.is_empty() {
+            return Err(ClientError::NotEnoughData(format!(
+                "{} has {} documents; at least 10 are needed (every tenth is held out)",
+                path.display(),
+                self.train.len() + self.heldout.len()
+            )));
+        }
+        Ok(())
+    }
+
     /// Number of training examples: the count reported to the coordinator.
     pub fn num_examples(&self) -> usize {
         self.train.len()

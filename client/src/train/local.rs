@@ -5,11 +5,12 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use fedlora_proto::adapter::LoraSpec;
 
-use super::data::{SiteData, Window, make_windows};
-use super::{EvalReport, TrainConfig, TrainReport, evaluate, train_with};
+use super::data::{SiteData, make_windows, trained_examples};
+use super::{EvalReport, TrainConfig, TrainReport, evaluate_heldout, train_with};
 use crate::error::{ClientError, Result};
 use crate::model::peft::{read_peft_adapter, write_peft_adapter};
 use crate::model::{BaseModel, BasePrecision, Llama};
@@ -58,16 +59,20 @@ pub struct LocalTraining {
 /// What a run reports as it goes.
 #[derive(Debug)]
 pub enum LocalEvent<'a> {
-    /// The model and data are loaded: the windows of each split and the steps to run.
+    /// The model and data are loaded: the windows of each split, the training examples that
+    /// teach nothing at the sequence length (instruction examples whose prompt fills it,
+    /// documents wholly in the packed stream's tail), and the steps to run.
     Ready {
         train_windows: usize,
         heldout_windows: usize,
+        skipped_examples: usize,
         steps: usize,
         template: &'static str,
     },
     Step {
         step: usize,
         loss: f32,
+        /// Training tokens per second so far, evaluations and saves left out.
         tokens_per_second: f32,
     },
     /// The held-out loss after `step` steps (`None` where no held-out window fits).
@@ -82,6 +87,7 @@ pub enum LocalEvent<'a> {
 /// What a finished run did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LocalReport {
+    /// `seconds` counts training only (evaluations and saves left out).
     pub train: TrainReport,
     pub before: Option<EvalReport>,
     pub after: Option<EvalReport>,
@@ -96,31 +102,20 @@ pub fn steps_for_epochs(windows: usize, config: &TrainConfig, epochs: f64) -> us
 /// Runs `job`: loads the model (with `job.base`'s precision) and data (every tenth document held
 /// out, as a site's daemon does), evaluates, trains, and writes the adapter to `job.out`.
 /// When `stop` is set (Ctrl-C), the run ends after the current step and writes what it has
-/// trained as a checkpoint, then returns [`ClientError::Interrupted`] naming it.
+/// trained as a checkpoint, then returns [`ClientError::Interrupted`] naming it (set before
+/// training starts, the run ends with nothing written).
 pub fn train_locally(
     job: &LocalTraining,
     stop: &AtomicBool,
     observe: &mut dyn FnMut(LocalEvent<'_>),
 ) -> Result<LocalReport> {
-    check(&job.config, job.length)?;
-    // Before hours of training: the output must not overwrite an earlier run's adapter.
-    if job.out.join("adapter_model.safetensors").exists() {
-        return Err(ClientError::InvalidArgument(format!(
-            "{} already holds an adapter: choose another output directory, or remove it",
-            job.out.display()
-        )));
-    }
+    check(job)?;
+    prepare_output(&job.out)?;
     let device = crate::model::default_device();
     let mut base = BaseModel::load_as(&job.model, &device, job.base)?;
     let template = base.prompt_template();
     let data = SiteData::load(&job.data, &base.tokenizer, &template, &job.text_column)?;
-    if data.train.is_empty() || data.heldout.is_empty() {
-        return Err(ClientError::NotEnoughData(format!(
-            "{} has {} documents; at least 10 are needed (every tenth is held out)",
-            job.data.display(),
-            data.train.len() + data.heldout.len()
-        )));
-    }
+    data.check_split(&job.data)?;
     let lora = match &job.start {
         Start::Fresh(lora) => {
             base.model.attach_lora(lora, job.config.seed)?;
@@ -132,9 +127,17 @@ pub fn train_locally(
             lora
         }
     };
-    let seq_len = job.config.seq_len;
-    let windows = make_windows(&data.train, base.eos_token_id, seq_len);
-    let heldout = make_windows(&data.heldout, base.eos_token_id, seq_len);
+    let (eos, seq_len) = (base.eos_token_id, job.config.seq_len);
+    let windows = make_windows(&data.train, eos, seq_len);
+    if windows.is_empty() {
+        return Err(ClientError::NotEnoughData(format!(
+            "no training window of {} tokens in {}: the data is too short, or every \
+             instruction example's prompt fills the sequence length",
+            seq_len + 1,
+            job.data.display()
+        )));
+    }
+    let heldout = make_windows(&data.heldout, eos, seq_len);
     let steps = match job.length {
         Length::Steps(steps) => steps,
         Length::Epochs(epochs) => steps_for_epochs(windows.len(), &job.config, epochs),
@@ -152,54 +155,74 @@ pub fn train_locally(
     observe(LocalEvent::Ready {
         train_windows: windows.len(),
         heldout_windows: heldout.len(),
+        skipped_examples: data.train.len() - trained_examples(&data.train, eos, seq_len),
         steps,
         template: template.name(),
     });
     let model = &base.model;
-    let eval = |model: &Llama| evaluate_heldout(model, &heldout, &config, job.max_eval_windows);
+    let eval =
+        |model: &Llama| evaluate_heldout(model, &heldout, config.batch_size, job.max_eval_windows);
     let before = eval(model)?;
     observe(LocalEvent::Evaluated {
         step: 0,
         eval: before,
     });
+    if stop.load(Ordering::Relaxed) {
+        return Err(ClientError::Interrupted(
+            "stopped before training; nothing was written".into(),
+        ));
+    }
     let model_name = job.model.display().to_string();
     let save = |dir: &Path| save_adapter(model, &lora, &model_name, dir);
     let tokens_per_step = (config.batch_size * config.seq_len * config.grad_accumulation) as f64;
-    let started = std::time::Instant::now();
-    let mut after = before;
-    let train = train_with(model, &windows, &config, &mut |step, loss| {
-        let seconds = started.elapsed().as_secs_f64().max(1e-9);
+    let started = Instant::now();
+    // Time spent evaluating and saving, left out of the training speed.
+    let mut aside = Duration::ZERO;
+    let mut train = train_with(model, &windows, &config, &mut |step, loss| {
+        let seconds = (started.elapsed() - aside).as_secs_f64().max(1e-9);
         observe(LocalEvent::Step {
             step,
             loss,
             tokens_per_second: (step as f64 * tokens_per_step / seconds) as f32,
         });
-        if step == steps || (job.eval_every > 0 && step.is_multiple_of(job.eval_every)) {
-            after = eval(model)?;
-            observe(LocalEvent::Evaluated { step, eval: after });
+        if step == steps {
+            // The final adapter is written, then evaluated, after the loop.
+            return Ok(());
         }
+        let paused = Instant::now();
         let checkpoint = job.out.join(format!("checkpoint-{step}"));
-        if step < steps && job.save_every > 0 && step.is_multiple_of(job.save_every) {
+        let stopping = stop.load(Ordering::Relaxed);
+        // Saved before any evaluation, so that an evaluation's failure loses nothing.
+        if stopping || (job.save_every > 0 && step.is_multiple_of(job.save_every)) {
             save(&checkpoint)?;
             observe(LocalEvent::Saved {
                 step,
                 dir: &checkpoint,
             });
         }
-        if step < steps && stop.load(Ordering::Relaxed) {
-            save(&checkpoint)?;
+        if stopping {
             return Err(ClientError::Interrupted(format!(
-                "stopped after step {step} of {steps}; the adapter trained so far is in {} \
-                 (continue from it with --init-adapter)",
+                "stopped after step {step} of {steps}; the adapter trained so far is in {}",
                 checkpoint.display()
             )));
         }
+        if job.eval_every > 0 && step.is_multiple_of(job.eval_every) {
+            let eval = eval(model)?;
+            observe(LocalEvent::Evaluated { step, eval });
+        }
+        aside += paused.elapsed();
         Ok(())
     })?;
+    train.seconds = (Duration::from_secs_f32(train.seconds).saturating_sub(aside)).as_secs_f32();
     save(&job.out)?;
     observe(LocalEvent::Saved {
         step: steps,
         dir: &job.out,
+    });
+    let after = eval(model)?;
+    observe(LocalEvent::Evaluated {
+        step: steps,
+        eval: after,
     });
     Ok(LocalReport {
         train,
@@ -209,11 +232,13 @@ pub fn train_locally(
 }
 
 /// Refuses settings no run can train with, before anything is loaded.
-fn check(config: &TrainConfig, length: Length) -> Result<()> {
+fn check(job: &LocalTraining) -> Result<()> {
+    let config = &job.config;
     let invalid = |message: &str| Err(ClientError::InvalidArgument(message.into()));
     if config.batch_size == 0 || config.grad_accumulation == 0 || config.seq_len < 2 {
         return invalid(
-            "batch size and gradient accumulation must be at least 1, and the sequence length at least 2",
+            "batch size and gradient accumulation must be at least 1, and the sequence length \
+             at least 2",
         );
     }
     if !(config.learning_rate.is_finite() && config.learning_rate > 0.0) {
@@ -225,8 +250,14 @@ fn check(config: &TrainConfig, length: Length) -> Result<()> {
     {
         return invalid("the gradient norm bound must be a positive number");
     }
-    match length {
+    if job.max_eval_windows == 0 {
+        return invalid("evaluation needs at least one held-out window (max_eval_windows is 0)");
+    }
+    match job.length {
         Length::Steps(0) => invalid("a run of 0 steps"),
+        Length::Steps(steps) if config.warmup_steps > steps => Err(ClientError::InvalidArgument(
+            format!("{} warm-up steps in a run of {steps}", config.warmup_steps),
+        )),
         Length::Epochs(epochs) if !(epochs.is_finite() && epochs > 0.0) => {
             invalid("the number of epochs must be a positive number")
         }
@@ -234,17 +265,25 @@ fn check(config: &TrainConfig, length: Length) -> Result<()> {
     }
 }
 
-/// The held-out loss, `None` where no held-out window fits the sequence length.
-fn evaluate_heldout(
-    model: &Llama,
-    heldout: &[Window],
-    config: &TrainConfig,
-    max_windows: usize,
-) -> Result<Option<EvalReport>> {
-    if heldout.is_empty() {
-        return Ok(None);
+/// Makes the output directory, before anything is loaded: it must be new or empty (an earlier
+/// run's adapter or checkpoints are never overwritten), and writable (else a run would learn it
+/// only when saving, its training lost).
+fn prepare_output(out: &Path) -> Result<()> {
+    if out.exists() {
+        let mut entries = std::fs::read_dir(out).map_err(ClientError::io(out))?;
+        if entries.next().is_some() {
+            return Err(ClientError::InvalidArgument(format!(
+                "{} is not empty (an earlier run's adapter or checkpoints?): choose a new output \
+                 directory",
+                out.display()
+            )));
+        }
     }
-    evaluate(model, heldout, config.batch_size, max_windows).map(Some)
+    std::fs::create_dir_all(out).map_err(ClientError::io_write(out))?;
+    let probe = out.join(".fedlora-write-probe");
+    std::fs::write(&probe, b"").map_err(ClientError::io_write(&probe))?;
+    std::fs::remove_file(&probe).map_err(ClientError::io_write(&probe))?;
+    Ok(())
 }
 
 /// Writes the model's LoRA factors as a PEFT adapter directory.
@@ -289,12 +328,24 @@ mod tests {
         }
     }
 
+    fn never(_: LocalEvent<'_>) {}
+
     /// The held-out loss falls; evaluations, checkpoints and the final adapter come when asked,
-    /// and the written adapter is the trained one (it gives the reported held-out loss again).
+    /// and the written adapter is the trained one: continued from, it gives the reported
+    /// held-out loss again, and its spec (DoRA, a per-module rank, dropout) is kept.
     #[test]
     fn a_local_run_trains_evaluates_and_writes_its_adapter() {
         let dir = tempfile::tempdir().unwrap();
-        let job = job(dir.path());
+        let spec = LoraSpec {
+            use_dora: true,
+            dropout: 0.05,
+            rank_pattern: vec![("v_proj".into(), 2)],
+            ..LoraSpec::new(4, 8.0, &["q_proj", "v_proj"])
+        };
+        let job = LocalTraining {
+            start: Start::Fresh(spec.clone()),
+            ..job(dir.path())
+        };
         let mut evaluated = Vec::new();
         let mut saved = Vec::new();
         let mut steps = 0;
@@ -320,7 +371,6 @@ mod tests {
             [(10, job.out.join("checkpoint-10")), (20, job.out.clone())]
         );
 
-        // The adapter written gives the held-out loss reported, to the last bit.
         let continued = LocalTraining {
             start: Start::Adapter(job.out.clone()),
             length: Length::Steps(1),
@@ -335,17 +385,24 @@ mod tests {
         })
         .unwrap();
         assert_eq!(first.unwrap().loss, after.loss);
+        let (continued_spec, _) = read_peft_adapter(&continued.out).unwrap();
+        assert_eq!(continued_spec, spec);
 
-        // Never over an earlier run's adapter.
-        let error = train_locally(&job, &AtomicBool::new(false), &mut |_| {}).unwrap_err();
-        assert!(
-            error.to_string().contains("already holds an adapter"),
-            "{error}"
-        );
+        // Never into a directory an earlier run wrote to: its adapter, or only its checkpoints.
+        let error = train_locally(&job, &AtomicBool::new(false), &mut never).unwrap_err();
+        assert!(error.to_string().contains("not empty"), "{error}");
+        let earlier = dir.path().join("earlier");
+        std::fs::create_dir_all(earlier.join("checkpoint-10")).unwrap();
+        let into_earlier = LocalTraining {
+            out: earlier,
+            ..job.clone()
+        };
+        let error = train_locally(&into_earlier, &AtomicBool::new(false), &mut never).unwrap_err();
+        assert!(error.to_string().contains("not empty"), "{error}");
     }
 
-    /// Stopped (Ctrl-C), a run saves what it trained as a checkpoint, says where, and writes no
-    /// final adapter.
+    /// Stopped (Ctrl-C) during training, a run saves what it trained as a checkpoint, says
+    /// where, and writes no final adapter; stopped before, it writes nothing.
     #[test]
     fn a_stopped_run_keeps_what_it_trained() {
         let dir = tempfile::tempdir().unwrap();
@@ -354,18 +411,41 @@ mod tests {
             eval_every: 0,
             ..job(dir.path())
         };
-        let error = train_locally(&job, &AtomicBool::new(true), &mut |_| {}).unwrap_err();
-        let checkpoint = job.out.join("checkpoint-1");
+        let stop = AtomicBool::new(false);
+        let error = train_locally(&job, &stop, &mut |event| {
+            if let LocalEvent::Step { step: 2, .. } = event {
+                stop.store(true, Ordering::Relaxed);
+            }
+        })
+        .unwrap_err();
+        let checkpoint = job.out.join("checkpoint-2");
         assert!(
-            matches!(&error, ClientError::Interrupted(message) if message.contains(&checkpoint.display().to_string())),
+            matches!(&error, ClientError::Interrupted(message)
+                if message.contains(&checkpoint.display().to_string())),
             "{error}"
         );
-        assert!(checkpoint.join("adapter_model.safetensors").exists());
         assert!(!job.out.join("adapter_model.safetensors").exists());
+        // The checkpoint holds trained factors: B starts at zero (PEFT's initialisation).
+        let (_, adapter) = read_peft_adapter(&checkpoint).unwrap();
+        let trained_b = adapter
+            .tensors
+            .iter()
+            .filter(|(name, _)| name.contains("lora_B"))
+            .any(|(_, tensor)| tensor.data.iter().any(|&value| value != 0.0));
+        assert!(trained_b);
+
+        let early = LocalTraining {
+            out: dir.path().join("early"),
+            ..job.clone()
+        };
+        let error = train_locally(&early, &AtomicBool::new(true), &mut never).unwrap_err();
+        assert!(error.to_string().contains("before training"), "{error}");
+        assert_eq!(std::fs::read_dir(&early.out).unwrap().count(), 0);
     }
 
+    /// `--epochs` runs as many steps as draw that many epochs of the training windows.
     #[test]
-    fn epochs_count_windows_and_bad_settings_are_refused_before_loading() {
+    fn an_epoch_draws_as_many_windows_as_the_data_has() {
         let config = TrainConfig {
             grad_accumulation: 2,
             ..TrainConfig::simple(0, 1e-3, 4, 32, 0)
@@ -375,28 +455,67 @@ mod tests {
         assert_eq!(steps_for_epochs(80, &config, 0.5), 5);
         assert_eq!(steps_for_epochs(3, &config, 0.1), 1);
         let dir = tempfile::tempdir().unwrap();
+        let job = LocalTraining {
+            length: Length::Epochs(0.5),
+            eval_every: 0,
+            save_every: 0,
+            ..job(dir.path())
+        };
+        let (mut windows, mut steps) = (0, 0);
+        let report = train_locally(&job, &AtomicBool::new(false), &mut |event| {
+            if let LocalEvent::Ready {
+                train_windows,
+                steps: planned,
+                skipped_examples,
+                ..
+            } = event
+            {
+                (windows, steps) = (train_windows, planned);
+                assert_eq!(skipped_examples, 0);
+            }
+        })
+        .unwrap();
+        assert!(windows > 8, "{windows}");
+        assert_eq!(steps, steps_for_epochs(windows, &job.config, 0.5));
+        assert_eq!(report.train.steps, steps);
+    }
+
+    /// Settings no run can train with are refused before the model is loaded (the job names a
+    /// model that does not exist).
+    #[test]
+    fn bad_settings_are_refused_before_loading() {
+        let dir = tempfile::tempdir().unwrap();
         let missing = LocalTraining {
             model: dir.path().join("no-such-model"),
             ..job(dir.path())
         };
-        for (change, expected) in [
-            (
-                &(|job: &mut LocalTraining| job.config.seq_len = 1) as &dyn Fn(&mut LocalTraining),
-                "sequence length",
-            ),
+        type Change = &'static dyn Fn(&mut LocalTraining);
+        let changes: [(Change, &str); 7] = [
+            (&|job| job.config.seq_len = 1, "sequence length"),
             (&|job| job.config.learning_rate = f64::NAN, "learning rate"),
             (&|job| job.config.max_grad_norm = Some(0.0), "gradient norm"),
             (&|job| job.length = Length::Epochs(0.0), "epochs"),
             (&|job| job.length = Length::Steps(0), "0 steps"),
-        ] {
+            (&|job| job.config.warmup_steps = 21, "warm-up"),
+            (&|job| job.max_eval_windows = 0, "max_eval_windows"),
+        ];
+        for (change, expected) in changes {
             let mut job = missing.clone();
             change(&mut job);
-            let error = train_locally(&job, &AtomicBool::new(false), &mut |_| {}).unwrap_err();
+            let error = train_locally(&job, &AtomicBool::new(false), &mut never).unwrap_err();
             assert!(error.to_string().contains(expected), "{error}");
         }
-        let mut warm = job(dir.path());
-        warm.config.warmup_steps = 21;
-        let error = train_locally(&warm, &AtomicBool::new(false), &mut |_| {}).unwrap_err();
-        assert!(error.to_string().contains("warm-up"), "{error}");
+        // An output path that is a file is refused before loading too.
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"x").unwrap();
+        let into_file = LocalTraining {
+            out: file,
+            ..missing.clone()
+        };
+        let error = train_locally(&into_file, &AtomicBool::new(false), &mut never).unwrap_err();
+        assert!(!error.to_string().contains("no-such-model"), "{error}");
+        // With good settings, the missing model is what fails.
+        let error = train_locally(&missing, &AtomicBool::new(false), &mut never).unwrap_err();
+        assert!(error.to_string().contains("no-such-model"), "{error}");
     }
 }

@@ -400,6 +400,21 @@ pub fn evaluate(
     })
 }
 
+/// The held-out loss, or `None` where the held-out data has no window at the task's sequence
+/// length (every held-out instruction example's prompt fills it): a fact about the site's data
+/// and the task, reported as no measurement rather than failing a task that can still train.
+pub fn evaluate_heldout(
+    model: &Llama,
+    heldout: &[Window],
+    batch_size: usize,
+    max_windows: usize,
+) -> Result<Option<EvalReport>> {
+    if heldout.is_empty() {
+        return Ok(None);
+    }
+    evaluate(model, heldout, batch_size, max_windows).map(Some)
+}
+
 /// `min(len, max)` indices into a list of `len`, ascending and spread evenly over it: all of
 /// them when `len <= max`, else `⌊i·len/max⌋` for `i` in `0..max` (distinct, as `len > max`).
 fn evenly_spaced(len: usize, max: usize) -> impl Iterator<Item = usize> {
