@@ -74,20 +74,8 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Base model: a Hugging Face directory (config.json, *.safetensors, tokenizer.json) or a
-    /// Llama-family .gguf file (llama.cpp's architectures llama and qwen2).
-    #[arg(long)]
-    pub model: PathBuf,
-    /// Training data, as `fedlora client` reads it. JSONL: per line {"text": ...}, or
-    /// {"instruction": ..., "input": ... (optional), "output": ...} for instruction tuning (loss
-    /// on the response only, prompt in the model's chat template). Or CSV (by the .csv
-    /// extension) with a header row, documents in --text-column. Every tenth example is held
-    /// out for evaluation.
-    #[arg(long)]
-    pub data: PathBuf,
-    /// The CSV column that holds the documents.
-    #[arg(long, default_value = "text")]
-    pub text_column: String,
+    #[command(flatten)]
+    pub site: SiteArgs,
     /// Output directory: the adapter (adapter_config.json and adapter_model.safetensors, PEFT's
     /// format: `fedlora generate --adapter`, `fedlora merge`, or PEFT itself load it) and the
     /// checkpoint-STEP directories of --save-every. It must be new or empty.
@@ -126,6 +114,26 @@ pub struct TrainArgs {
     pub hyper: HyperArgs,
     #[command(flatten)]
     pub base: BaseArgs,
+}
+
+/// A site's base model and local data, as `client` and `train` read them.
+#[derive(Debug, Args)]
+pub struct SiteArgs {
+    /// Base model: a Hugging Face directory (config.json, *.safetensors, tokenizer.json) or a
+    /// Llama-family .gguf file (llama.cpp's architectures llama and qwen2). Every site of a
+    /// federation must hold the same files (the coordinator compares their sha256 at join).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Local training data; it never leaves this machine. JSONL: per line {"text": ...}, or
+    /// {"instruction": ..., "input": ... (optional), "output": ...} for instruction tuning (loss
+    /// on the response only, prompt in the model's chat template; an example whose prompt fills
+    /// the sequence length is skipped). Or CSV (by the .csv extension) with a header row,
+    /// documents in --text-column. Every tenth example is held out for evaluation.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The CSV column that holds the documents.
+    #[arg(long, default_value = "text")]
+    pub text_column: String,
 }
 
 /// One or more PEFT adapters with weights.
@@ -510,21 +518,8 @@ pub struct ClientArgs {
     /// This site's name in the federation (letters, digits, '-', '_', '.').
     #[arg(long)]
     pub name: String,
-    /// Base model: a Hugging Face directory (config.json, *.safetensors, tokenizer.json) or a
-    /// Llama-family .gguf file (llama.cpp's architectures llama and qwen2). Every site of a
-    /// federation must hold the same files (the coordinator compares their sha256 at join).
-    #[arg(long)]
-    pub model: PathBuf,
-    /// Local training data; it never leaves this machine. JSONL: per line {"text": ...}, or
-    /// {"instruction": ..., "input": ... (optional), "output": ...} for instruction tuning (loss
-    /// on the response only, prompt in the model's chat template; an example whose prompt fills
-    /// the federation's sequence length is skipped). Or CSV (by the .csv extension) with a
-    /// header row, documents in --text-column. Every tenth example is held out for evaluation.
-    #[arg(long)]
-    pub data: PathBuf,
-    /// The CSV column that holds the documents.
-    #[arg(long, default_value = "text")]
-    pub text_column: String,
+    #[command(flatten)]
+    pub site: SiteArgs,
     /// Where copies of every adapter sent are kept [default: ./fedlora-client-NAME].
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
@@ -949,9 +944,9 @@ async fn client(args: ClientArgs) -> Result<()> {
         coordinator: url,
         transport,
         client_name: args.name,
-        model_dir: args.model,
-        data_path: args.data,
-        text_column: args.text_column,
+        model_dir: args.site.model,
+        data_path: args.site.data,
+        text_column: args.site.text_column,
         state_dir,
         max_rank: args.max_rank,
         max_eval_windows: args.max_eval_windows,

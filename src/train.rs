@@ -13,9 +13,9 @@ use crate::cli::TrainArgs;
 /// Runs the training `args` describe, until done or until `stop` is set.
 pub fn run(args: &TrainArgs, stop: &AtomicBool) -> Result<()> {
     let job = LocalTraining {
-        model: args.model.clone(),
-        data: args.data.clone(),
-        text_column: args.text_column.clone(),
+        model: args.site.model.clone(),
+        data: args.site.data.clone(),
+        text_column: args.site.text_column.clone(),
         base: args.base.precision(),
         start: match &args.init_adapter {
             Some(dir) => Start::Adapter(dir.clone()),
@@ -80,7 +80,7 @@ pub fn run(args: &TrainArgs, stop: &AtomicBool) -> Result<()> {
         }
     });
     bar.finish_and_clear();
-    let report = report.with_context(|| format!("training on {}", args.data.display()))?;
+    let report = report.with_context(|| format!("training on {}", args.site.data.display()))?;
     let train = &report.train;
     eprintln!(
         "wrote {}: {} steps, {} tokens in {:.1} s ({:.0} tokens/s), mean training loss {:.4}; \
