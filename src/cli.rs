@@ -1414,6 +1414,19 @@ fn merge(args: &MergeArgs) -> Result<()> {
         export.dtype.torch_name(),
         decimal_size(export.total_bytes),
     );
+    if args.dtype == MergeDtype::Auto
+        && export.dtype == fedlora_client::model::WeightDtype::F32
+        && args
+            .model
+            .extension()
+            .is_some_and(|extension| extension == "gguf")
+        && fedlora_client::model::gguf::stores_quantized_projections(&args.model)?
+    {
+        eprintln!(
+            "note: the GGUF's quantized weights were written in f32, the one type that holds \
+             them exactly; --dtype bf16 writes half the bytes"
+        );
+    }
     if let Some(caveat) = fedlora_client::model::merged_template_caveat(&base) {
         eprintln!("note: {caveat}");
     }
