@@ -800,7 +800,12 @@ async fn on_compute_thread(command: impl FnOnce() -> Result<()> + Send + 'static
 
 /// Resolves on SIGINT or SIGTERM.
 async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+    // A Ctrl-C handler that cannot be installed never fires (rather than firing at once).
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
     #[cfg(unix)]
     {
         let mut terminate =
@@ -1259,7 +1264,10 @@ fn generate(args: &GenerateArgs) -> Result<()> {
         .model
         .extension()
         .is_some_and(|extension| extension == "gguf")
-        && fedlora_client::model::gguf::stores_quantized_projections(&args.model)?
+        && matches!(
+            fedlora_client::model::gguf::stores_quantized_projections(&args.model),
+            Ok(true)
+        )
     {
         tracing::info!(
             "decoding with the GGUF's quantized projections dequantized to f32: --quantize-base \
@@ -1420,7 +1428,10 @@ fn merge(args: &MergeArgs) -> Result<()> {
             .model
             .extension()
             .is_some_and(|extension| extension == "gguf")
-        && fedlora_client::model::gguf::stores_quantized_projections(&args.model)?
+        && matches!(
+            fedlora_client::model::gguf::stores_quantized_projections(&args.model),
+            Ok(true)
+        )
     {
         eprintln!(
             "note: the GGUF's quantized weights were written in f32, the one type that holds \

@@ -55,7 +55,7 @@ pub enum ClientError {
     InvalidArgument(String),
     #[error("protocol error: {0}")]
     Protocol(String),
-    /// A run stopped on request (Ctrl-C) after saving what it had done.
+    /// A run stopped on request (Ctrl-C, SIGTERM); the message says what it saved, if anything.
     #[error("interrupted: {0}")]
     Interrupted(String),
 }

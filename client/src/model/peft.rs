@@ -40,13 +40,25 @@ pub fn write_peft_adapter(
     write_whole(&dir.join("adapter_config.json"), (json + "\n").as_bytes())
 }
 
-/// Writes `bytes` to a temporary file beside `path`, then renames it there: a crash leaves the
-/// old file or the new one, never a truncated one.
+/// Writes `bytes` to a temporary file beside `path`, synced to disk, then renames it there: an
+/// interrupted process leaves the old file or the new one, never a truncated one (and the
+/// temporary file is removed when the write fails).
 fn write_whole(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
     let mut partial = path.as_os_str().to_owned();
     partial.push(".partial");
     let partial = std::path::PathBuf::from(partial);
-    std::fs::write(&partial, bytes).map_err(ClientError::io_write(&partial))?;
+    let written = std::fs::File::create(&partial).and_then(|mut file| {
+        file.write_all(bytes)?;
+        file.sync_all()
+    });
+    if let Err(error) = written {
+        let _ = std::fs::remove_file(&partial);
+        return Err(ClientError::Write {
+            path: partial,
+            error,
+        });
+    }
     std::fs::rename(&partial, path).map_err(ClientError::io_write(path))
 }
 

@@ -72,7 +72,8 @@ pub enum LocalEvent<'a> {
     Step {
         step: usize,
         loss: f32,
-        /// Training tokens per second so far, evaluations and saves left out.
+        /// Tokens per second so far, nominal (`batch_size × seq_len × grad_accumulation` a
+        /// step, padding included), evaluations and saves left out.
         tokens_per_second: f32,
     },
     /// The held-out loss after `step` steps (`None` where no held-out window fits).
@@ -111,22 +112,37 @@ pub fn train_locally(
 ) -> Result<LocalReport> {
     check(job)?;
     prepare_output(&job.out)?;
+    // Before the model: an adapter that cannot be read fails at once.
+    let start = match &job.start {
+        Start::Fresh(lora) => (lora.clone(), None),
+        Start::Adapter(dir) => {
+            let (lora, adapter) = read_peft_adapter(dir)?;
+            (lora, Some(adapter))
+        }
+    };
     let device = crate::model::default_device();
     let mut base = BaseModel::load_as(&job.model, &device, job.base)?;
     let template = base.prompt_template();
     let data = SiteData::load(&job.data, &base.tokenizer, &template, &job.text_column)?;
     data.check_split(&job.data)?;
-    let lora = match &job.start {
-        Start::Fresh(lora) => {
-            base.model.attach_lora(lora, job.config.seed)?;
-            lora.clone()
+    let lora = match start {
+        (lora, None) => {
+            base.model.attach_lora(&lora, job.config.seed)?;
+            lora
         }
-        Start::Adapter(dir) => {
-            let (lora, adapter) = read_peft_adapter(dir)?;
+        (lora, Some(adapter)) => {
             base.model.set_adapter(&lora, &adapter)?;
             lora
         }
     };
+    let stopped_before = || {
+        stop.load(Ordering::Relaxed).then(|| {
+            ClientError::Interrupted("stopped before training; nothing was written".into())
+        })
+    };
+    if let Some(stopped) = stopped_before() {
+        return Err(stopped);
+    }
     let (eos, seq_len) = (base.eos_token_id, job.config.seq_len);
     let windows = make_windows(&data.train, eos, seq_len);
     if windows.is_empty() {
@@ -167,10 +183,8 @@ pub fn train_locally(
         step: 0,
         eval: before,
     });
-    if stop.load(Ordering::Relaxed) {
-        return Err(ClientError::Interrupted(
-            "stopped before training; nothing was written".into(),
-        ));
+    if let Some(stopped) = stopped_before() {
+        return Err(stopped);
     }
     let model_name = job.model.display().to_string();
     let save = |dir: &Path| save_adapter(model, &lora, &model_name, dir);
@@ -192,7 +206,7 @@ pub fn train_locally(
         let paused = Instant::now();
         let checkpoint = job.out.join(format!("checkpoint-{step}"));
         let stopping = stop.load(Ordering::Relaxed);
-        // Saved before any evaluation, so that an evaluation's failure loses nothing.
+        // Saved before this step's evaluation, which cannot lose it then.
         if stopping || (job.save_every > 0 && step.is_multiple_of(job.save_every)) {
             save(&checkpoint)?;
             observe(LocalEvent::Saved {
@@ -348,6 +362,8 @@ mod tests {
         };
         let mut evaluated = Vec::new();
         let mut saved = Vec::new();
+        // Evaluations and saves in the order they came: a step's save comes first.
+        let mut log = Vec::new();
         let mut steps = 0;
         let report = train_locally(&job, &AtomicBool::new(false), &mut |event| match event {
             LocalEvent::Ready { steps, .. } => assert_eq!(steps, 20),
@@ -355,10 +371,26 @@ mod tests {
                 assert!(loss.is_finite());
                 steps = step;
             }
-            LocalEvent::Evaluated { step, eval } => evaluated.push((step, eval.unwrap().loss)),
-            LocalEvent::Saved { step, dir } => saved.push((step, dir.to_path_buf())),
+            LocalEvent::Evaluated { step, eval } => {
+                evaluated.push((step, eval.unwrap().loss));
+                log.push(format!("evaluated {step}"));
+            }
+            LocalEvent::Saved { step, dir } => {
+                saved.push((step, dir.to_path_buf()));
+                log.push(format!("saved {step}"));
+            }
         })
         .unwrap();
+        assert_eq!(
+            log,
+            [
+                "evaluated 0",
+                "saved 10",
+                "evaluated 10",
+                "saved 20",
+                "evaluated 20"
+            ]
+        );
         assert_eq!(steps, 20);
         assert_eq!(report.train.steps, 20);
         let steps_evaluated: Vec<usize> = evaluated.iter().map(|(step, _)| *step).collect();
@@ -513,6 +545,7 @@ mod tests {
             ..missing.clone()
         };
         let error = train_locally(&into_file, &AtomicBool::new(false), &mut never).unwrap_err();
+        assert!(error.to_string().contains("a-file"), "{error}");
         assert!(!error.to_string().contains("no-such-model"), "{error}");
         // With good settings, the missing model is what fails.
         let error = train_locally(&missing, &AtomicBool::new(false), &mut never).unwrap_err();
