@@ -1260,15 +1260,7 @@ fn generate(args: &GenerateArgs) -> Result<()> {
         base.model
             .quantize_head()
             .context("quantizing the output head")?;
-    } else if args
-        .model
-        .extension()
-        .is_some_and(|extension| extension == "gguf")
-        && matches!(
-            fedlora_client::model::gguf::stores_quantized_projections(&args.model),
-            Ok(true)
-        )
-    {
+    } else if is_quantized_gguf(&args.model) {
         tracing::info!(
             "decoding with the GGUF's quantized projections dequantized to f32: --quantize-base \
              keeps them as stored (SmolLM2-135M Q4_1: 267 instead of 587 MiB, as fast or faster)"
@@ -1424,14 +1416,7 @@ fn merge(args: &MergeArgs) -> Result<()> {
     );
     if args.dtype == MergeDtype::Auto
         && export.dtype == fedlora_client::model::WeightDtype::F32
-        && args
-            .model
-            .extension()
-            .is_some_and(|extension| extension == "gguf")
-        && matches!(
-            fedlora_client::model::gguf::stores_quantized_projections(&args.model),
-            Ok(true)
-        )
+        && is_quantized_gguf(&args.model)
     {
         eprintln!(
             "note: the GGUF's quantized weights were written in f32, the one type that holds \
@@ -1442,6 +1427,18 @@ fn merge(args: &MergeArgs) -> Result<()> {
         eprintln!("note: {caveat}");
     }
     Ok(())
+}
+
+/// Whether `model` is a GGUF file whose projections are stored quantized (`false` where it cannot
+/// be read: the caller only adds a note).
+fn is_quantized_gguf(model: &std::path::Path) -> bool {
+    model
+        .extension()
+        .is_some_and(|extension| extension == "gguf")
+        && matches!(
+            fedlora_client::model::gguf::stores_quantized_projections(model),
+            Ok(true)
+        )
 }
 
 /// `bytes` in decimal units, three significant digits: `254 kB`, `14.2 GB`.
