@@ -65,6 +65,10 @@ pub enum Command {
     Ca(crate::ca::CaCommand),
     /// Train a LoRA adapter on this machine alone, without a coordinator, and write it as a
     /// PEFT adapter: held-out loss before, during and after, checkpoints, a progress bar.
+    #[command(
+        override_usage = "fedlora train [OPTIONS] --model <MODEL> --data <DATA> --out <OUT>\n       \
+                                fedlora train --resume <OUT>"
+    )]
     Train(Box<TrainArgs>),
     /// Fold PEFT adapters into their base model and write a plain Hugging Face checkpoint.
     Merge(MergeArgs),
@@ -74,16 +78,25 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
+    /// Continue the run whose output directory is OUT, stopped by Ctrl-C or killed, from its
+    /// last checkpoint (or from the start, where it wrote none), with the model, data and
+    /// settings it was started with: it ends with the adapter the uninterrupted run would have
+    /// written, to the last bit. Takes no other option.
+    #[arg(long, exclusive = true, value_name = "OUT")]
+    pub resume: Option<PathBuf>,
+    /// The model and data of a new run (required without --resume).
     #[command(flatten)]
-    pub site: SiteArgs,
+    pub site: Option<SiteArgs>,
     /// Output directory: the adapter (adapter_config.json and adapter_model.safetensors, PEFT's
     /// format: `fedlora generate --adapter`, `fedlora merge`, or PEFT itself load it) and the
-    /// checkpoint-STEP directories of --save-every. It must be new or empty.
-    #[arg(long)]
-    pub out: PathBuf,
+    /// checkpoint-STEP directories of --save-every (each with the optimizer's state, for
+    /// --resume). It must be new or empty.
+    #[arg(long, required = true)]
+    pub out: Option<PathBuf>,
     /// Continue from a PEFT adapter (a checkpoint, or a federation's global adapter) instead of
     /// fresh factors; its own adapter_config.json sets the LoRA options, which may then not be
-    /// given. The optimizer's moments start afresh.
+    /// given. A new run: the optimizer's moments and the schedule start afresh (--resume
+    /// continues a stopped run instead).
     #[arg(long, conflicts_with = "lora")]
     pub init_adapter: Option<PathBuf>,
     /// Optimizer steps [default: as many as --epochs takes].
@@ -93,16 +106,17 @@ pub struct TrainArgs {
     /// (batches are drawn at random, with replacement, so an epoch is a count, not a pass).
     #[arg(long, default_value_t = 1.0, value_parser = positive_f64)]
     pub epochs: f64,
-    /// Seed of the LoRA factors' initialisation, the batches drawn and the dropout masks. A run
-    /// continued with --init-adapter restarts the schedule (warm-up, cosine decay) and, with the
-    /// same seed, draws the first run's batches again: give it another seed.
+    /// Seed of the LoRA factors' initialisation, the batches drawn and the dropout masks. A new
+    /// run from an --init-adapter with the first run's seed draws its batches again: give it
+    /// another.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Evaluate on the held-out tenth every N steps [default: 0, before and after only].
     #[arg(long, default_value_t = 0, hide_default_value = true)]
     pub eval_every: usize,
-    /// Write the adapter so far to OUT/checkpoint-STEP every N steps [default: 0, none]. On
-    /// Ctrl-C (or SIGTERM) the run also writes one, after the step under way, and stops.
+    /// Write the adapter so far and the optimizer's state to OUT/checkpoint-STEP every N steps
+    /// [default: 0, none]. On Ctrl-C (or SIGTERM) the run also writes one, after the step
+    /// under way, and stops; --resume OUT continues it.
     #[arg(long, default_value_t = 0, hide_default_value = true)]
     pub save_every: usize,
     /// Held-out windows per evaluation, at most (spread evenly over them).
@@ -679,7 +693,11 @@ impl Cli {
         match &self.command {
             Command::Client(args) => args.base.quantize_base.is_some(),
             Command::BenchTrain(args) => args.base.quantize_base.is_some(),
-            Command::Train(args) => args.base.quantize_base.is_some(),
+            Command::Train(args) => match &args.resume {
+                Some(out) => fedlora_client::train::local::recorded_precision(out)
+                    .is_some_and(|base| matches!(base, BasePrecision::Quantized(_))),
+                None => args.base.quantize_base.is_some(),
+            },
             Command::Generate(args) => args.quantize_base.is_some(),
             _ => false,
         }
@@ -1625,6 +1643,23 @@ mod tests {
             &["--steps", "0"],
         ] {
             assert!(parse(flags).is_err(), "{flags:?}");
+        }
+
+        // --resume takes the run's directory alone; a new run needs its model, data and output.
+        let cli = Cli::try_parse_from(["fedlora", "train", "--resume", "o"]).unwrap();
+        assert!(matches!(cli.command, Command::Train(args)
+            if args.resume.as_deref() == Some(std::path::Path::new("o")) && args.site.is_none()));
+        for flags in [
+            &["--resume", "o", "--steps", "5"][..],
+            &["--resume", "o", "--out", "p"],
+            &[
+                "--resume", "o", "--model", "m", "--data", "d.jsonl", "--out", "p",
+            ],
+            &["--model", "m", "--data", "d.jsonl"],
+            &[],
+        ] {
+            let error = Cli::try_parse_from(["fedlora", "train"].iter().chain(flags));
+            assert!(error.is_err(), "{flags:?}");
         }
     }
 

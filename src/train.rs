@@ -1,36 +1,22 @@
 //! `fedlora train`: a local run of the client's training engine with a progress bar
 //! ([`fedlora_client::train::local`] does the work).
 
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
-use anyhow::{Context, Result};
-use fedlora_client::train::local::{Length, LocalEvent, LocalTraining, Start, train_locally};
+use anyhow::{Result, anyhow, bail};
+use fedlora_client::error::ClientError;
+use fedlora_client::train::local::{
+    Length, LocalEvent, LocalTraining, Start, resume_locally, train_locally,
+};
 use fedlora_client::train::{EvalReport, perplexity};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::cli::TrainArgs;
+use crate::cli::{SiteArgs, TrainArgs};
 
-/// Runs the training `args` describe, until done or until `stop` is set.
+/// Runs the training `args` describe (a new run, or one resumed), until done or until `stop` is
+/// set.
 pub fn run(args: &TrainArgs, stop: &AtomicBool) -> Result<()> {
-    let job = LocalTraining {
-        model: args.site.model.clone(),
-        data: args.site.data.clone(),
-        text_column: args.site.text_column.clone(),
-        base: args.base.precision(),
-        start: match &args.init_adapter {
-            Some(dir) => Start::Adapter(dir.clone()),
-            None => Start::Fresh(args.lora.spec()),
-        },
-        length: match args.steps {
-            Some(steps) => Length::Steps(steps),
-            None => Length::Epochs(args.epochs),
-        },
-        config: args.hyper.train_config(args.seed),
-        eval_every: args.eval_every,
-        save_every: args.save_every,
-        max_eval_windows: args.max_eval_windows,
-        out: args.out.clone(),
-    };
     let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
     bar.set_style(
         ProgressStyle::with_template("{bar:30.cyan/blue} {pos:>5}/{len:5} {elapsed} {msg}")
@@ -38,26 +24,33 @@ pub fn run(args: &TrainArgs, stop: &AtomicBool) -> Result<()> {
     );
     // A line above the bar; printed also where stderr is no terminal (a log), and the bar is not.
     let say = |line: &str| bar.suspend(|| eprintln!("{line}"));
-    let report = train_locally(&job, stop, &mut |event| match event {
+    let mut observe = |event: LocalEvent<'_>| match event {
         LocalEvent::Ready {
             train_windows,
             heldout_windows,
             skipped_examples,
             steps,
+            first_step,
+            seq_len,
             template,
         } => {
             bar.set_length(steps as u64);
+            bar.set_position(first_step as u64);
+            bar.reset_elapsed();
+            let resumed = if first_step > 0 {
+                format!(", resumed after step {first_step}")
+            } else {
+                String::new()
+            };
             say(&format!(
-                "{train_windows} training and {heldout_windows} held-out windows of {} tokens \
-                 (instruction layout: {template}); {steps} steps",
-                job.config.seq_len
+                "{train_windows} training and {heldout_windows} held-out windows of {seq_len} \
+                 tokens (instruction layout: {template}); {steps} steps{resumed}"
             ));
             if skipped_examples > 0 {
                 say(&format!(
-                    "{skipped_examples} training examples teach nothing at --seq-len {} and are \
-                     skipped: instruction examples whose prompt fills it, documents wholly in \
-                     the packed stream's tail",
-                    job.config.seq_len
+                    "{skipped_examples} training examples teach nothing at --seq-len {seq_len} \
+                     and are skipped: instruction examples whose prompt fills it, documents \
+                     wholly in the packed stream's tail"
                 ));
             }
         }
@@ -78,14 +71,28 @@ pub fn run(args: &TrainArgs, stop: &AtomicBool) -> Result<()> {
         LocalEvent::Saved { step, dir } => {
             say(&format!("step {step:>5}: wrote {}", dir.display()));
         }
-    });
+    };
+    let (out, report) = match (&args.resume, &args.site, &args.out) {
+        (Some(out), _, _) => (out.clone(), resume_locally(out, stop, &mut observe)),
+        (None, Some(site), Some(out)) => {
+            let job = job(args, site, out);
+            (out.clone(), train_locally(&job, stop, &mut observe))
+        }
+        _ => bail!("give --model, --data and --out for a new run, or --resume OUT"),
+    };
     bar.finish_and_clear();
-    let report = report.with_context(|| format!("training on {}", args.site.data.display()))?;
+    let report = report.map_err(|error| match error {
+        ClientError::Interrupted(_) => anyhow!(
+            "{error}\ncontinue with: fedlora train --resume {}",
+            out.display()
+        ),
+        error => anyhow!(error),
+    })?;
     let train = &report.train;
     eprintln!(
         "wrote {}: {} steps, {} tokens in {:.1} s ({:.0} tokens/s), mean training loss {:.4}; \
          held-out {} → {}",
-        args.out.display(),
+        out.display(),
         train.steps,
         train.tokens,
         train.seconds,
@@ -95,6 +102,29 @@ pub fn run(args: &TrainArgs, stop: &AtomicBool) -> Result<()> {
         describe(report.after.as_ref()),
     );
     Ok(())
+}
+
+/// The new run `args` describe.
+fn job(args: &TrainArgs, site: &SiteArgs, out: &Path) -> LocalTraining {
+    LocalTraining {
+        model: site.model.clone(),
+        data: site.data.clone(),
+        text_column: site.text_column.clone(),
+        base: args.base.precision(),
+        start: match &args.init_adapter {
+            Some(dir) => Start::Adapter(dir.clone()),
+            None => Start::Fresh(args.lora.spec()),
+        },
+        length: match args.steps {
+            Some(steps) => Length::Steps(steps),
+            None => Length::Epochs(args.epochs),
+        },
+        config: args.hyper.train_config(args.seed),
+        eval_every: args.eval_every,
+        save_every: args.save_every,
+        max_eval_windows: args.max_eval_windows,
+        out: out.to_path_buf(),
+    }
 }
 
 /// `loss 2.3456 (perplexity 10.45, 1234 tokens)`, or why there is none.

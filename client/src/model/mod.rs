@@ -108,7 +108,8 @@ impl BaseModel {
 }
 
 /// The block type a Hugging Face checkpoint's projections are quantized to on load (QLoRA).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum QuantType {
     /// 8.5 bits per weight, blocks of 32: close to f32 (the default).
     #[default]
@@ -118,7 +119,8 @@ pub enum QuantType {
 }
 
 /// How a site holds its frozen base model.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum BasePrecision {
     /// f32 weights and products (the default; exact against PyTorch/PEFT in f32), packed once
     /// for the AVX-512 or AVX2 kernel where the CPU has one ([`Llama::pack_base_f32`]): faster,

@@ -43,7 +43,7 @@ pub fn write_peft_adapter(
 /// Writes `bytes` to a temporary file beside `path`, synced to disk, then renames it there: an
 /// interrupted process leaves the old file or the new one, never a truncated one (and the
 /// temporary file is removed when the write fails).
-fn write_whole(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_whole(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let mut partial = path.as_os_str().to_owned();
     partial.push(".partial");

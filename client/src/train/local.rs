@@ -9,14 +9,19 @@ use std::time::{Duration, Instant};
 
 use fedlora_proto::adapter::LoraSpec;
 
-use super::data::{SiteData, make_windows, trained_examples};
-use super::{EvalReport, TrainConfig, TrainReport, evaluate_heldout, train_with};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::data::{SiteData, Window, make_windows, trained_examples};
+use super::optim::AdamW;
+use super::{EvalReport, TrainConfig, TrainReport, evaluate_heldout, train_resumable};
 use crate::error::{ClientError, Result};
-use crate::model::peft::{read_peft_adapter, write_peft_adapter};
-use crate::model::{BaseModel, BasePrecision, Llama};
+use crate::model::peft::{read_peft_adapter, write_peft_adapter, write_whole};
+use crate::model::{BaseModel, BasePrecision, Llama, fingerprint};
 
 /// Where the LoRA factors start.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Start {
     /// Fresh factors of this spec, initialised as PEFT does (seeded by the run's seed).
     Fresh(LoraSpec),
@@ -26,7 +31,8 @@ pub enum Start {
 }
 
 /// How long to train.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Length {
     Steps(usize),
     /// As many windows as the training data has, times this: batches are drawn at random with
@@ -35,7 +41,7 @@ pub enum Length {
 }
 
 /// One local training run.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LocalTraining {
     pub model: PathBuf,
     pub data: PathBuf,
@@ -48,7 +54,8 @@ pub struct LocalTraining {
     pub config: TrainConfig,
     /// Evaluate on the held-out tenth every this many steps (0: before and after only).
     pub eval_every: usize,
-    /// Write a checkpoint (`checkpoint-STEP/`, a PEFT adapter) every this many steps (0: none).
+    /// Write a checkpoint (`checkpoint-STEP/`, a PEFT adapter and the optimizer's state) every
+    /// this many steps (0: none).
     pub save_every: usize,
     /// At most this many held-out windows per evaluation, spread evenly over them.
     pub max_eval_windows: usize,
@@ -61,19 +68,22 @@ pub struct LocalTraining {
 pub enum LocalEvent<'a> {
     /// The model and data are loaded: the windows of each split, the training examples that
     /// teach nothing at the sequence length (instruction examples whose prompt fills it,
-    /// documents wholly in the packed stream's tail), and the steps to run.
+    /// documents wholly in the packed stream's tail), the steps of the run, and the step it
+    /// starts after (0, or a resumed checkpoint's).
     Ready {
         train_windows: usize,
         heldout_windows: usize,
         skipped_examples: usize,
         steps: usize,
+        first_step: usize,
+        seq_len: usize,
         template: &'static str,
     },
     Step {
         step: usize,
         loss: f32,
-        /// Tokens per second so far, nominal (`batch_size × seq_len × grad_accumulation` a
-        /// step, padding included), evaluations and saves left out.
+        /// Tokens per second so far in this process, nominal (`batch_size × seq_len ×
+        /// grad_accumulation` a step, padding included), evaluations and saves left out.
         tokens_per_second: f32,
     },
     /// The held-out loss after `step` steps (`None` where no held-out window fits).
@@ -88,8 +98,12 @@ pub enum LocalEvent<'a> {
 /// What a finished run did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LocalReport {
-    /// `seconds` counts training only (evaluations and saves left out).
+    /// The step this process started after (0, or the resumed checkpoint's).
+    pub first_step: usize,
+    /// The steps run by this process; `seconds` counts training only (evaluations and saves
+    /// left out).
     pub train: TrainReport,
+    /// The held-out loss at `first_step`, and at the end.
     pub before: Option<EvalReport>,
     pub after: Option<EvalReport>,
 }
@@ -100,11 +114,41 @@ pub fn steps_for_epochs(windows: usize, config: &TrainConfig, epochs: f64) -> us
     ((epochs * windows as f64 / per_step).ceil() as usize).max(1)
 }
 
+/// The run's settings, written to `OUT/training_args.json` once the model and data are loaded.
+const RUN_FILE: &str = "training_args.json";
+/// A checkpoint's optimizer state ([`AdamW::state_bytes`](super::optim::AdamW::state_bytes)).
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// A checkpoint's [`CheckpointState`], written last: a checkpoint without it is incomplete.
+const STATE_FILE: &str = "training_state.json";
+/// Version of [`RUN_FILE`]'s and [`STATE_FILE`]'s layout.
+const FORMAT: u32 = 1;
+
+/// What `OUT/training_args.json` holds: the job, with absolute paths, and the base model's
+/// fingerprint (a resumed run must train the same model).
+#[derive(Debug, Serialize, Deserialize)]
+struct RunRecord {
+    format: u32,
+    job: LocalTraining,
+    model_sha256: String,
+}
+
+/// What a checkpoint's `training_state.json` holds: its step, and what the run trains on (a
+/// resumed run must draw from the same windows).
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct CheckpointState {
+    format: u32,
+    step: usize,
+    steps: usize,
+    train_windows: usize,
+    train_windows_sha256: String,
+}
+
 /// Runs `job`: loads the model (with `job.base`'s precision) and data (every tenth document held
 /// out, as a site's daemon does), evaluates, trains, and writes the adapter to `job.out`.
 /// When `stop` is set (Ctrl-C), the run ends after the current step and writes what it has
 /// trained as a checkpoint, then returns [`ClientError::Interrupted`] naming it (set before
-/// training starts, the run ends with nothing written).
+/// training starts, the run ends with nothing written). [`resume_locally`] continues a run
+/// that stopped, by `stop` or a crash, from its last checkpoint.
 pub fn train_locally(
     job: &LocalTraining,
     stop: &AtomicBool,
@@ -112,12 +156,146 @@ pub fn train_locally(
 ) -> Result<LocalReport> {
     check(job)?;
     prepare_output(&job.out)?;
-    // Before the model: an adapter that cannot be read fails at once.
-    let start = match &job.start {
-        Start::Fresh(lora) => (lora.clone(), None),
-        Start::Adapter(dir) => {
+    let absolute = |path: &Path| std::fs::canonicalize(path).map_err(ClientError::io(path));
+    let record = RunRecord {
+        format: FORMAT,
+        job: LocalTraining {
+            model: absolute(&job.model)?,
+            data: absolute(&job.data)?,
+            start: match &job.start {
+                Start::Adapter(dir) => Start::Adapter(absolute(dir)?),
+                fresh => fresh.clone(),
+            },
+            out: absolute(&job.out)?,
+            ..job.clone()
+        },
+        model_sha256: fingerprint(&job.model)?,
+    };
+    run(&record, &job.out, None, stop, observe)
+}
+
+/// Continues the run whose output directory is `out` from its last complete checkpoint (or
+/// from the start, where it wrote none), with the settings it was started with: the steps it
+/// runs are those the uninterrupted run would have run, to the last bit, so its adapter is the
+/// uninterrupted run's. Refuses a finished run, and a model or training data that changed.
+pub fn resume_locally(
+    out: &Path,
+    stop: &AtomicBool,
+    observe: &mut dyn FnMut(LocalEvent<'_>),
+) -> Result<LocalReport> {
+    let run_file = out.join(RUN_FILE);
+    let record: RunRecord = match std::fs::read(&run_file) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|error| {
+            ClientError::InvalidArgument(format!("{} cannot be read: {error}", run_file.display()))
+        })?,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ClientError::InvalidArgument(format!(
+                "{} holds no run of `fedlora train` to resume (no {RUN_FILE}; a run writes it \
+                 once its model and data are loaded)",
+                out.display()
+            )));
+        }
+        Err(error) => return Err(ClientError::io(&run_file)(error)),
+    };
+    if record.format != FORMAT {
+        return Err(ClientError::Unsupported(format!(
+            "{} is of format {}, this fedlora reads {FORMAT}",
+            run_file.display(),
+            record.format
+        )));
+    }
+    if out.join("adapter_model.safetensors").exists() {
+        return Err(ClientError::InvalidArgument(format!(
+            "the run in {} has finished: its adapter is there",
+            out.display()
+        )));
+    }
+    check(&record.job)?;
+    probe_writable(out)?;
+    let checkpoint = last_checkpoint(out)?;
+    if fingerprint(&record.job.model)? != record.model_sha256 {
+        return Err(ClientError::InvalidArgument(format!(
+            "the base model {} is not the one the run in {} started with (its files changed)",
+            record.job.model.display(),
+            out.display()
+        )));
+    }
+    run(&record, out, checkpoint, stop, observe)
+}
+
+/// How the run in `out` holds its base model, as its `training_args.json` says (`None` where
+/// that cannot be read: [`resume_locally`] then says why).
+pub fn recorded_precision(out: &Path) -> Option<BasePrecision> {
+    let bytes = std::fs::read(out.join(RUN_FILE)).ok()?;
+    serde_json::from_slice::<RunRecord>(&bytes)
+        .ok()
+        .map(|record| record.job.base)
+}
+
+/// A checkpoint to resume from: its directory and state.
+struct Checkpoint {
+    dir: PathBuf,
+    state: CheckpointState,
+}
+
+/// The complete checkpoint of the highest step in `out` (one whose state file was written).
+fn last_checkpoint(out: &Path) -> Result<Option<Checkpoint>> {
+    let mut last: Option<Checkpoint> = None;
+    for entry in std::fs::read_dir(out).map_err(ClientError::io(out))? {
+        let dir = entry.map_err(ClientError::io(out))?.path();
+        let Some(step) = dir
+            .file_name()
+            .and_then(|name| name.to_str())
+            .and_then(|name| name.strip_prefix("checkpoint-"))
+            .and_then(|step| step.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        if last.as_ref().is_some_and(|last| last.state.step >= step) {
+            continue;
+        }
+        let state_file = dir.join(STATE_FILE);
+        let Ok(bytes) = std::fs::read(&state_file) else {
+            continue; // interrupted while it was written
+        };
+        let state: CheckpointState = serde_json::from_slice(&bytes).map_err(|error| {
+            ClientError::InvalidArgument(format!(
+                "{} cannot be read: {error}",
+                state_file.display()
+            ))
+        })?;
+        if state.format != FORMAT || state.step != step {
+            return Err(ClientError::InvalidArgument(format!(
+                "{} is not the state of step {step} in format {FORMAT}",
+                state_file.display()
+            )));
+        }
+        last = Some(Checkpoint { dir, state });
+    }
+    Ok(last)
+}
+
+/// The run of `record` into `out`, from `resume` or from the start.
+fn run(
+    record: &RunRecord,
+    out: &Path,
+    resume: Option<Checkpoint>,
+    stop: &AtomicBool,
+    observe: &mut dyn FnMut(LocalEvent<'_>),
+) -> Result<LocalReport> {
+    let job = &record.job;
+    // Before the model: an adapter or optimizer state that cannot be read fails at once.
+    let (lora, adapter, optimizer) = match (&resume, &job.start) {
+        (Some(checkpoint), _) => {
+            let (lora, adapter) = read_peft_adapter(&checkpoint.dir)?;
+            let state = checkpoint.dir.join(OPTIMIZER_FILE);
+            let optimizer = std::fs::read(&state).map_err(ClientError::io(&state))?;
+            (lora, Some(adapter), Some(optimizer))
+        }
+        (None, Start::Fresh(lora)) => (lora.clone(), None, None),
+        (None, Start::Adapter(dir)) => {
             let (lora, adapter) = read_peft_adapter(dir)?;
-            (lora, Some(adapter))
+            (lora, Some(adapter), None)
         }
     };
     let device = crate::model::default_device();
@@ -125,19 +303,19 @@ pub fn train_locally(
     let template = base.prompt_template();
     let data = SiteData::load(&job.data, &base.tokenizer, &template, &job.text_column)?;
     data.check_split(&job.data)?;
-    let lora = match start {
-        (lora, None) => {
-            base.model.attach_lora(&lora, job.config.seed)?;
-            lora
-        }
-        (lora, Some(adapter)) => {
-            base.model.set_adapter(&lora, &adapter)?;
-            lora
-        }
-    };
+    match adapter {
+        None => base.model.attach_lora(&lora, job.config.seed)?,
+        Some(adapter) => base.model.set_adapter(&lora, &adapter)?,
+    }
     let stopped_before = || {
         stop.load(Ordering::Relaxed).then(|| {
-            ClientError::Interrupted("stopped before training; nothing was written".into())
+            ClientError::Interrupted(match &resume {
+                None => "stopped before training; nothing was written".into(),
+                Some(checkpoint) => format!(
+                    "stopped before training; the run is still at {}",
+                    checkpoint.dir.display()
+                ),
+            })
         })
     };
     if let Some(stopped) = stopped_before() {
@@ -168,11 +346,41 @@ pub fn train_locally(
             config.warmup_steps
         )));
     }
+    let windows_sha256 = windows_fingerprint(&windows);
+    let first_step = match &resume {
+        Some(checkpoint) => {
+            let state = &checkpoint.state;
+            if (
+                state.train_windows,
+                &state.train_windows_sha256,
+                state.steps,
+            ) != (windows.len(), &windows_sha256, steps)
+            {
+                return Err(ClientError::InvalidArgument(format!(
+                    "the training data {} is not what the run in {} trained on (it changed \
+                     since {})",
+                    job.data.display(),
+                    out.display(),
+                    checkpoint.dir.display()
+                )));
+            }
+            state.step
+        }
+        None => {
+            let run_file = out.join(RUN_FILE);
+            let json = serde_json::to_string_pretty(record)
+                .map_err(|error| ClientError::Protocol(error.to_string()))?;
+            write_whole(&run_file, (json + "\n").as_bytes())?;
+            0
+        }
+    };
     observe(LocalEvent::Ready {
         train_windows: windows.len(),
         heldout_windows: heldout.len(),
         skipped_examples: data.train.len() - trained_examples(&data.train, eos, seq_len),
         steps,
+        first_step,
+        seq_len,
         template: template.name(),
     });
     let model = &base.model;
@@ -180,7 +388,7 @@ pub fn train_locally(
         |model: &Llama| evaluate_heldout(model, &heldout, config.batch_size, job.max_eval_windows);
     let before = eval(model)?;
     observe(LocalEvent::Evaluated {
-        step: 0,
+        step: first_step,
         eval: before,
     });
     if let Some(stopped) = stopped_before() {
@@ -188,50 +396,73 @@ pub fn train_locally(
     }
     let model_name = job.model.display().to_string();
     let save = |dir: &Path| save_adapter(model, &lora, &model_name, dir);
+    let save_checkpoint = |dir: &Path, step: usize, optimizer: &AdamW| -> Result<()> {
+        save(dir)?;
+        write_whole(&dir.join(OPTIMIZER_FILE), &optimizer.state_bytes()?)?;
+        let state = CheckpointState {
+            format: FORMAT,
+            step,
+            steps,
+            train_windows: windows.len(),
+            train_windows_sha256: windows_sha256.clone(),
+        };
+        let json = serde_json::to_string_pretty(&state)
+            .map_err(|error| ClientError::Protocol(error.to_string()))?;
+        // Last: it marks the checkpoint complete.
+        write_whole(&dir.join(STATE_FILE), (json + "\n").as_bytes())
+    };
     let tokens_per_step = (config.batch_size * config.seq_len * config.grad_accumulation) as f64;
     let started = Instant::now();
     // Time spent evaluating and saving, left out of the training speed.
     let mut aside = Duration::ZERO;
-    let mut train = train_with(model, &windows, &config, &mut |step, loss| {
-        let seconds = (started.elapsed() - aside).as_secs_f64().max(1e-9);
-        observe(LocalEvent::Step {
-            step,
-            loss,
-            tokens_per_second: (step as f64 * tokens_per_step / seconds) as f32,
-        });
-        if step == steps {
-            // The final adapter is written, then evaluated, after the loop.
-            return Ok(());
-        }
-        let paused = Instant::now();
-        let checkpoint = job.out.join(format!("checkpoint-{step}"));
-        let stopping = stop.load(Ordering::Relaxed);
-        // Saved before this step's evaluation, which cannot lose it then.
-        if stopping || (job.save_every > 0 && step.is_multiple_of(job.save_every)) {
-            save(&checkpoint)?;
-            observe(LocalEvent::Saved {
+    let optimizer = optimizer.as_deref();
+    let mut train = train_resumable(
+        model,
+        &windows,
+        &config,
+        optimizer,
+        &mut |step, loss, optimizer| {
+            let seconds = (started.elapsed() - aside).as_secs_f64().max(1e-9);
+            observe(LocalEvent::Step {
                 step,
-                dir: &checkpoint,
+                loss,
+                tokens_per_second: ((step - first_step) as f64 * tokens_per_step / seconds) as f32,
             });
-        }
-        if stopping {
-            return Err(ClientError::Interrupted(format!(
-                "stopped after step {step} of {steps}; the adapter trained so far is in {}",
-                checkpoint.display()
-            )));
-        }
-        if job.eval_every > 0 && step.is_multiple_of(job.eval_every) {
-            let eval = eval(model)?;
-            observe(LocalEvent::Evaluated { step, eval });
-        }
-        aside += paused.elapsed();
-        Ok(())
-    })?;
+            if step == steps {
+                // The final adapter is written, then evaluated, after the loop.
+                return Ok(());
+            }
+            let paused = Instant::now();
+            let checkpoint = out.join(format!("checkpoint-{step}"));
+            let stopping = stop.load(Ordering::Relaxed);
+            // Saved before this step's evaluation, which cannot lose it then.
+            if stopping || (job.save_every > 0 && step.is_multiple_of(job.save_every)) {
+                save_checkpoint(&checkpoint, step, optimizer)?;
+                observe(LocalEvent::Saved {
+                    step,
+                    dir: &checkpoint,
+                });
+            }
+            if stopping {
+                return Err(ClientError::Interrupted(format!(
+                    "stopped after step {step} of {steps}; the adapter trained so far is in {}, \
+                 with the optimizer's state to resume from",
+                    checkpoint.display()
+                )));
+            }
+            if job.eval_every > 0 && step.is_multiple_of(job.eval_every) {
+                let eval = eval(model)?;
+                observe(LocalEvent::Evaluated { step, eval });
+            }
+            aside += paused.elapsed();
+            Ok(())
+        },
+    )?;
     train.seconds = (Duration::from_secs_f32(train.seconds).saturating_sub(aside)).as_secs_f32();
-    save(&job.out)?;
+    save(out)?;
     observe(LocalEvent::Saved {
         step: steps,
-        dir: &job.out,
+        dir: out,
     });
     let after = eval(model)?;
     observe(LocalEvent::Evaluated {
@@ -239,10 +470,32 @@ pub fn train_locally(
         eval: after,
     });
     Ok(LocalReport {
+        first_step,
         train,
         before,
         after,
     })
+}
+
+/// sha256 over the training windows (tokens, counted targets, document starts), in order: the
+/// same data, tokenizer and sequence length give the same windows.
+fn windows_fingerprint(windows: &[Window]) -> String {
+    let mut hasher = Sha256::new();
+    for window in windows {
+        let numbers = [
+            window.tokens.len(),
+            window.targets.start,
+            window.targets.end,
+            window.starts.len(),
+        ];
+        for number in numbers.into_iter().chain(window.starts.iter().copied()) {
+            hasher.update((number as u64).to_le_bytes());
+        }
+        for token in &window.tokens {
+            hasher.update(token.to_le_bytes());
+        }
+    }
+    hex::encode(hasher.finalize())
 }
 
 /// Refuses settings no run can train with, before anything is loaded.
@@ -294,6 +547,12 @@ fn prepare_output(out: &Path) -> Result<()> {
         }
     }
     std::fs::create_dir_all(out).map_err(ClientError::io_write(out))?;
+    probe_writable(out)
+}
+
+/// Checks that files can be written in `out` (else a run would learn it only when saving, its
+/// training lost).
+fn probe_writable(out: &Path) -> Result<()> {
     let probe = out.join(".fedlora-write-probe");
     std::fs::write(&probe, b"").map_err(ClientError::io_write(&probe))?;
     std::fs::remove_file(&probe).map_err(ClientError::io_write(&probe))?;
@@ -473,6 +732,148 @@ mod tests {
         let error = train_locally(&early, &AtomicBool::new(true), &mut never).unwrap_err();
         assert!(error.to_string().contains("before training"), "{error}");
         assert_eq!(std::fs::read_dir(&early.out).unwrap().count(), 0);
+    }
+
+    /// A run with every source of randomness and state: DoRA, dropout, accumulation, warm-up,
+    /// cosine decay and clipping, checkpoints every 3 steps, 8 steps.
+    fn stateful(dir: &Path) -> LocalTraining {
+        let base = job(dir);
+        LocalTraining {
+            start: Start::Fresh(LoraSpec {
+                use_dora: true,
+                dropout: 0.1,
+                ..LoraSpec::new(4, 8.0, &["q_proj", "v_proj"])
+            }),
+            length: Length::Steps(8),
+            config: TrainConfig {
+                warmup_steps: 2,
+                cosine_decay: true,
+                max_grad_norm: Some(0.5),
+                grad_accumulation: 2,
+                ..TrainConfig::simple(0, 5e-3, 4, 32, 11)
+            },
+            eval_every: 0,
+            save_every: 3,
+            ..base
+        }
+    }
+
+    /// `job` into `out`, a directory beside its model.
+    fn into(job: &LocalTraining, out: &str) -> LocalTraining {
+        LocalTraining {
+            out: job.model.with_file_name(out),
+            ..job.clone()
+        }
+    }
+
+    /// Runs `job` until it is stopped after step `at`.
+    fn stop_after(job: &LocalTraining, at: usize) {
+        let stop = AtomicBool::new(false);
+        let error = train_locally(job, &stop, &mut |event| {
+            if let LocalEvent::Step { step, .. } = event
+                && step == at
+            {
+                stop.store(true, Ordering::Relaxed);
+            }
+        })
+        .unwrap_err();
+        assert!(matches!(error, ClientError::Interrupted(_)), "{error}");
+    }
+
+    /// Resumes the run in `out`; returns the step it started after and the adapter's bytes.
+    fn resume(out: &Path) -> (usize, Vec<u8>) {
+        let mut ready = None;
+        let report = resume_locally(out, &AtomicBool::new(false), &mut |event| {
+            if let LocalEvent::Ready { first_step, .. } = event {
+                ready = Some(first_step);
+            }
+        })
+        .unwrap();
+        assert_eq!(ready, Some(report.first_step));
+        assert_eq!(report.train.steps, 8 - report.first_step);
+        let adapter = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+        (report.first_step, adapter)
+    }
+
+    /// Stopped (Ctrl-C) or killed, a run resumed from its last complete checkpoint, or from
+    /// the start where it has none, writes the uninterrupted run's adapter to the last bit:
+    /// factors, optimizer moments, batches drawn, dropout masks and schedule all continue.
+    #[test]
+    fn a_resumed_run_ends_where_the_uninterrupted_one_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = stateful(dir.path());
+        let straight = into(&job, "straight");
+        train_locally(&straight, &AtomicBool::new(false), &mut never).unwrap();
+        let expected = std::fs::read(straight.out.join("adapter_model.safetensors")).unwrap();
+
+        // Stopped after step 5: its stop checkpoint, checkpoint-5.
+        let stopped = into(&job, "stopped");
+        stop_after(&stopped, 5);
+        assert_eq!(resume(&stopped.out), (5, expected.clone()));
+        // Checkpoints written after the resume are the uninterrupted run's too.
+        for file in ["adapter_model.safetensors", OPTIMIZER_FILE, STATE_FILE] {
+            let read = |job: &LocalTraining| std::fs::read(job.out.join("checkpoint-6").join(file));
+            assert_eq!(read(&stopped).unwrap(), read(&straight).unwrap(), "{file}");
+        }
+        let error = resume_locally(&stopped.out, &AtomicBool::new(false), &mut never).unwrap_err();
+        assert!(error.to_string().contains("has finished"), "{error}");
+
+        // Killed while writing checkpoint-5 (no state file yet): from checkpoint-3.
+        let killed = into(&job, "killed");
+        stop_after(&killed, 5);
+        std::fs::remove_file(killed.out.join("checkpoint-5").join(STATE_FILE)).unwrap();
+        assert_eq!(resume(&killed.out), (3, expected.clone()));
+
+        // Killed before its first checkpoint: from the start.
+        let early = into(&job, "early");
+        stop_after(&early, 1);
+        std::fs::remove_dir_all(early.out.join("checkpoint-1")).unwrap();
+        assert_eq!(resume(&early.out), (0, expected.clone()));
+
+        // The check above can fail: continuing from the checkpoint with fresh moments (what
+        // --init-adapter does) is another run.
+        let restarted = LocalTraining {
+            start: Start::Adapter(stopped.out.join("checkpoint-5")),
+            length: Length::Steps(3),
+            ..into(&job, "restarted")
+        };
+        train_locally(&restarted, &AtomicBool::new(false), &mut never).unwrap();
+        let other = std::fs::read(restarted.out.join("adapter_model.safetensors")).unwrap();
+        assert_ne!(other, expected);
+    }
+
+    /// A run is resumed only where there is one to resume, with the model and data it
+    /// started with.
+    #[test]
+    fn resuming_refuses_what_is_not_the_same_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let error = resume_locally(dir.path(), &AtomicBool::new(false), &mut never).unwrap_err();
+        assert!(
+            error.to_string().contains("no run of `fedlora train`"),
+            "{error}"
+        );
+
+        let job = stateful(dir.path());
+        let changed_data = into(&job, "data");
+        stop_after(&changed_data, 4);
+        let data = std::fs::read_to_string(&job.data).unwrap();
+        let mut text = data.clone();
+        text.push_str("\n{\"text\": \"one more document, long enough to make another window.\"}");
+        std::fs::write(&changed_data.data, text).unwrap();
+        let error =
+            resume_locally(&changed_data.out, &AtomicBool::new(false), &mut never).unwrap_err();
+        assert!(error.to_string().contains("is not what the run"), "{error}");
+
+        std::fs::write(&job.data, data).unwrap();
+        let changed_model = into(&job, "changed-model");
+        stop_after(&changed_model, 4);
+        let config = changed_model.model.join("config.json");
+        let mut json = std::fs::read_to_string(&config).unwrap();
+        json.push('\n');
+        std::fs::write(&config, json).unwrap();
+        let error =
+            resume_locally(&changed_model.out, &AtomicBool::new(false), &mut never).unwrap_err();
+        assert!(error.to_string().contains("not the one the run"), "{error}");
     }
 
     /// `--epochs` runs as many steps as draw that many epochs of the training windows.

@@ -4,12 +4,12 @@
 pub mod data;
 pub mod local;
 pub mod loss;
+pub mod optim;
 
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use fedlora_proto::adapter::Factor;
 use rand::Rng;
 
@@ -17,9 +17,10 @@ use crate::error::{ClientError, Result};
 use crate::model::lora::seeded_rng;
 use crate::model::{DocumentStarts, Llama};
 use data::Window;
+use optim::AdamW;
 
 /// Hyper-parameters of one local training run (they come with the coordinator's task).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainConfig {
     pub local_steps: usize,
     pub learning_rate: f64,
@@ -226,6 +227,24 @@ pub fn train_with(
     config: &TrainConfig,
     on_step: &mut dyn FnMut(usize, f32) -> Result<()>,
 ) -> Result<TrainReport> {
+    train_resumable(model, windows, config, None, &mut |step, loss, _| {
+        on_step(step, loss)
+    })
+}
+
+/// As [`train_with`], continuing a run where `resume` (the bytes of [`AdamW::state_bytes`] after
+/// step `s`, with the model holding that step's factors) leaves it: steps `s + 1` to
+/// `config.local_steps` run as they would have in the uninterrupted run, to the last bit (the
+/// batches drawn, dropout masks and learning rates depend on the seed and the step alone, and
+/// the moments are restored). `on_step` also gets the optimizer, to save its state. The report
+/// counts the steps run in this call.
+pub fn train_resumable(
+    model: &Llama,
+    windows: &[Window],
+    config: &TrainConfig,
+    resume: Option<&[u8]>,
+    on_step: &mut dyn FnMut(usize, f32, &AdamW) -> Result<()>,
+) -> Result<TrainReport> {
     if windows.is_empty() {
         return Err(ClientError::NotEnoughData(format!(
             "no training window of {} tokens: the local data is too short, or every \
@@ -233,38 +252,46 @@ pub fn train_with(
             config.seq_len + 1
         )));
     }
-    let vars: Vec<Var> = model
+    let vars: Vec<(String, Var)> = model
         .named_lora_vars()?
         .into_iter()
         .filter(|(name, _)| {
             Factor::of_name(name).is_some_and(|factor| config.trained.includes(factor))
         })
-        .map(|(_, var)| var)
         .collect();
     if vars.is_empty() {
         return Err(ClientError::Protocol(
             "no lora factors attached to train".into(),
         ));
     }
-    let mut optimizer = AdamW::new(
-        vars.clone(),
-        ParamsAdamW {
-            lr: config.learning_rate,
-            weight_decay: 0.0,
-            ..ParamsAdamW::default()
-        },
-    )?;
+    let trained: Vec<Var> = vars.iter().map(|(_, var)| var.clone()).collect();
+    let mut optimizer = AdamW::new(vars, config.learning_rate)?;
+    if let Some(state) = resume {
+        optimizer.restore(state)?;
+    }
+    let first_step = optimizer.steps();
+    if first_step > config.local_steps {
+        return Err(ClientError::InvalidArgument(format!(
+            "the optimizer state is of step {first_step}, past the run's {} steps",
+            config.local_steps
+        )));
+    }
+    let micro_batches = config.grad_accumulation.max(1);
+    let batch_size = config.batch_size.max(1);
     let mut rng = seeded_rng(config.seed);
+    // The draws of the steps already run, so that the next ones are the uninterrupted run's.
+    for _ in 0..first_step * micro_batches * batch_size {
+        rng.random_range(0..windows.len());
+    }
     let started = Instant::now();
     let mut loss_sum = 0.0f64;
     let mut tokens = 0u64;
-    let micro_batches = config.grad_accumulation.max(1);
-    for step in 0..config.local_steps {
+    for step in first_step..config.local_steps {
         optimizer.set_learning_rate(config.learning_rate_at(step));
         // Drawn one micro-batch after another, as before accumulation weighed them.
         let batches: Vec<Vec<&Window>> = (0..micro_batches)
             .map(|_| {
-                (0..config.batch_size.max(1))
+                (0..batch_size)
                     .map(|_| &windows[rng.random_range(0..windows.len())])
                     .collect()
             })
@@ -278,18 +305,19 @@ pub fn train_with(
         let dropout_seeds =
             |micro_batch: usize| config.seed ^ ((step * micro_batches + micro_batch) as u64) << 20;
         let (mut gradients, step_loss) =
-            accumulate_gradients(model, &vars, &batches, step, dropout_seeds)?;
+            accumulate_gradients(model, &trained, &batches, step, dropout_seeds)?;
         if let Some(max_norm) = config.max_grad_norm {
-            clip_gradients(&mut gradients, &vars, max_norm)?;
+            clip_gradients(&mut gradients, &trained, max_norm)?;
         }
         optimizer.step(&gradients)?;
         loss_sum += step_loss;
-        on_step(step + 1, step_loss as f32)?;
+        on_step(step + 1, step_loss as f32, &optimizer)?;
     }
+    let steps = config.local_steps - first_step;
     Ok(TrainReport {
-        steps: config.local_steps,
+        steps,
         tokens,
-        mean_loss: (loss_sum / config.local_steps.max(1) as f64) as f32,
+        mean_loss: (loss_sum / steps.max(1) as f64) as f32,
         seconds: started.elapsed().as_secs_f32(),
     })
 }
