@@ -40,9 +40,10 @@ pub fn write_peft_adapter(
     write_whole(&dir.join("adapter_config.json"), (json + "\n").as_bytes())
 }
 
-/// Writes `bytes` to a temporary file beside `path`, synced to disk, then renames it there: an
-/// interrupted process leaves the old file or the new one, never a truncated one (and the
-/// temporary file is removed when the write fails).
+/// Writes `bytes` to a temporary file beside `path`, synced to disk, then renames it there and
+/// syncs the directory: an interrupted process (or machine) leaves the old file or the new one,
+/// never a truncated one (and the temporary file is removed when the write fails), and files
+/// written one after another reach the disk in that order.
 pub(crate) fn write_whole(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let mut partial = path.as_os_str().to_owned();
@@ -59,7 +60,20 @@ pub(crate) fn write_whole(path: &Path, bytes: &[u8]) -> Result<()> {
             error,
         });
     }
-    std::fs::rename(&partial, path).map_err(ClientError::io_write(path))
+    std::fs::rename(&partial, path).map_err(ClientError::io_write(path))?;
+    // The rename itself is durable only once its directory is synced (POSIX; Unix only).
+    #[cfg(unix)]
+    if let Some(dir) = path.parent() {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        std::fs::File::open(dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(ClientError::io_write(dir))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

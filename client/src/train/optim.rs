@@ -218,6 +218,16 @@ mod tests {
         loss.backward().unwrap()
     }
 
+    /// New variables holding the values of `vars` (as a new process reads them back).
+    fn copies(vars: &[(String, Var)]) -> Vec<(String, Var)> {
+        vars.iter()
+            .map(|(name, var)| {
+                let copy = Var::from_tensor(&var.as_tensor().copy().unwrap()).unwrap();
+                (name.clone(), copy)
+            })
+            .collect()
+    }
+
     fn bits(vars: &[(String, Var)]) -> Vec<u32> {
         vars.iter()
             .flat_map(|(_, var)| var.flatten_all().unwrap().to_vec1::<f32>().unwrap())
@@ -265,15 +275,7 @@ mod tests {
         }
         let saved = before.state_bytes().unwrap();
         // A new process: the factors as a checkpoint restores them, fresh moments, then the file.
-        let resumed: Vec<(String, Var)> = first
-            .iter()
-            .map(|(name, var)| {
-                (
-                    name.clone(),
-                    Var::from_tensor(&var.as_tensor().copy().unwrap()).unwrap(),
-                )
-            })
-            .collect();
+        let resumed = copies(&first);
         let mut after = AdamW::new(resumed.clone(), 5e-3).unwrap();
         after.restore(&saved).unwrap();
         assert_eq!(after.steps(), 3);
@@ -283,15 +285,7 @@ mod tests {
         assert_eq!(bits(&resumed), bits(&straight));
 
         // Fresh moments instead: not the same run (the check above can fail).
-        let fresh: Vec<(String, Var)> = first
-            .iter()
-            .map(|(name, var)| {
-                (
-                    name.clone(),
-                    Var::from_tensor(&var.as_tensor().copy().unwrap()).unwrap(),
-                )
-            })
-            .collect();
+        let fresh = copies(&first);
         let mut restarted = AdamW::new(fresh.clone(), 5e-3).unwrap();
         for k in 3..6 {
             restarted.step(&gradients(&fresh, k)).unwrap();
