@@ -81,7 +81,7 @@ pub struct TrainArgs {
     /// Continue the run whose output directory is OUT, stopped by Ctrl-C or killed, from its
     /// last checkpoint (or from the start, where it wrote none), with the model, data and
     /// settings it was started with: it ends with the adapter the uninterrupted run would have
-    /// written, to the last bit. Takes no other option.
+    /// written, to the last bit on the same machine and build. Takes no other option.
     #[arg(long, exclusive = true, value_name = "OUT")]
     pub resume: Option<PathBuf>,
     /// The model and data of a new run (required without --resume).

@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicBool;
 use anyhow::{Result, anyhow, bail};
 use fedlora_client::error::ClientError;
 use fedlora_client::train::local::{
-    Length, LocalEvent, LocalTraining, Start, resume_locally, train_locally,
+    Length, LocalEvent, LocalTraining, Start, resumable, resume_locally, train_locally,
 };
 use fedlora_client::train::{EvalReport, perplexity};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -82,18 +82,25 @@ pub fn run(args: &TrainArgs, stop: &AtomicBool) -> Result<()> {
     };
     bar.finish_and_clear();
     let report = report.map_err(|error| match error {
-        ClientError::Interrupted(_) => anyhow!(
+        ClientError::Interrupted(_) if resumable(&out) => anyhow!(
             "{error}\ncontinue with: fedlora train --resume {}",
             out.display()
         ),
         error => anyhow!(error),
     })?;
     let train = &report.train;
+    // A resumed run reports the steps it ran, and the held-out loss from where it resumed.
+    let (steps, from) = match report.first_step {
+        0 => (format!("{} steps", train.steps), String::new()),
+        first => (
+            format!("steps {}–{}", first + 1, first + train.steps),
+            format!(" at step {first}"),
+        ),
+    };
     eprintln!(
-        "wrote {}: {} steps, {} tokens in {:.1} s ({:.0} tokens/s), mean training loss {:.4}; \
-         held-out {} → {}",
+        "wrote {}: {steps}, {} tokens in {:.1} s ({:.0} tokens/s), mean training loss {:.4}; \
+         held-out{from} {} → {}",
         out.display(),
-        train.steps,
         train.tokens,
         train.seconds,
         train.tokens as f64 / f64::from(train.seconds.max(1e-9)),

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::data::{SiteData, Window, make_windows, trained_examples};
-use super::optim::AdamW;
+use super::optim::{AdamW, saved_steps};
 use super::{EvalReport, TrainConfig, TrainReport, evaluate_heldout, train_resumable};
 use crate::error::{ClientError, Result};
 use crate::model::peft::{read_peft_adapter, write_peft_adapter, write_whole};
@@ -120,6 +120,8 @@ const RUN_FILE: &str = "training_args.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// A checkpoint's [`CheckpointState`], written last: a checkpoint without it is incomplete.
 const STATE_FILE: &str = "training_state.json";
+/// Written and removed to check that the output directory is writable.
+const PROBE_FILE: &str = ".fedlora-write-probe";
 /// Version of [`RUN_FILE`]'s and [`STATE_FILE`]'s layout.
 const FORMAT: u32 = 1;
 
@@ -130,6 +132,8 @@ struct RunRecord {
     format: u32,
     job: LocalTraining,
     model_sha256: String,
+    /// Of the `--init-adapter` files (empty for fresh factors).
+    init_adapter_sha256: String,
 }
 
 /// What a checkpoint's `training_state.json` holds: its step, and what the run trains on (a
@@ -155,7 +159,7 @@ pub fn train_locally(
     observe: &mut dyn FnMut(LocalEvent<'_>),
 ) -> Result<LocalReport> {
     check(job)?;
-    prepare_output(&job.out)?;
+    let _lock = prepare_output(&job.out)?;
     let absolute = |path: &Path| std::fs::canonicalize(path).map_err(ClientError::io(path));
     let record = RunRecord {
         format: FORMAT,
@@ -170,8 +174,12 @@ pub fn train_locally(
             ..job.clone()
         },
         model_sha256: fingerprint(&job.model)?,
+        init_adapter_sha256: match &job.start {
+            Start::Adapter(dir) => adapter_fingerprint(dir)?,
+            Start::Fresh(_) => String::new(),
+        },
     };
-    run(&record, &job.out, None, stop, observe)
+    run(&record, &job.out, Resume::No, stop, observe)
 }
 
 /// Continues the run whose output directory is `out` from its last complete checkpoint (or
@@ -204,7 +212,9 @@ pub fn resume_locally(
             record.format
         )));
     }
-    if out.join("adapter_model.safetensors").exists() {
+    let _lock = lock_output(out)?;
+    // The final adapter's config is written after its weights: with it, the run is done.
+    if out.join("adapter_config.json").exists() {
         return Err(ClientError::InvalidArgument(format!(
             "the run in {} has finished: its adapter is there",
             out.display()
@@ -220,7 +230,11 @@ pub fn resume_locally(
             out.display()
         )));
     }
-    run(&record, out, checkpoint, stop, observe)
+    let resume = match checkpoint {
+        Some(checkpoint) => Resume::From(checkpoint),
+        None => Resume::FromStart,
+    };
+    run(&record, out, resume, stop, observe)
 }
 
 /// How the run in `out` holds its base model, as its `training_args.json` says (`None` where
@@ -232,31 +246,43 @@ pub fn recorded_precision(out: &Path) -> Option<BasePrecision> {
         .map(|record| record.job.base)
 }
 
+/// Where [`run`] starts.
+enum Resume {
+    /// A new run.
+    No,
+    /// A run resumed that wrote no checkpoint.
+    FromStart,
+    From(Checkpoint),
+}
+
 /// A checkpoint to resume from: its directory and state.
 struct Checkpoint {
     dir: PathBuf,
     state: CheckpointState,
 }
 
-/// The complete checkpoint of the highest step in `out` (one whose state file was written).
+/// The complete checkpoint of the highest step in `out` (one whose state file was written; a
+/// checkpoint without one was being written when the run died).
 fn last_checkpoint(out: &Path) -> Result<Option<Checkpoint>> {
-    let mut last: Option<Checkpoint> = None;
+    let mut candidates = Vec::new();
     for entry in std::fs::read_dir(out).map_err(ClientError::io(out))? {
         let dir = entry.map_err(ClientError::io(out))?.path();
-        let Some(step) = dir
+        let step = dir
             .file_name()
             .and_then(|name| name.to_str())
             .and_then(|name| name.strip_prefix("checkpoint-"))
-            .and_then(|step| step.parse::<usize>().ok())
-        else {
-            continue;
-        };
-        if last.as_ref().is_some_and(|last| last.state.step >= step) {
-            continue;
+            .and_then(|step| step.parse::<usize>().ok());
+        if let Some(step) = step {
+            candidates.push((step, dir));
         }
+    }
+    candidates.sort_unstable_by_key(|(step, _)| std::cmp::Reverse(*step));
+    for (step, dir) in candidates {
         let state_file = dir.join(STATE_FILE);
-        let Ok(bytes) = std::fs::read(&state_file) else {
-            continue; // interrupted while it was written
+        let bytes = match std::fs::read(&state_file) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(error) => return Err(ClientError::io(&state_file)(error)),
         };
         let state: CheckpointState = serde_json::from_slice(&bytes).map_err(|error| {
             ClientError::InvalidArgument(format!(
@@ -270,30 +296,52 @@ fn last_checkpoint(out: &Path) -> Result<Option<Checkpoint>> {
                 state_file.display()
             )));
         }
-        last = Some(Checkpoint { dir, state });
+        return Ok(Some(Checkpoint { dir, state }));
     }
-    Ok(last)
+    Ok(None)
 }
 
 /// The run of `record` into `out`, from `resume` or from the start.
 fn run(
     record: &RunRecord,
     out: &Path,
-    resume: Option<Checkpoint>,
+    resume: Resume,
     stop: &AtomicBool,
     observe: &mut dyn FnMut(LocalEvent<'_>),
 ) -> Result<LocalReport> {
     let job = &record.job;
+    let (resumed, resume) = match resume {
+        Resume::No => (false, None),
+        Resume::FromStart => (true, None),
+        Resume::From(checkpoint) => (true, Some(checkpoint)),
+    };
     // Before the model: an adapter or optimizer state that cannot be read fails at once.
     let (lora, adapter, optimizer) = match (&resume, &job.start) {
         (Some(checkpoint), _) => {
             let (lora, adapter) = read_peft_adapter(&checkpoint.dir)?;
-            let state = checkpoint.dir.join(OPTIMIZER_FILE);
-            let optimizer = std::fs::read(&state).map_err(ClientError::io(&state))?;
+            let file = checkpoint.dir.join(OPTIMIZER_FILE);
+            let optimizer = std::fs::read(&file).map_err(ClientError::io(&file))?;
+            let steps = saved_steps(&optimizer).map_err(|error| {
+                ClientError::InvalidArgument(format!("{}: {error}", file.display()))
+            })?;
+            if steps != checkpoint.state.step {
+                return Err(ClientError::InvalidArgument(format!(
+                    "{} is the optimizer's state after step {steps}, not {}",
+                    file.display(),
+                    checkpoint.state.step
+                )));
+            }
             (lora, Some(adapter), Some(optimizer))
         }
         (None, Start::Fresh(lora)) => (lora.clone(), None, None),
         (None, Start::Adapter(dir)) => {
+            if resumed && record.init_adapter_sha256 != adapter_fingerprint(dir)? {
+                return Err(ClientError::InvalidArgument(format!(
+                    "the adapter {} the run in {} started from changed since",
+                    dir.display(),
+                    out.display()
+                )));
+            }
             let (lora, adapter) = read_peft_adapter(dir)?;
             (lora, Some(adapter), None)
         }
@@ -310,11 +358,12 @@ fn run(
     let stopped_before = || {
         stop.load(Ordering::Relaxed).then(|| {
             ClientError::Interrupted(match &resume {
-                None => "stopped before training; nothing was written".into(),
                 Some(checkpoint) => format!(
                     "stopped before training; the run is still at {}",
                     checkpoint.dir.display()
                 ),
+                None if resumable(out) => "stopped before training; nothing trained yet".into(),
+                None => "stopped before training; nothing was written".into(),
             })
         })
     };
@@ -366,6 +415,7 @@ fn run(
             }
             state.step
         }
+        None if resumed => 0,
         None => {
             let run_file = out.join(RUN_FILE);
             let json = serde_json::to_string_pretty(record)
@@ -477,6 +527,23 @@ fn run(
     })
 }
 
+/// sha256 over a PEFT adapter directory's config and weights.
+fn adapter_fingerprint(dir: &Path) -> Result<String> {
+    let mut hasher = Sha256::new();
+    for name in ["adapter_config.json", "adapter_model.safetensors"] {
+        let path = dir.join(name);
+        let bytes = std::fs::read(&path).map_err(ClientError::io(&path))?;
+        hasher.update((bytes.len() as u64).to_le_bytes());
+        hasher.update(&bytes);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Whether `out` holds a run `resume_locally` can continue (its settings were written).
+pub fn resumable(out: &Path) -> bool {
+    out.join(RUN_FILE).exists()
+}
+
 /// sha256 over the training windows (tokens, counted targets, document starts), in order: the
 /// same data, tokenizer and sequence length give the same windows.
 fn windows_fingerprint(windows: &[Window]) -> String {
@@ -535,25 +602,51 @@ fn check(job: &LocalTraining) -> Result<()> {
 /// Makes the output directory, before anything is loaded: it must be new or empty (an earlier
 /// run's adapter or checkpoints are never overwritten), and writable (else a run would learn it
 /// only when saving, its training lost).
-fn prepare_output(out: &Path) -> Result<()> {
-    if out.exists() {
-        let mut entries = std::fs::read_dir(out).map_err(ClientError::io(out))?;
-        if entries.next().is_some() {
-            return Err(ClientError::InvalidArgument(format!(
-                "{} is not empty (an earlier run's adapter or checkpoints?): choose a new output \
-                 directory",
-                out.display()
-            )));
+fn prepare_output(out: &Path) -> Result<Option<std::fs::File>> {
+    std::fs::create_dir_all(out).map_err(ClientError::io_write(out))?;
+    let lock = lock_output(out)?;
+    for entry in std::fs::read_dir(out).map_err(ClientError::io(out))? {
+        let name = entry.map_err(ClientError::io(out))?.file_name();
+        let name = name.to_string_lossy();
+        // What a process killed while writing leaves: no run's work.
+        if name == PROBE_FILE || name.ends_with(".partial") {
+            continue;
+        }
+        return Err(ClientError::InvalidArgument(format!(
+            "{} is not empty (an earlier run's adapter or checkpoints?): choose a new output \
+             directory, or continue a stopped run with --resume",
+            out.display()
+        )));
+    }
+    probe_writable(out)?;
+    Ok(lock)
+}
+
+/// Locks the output directory for this process (an advisory lock, released when the process
+/// ends): two runs writing checkpoints into one directory would break both. `None` where the
+/// file system has no locks.
+fn lock_output(out: &Path) -> Result<Option<std::fs::File>> {
+    if cfg!(not(unix)) {
+        return Ok(None);
+    }
+    let dir = std::fs::File::open(out).map_err(ClientError::io(out))?;
+    match dir.try_lock() {
+        Ok(()) => Ok(Some(dir)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(ClientError::InvalidArgument(format!(
+            "another `fedlora train` is writing to {}",
+            out.display()
+        ))),
+        Err(std::fs::TryLockError::Error(error)) => {
+            tracing::warn!(out = %out.display(), %error, "cannot lock the output directory");
+            Ok(None)
         }
     }
-    std::fs::create_dir_all(out).map_err(ClientError::io_write(out))?;
-    probe_writable(out)
 }
 
 /// Checks that files can be written in `out` (else a run would learn it only when saving, its
 /// training lost).
 fn probe_writable(out: &Path) -> Result<()> {
-    let probe = out.join(".fedlora-write-probe");
+    let probe = out.join(PROBE_FILE);
     std::fs::write(&probe, b"").map_err(ClientError::io_write(&probe))?;
     std::fs::remove_file(&probe).map_err(ClientError::io_write(&probe))?;
     Ok(())
@@ -573,6 +666,7 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
     use crate::tiny::{TinyModelSpec, write_tiny_model};
+    use crate::train::TrainedFactors;
 
     /// A tiny model and 60 documents of a repeated sentence (every tenth held out).
     fn job(dir: &Path) -> LocalTraining {
@@ -782,15 +876,20 @@ mod tests {
 
     /// Resumes the run in `out`; returns the step it started after and the adapter's bytes.
     fn resume(out: &Path) -> (usize, Vec<u8>) {
-        let mut ready = None;
+        let (mut ready, mut steps) = (None, 0);
         let report = resume_locally(out, &AtomicBool::new(false), &mut |event| {
-            if let LocalEvent::Ready { first_step, .. } = event {
-                ready = Some(first_step);
+            if let LocalEvent::Ready {
+                first_step,
+                steps: planned,
+                ..
+            } = event
+            {
+                (ready, steps) = (Some(first_step), planned);
             }
         })
         .unwrap();
         assert_eq!(ready, Some(report.first_step));
-        assert_eq!(report.train.steps, 8 - report.first_step);
+        assert_eq!(report.train.steps, steps - report.first_step);
         let adapter = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
         (report.first_step, adapter)
     }
@@ -824,11 +923,28 @@ mod tests {
         std::fs::remove_file(killed.out.join("checkpoint-5").join(STATE_FILE)).unwrap();
         assert_eq!(resume(&killed.out), (3, expected.clone()));
 
+        // Killed between the final adapter's two files: from checkpoint-6, the last.
+        std::fs::remove_file(killed.out.join("adapter_config.json")).unwrap();
+        assert_eq!(resume(&killed.out), (6, expected.clone()));
+
         // Killed before its first checkpoint: from the start.
         let early = into(&job, "early");
         stop_after(&early, 1);
         std::fs::remove_dir_all(early.out.join("checkpoint-1")).unwrap();
         assert_eq!(resume(&early.out), (0, expected.clone()));
+
+        // Stopped after the first evaluation, before any step: nothing trained, resumable.
+        let unstarted = into(&job, "unstarted");
+        let stop = AtomicBool::new(false);
+        let error = train_locally(&unstarted, &stop, &mut |event| {
+            if let LocalEvent::Evaluated { .. } = event {
+                stop.store(true, Ordering::Relaxed);
+            }
+        })
+        .unwrap_err();
+        assert!(error.to_string().contains("nothing trained yet"), "{error}");
+        assert!(resumable(&unstarted.out));
+        assert_eq!(resume(&unstarted.out), (0, expected.clone()));
 
         // The check above can fail: continuing from the checkpoint with fresh moments (what
         // --init-adapter does) is another run.
@@ -840,6 +956,64 @@ mod tests {
         train_locally(&restarted, &AtomicBool::new(false), &mut never).unwrap();
         let other = std::fs::read(restarted.out.join("adapter_model.safetensors")).unwrap();
         assert_ne!(other, expected);
+    }
+
+    /// Training only A, for a length in epochs, with evaluations between checkpoints: the
+    /// optimizer's state holds only the trained factors, and the resumed run is still the
+    /// uninterrupted one.
+    #[test]
+    fn a_resumed_run_of_one_factor_and_epochs_is_the_uninterrupted_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = stateful(dir.path());
+        let job = LocalTraining {
+            length: Length::Epochs(0.2),
+            eval_every: 2,
+            config: TrainConfig {
+                trained: TrainedFactors::A,
+                ..job.config.clone()
+            },
+            ..job
+        };
+        let straight = into(&job, "straight");
+        let report = train_locally(&straight, &AtomicBool::new(false), &mut never).unwrap();
+        assert!(report.train.steps >= 5, "{}", report.train.steps);
+        let expected = std::fs::read(straight.out.join("adapter_model.safetensors")).unwrap();
+        let stopped = into(&job, "stopped");
+        stop_after(&stopped, 4);
+        let state = std::fs::read(stopped.out.join("checkpoint-4").join(OPTIMIZER_FILE)).unwrap();
+        let moments =
+            candle_core::safetensors::load_buffer(&state, &candle_core::Device::Cpu).unwrap();
+        // A and DoRA's magnitudes (which always train), no B.
+        assert!(moments.keys().any(|name| name.contains("lora_A")));
+        assert!(
+            !moments.keys().any(|name| name.contains("lora_B")),
+            "{moments:?}"
+        );
+        assert_eq!(resume(&stopped.out), (4, expected));
+    }
+
+    /// One output directory, one run: a second process is refused while the first holds it;
+    /// what a killed process leaves half-written does not count as an earlier run.
+    #[test]
+    fn an_output_directory_takes_one_run_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = LocalTraining {
+            length: Length::Steps(2),
+            save_every: 0,
+            eval_every: 0,
+            ..job(dir.path())
+        };
+        std::fs::create_dir_all(&job.out).unwrap();
+        let held = std::fs::File::open(&job.out).unwrap();
+        held.try_lock().unwrap();
+        let error = train_locally(&job, &AtomicBool::new(false), &mut never).unwrap_err();
+        assert!(
+            error.to_string().contains("another `fedlora train`"),
+            "{error}"
+        );
+        drop(held);
+        std::fs::write(job.out.join("training_args.json.partial"), b"{").unwrap();
+        train_locally(&job, &AtomicBool::new(false), &mut never).unwrap();
     }
 
     /// A run is resumed only where there is one to resume, with the model and data it
@@ -874,6 +1048,23 @@ mod tests {
         let error =
             resume_locally(&changed_model.out, &AtomicBool::new(false), &mut never).unwrap_err();
         assert!(error.to_string().contains("not the one the run"), "{error}");
+
+        // Resumed from the start, a run that began from an adapter needs that adapter as it was.
+        let first = into(&job, "first");
+        stop_after(&first, 2);
+        let from_adapter = LocalTraining {
+            start: Start::Adapter(first.out.join("checkpoint-2")),
+            ..into(&job, "from-adapter")
+        };
+        stop_after(&from_adapter, 1);
+        std::fs::remove_dir_all(from_adapter.out.join("checkpoint-1")).unwrap();
+        let config = first.out.join("checkpoint-2").join("adapter_config.json");
+        let mut json = std::fs::read_to_string(&config).unwrap();
+        json.push('\n');
+        std::fs::write(&config, json).unwrap();
+        let error =
+            resume_locally(&from_adapter.out, &AtomicBool::new(false), &mut never).unwrap_err();
+        assert!(error.to_string().contains("changed since"), "{error}");
     }
 
     /// `--epochs` runs as many steps as draw that many epochs of the training windows.

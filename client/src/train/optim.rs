@@ -114,14 +114,7 @@ impl AdamW {
     /// so a bad file leaves the optimizer as it was.
     pub fn restore(&mut self, bytes: &[u8]) -> Result<()> {
         let invalid = |message: String| ClientError::InvalidArgument(message);
-        let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes)
-            .map_err(|error| invalid(format!("optimizer state is not safetensors: {error}")))?;
-        let steps: usize = metadata
-            .metadata()
-            .as_ref()
-            .and_then(|metadata| metadata.get(STEPS))
-            .and_then(|steps| steps.parse().ok())
-            .ok_or_else(|| invalid("optimizer state without its step count".into()))?;
+        let steps = saved_steps(bytes)?;
         let device = self
             .slots
             .first()
@@ -176,6 +169,19 @@ impl AdamW {
         self.steps = steps;
         Ok(())
     }
+}
+
+/// The optimizer steps a state of [`AdamW::state_bytes`] was saved after.
+pub fn saved_steps(bytes: &[u8]) -> Result<usize> {
+    let invalid = |message: String| ClientError::InvalidArgument(message);
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|error| invalid(format!("optimizer state is not safetensors: {error}")))?;
+    metadata
+        .metadata()
+        .as_ref()
+        .and_then(|metadata| metadata.get(STEPS))
+        .and_then(|steps| steps.parse().ok())
+        .ok_or_else(|| invalid("optimizer state without its step count".into()))
 }
 
 #[cfg(test)]
