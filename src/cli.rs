@@ -90,7 +90,8 @@ pub struct TrainArgs {
     /// Output directory: the adapter (adapter_config.json and adapter_model.safetensors, PEFT's
     /// format: `fedlora generate --adapter`, `fedlora merge`, or PEFT itself load it) and the
     /// checkpoint-STEP directories of --save-every (each with the optimizer's state, for
-    /// --resume). It must be new or empty.
+    /// --resume). It must be new or empty (files a killed write left half-done aside), and
+    /// no other `fedlora train` may be using it.
     #[arg(long, required = true)]
     pub out: Option<PathBuf>,
     /// Continue from a PEFT adapter (a checkpoint, or a federation's global adapter) instead of

@@ -25,7 +25,7 @@ use tracing::{error, info, instrument, warn};
 use crate::compute;
 use crate::error::{ClientError, Result};
 pub use crate::model::BasePrecision;
-use crate::model::peft::write_peft_adapter;
+use crate::model::peft::{peft_weights, write_peft_adapter};
 use crate::model::{BaseModel, Llama, fingerprint};
 use crate::train::data::{SiteData, make_windows, trained_examples};
 use crate::train::{TrainConfig, TrainedFactors, evaluate_heldout, train};
@@ -554,11 +554,7 @@ async fn run_task(
     })
     .await??;
 
-    let bytes = adapter.to_safetensors(Some(
-        [("format".to_string(), "pt".to_string())]
-            .into_iter()
-            .collect(),
-    ))?;
+    let bytes = peft_weights(&adapter)?;
     save_copy(
         &config.state_dir,
         task.round_id,

@@ -25,6 +25,12 @@ pub fn read_peft_adapter(dir: &Path) -> Result<(LoraSpec, Adapter)> {
     Ok((lora, Adapter::from_safetensors(&bytes)?))
 }
 
+/// `adapter` as PEFT saves its weights: safetensors with `{"format": "pt"}` in the metadata.
+pub fn peft_weights(adapter: &Adapter) -> Result<Vec<u8>> {
+    let format = [("format".to_string(), "pt".to_string())];
+    Ok(adapter.to_safetensors(Some(format.into_iter().collect()))?)
+}
+
 /// Writes a PEFT adapter directory: `adapter_config.json` for `lora` on `base_model`, and the
 /// safetensors bytes `weights` (as encoded, so what is written is exactly what was sent).
 pub fn write_peft_adapter(
@@ -41,9 +47,9 @@ pub fn write_peft_adapter(
 }
 
 /// Writes `bytes` to a temporary file beside `path`, synced to disk, then renames it there and
-/// syncs the directory: an interrupted process (or machine) leaves the old file or the new one,
-/// never a truncated one (and the temporary file is removed when the write fails), and files
-/// written one after another reach the disk in that order.
+/// syncs the directory ([`sync_dir`]): an interrupted process (or machine) leaves the old file or
+/// the new one, never a truncated one (and the temporary file is removed when the write fails),
+/// and files written one after another reach the disk in that order.
 pub(crate) fn write_whole(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let mut partial = path.as_os_str().to_owned();
@@ -61,19 +67,27 @@ pub(crate) fn write_whole(path: &Path, bytes: &[u8]) -> Result<()> {
         });
     }
     std::fs::rename(&partial, path).map_err(ClientError::io_write(path))?;
-    // The rename itself is durable only once its directory is synced (POSIX; Unix only).
-    #[cfg(unix)]
     if let Some(dir) = path.parent() {
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
-        std::fs::File::open(dir)
-            .and_then(|dir| dir.sync_all())
-            .map_err(ClientError::io_write(dir))?;
+        sync_dir(dir);
     }
     Ok(())
+}
+
+/// Syncs directory `dir`, which makes the renames and new entries in it durable (POSIX; Unix
+/// only). Some file systems refuse (CIFS, FUSE without fsyncdir): a warning then, not an error,
+/// as the files themselves are whole.
+pub(crate) fn sync_dir(dir: &Path) {
+    if cfg!(not(unix)) {
+        return;
+    }
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    if let Err(error) = std::fs::File::open(dir).and_then(|dir| dir.sync_all()) {
+        tracing::debug!(dir = %dir.display(), %error, "cannot sync the directory");
+    }
 }
 
 #[cfg(test)]

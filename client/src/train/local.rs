@@ -16,7 +16,9 @@ use super::data::{SiteData, Window, make_windows, trained_examples};
 use super::optim::{AdamW, saved_steps};
 use super::{EvalReport, TrainConfig, TrainReport, evaluate_heldout, train_resumable};
 use crate::error::{ClientError, Result};
-use crate::model::peft::{read_peft_adapter, write_peft_adapter, write_whole};
+use crate::model::peft::{
+    peft_weights, read_peft_adapter, sync_dir, write_peft_adapter, write_whole,
+};
 use crate::model::{BaseModel, BasePrecision, Llama, fingerprint};
 
 /// Where the LoRA factors start.
@@ -123,36 +125,46 @@ const STATE_FILE: &str = "training_state.json";
 /// Written and removed to check that the output directory is writable.
 const PROBE_FILE: &str = ".fedlora-write-probe";
 /// Version of [`RUN_FILE`]'s and [`STATE_FILE`]'s layout.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 
-/// What `OUT/training_args.json` holds: the job, with absolute paths, and the base model's
-/// fingerprint (a resumed run must train the same model).
-#[derive(Debug, Serialize, Deserialize)]
+/// What `OUT/training_args.json` holds: the job, with absolute paths, and fingerprints of what
+/// it trains from (a resumed run must train the same model, from the same adapter, on the same
+/// data).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct RunRecord {
     format: u32,
     job: LocalTraining,
     model_sha256: String,
     /// Of the `--init-adapter` files (empty for fresh factors).
     init_adapter_sha256: String,
+    /// Filled in once the data is read, before the file is written.
+    data: Option<TrainedOn>,
 }
 
-/// What a checkpoint's `training_state.json` holds: its step, and what the run trains on (a
-/// resumed run must draw from the same windows).
+/// What a run trains on: its training windows and the steps they make.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct TrainedOn {
+    steps: usize,
+    train_windows: usize,
+    train_windows_sha256: String,
+}
+
+/// What a checkpoint's `training_state.json` holds: its step, and what the run trains on.
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
 struct CheckpointState {
     format: u32,
     step: usize,
-    steps: usize,
-    train_windows: usize,
-    train_windows_sha256: String,
+    #[serde(flatten)]
+    data: TrainedOn,
 }
 
 /// Runs `job`: loads the model (with `job.base`'s precision) and data (every tenth document held
 /// out, as a site's daemon does), evaluates, trains, and writes the adapter to `job.out`.
 /// When `stop` is set (Ctrl-C), the run ends after the current step and writes what it has
 /// trained as a checkpoint, then returns [`ClientError::Interrupted`] naming it (set before
-/// training starts, the run ends with nothing written). [`resume_locally`] continues a run
-/// that stopped, by `stop` or a crash, from its last checkpoint.
+/// the first step, the run ends with nothing trained, and nothing written when set before its
+/// data was read). [`resume_locally`] continues a run that stopped, by `stop` or a crash, from
+/// its last checkpoint. The output directory is locked for the call.
 pub fn train_locally(
     job: &LocalTraining,
     stop: &AtomicBool,
@@ -178,6 +190,7 @@ pub fn train_locally(
             Start::Adapter(dir) => adapter_fingerprint(dir)?,
             Start::Fresh(_) => String::new(),
         },
+        data: None,
     };
     run(&record, &job.out, Resume::No, stop, observe)
 }
@@ -185,7 +198,9 @@ pub fn train_locally(
 /// Continues the run whose output directory is `out` from its last complete checkpoint (or
 /// from the start, where it wrote none), with the settings it was started with: the steps it
 /// runs are those the uninterrupted run would have run, to the last bit, so its adapter is the
-/// uninterrupted run's. Refuses a finished run, and a model or training data that changed.
+/// uninterrupted run's on the same machine and build. Refuses a finished run, a model or
+/// training data that changed, an `--init-adapter` that changed (resuming from the start), and
+/// a directory another process holds.
 pub fn resume_locally(
     out: &Path,
     stop: &AtomicBool,
@@ -389,38 +404,37 @@ fn run(
         local_steps: steps,
         ..job.config.clone()
     };
-    if config.warmup_steps > steps {
-        return Err(ClientError::InvalidArgument(format!(
-            "{} warm-up steps in a run of {steps}",
-            config.warmup_steps
-        )));
-    }
-    let windows_sha256 = windows_fingerprint(&windows);
+    check_warmup(&config, steps)?;
+    let data_now = TrainedOn {
+        steps,
+        train_windows: windows.len(),
+        train_windows_sha256: windows_fingerprint(&windows),
+    };
+    let changed = |since: &Path| {
+        ClientError::InvalidArgument(format!(
+            "the training data {} is not what the run in {} trained on (it changed since {})",
+            job.data.display(),
+            out.display(),
+            since.display()
+        ))
+    };
     let first_step = match &resume {
-        Some(checkpoint) => {
-            let state = &checkpoint.state;
-            if (
-                state.train_windows,
-                &state.train_windows_sha256,
-                state.steps,
-            ) != (windows.len(), &windows_sha256, steps)
-            {
-                return Err(ClientError::InvalidArgument(format!(
-                    "the training data {} is not what the run in {} trained on (it changed \
-                     since {})",
-                    job.data.display(),
-                    out.display(),
-                    checkpoint.dir.display()
-                )));
-            }
-            state.step
+        Some(checkpoint) if checkpoint.state.data != data_now => {
+            return Err(changed(&checkpoint.dir));
+        }
+        Some(checkpoint) => checkpoint.state.step,
+        None if resumed && record.data.as_ref() != Some(&data_now) => {
+            return Err(changed(&out.join(RUN_FILE)));
         }
         None if resumed => 0,
         None => {
-            let run_file = out.join(RUN_FILE);
-            let json = serde_json::to_string_pretty(record)
+            let record = RunRecord {
+                data: Some(data_now.clone()),
+                ..record.clone()
+            };
+            let json = serde_json::to_string_pretty(&record)
                 .map_err(|error| ClientError::Protocol(error.to_string()))?;
-            write_whole(&run_file, (json + "\n").as_bytes())?;
+            write_whole(&out.join(RUN_FILE), (json + "\n").as_bytes())?;
             0
         }
     };
@@ -452,14 +466,14 @@ fn run(
         let state = CheckpointState {
             format: FORMAT,
             step,
-            steps,
-            train_windows: windows.len(),
-            train_windows_sha256: windows_sha256.clone(),
+            data: data_now.clone(),
         };
         let json = serde_json::to_string_pretty(&state)
             .map_err(|error| ClientError::Protocol(error.to_string()))?;
-        // Last: it marks the checkpoint complete.
-        write_whole(&dir.join(STATE_FILE), (json + "\n").as_bytes())
+        // Last: it marks the checkpoint complete (and the directory's own entry is synced).
+        write_whole(&dir.join(STATE_FILE), (json + "\n").as_bytes())?;
+        sync_dir(out);
+        Ok(())
     };
     let tokens_per_step = (config.batch_size * config.seq_len * config.grad_accumulation) as f64;
     let started = Instant::now();
@@ -589,9 +603,7 @@ fn check(job: &LocalTraining) -> Result<()> {
     }
     match job.length {
         Length::Steps(0) => invalid("a run of 0 steps"),
-        Length::Steps(steps) if config.warmup_steps > steps => Err(ClientError::InvalidArgument(
-            format!("{} warm-up steps in a run of {steps}", config.warmup_steps),
-        )),
+        Length::Steps(steps) => check_warmup(config, steps),
         Length::Epochs(epochs) if !(epochs.is_finite() && epochs > 0.0) => {
             invalid("the number of epochs must be a positive number")
         }
@@ -599,10 +611,28 @@ fn check(job: &LocalTraining) -> Result<()> {
     }
 }
 
+/// Refuses a warm-up longer than the run (before loading for `--steps`, once the data is read
+/// for `--epochs`).
+fn check_warmup(config: &TrainConfig, steps: usize) -> Result<()> {
+    if config.warmup_steps > steps {
+        return Err(ClientError::InvalidArgument(format!(
+            "{} warm-up steps in a run of {steps}",
+            config.warmup_steps
+        )));
+    }
+    Ok(())
+}
+
 /// Makes the output directory, before anything is loaded: it must be new or empty (an earlier
 /// run's adapter or checkpoints are never overwritten), and writable (else a run would learn it
 /// only when saving, its training lost).
 fn prepare_output(out: &Path) -> Result<Option<std::fs::File>> {
+    if out.exists() && !out.is_dir() {
+        return Err(ClientError::InvalidArgument(format!(
+            "{} is not a directory",
+            out.display()
+        )));
+    }
     std::fs::create_dir_all(out).map_err(ClientError::io_write(out))?;
     let lock = lock_output(out)?;
     for entry in std::fs::read_dir(out).map_err(ClientError::io(out))? {
@@ -612,9 +642,14 @@ fn prepare_output(out: &Path) -> Result<Option<std::fs::File>> {
         if name == PROBE_FILE || name.ends_with(".partial") {
             continue;
         }
+        let hint = if resumable(out) {
+            ", or continue its stopped run with --resume"
+        } else {
+            ""
+        };
         return Err(ClientError::InvalidArgument(format!(
             "{} is not empty (an earlier run's adapter or checkpoints?): choose a new output \
-             directory, or continue a stopped run with --resume",
+             directory{hint}",
             out.display()
         )));
     }
@@ -622,9 +657,9 @@ fn prepare_output(out: &Path) -> Result<Option<std::fs::File>> {
     Ok(lock)
 }
 
-/// Locks the output directory for this process (an advisory lock, released when the process
-/// ends): two runs writing checkpoints into one directory would break both. `None` where the
-/// file system has no locks.
+/// Locks the output directory (an advisory `flock`, released when the returned file is dropped
+/// or the process ends): two runs writing checkpoints into one directory would break both.
+/// `None`, with a warning, where the file system refuses locks, and off Unix.
 fn lock_output(out: &Path) -> Result<Option<std::fs::File>> {
     if cfg!(not(unix)) {
         return Ok(None);
@@ -654,11 +689,12 @@ fn probe_writable(out: &Path) -> Result<()> {
 
 /// Writes the model's LoRA factors as a PEFT adapter directory.
 fn save_adapter(model: &Llama, lora: &LoraSpec, base_model: &str, dir: &Path) -> Result<()> {
-    let format = [("format".to_string(), "pt".to_string())];
-    let bytes = model
-        .export_adapter()?
-        .to_safetensors(Some(format.into_iter().collect()))?;
-    write_peft_adapter(dir, lora, base_model, &bytes)
+    write_peft_adapter(
+        dir,
+        lora,
+        base_model,
+        &peft_weights(&model.export_adapter()?)?,
+    )
 }
 
 #[cfg(test)]
@@ -1027,16 +1063,26 @@ mod tests {
             "{error}"
         );
 
+        // Changed data: after a checkpoint, or before the first (from the start).
         let job = stateful(dir.path());
         let changed_data = into(&job, "data");
         stop_after(&changed_data, 4);
+        let from_start = into(&job, "data-from-start");
+        stop_after(&from_start, 1);
+        std::fs::remove_dir_all(from_start.out.join("checkpoint-1")).unwrap();
         let data = std::fs::read_to_string(&job.data).unwrap();
         let mut text = data.clone();
         text.push_str("\n{\"text\": \"one more document, long enough to make another window.\"}");
         std::fs::write(&changed_data.data, text).unwrap();
-        let error =
-            resume_locally(&changed_data.out, &AtomicBool::new(false), &mut never).unwrap_err();
-        assert!(error.to_string().contains("is not what the run"), "{error}");
+        for (run, since) in [
+            (&changed_data, "checkpoint-4"),
+            (&from_start, "training_args.json"),
+        ] {
+            let error = resume_locally(&run.out, &AtomicBool::new(false), &mut never).unwrap_err();
+            let error = error.to_string();
+            assert!(error.contains("is not what the run"), "{error}");
+            assert!(error.contains(since), "{error}");
+        }
 
         std::fs::write(&job.data, data).unwrap();
         let changed_model = into(&job, "changed-model");
