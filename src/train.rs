@@ -71,6 +71,13 @@ pub fn run(args: &TrainArgs, stop: &AtomicBool) -> Result<()> {
         LocalEvent::Saved { step, dir } => {
             say(&format!("step {step:>5}: wrote {}", dir.display()));
         }
+        LocalEvent::ResumedElsewhere { differences } => {
+            say(&format!(
+                "note: earlier steps of this run ran elsewhere ({}); it continues, but its \
+                 adapter can differ in the last bits from an uninterrupted run's",
+                differences.join("; ")
+            ));
+        }
     };
     let (out, report) = match (&args.resume, &args.site, &args.out) {
         (Some(out), _, _) => (out.clone(), resume_locally(out, stop, &mut observe)),

@@ -263,6 +263,7 @@ fn load_site(config: &DaemonConfig) -> Result<Site> {
         &config.text_column,
     )?;
     data.check_split(&config.data_path)?;
+    data.check_vocab(&config.data_path, base.model.config().vocab_size)?;
     Ok(Site {
         fingerprint: fingerprint(&config.model_dir)?,
         model: base.model,

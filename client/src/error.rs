@@ -27,6 +27,14 @@ pub enum ClientError {
     Unsupported(String),
     #[error("missing weight {0:?} in the model files")]
     MissingWeight(String),
+    #[error(
+        "weight {name:?} has shape {found:?}, but the model's config implies {expected:?}: the config and the weights do not belong together"
+    )]
+    WeightShape {
+        name: String,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
     #[error("chat template: {0}")]

@@ -604,6 +604,8 @@ pub fn parse_peft_adapter_config(config: &serde_json::Value) -> Result<LoraSpec,
         "modules_to_save",
         "trainable_token_indices",
         "target_parameters",
+        // Activated LoRA: the update applies only after the invocation tokens.
+        "alora_invocation_tokens",
     ] {
         let set = match field(option) {
             None | Some(serde_json::Value::Bool(false)) => false,
@@ -984,6 +986,11 @@ mod tests {
                 "modules_to_save",
             ),
             ("lora_bias", serde_json::json!(true), "lora_bias"),
+            (
+                "alora_invocation_tokens",
+                serde_json::json!([128006, 78191]),
+                "alora_invocation_tokens",
+            ),
         ] {
             let mut bad = config.clone();
             bad[field] = value;

@@ -393,11 +393,13 @@ impl LlamaConfig {
     /// The first end-of-sequence id, if the config names one.
     pub fn eos_token_id(&self) -> Option<u32> {
         match &self.eos_token_id {
-            Some(serde_json::Value::Number(number)) => number.as_u64().map(|id| id as u32),
+            Some(serde_json::Value::Number(number)) => {
+                number.as_u64().and_then(|id| u32::try_from(id).ok())
+            }
             Some(serde_json::Value::Array(ids)) => ids
                 .first()
                 .and_then(serde_json::Value::as_u64)
-                .map(|id| id as u32),
+                .and_then(|id| u32::try_from(id).ok()),
             _ => None,
         }
     }
@@ -451,9 +453,24 @@ impl LlamaConfig {
                 }
                 _ => Err("rope_scaling of type linear needs a positive factor".into()),
             },
-            "llama3" => serde_json::from_value(value.clone())
-                .map(|scaling| Some(RopeScaling::Llama3(scaling)))
-                .map_err(|error| format!("rope_scaling of type llama3: {error}")),
+            "llama3" => {
+                let scaling: Llama3RopeScaling = serde_json::from_value(value.clone())
+                    .map_err(|error| format!("rope_scaling of type llama3: {error}"))?;
+                let positive = |value: f64| value.is_finite() && value > 0.0;
+                if !(positive(scaling.factor)
+                    && positive(scaling.low_freq_factor)
+                    && scaling.high_freq_factor.is_finite()
+                    && scaling.high_freq_factor > scaling.low_freq_factor
+                    && scaling.original_max_position_embeddings > 0)
+                {
+                    return Err(format!(
+                        "rope_scaling of type llama3 needs a positive factor, 0 < \
+                         low_freq_factor < high_freq_factor and original_max_position_embeddings \
+                         of at least 1, not {scaling:?}"
+                    ));
+                }
+                Ok(Some(RopeScaling::Llama3(scaling)))
+            }
             "yarn" => YarnRopeScaling::from_json(value, self.max_position_embeddings)
                 .map(|scaling| Some(RopeScaling::Yarn(scaling))),
             other => Err(format!(
@@ -529,6 +546,27 @@ impl LlamaConfig {
             return Err(format!(
                 "head_dim {} must be even for rope",
                 self.head_dim()
+            ));
+        }
+        // Far past any published model's sizes: a corrupt file, refused before anything is
+        // allocated from it (and so that the products of these sizes cannot overflow).
+        let limits = [
+            ("hidden_size", self.hidden_size, 1 << 17),
+            ("intermediate_size", self.intermediate_size, 1 << 20),
+            ("num_hidden_layers", self.num_hidden_layers, 1 << 12),
+            ("num_attention_heads", self.num_attention_heads, 1 << 12),
+            ("head_dim", self.head_dim(), 1 << 12),
+            ("vocab_size", self.vocab_size, 1 << 22),
+        ];
+        for (name, value, limit) in limits {
+            if value == 0 || value > limit {
+                return Err(format!("{name} {value} is outside 1..={limit}"));
+            }
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return Err(format!(
+                "rms_norm_eps {} must be a finite number, not negative",
+                self.rms_norm_eps
             ));
         }
         Ok(())

@@ -36,7 +36,23 @@ fn meta<'a>(content: &'a Content, key: &str) -> Result<&'a Value> {
 }
 
 fn meta_usize(content: &Content, key: &str) -> Result<usize> {
-    Ok(meta(content, key)?.to_u32()? as usize)
+    let value = meta(content, key)?;
+    let number = value.to_u32().map_err(|_| {
+        ClientError::Unsupported(format!(
+            "gguf metadata {key:?} is a {:?}, not a u32",
+            value.value_type()
+        ))
+    })?;
+    Ok(number as usize)
+}
+
+/// `key` as a u32, or `default` when the file has no such key (but an error when it holds
+/// something else: a default would silently run another model).
+fn meta_usize_or(content: &Content, key: &str, default: usize) -> Result<usize> {
+    match content.metadata.get(key) {
+        None => Ok(default),
+        Some(_) => meta_usize(content, key),
+    }
 }
 
 /// A GGUF architecture this engine runs: Llama's graph, under llama.cpp's name (also the
@@ -87,7 +103,7 @@ pub fn gguf_config(content: &Content) -> Result<LlamaConfig> {
     let rope_scaling = gguf_rope_scaling(content, arch)?;
     let hidden = meta_usize(content, &key("embedding_length"))?;
     let heads = meta_usize(content, &key("attention.head_count"))?;
-    let kv_heads = meta_usize(content, &key("attention.head_count_kv")).unwrap_or(heads);
+    let kv_heads = meta_usize_or(content, &key("attention.head_count_kv"), heads)?;
     let vocab = meta(content, "tokenizer.ggml.tokens")?.to_vec()?.len();
     let rope_theta = content
         .metadata
@@ -124,7 +140,7 @@ pub fn gguf_config(content: &Content) -> Result<LlamaConfig> {
         sliding_window: None,
         use_sliding_window: None,
         mlp_bias: false,
-        max_position_embeddings: meta_usize(content, &key("context_length")).unwrap_or(2048),
+        max_position_embeddings: meta_usize_or(content, &key("context_length"), 2048)?,
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
         hidden_act: "silu".into(),
         // Llama's `attention_bias` (q/k/v/o); Qwen2's q/k/v biases go with its model type.
@@ -762,11 +778,54 @@ const PROJECTIONS: [&str; 7] = [
     "ffn_down",
 ];
 
+/// The header (metadata and tensor table) of the GGUF file `path`; errors name the file.
+fn read_header(path: &Path, file: &mut std::fs::File) -> Result<Content> {
+    Content::read(file).map_err(|error| ClientError::Weights {
+        path: path.into(),
+        message: format!("not a readable GGUF file: {error}"),
+    })
+}
+
+/// The tensor `name` of the GGUF file `path`, once its declared size is checked against the
+/// file's (candle's reader multiplies the dimensions unchecked); errors name file and tensor.
+fn read_tensor(
+    path: &Path,
+    file: &mut std::fs::File,
+    content: &Content,
+    name: &str,
+    device: &Device,
+) -> Result<QTensor> {
+    let error = |message: String| ClientError::Weights {
+        path: path.into(),
+        message: format!("tensor {name:?}: {message}"),
+    };
+    let info = content
+        .tensor_infos
+        .get(name)
+        .ok_or_else(|| error("not in the file".into()))?;
+    let length = file.metadata().map_err(ClientError::io(path))?.len();
+    // No GGUF type stores a weight in under one bit.
+    let elements = info
+        .shape
+        .dims()
+        .iter()
+        .try_fold(1u64, |count, &dim| count.checked_mul(dim as u64));
+    if elements.is_none_or(|elements| elements > length.saturating_mul(8)) {
+        return Err(error(format!(
+            "its shape {:?} is more than the file's {length} bytes can hold",
+            info.shape.dims()
+        )));
+    }
+    content
+        .tensor(file, name, device)
+        .map_err(|candle| error(candle.to_string()))
+}
+
 /// Whether a GGUF file stores its projections in quantized types (not F32, F16 or BF16): read
 /// from the header alone.
 pub fn stores_quantized_projections(path: &Path) -> Result<bool> {
     let mut file = std::fs::File::open(path).map_err(ClientError::io(path))?;
-    let content = Content::read(&mut file)?;
+    let content = read_header(path, &mut file)?;
     Ok(content.tensor_infos.iter().any(|(name, info)| {
         name.starts_with("blk.")
             && PROJECTIONS
@@ -786,12 +845,11 @@ pub fn stores_quantized_projections(path: &Path) -> Result<bool> {
 /// are projections stored as F32/F16/BF16. Embeddings, norms, biases and the head are f32.
 pub fn load_gguf(path: &Path, device: &Device, keep_quantized: bool) -> Result<BaseModel> {
     let mut file = std::fs::File::open(path).map_err(ClientError::io(path))?;
-    let content = Content::read(&mut file)?;
+    let content = read_header(path, &mut file)?;
     let mut config = gguf_config(&content)?;
     let permutes_qk = architecture(&content)?.permutes_qk;
     if content.tensor_infos.contains_key(ROPE_FREQS) {
-        let divisors = content
-            .tensor(&mut file, ROPE_FREQS, &Device::Cpu)?
+        let divisors = read_tensor(path, &mut file, &content, ROPE_FREQS, &Device::Cpu)?
             .dequantize(&Device::Cpu)?
             .flatten_all()?
             .to_vec1::<f32>()?;
@@ -821,7 +879,7 @@ pub fn load_gguf(path: &Path, device: &Device, keep_quantized: bool) -> Result<B
         let Some((hf, permute_heads)) = hf_name(name, &config, permutes_qk) else {
             continue;
         };
-        let tensor = content.tensor(&mut file, name, device)?;
+        let tensor = read_tensor(path, &mut file, &content, name, device)?;
         let is_projection = super::llama::is_projection_weight(&hf);
         let dtype = tensor.dtype();
         let stored_as = match dtype {
@@ -1010,6 +1068,88 @@ mod tests {
             .collect();
         gguf_file::write(&mut file, &metadata_refs, &tensor_refs).unwrap();
         path
+    }
+
+    /// Malformed GGUF files are errors that name the file and what is wrong, not panics or
+    /// allocations of what a header claims: an alignment of 0, a head count of the wrong type,
+    /// a layer count past any model's, a tensor whose shape the file cannot hold.
+    #[test]
+    fn malformed_gguf_headers_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_tiny_model(dir.path(), &TinyModelSpec::default()).unwrap();
+        let hf = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
+        let path = write_tiny_gguf(dir.path(), &config, &hf, GgmlDType::F32);
+        let mut file = std::fs::File::open(&path).unwrap();
+        let content = Content::read(&mut file).unwrap();
+        let tensors: Vec<(String, QTensor)> = content
+            .tensor_infos
+            .keys()
+            .map(|name| {
+                let tensor = content.tensor(&mut file, name, &Device::Cpu).unwrap();
+                (name.clone(), tensor)
+            })
+            .collect();
+        let error = |key: &str, value: Value| {
+            let mut metadata = content.metadata.clone();
+            metadata.insert(key.into(), value);
+            let metadata: Vec<(&str, &Value)> = metadata
+                .iter()
+                .map(|(key, value)| (key.as_str(), value))
+                .collect();
+            let tensors: Vec<(&str, &QTensor)> = tensors
+                .iter()
+                .map(|(name, tensor)| (name.as_str(), tensor))
+                .collect();
+            let bad = dir.path().join("bad.gguf");
+            gguf_file::write(
+                &mut std::fs::File::create(&bad).unwrap(),
+                &metadata,
+                &tensors,
+            )
+            .unwrap();
+            BaseModel::load(&bad, &Device::Cpu)
+                .err()
+                .unwrap()
+                .to_string()
+        };
+        let message = error("general.alignment", Value::U32(0));
+        assert!(
+            message.contains("bad.gguf") && message.contains("alignment 0"),
+            "{message}"
+        );
+        let message = error("llama.attention.head_count_kv", Value::String("2".into()));
+        assert!(
+            message.contains("llama.attention.head_count_kv"),
+            "{message}"
+        );
+        let message = error("llama.block_count", Value::U32(1 << 30));
+        assert!(
+            message.contains("num_hidden_layers 1073741824 is outside"),
+            "{message}"
+        );
+
+        // token_embd.weight's first dimension (ggml order: hidden, then vocab) made 2^40.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let name = b"token_embd.weight";
+        let at = bytes
+            .windows(name.len())
+            .position(|window| window == name)
+            .unwrap()
+            + name.len();
+        assert_eq!(u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()), 2);
+        bytes[at + 4..at + 12].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        let bad = dir.path().join("huge.gguf");
+        std::fs::write(&bad, bytes).unwrap();
+        let message = BaseModel::load(&bad, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            message.contains("huge.gguf")
+                && message.contains("token_embd.weight")
+                && message.contains("more than the file"),
+            "{message}"
+        );
     }
 
     #[test]

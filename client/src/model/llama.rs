@@ -8,7 +8,9 @@
 use std::collections::HashMap;
 
 use candle_core::{D, DType, Device, Tensor, Var};
-use fedlora_proto::adapter::{Adapter, AdapterTensor, Factor, LoraSpec, TensorSpec, peft_key};
+use fedlora_proto::adapter::{
+    Adapter, AdapterTensor, Factor, LoraSpec, TensorSpec, adapter_spec, peft_key,
+};
 
 use super::config::{LlamaConfig, RopeScaling};
 use super::frozen::FrozenWeight;
@@ -193,10 +195,16 @@ impl Llama {
         mut quantized: HashMap<String, std::sync::Arc<candle_core::quantized::QTensor>>,
         device: &Device,
     ) -> Result<Self> {
-        let mut take = |name: String| -> Result<Tensor> {
+        let dims = config.dims();
+        let (hidden, vocab) = (config.hidden_size, config.vocab_size);
+        // Every weight is checked against the shape the config implies, so that a config.json
+        // beside another model's weights is refused here, naming the tensor, and not at the
+        // first forward pass with a shape error naming neither.
+        let mut take = |name: String, expected: &[usize]| -> Result<Tensor> {
             let tensor = weights
                 .remove(&name)
-                .ok_or(ClientError::MissingWeight(name))?;
+                .ok_or_else(|| ClientError::MissingWeight(name.clone()))?;
+            check_shape(&name, tensor.dims(), expected)?;
             Ok(tensor.to_dtype(DType::F32)?.to_device(device)?)
         };
         let eps = config.rms_norm_eps;
@@ -213,23 +221,35 @@ impl Llama {
         } else {
             &[]
         };
-        let embed_tokens = take("model.embed_tokens.weight".into())?;
-        let mut blocks = Vec::with_capacity(config.num_hidden_layers);
+        let embed_tokens = take("model.embed_tokens.weight".into(), &[vocab, hidden])?;
+        let mut blocks = Vec::new();
         for layer in 0..config.num_hidden_layers {
             let prefix = format!("model.layers.{layer}");
             let mut linear = |name: &str| -> Result<LoraLinear> {
+                let module = name.rsplit('.').next().unwrap_or(name);
+                let (in_features, out_features) = dims.module_in_out(module)?;
                 let bias_name = format!("{prefix}.{name}.bias");
-                let bias = match take(bias_name.clone()) {
+                let bias = match take(bias_name, &[out_features]) {
                     Ok(bias) => Some(bias),
-                    Err(_) if required_biases.contains(&name) => {
-                        return Err(ClientError::MissingWeight(bias_name));
+                    Err(ClientError::MissingWeight(bias_name)) => {
+                        if required_biases.contains(&name) {
+                            return Err(ClientError::MissingWeight(bias_name));
+                        }
+                        None
                     }
-                    Err(_) => None,
+                    Err(error) => return Err(error),
                 };
                 let weight_name = format!("{prefix}.{name}.weight");
                 let weight = match quantized.remove(&weight_name) {
-                    Some(weight) => FrozenWeight::Quantized(weight),
-                    None => FrozenWeight::Dense(take(weight_name)?),
+                    Some(weight) => {
+                        check_shape(
+                            &weight_name,
+                            weight.shape().dims(),
+                            &[out_features, in_features],
+                        )?;
+                        FrozenWeight::Quantized(weight)
+                    }
+                    None => FrozenWeight::Dense(take(weight_name, &[out_features, in_features])?),
                 };
                 Ok(LoraLinear::new(weight, bias))
             };
@@ -246,26 +266,33 @@ impl Llama {
             };
             blocks.push(Block {
                 input_layernorm: RmsNorm {
-                    weight: take(format!("{prefix}.input_layernorm.weight"))?,
+                    weight: take(format!("{prefix}.input_layernorm.weight"), &[hidden])?,
                     eps,
                 },
                 attention,
                 post_attention_layernorm: RmsNorm {
-                    weight: take(format!("{prefix}.post_attention_layernorm.weight"))?,
+                    weight: take(
+                        format!("{prefix}.post_attention_layernorm.weight"),
+                        &[hidden],
+                    )?,
                     eps,
                 },
                 mlp,
             });
         }
         let norm = RmsNorm {
-            weight: take("model.norm.weight".into())?,
+            weight: take("model.norm.weight".into(), &[hidden])?,
             eps,
         };
         let head = if config.tie_word_embeddings {
             None
         } else {
-            Some(FrozenWeight::Dense(take("lm_head.weight".into())?))
+            Some(FrozenWeight::Dense(take(
+                "lm_head.weight".into(),
+                &[vocab, hidden],
+            )?))
         };
+        check_leftovers(&config, weights.keys().chain(quantized.keys()))?;
         let rope = Rope::new(&config, device)?;
         Ok(Self {
             config,
@@ -351,6 +378,9 @@ impl Llama {
     /// Replaces the attached adapter with `adapter` (a PEFT adapter of layout `lora`): switching
     /// between adapters held in memory costs a copy of their factors.
     pub fn set_adapter(&mut self, lora: &LoraSpec, adapter: &Adapter) -> Result<()> {
+        // Checked before anything is allocated for the spec's ranks: a config naming a rank its
+        // tensors do not have is refused here, not by a failed allocation.
+        adapter.validate(&adapter_spec(&self.config.dims(), lora)?)?;
         self.attach_lora(lora, 0)?;
         self.load_adapter(adapter)
     }
@@ -1175,6 +1205,64 @@ impl MergedTensor<'_> {
             MergedSource::Head(head) => head.dequantize()?,
         })
     }
+}
+
+/// Refuses a weight whose shape is not the one the model's config implies.
+fn check_shape(name: &str, found: &[usize], expected: &[usize]) -> Result<()> {
+    if found == expected {
+        return Ok(());
+    }
+    Err(ClientError::WeightShape {
+        name: name.to_string(),
+        found: found.to_vec(),
+        expected: expected.to_vec(),
+    })
+}
+
+/// What is left of a checkpoint once the model has taken its weights: rotary tables some
+/// converters saved (recomputed here), a tied model's saved output head (the embedding is used,
+/// as transformers ties it), and anything else, which is logged. Layers past the config's
+/// `num_hidden_layers` are refused: the model would silently lose them.
+fn check_leftovers<'a>(
+    config: &LlamaConfig,
+    names: impl Iterator<Item = &'a String>,
+) -> Result<()> {
+    let mut unused = Vec::new();
+    for name in names {
+        let layer = name
+            .strip_prefix("model.layers.")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|layer| layer.parse::<usize>().ok());
+        if let Some(layer) = layer
+            && layer >= config.num_hidden_layers
+        {
+            return Err(ClientError::Unsupported(format!(
+                "the weights hold layer {layer} ({name}), but the config names {} layers \
+                 (num_hidden_layers): the config and the weights do not belong together",
+                config.num_hidden_layers
+            )));
+        }
+        if name.ends_with("rotary_emb.inv_freq") {
+            continue;
+        }
+        if name == "lm_head.weight" && config.tie_word_embeddings {
+            tracing::warn!(
+                "the checkpoint has an lm_head.weight, but its config ties the output head to the \
+                 embedding (tie_word_embeddings): the embedding is used, as transformers does"
+            );
+            continue;
+        }
+        unused.push(name.as_str());
+    }
+    if !unused.is_empty() {
+        unused.sort_unstable();
+        tracing::warn!(
+            count = unused.len(),
+            first = unused[0],
+            "weights the model does not use"
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

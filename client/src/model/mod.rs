@@ -558,6 +558,62 @@ mod tests {
         assert!(message.contains("model.safetensors"), "{message}");
     }
 
+    /// A config.json that does not belong with its weights is refused naming what disagrees:
+    /// a size (the tensor and both shapes), fewer layers than the weights hold, sizes past any
+    /// real model's (before anything is allocated from them); an adapter whose config names a
+    /// rank its tensors do not have is refused before factors of that rank are made.
+    #[test]
+    fn configs_that_disagree_with_their_weights_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_model(dir.path(), &TinyModelSpec::default()).unwrap();
+        let config_file = dir.path().join("config.json");
+        let original = std::fs::read_to_string(&config_file).unwrap();
+        let error = |key: &str, value: serde_json::Value| {
+            let mut config: serde_json::Value = serde_json::from_str(&original).unwrap();
+            config[key] = value;
+            std::fs::write(&config_file, config.to_string()).unwrap();
+            let error = BaseModel::load(dir.path(), &Device::Cpu).err().unwrap();
+            std::fs::write(&config_file, &original).unwrap();
+            error.to_string()
+        };
+        let message = error("intermediate_size", serde_json::json!(192));
+        assert!(
+            message.contains("model.layers.0.mlp.gate_proj.weight")
+                && message.contains("[176, 64]")
+                && message.contains("[192, 64]"),
+            "{message}"
+        );
+        let message = error("num_hidden_layers", serde_json::json!(1));
+        assert!(
+            message.contains("layer 1") && message.contains("num_hidden_layers"),
+            "{message}"
+        );
+        let message = error("num_hidden_layers", serde_json::json!(1_000_000_000_000u64));
+        assert!(
+            message.contains("num_hidden_layers 1000000000000 is outside"),
+            "{message}"
+        );
+        let message = error("vocab_size", serde_json::json!(0));
+        assert!(message.contains("vocab_size 0 is outside"), "{message}");
+        let message = error("rms_norm_eps", serde_json::json!(-1e-5));
+        assert!(message.contains("rms_norm_eps"), "{message}");
+
+        let mut base = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
+        let lora = fedlora_proto::adapter::LoraSpec::new(4, 8.0, &["q_proj"]);
+        base.model.attach_lora(&lora, 1).unwrap();
+        let adapter = base.model.export_adapter().unwrap();
+        let huge = fedlora_proto::adapter::LoraSpec {
+            rank: 1 << 40,
+            ..lora
+        };
+        let message = base
+            .model
+            .set_adapter(&huge, &adapter)
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("lora_A"), "{message}");
+    }
+
     /// Generation stops on every end-of-sequence id of config.json and generation_config.json
     /// (Llama 3.1 Instruct lists three there).
     #[test]

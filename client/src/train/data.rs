@@ -142,6 +142,14 @@ impl SiteData {
         let bytes = std::fs::read(path).map_err(ClientError::io(path))?;
         // A byte-order mark (some editors write one) is not part of the first line's JSON.
         let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+        if bytes.starts_with(b"\xFF\xFE") || bytes.starts_with(b"\xFE\xFF") {
+            return Err(ClientError::Data {
+                path: path.to_path_buf(),
+                line: 1,
+                message: "the file is UTF-16 text (a byte-order mark says so); save it as UTF-8"
+                    .into(),
+            });
+        }
         let closed = template.closes(tokenizer);
         let mut examples = Vec::new();
         for (index, line) in bytes.split(|&byte| byte == b'\n').enumerate() {
@@ -155,8 +163,8 @@ impl SiteData {
             if line.trim().is_empty() {
                 continue;
             }
-            let value: serde_json::Value =
-                serde_json::from_str(line).map_err(|error| data_error(error.to_string()))?;
+            let value: serde_json::Value = serde_json::from_str(line)
+                .map_err(|error| data_error(json_error(&error, index, line)))?;
             let field = |name: &str| value.get(name).and_then(serde_json::Value::as_str);
             if value
                 .get("input")
@@ -212,11 +220,8 @@ impl SiteData {
 
     /// Reads CSV with a header row; each non-empty value of `column` is a document.
     pub fn from_csv(path: &Path, column: &str, tokenizer: &Tokenizer) -> Result<Self> {
-        let mut reader = csv::Reader::from_path(path).map_err(|error| ClientError::Data {
-            path: path.to_path_buf(),
-            line: 1,
-            message: error.to_string(),
-        })?;
+        let file = std::fs::File::open(path).map_err(ClientError::io(path))?;
+        let mut reader = csv::Reader::from_reader(file);
         let headers = reader.headers().map_err(|error| ClientError::Data {
             path: path.to_path_buf(),
             line: 1,
@@ -283,7 +288,8 @@ impl SiteData {
     pub fn check_split(&self, path: &Path) -> Result<()> {
         if self.train.is_empty() || self.heldout.is_empty() {
             return Err(ClientError::NotEnoughData(format!(
-                "{} has {} documents; at least 10 are needed (every tenth is held out)",
+                "{} has {} examples; at least 10 are needed (every tenth is held out; blank \
+                 documents, and blank cells of a CSV file's text column, do not count)",
                 path.display(),
                 self.train.len() + self.heldout.len()
             )));
@@ -291,10 +297,73 @@ impl SiteData {
         Ok(())
     }
 
+    /// Refuses token ids the model has no embedding for (`vocab` rows): a tokenizer with tokens
+    /// added after the checkpoint's embeddings were sized. Caught here, when the data is read,
+    /// and not by the first step's embedding lookup, whose error names neither file. The error
+    /// counts them and names the first example (in the file's order, blank records not counted);
+    /// no id or text is printed.
+    pub fn check_vocab(&self, path: &Path, vocab: usize) -> Result<()> {
+        let outside = |ids: &[u32]| ids.iter().filter(|&&id| id as usize >= vocab).count();
+        let tokens = |example: &Example| match example {
+            Example::Text(ids) => outside(ids),
+            Example::Supervised {
+                prompt, response, ..
+            } => outside(prompt) + outside(response),
+        };
+        // The file's order: every tenth example is held out, the nine before it train.
+        let train = self
+            .train
+            .iter()
+            .enumerate()
+            .map(|(index, example)| (index + index / (HELDOUT_EVERY - 1), example));
+        let heldout = self
+            .heldout
+            .iter()
+            .enumerate()
+            .map(|(index, example)| (index * HELDOUT_EVERY + HELDOUT_EVERY - 1, example));
+        let (mut count, mut examples, mut first) = (0, 0, usize::MAX);
+        for (position, example) in train.chain(heldout) {
+            let found = tokens(example);
+            if found > 0 {
+                count += found;
+                examples += 1;
+                first = first.min(position);
+            }
+        }
+        if count == 0 {
+            return Ok(());
+        }
+        Err(ClientError::Tokenizer(format!(
+            "{}: {count} tokens in {examples} examples (the first is example {}) have ids beyond \
+             the model's {vocab} embeddings: the tokenizer has tokens the checkpoint has no \
+             embedding for (tokens added to tokenizer.json without resizing the model?)",
+            path.display(),
+            first + 1
+        )))
+    }
+
     /// Number of training examples: the count reported to the coordinator.
     pub fn num_examples(&self) -> usize {
         self.train.len()
     }
+}
+
+/// A JSONL line's parse error, without serde_json's own position (always line 1 of the line),
+/// with a hint for the usual wrong inputs: a JSON array of examples, pretty-printed objects.
+fn json_error(error: &serde_json::Error, index: usize, line: &str) -> String {
+    let text = error.to_string();
+    let reason = text
+        .rsplit_once(" at line ")
+        .map_or(text.as_str(), |(reason, _)| reason);
+    let hint = if index == 0 && line.trim_start().starts_with('[') {
+        " (the file looks like one JSON array; JSONL holds one object per line: \
+         `jq -c '.[]' data.json > data.jsonl` converts it)"
+    } else if error.is_eof() {
+        " (each line must hold one whole JSON object: pretty-printed JSON is not JSONL)"
+    } else {
+        ""
+    };
+    format!("invalid JSON at column {}: {reason}{hint}", error.column())
 }
 
 /// Windows of at most `seq_len + 1` tokens: text documents packed (see [`pack_windows`]), each
@@ -674,6 +743,31 @@ mod tests {
         assert_eq!(data.train, [Example::Text(vec![1, 100, 101])]);
     }
 
+    /// Token ids past the model's embeddings are refused when the data is read, counted, with
+    /// the first example named in the file's order.
+    #[test]
+    fn ids_beyond_the_embeddings_are_refused() {
+        let mut examples: Vec<Example> = (0..20).map(|index| Example::Text(vec![index])).collect();
+        let data = SiteData::split(examples.clone());
+        data.check_vocab(Path::new("notes.jsonl"), 20).unwrap();
+        examples[12] = Example::Supervised {
+            prompt: vec![1, 25],
+            response: vec![30],
+            closed: false,
+        };
+        examples[19] = Example::Text(vec![40]);
+        let data = SiteData::split(examples);
+        let error = data
+            .check_vocab(Path::new("notes.jsonl"), 20)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("notes.jsonl: 3 tokens in 2 examples (the first is example 13)")
+                && error.contains("20 embeddings"),
+            "{error}"
+        );
+    }
+
     #[test]
     fn every_tenth_example_is_held_out() {
         let examples: Vec<Example> = (0..25).map(|index| Example::Text(vec![index])).collect();
@@ -747,6 +841,23 @@ mod tests {
             error.contains("line 2") && error.contains("not UTF-8"),
             "{error}"
         );
+        // serde_json's own position (always line 1 of a line) is left out; the usual wrong
+        // inputs get a hint.
+        let error = refused(b"{\"text\": \"ok\"}\n{\"text\": \"ok\" \"more\"}\n");
+        assert!(
+            error.contains("line 2: invalid JSON at column 15: expected `,` or `}`")
+                && !error.contains("at line 1"),
+            "{error}"
+        );
+        let error = refused(b"[\n  {\"text\": \"ok\"}\n]\n");
+        assert!(
+            error.contains("line 1") && error.contains("jq -c"),
+            "{error}"
+        );
+        let error = refused(b"{\n  \"text\": \"ok\"\n}\n");
+        assert!(error.contains("pretty-printed"), "{error}");
+        let error = refused(b"\xff\xfe{\x00}\x00");
+        assert!(error.contains("UTF-16"), "{error}");
         let error = refused(b"{\"instruction\": \"a\", \"input\": 3, \"output\": \"b\"}\n");
         assert!(
             error.contains("line 1") && error.contains("\"input\" must be a string"),

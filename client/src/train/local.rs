@@ -13,11 +13,13 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::data::{SiteData, Window, make_windows, trained_examples};
+use super::machine::Machine;
 use super::optim::{AdamW, saved_steps};
 use super::{EvalReport, TrainConfig, TrainReport, evaluate_heldout, train_resumable};
 use crate::error::{ClientError, Result};
 use crate::model::peft::{
-    peft_weights, read_peft_adapter, sync_dir, write_peft_adapter, write_whole,
+    peft_weights, read_peft_adapter, read_peft_adapter_fingerprinted, sync_dir, write_peft_adapter,
+    write_whole,
 };
 use crate::model::{BaseModel, BasePrecision, Llama, fingerprint};
 
@@ -95,6 +97,10 @@ pub enum LocalEvent<'a> {
     },
     /// A checkpoint, or (at the last step) the final adapter, was written.
     Saved { step: usize, dir: &'a Path },
+    /// A resumed run: steps before it ran on another machine or build, or with another thread
+    /// count (what differs here, one phrase each). The run continues, but its adapter can differ
+    /// in the last bits from an uninterrupted run's. Comes before the model loads.
+    ResumedElsewhere { differences: &'a [String] },
 }
 
 /// What a finished run did.
@@ -139,6 +145,9 @@ struct RunRecord {
     init_adapter_sha256: String,
     /// Filled in once the data is read, before the file is written.
     data: Option<TrainedOn>,
+    /// Where the run started (filled in with `data`; absent in files of earlier releases).
+    #[serde(default)]
+    machine: Option<Machine>,
 }
 
 /// What a run trains on: its training windows and the steps they make.
@@ -156,6 +165,10 @@ struct CheckpointState {
     step: usize,
     #[serde(flatten)]
     data: TrainedOn,
+    /// The machines the steps up to this one ran on (one, unless the run was resumed
+    /// elsewhere; absent in files of earlier releases).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    machines: Vec<Machine>,
 }
 
 /// Runs `job`: loads the model (with `job.base`'s precision) and data (every tenth document held
@@ -186,11 +199,9 @@ pub fn train_locally(
             ..job.clone()
         },
         model_sha256: fingerprint(&job.model)?,
-        init_adapter_sha256: match &job.start {
-            Start::Adapter(dir) => adapter_fingerprint(dir)?,
-            Start::Fresh(_) => String::new(),
-        },
+        init_adapter_sha256: String::new(),
         data: None,
+        machine: None,
     };
     run(&record, &job.out, Resume::No, stop, observe)
 }
@@ -331,6 +342,7 @@ fn run(
         Resume::From(checkpoint) => (true, Some(checkpoint)),
     };
     // Before the model: an adapter or optimizer state that cannot be read fails at once.
+    let mut init_adapter_sha256 = String::new();
     let (lora, adapter, optimizer) = match (&resume, &job.start) {
         (Some(checkpoint), _) => {
             let (lora, adapter) = read_peft_adapter(&checkpoint.dir)?;
@@ -346,29 +358,62 @@ fn run(
                     checkpoint.state.step
                 )));
             }
-            (lora, Some(adapter), Some(optimizer))
+            (
+                lora,
+                Some((adapter, checkpoint.dir.clone())),
+                Some(optimizer),
+            )
         }
         (None, Start::Fresh(lora)) => (lora.clone(), None, None),
         (None, Start::Adapter(dir)) => {
-            if resumed && record.init_adapter_sha256 != adapter_fingerprint(dir)? {
+            let (lora, adapter, sha256) = read_peft_adapter_fingerprinted(dir)?;
+            if resumed && record.init_adapter_sha256 != sha256 {
                 return Err(ClientError::InvalidArgument(format!(
                     "the adapter {} the run in {} started from changed since",
                     dir.display(),
                     out.display()
                 )));
             }
-            let (lora, adapter) = read_peft_adapter(dir)?;
-            (lora, Some(adapter), None)
+            init_adapter_sha256 = sha256;
+            (lora, Some((adapter, dir.clone())), None)
         }
     };
     let device = crate::model::default_device();
+    let here = Machine::current(&device);
+    // The machines of the steps already run: a checkpoint's, or the start's.
+    let mut machines = match &resume {
+        Some(checkpoint) => checkpoint.state.machines.clone(),
+        None => record.machine.iter().cloned().collect(),
+    };
+    let mut differences: Vec<String> = Vec::new();
+    for earlier in machines.iter().filter(|machine| **machine != here) {
+        for difference in here.differences(earlier) {
+            if !differences.contains(&difference) {
+                differences.push(difference);
+            }
+        }
+    }
+    if !differences.is_empty() {
+        observe(LocalEvent::ResumedElsewhere {
+            differences: &differences,
+        });
+    }
+    if !machines.contains(&here) {
+        machines.push(here.clone());
+    }
     let mut base = BaseModel::load_as(&job.model, &device, job.base)?;
     let template = base.prompt_template();
     let data = SiteData::load(&job.data, &base.tokenizer, &template, &job.text_column)?;
     data.check_split(&job.data)?;
+    data.check_vocab(&job.data, base.model.config().vocab_size)?;
     match adapter {
         None => base.model.attach_lora(&lora, job.config.seed)?,
-        Some(adapter) => base.model.set_adapter(&lora, &adapter)?,
+        Some((adapter, dir)) => base.model.set_adapter(&lora, &adapter).map_err(|error| {
+            ClientError::InvalidArgument(format!(
+                "the adapter in {} does not fit the model: {error}",
+                dir.display()
+            ))
+        })?,
     }
     let stopped_before = || {
         stop.load(Ordering::Relaxed).then(|| {
@@ -429,7 +474,9 @@ fn run(
         None if resumed => 0,
         None => {
             let record = RunRecord {
+                init_adapter_sha256,
                 data: Some(data_now.clone()),
+                machine: Some(here.clone()),
                 ..record.clone()
             };
             let json = serde_json::to_string_pretty(&record)
@@ -467,6 +514,7 @@ fn run(
             format: FORMAT,
             step,
             data: data_now.clone(),
+            machines: machines.clone(),
         };
         let json = serde_json::to_string_pretty(&state)
             .map_err(|error| ClientError::Protocol(error.to_string()))?;
@@ -539,18 +587,6 @@ fn run(
         before,
         after,
     })
-}
-
-/// sha256 over a PEFT adapter directory's config and weights.
-fn adapter_fingerprint(dir: &Path) -> Result<String> {
-    let mut hasher = Sha256::new();
-    for name in ["adapter_config.json", "adapter_model.safetensors"] {
-        let path = dir.join(name);
-        let bytes = std::fs::read(&path).map_err(ClientError::io(&path))?;
-        hasher.update((bytes.len() as u64).to_le_bytes());
-        hasher.update(&bytes);
-    }
-    Ok(hex::encode(hasher.finalize()))
 }
 
 /// Whether `out` holds a run `resume_locally` can continue (its settings were written).
@@ -768,6 +804,7 @@ mod tests {
                 saved.push((step, dir.to_path_buf()));
                 log.push(format!("saved {step}"));
             }
+            LocalEvent::ResumedElsewhere { differences } => panic!("{differences:?}"),
         })
         .unwrap();
         assert_eq!(
@@ -910,18 +947,18 @@ mod tests {
         assert!(matches!(error, ClientError::Interrupted(_)), "{error}");
     }
 
-    /// Resumes the run in `out`; returns the step it started after and the adapter's bytes.
+    /// Resumes the run in `out` (on the machine it ran on); returns the step it started after
+    /// and the adapter's bytes.
     fn resume(out: &Path) -> (usize, Vec<u8>) {
         let (mut ready, mut steps) = (None, 0);
-        let report = resume_locally(out, &AtomicBool::new(false), &mut |event| {
-            if let LocalEvent::Ready {
+        let report = resume_locally(out, &AtomicBool::new(false), &mut |event| match event {
+            LocalEvent::Ready {
                 first_step,
                 steps: planned,
                 ..
-            } = event
-            {
-                (ready, steps) = (Some(first_step), planned);
-            }
+            } => (ready, steps) = (Some(first_step), planned),
+            LocalEvent::ResumedElsewhere { differences } => panic!("{differences:?}"),
+            _ => {}
         })
         .unwrap();
         assert_eq!(ready, Some(report.first_step));
@@ -992,6 +1029,40 @@ mod tests {
         train_locally(&restarted, &AtomicBool::new(false), &mut never).unwrap();
         let other = std::fs::read(restarted.out.join("adapter_model.safetensors")).unwrap();
         assert_ne!(other, expected);
+    }
+
+    /// Steps run on another machine are named when the run resumes, and it continues; the
+    /// checkpoints it writes then list both machines.
+    #[test]
+    fn a_run_resumed_on_another_machine_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = into(&stateful(dir.path()), "moved");
+        stop_after(&job, 4);
+        let state_file = job.out.join("checkpoint-4").join(STATE_FILE);
+        let mut state: CheckpointState =
+            serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap();
+        let here = Machine::current(&candle_core::Device::Cpu);
+        assert_eq!(state.machines, std::slice::from_ref(&here));
+        let elsewhere = Machine {
+            cpu: "Another CPU".into(),
+            ..here.clone()
+        };
+        state.machines = vec![elsewhere.clone()];
+        std::fs::write(&state_file, serde_json::to_vec(&state).unwrap()).unwrap();
+
+        let mut named = Vec::new();
+        let report = resume_locally(&job.out, &AtomicBool::new(false), &mut |event| {
+            if let LocalEvent::ResumedElsewhere { differences } = event {
+                named.extend_from_slice(differences);
+            }
+        })
+        .unwrap();
+        assert_eq!(report.first_step, 4);
+        assert_eq!(named, [format!("CPU {}, not Another CPU", here.cpu)]);
+        let later = job.out.join("checkpoint-6").join(STATE_FILE);
+        let later: CheckpointState =
+            serde_json::from_slice(&std::fs::read(later).unwrap()).unwrap();
+        assert_eq!(later.machines, [elsewhere, here]);
     }
 
     /// Training only A, for a length in epochs, with evaluations between checkpoints: the

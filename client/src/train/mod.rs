@@ -4,6 +4,7 @@
 pub mod data;
 pub mod local;
 pub mod loss;
+pub mod machine;
 pub mod optim;
 
 use std::time::Instant;
