@@ -29,6 +29,7 @@ pub fn run(args: &TrainArgs, stop: &AtomicBool) -> Result<()> {
             train_windows,
             heldout_windows,
             skipped_examples,
+            cut_examples,
             steps,
             first_step,
             seq_len,
@@ -51,6 +52,13 @@ pub fn run(args: &TrainArgs, stop: &AtomicBool) -> Result<()> {
                     "{skipped_examples} training examples teach nothing at --seq-len {seq_len} \
                      and are skipped: instruction examples whose prompt fills it, documents \
                      wholly in the packed stream's tail"
+                ));
+            }
+            if cut_examples > 0 {
+                say(&format!(
+                    "{cut_examples} training instruction examples are longer than --seq-len \
+                     {seq_len} and are cut: the model does not learn where those answers end \
+                     (a longer --seq-len keeps them whole)"
                 ));
             }
         }

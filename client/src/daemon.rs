@@ -27,7 +27,7 @@ use crate::error::{ClientError, Result};
 pub use crate::model::BasePrecision;
 use crate::model::peft::{peft_weights, write_peft_adapter};
 use crate::model::{BaseModel, Llama, fingerprint};
-use crate::train::data::{SiteData, make_windows, trained_examples};
+use crate::train::data::{SiteData, cut_examples, make_windows, trained_examples};
 use crate::train::{TrainConfig, TrainedFactors, evaluate_heldout, train};
 
 /// How the daemon reaches the coordinator.
@@ -529,6 +529,15 @@ async fn run_task(
             "examples that teach nothing at the task's sequence length are skipped and carry no \
              FedAvg weight: instruction examples whose prompt fills it, documents wholly in the \
              packed stream's tail past the last full window"
+        );
+    }
+    let cut = cut_examples(&site.data.train, site.eos, seq_len);
+    if cut > 0 {
+        tracing::warn!(
+            cut,
+            seq_len,
+            "instruction examples longer than the task's sequence length are cut: the model does \
+             not learn where those answers end (the federation's --seq-len keeps them whole)"
         );
     }
     let round_id = task.round_id;

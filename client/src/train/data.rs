@@ -410,6 +410,27 @@ fn supervised_window(example: &Example, eos: u32, seq_len: usize) -> Option<Wind
     })
 }
 
+/// How many instruction examples of `examples` are cut at `seq_len`: trained, but their
+/// response (with its end-of-sequence or end-of-turn token) does not fit the window, so the
+/// model does not learn where it ends. A count for a warning; [`make_windows`] cuts them.
+pub fn cut_examples(examples: &[Example], eos: u32, seq_len: usize) -> usize {
+    examples
+        .iter()
+        .filter(|example| match example {
+            Example::Supervised {
+                prompt,
+                response,
+                closed,
+            } => {
+                let ends_with_eos = *closed || response.last() == Some(&eos);
+                let length = prompt.len() + response.len() + usize::from(!ends_with_eos);
+                prompt.len() <= seq_len && length > seq_len + 1
+            }
+            Example::Text(_) => false,
+        })
+        .count()
+}
+
 /// How many of `examples` [`make_windows`] trains on at `seq_len`: the text documents with a
 /// counted target in some packed window (not those that fall wholly in the stream's tail past
 /// the last full window, nor a document that is only an EOS token, whose one target is not
@@ -766,6 +787,48 @@ mod tests {
                 && error.contains("20 embeddings"),
             "{error}"
         );
+    }
+
+    /// An instruction example is counted as cut exactly where its window holds fewer tokens
+    /// than prompt, response and EOS: not where it fits, nor where its prompt fills the window
+    /// (then it is skipped, not trained).
+    #[test]
+    fn cut_examples_are_those_whose_window_loses_tokens() {
+        let eos = 2;
+        let example = |prompt: usize, response: usize, closed: bool| Example::Supervised {
+            prompt: vec![5; prompt],
+            response: vec![6; response],
+            closed,
+        };
+        let seq_len = 8;
+        let cases = [
+            (example(3, 5, false), false), // 3 + 5 + EOS = 9 = seq_len + 1: fits
+            (example(3, 6, false), true),  // 10 tokens: the EOS is cut
+            (example(3, 6, true), false),  // closed: no EOS appended, 9 tokens
+            (example(8, 4, false), true),  // one response token trained, the rest cut
+            (example(9, 4, false), false), // the prompt fills the window: skipped
+            (Example::Text(vec![7; 40]), false),
+        ];
+        for (index, (example, cut)) in cases.iter().enumerate() {
+            let examples = std::slice::from_ref(example);
+            assert_eq!(
+                cut_examples(examples, eos, seq_len),
+                usize::from(*cut),
+                "case {index}"
+            );
+            if let (
+                Some(window),
+                Example::Supervised {
+                    prompt,
+                    response,
+                    closed,
+                },
+            ) = (supervised_window(example, eos, seq_len), example)
+            {
+                let whole = prompt.len() + response.len() + usize::from(!closed);
+                assert_eq!(window.tokens.len() < whole, *cut, "case {index}");
+            }
+        }
     }
 
     #[test]

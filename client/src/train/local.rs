@@ -12,7 +12,7 @@ use fedlora_proto::adapter::LoraSpec;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::data::{SiteData, Window, make_windows, trained_examples};
+use super::data::{SiteData, Window, cut_examples, make_windows, trained_examples};
 use super::machine::Machine;
 use super::optim::{AdamW, saved_steps};
 use super::{EvalReport, TrainConfig, TrainReport, evaluate_heldout, train_resumable};
@@ -78,6 +78,9 @@ pub enum LocalEvent<'a> {
         train_windows: usize,
         heldout_windows: usize,
         skipped_examples: usize,
+        /// Training instruction examples whose response is cut at the sequence length (with
+        /// its end-of-sequence token: the model does not learn where those answers end).
+        cut_examples: usize,
         steps: usize,
         first_step: usize,
         seq_len: usize,
@@ -489,6 +492,7 @@ fn run(
         train_windows: windows.len(),
         heldout_windows: heldout.len(),
         skipped_examples: data.train.len() - trained_examples(&data.train, eos, seq_len),
+        cut_examples: cut_examples(&data.train, eos, seq_len),
         steps,
         first_step,
         seq_len,
