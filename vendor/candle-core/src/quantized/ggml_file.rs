@@ -123,13 +123,26 @@ fn from_raw_data<T: super::GgmlType + Send + Sync + 'static>(
     dims: Vec<usize>,
     device: &Device,
 ) -> Result<super::QTensor> {
-    let raw_data_ptr = raw_data.as_ptr();
     let n_blocks = size_in_bytes / std::mem::size_of::<T>();
-    let data = unsafe { std::slice::from_raw_parts(raw_data_ptr as *const T, n_blocks) };
+    let bytes = n_blocks * std::mem::size_of::<T>();
+    if raw_data.len() < bytes {
+        crate::bail!("{bytes} bytes of tensor data needed, {} given", raw_data.len())
+    }
+    // fedlora: copied into blocks of their own alignment. The release viewed the bytes as a
+    // `&[T]` in place, which is undefined behaviour where they are not aligned for `T` (an empty
+    // tensor's dangling pointer is 1; debug builds abort there).
+    let mut data = Vec::<T>::with_capacity(n_blocks);
+    // SAFETY: `raw_data` holds at least `bytes` bytes (checked above), `data` has room for
+    // `n_blocks` blocks of `T`, the two do not overlap, and every bit pattern is a valid `T`
+    // (floats, and GGML blocks of floats and integers).
+    unsafe {
+        std::ptr::copy_nonoverlapping(raw_data.as_ptr(), data.as_mut_ptr() as *mut u8, bytes);
+        data.set_len(n_blocks);
+    }
     let data: QStorage = match device {
-        Device::Cpu => QStorage::Cpu(Box::new(data.to_vec())),
-        Device::Metal(metal) => super::metal::load_quantized(metal, data)?,
-        Device::Cuda(cuda) => super::cuda::load_quantized(cuda, data)?,
+        Device::Cpu => QStorage::Cpu(Box::new(data)),
+        Device::Metal(metal) => super::metal::load_quantized(metal, &data)?,
+        Device::Cuda(cuda) => super::cuda::load_quantized(cuda, &data)?,
     };
     super::QTensor::new(data, dims)
 }
