@@ -292,7 +292,7 @@ impl Llama {
                 &[vocab, hidden],
             )?))
         };
-        check_leftovers(&config, weights.keys().chain(quantized.keys()))?;
+        check_leftovers(&config, weights.keys().chain(quantized.keys()));
         let rope = Rope::new(&config, device)?;
         Ok(Self {
             config,
@@ -1221,13 +1221,12 @@ fn check_shape(name: &str, found: &[usize], expected: &[usize]) -> Result<()> {
 
 /// What is left of a checkpoint once the model has taken its weights: rotary tables some
 /// converters saved (recomputed here), a tied model's saved output head (the embedding is used,
-/// as transformers ties it), and anything else, which is logged. Layers past the config's
-/// `num_hidden_layers` are refused: the model would silently lose them.
-fn check_leftovers<'a>(
-    config: &LlamaConfig,
-    names: impl Iterator<Item = &'a String>,
-) -> Result<()> {
+/// as transformers ties it), layers past the config's `num_hidden_layers` (a config cut short to
+/// try a model quickly, as transformers allows), and anything else: each logged, as a count, not
+/// refused.
+fn check_leftovers<'a>(config: &LlamaConfig, names: impl Iterator<Item = &'a String>) {
     let mut unused = Vec::new();
+    let mut layers_beyond = 0;
     for name in names {
         let layer = name
             .strip_prefix("model.layers.")
@@ -1236,11 +1235,8 @@ fn check_leftovers<'a>(
         if let Some(layer) = layer
             && layer >= config.num_hidden_layers
         {
-            return Err(ClientError::Unsupported(format!(
-                "the weights hold layer {layer} ({name}), but the config names {} layers \
-                 (num_hidden_layers): the config and the weights do not belong together",
-                config.num_hidden_layers
-            )));
+            layers_beyond = layers_beyond.max(layer + 1 - config.num_hidden_layers);
+            continue;
         }
         if name.ends_with("rotary_emb.inv_freq") {
             continue;
@@ -1254,6 +1250,14 @@ fn check_leftovers<'a>(
         }
         unused.push(name.as_str());
     }
+    if layers_beyond > 0 {
+        tracing::warn!(
+            used = config.num_hidden_layers,
+            unused = layers_beyond,
+            "the weights hold more layers than the config's num_hidden_layers: only the first \
+             are used"
+        );
+    }
     if !unused.is_empty() {
         unused.sort_unstable();
         tracing::warn!(
@@ -1262,7 +1266,6 @@ fn check_leftovers<'a>(
             "weights the model does not use"
         );
     }
-    Ok(())
 }
 
 #[cfg(test)]

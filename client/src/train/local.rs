@@ -148,7 +148,8 @@ struct RunRecord {
     init_adapter_sha256: String,
     /// Filled in once the data is read, before the file is written.
     data: Option<TrainedOn>,
-    /// Where the run started (filled in with `data`; absent in files of earlier releases).
+    /// Where the run started (filled in with `data`; absent in files of earlier releases). A
+    /// record: resuming compares the machines of the checkpoint it continues from.
     #[serde(default)]
     machine: Option<Machine>,
 }
@@ -383,11 +384,13 @@ fn run(
     };
     let device = crate::model::default_device();
     let here = Machine::current(&device);
-    // The machines of the steps already run: a checkpoint's, or the start's.
-    let mut machines = match &resume {
-        Some(checkpoint) => checkpoint.state.machines.clone(),
-        None => record.machine.iter().cloned().collect(),
-    };
+    // The machines of the steps this run continues from: a checkpoint's (none where it was
+    // written by a release that did not record them). A run resumed from the start reuses
+    // nothing computed before.
+    let mut machines = resume
+        .as_ref()
+        .map(|checkpoint| checkpoint.state.machines.clone())
+        .unwrap_or_default();
     let mut differences: Vec<String> = Vec::new();
     for earlier in machines.iter().filter(|machine| **machine != here) {
         for difference in here.differences(earlier) {
@@ -1045,7 +1048,7 @@ mod tests {
         let state_file = job.out.join("checkpoint-4").join(STATE_FILE);
         let mut state: CheckpointState =
             serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap();
-        let here = Machine::current(&candle_core::Device::Cpu);
+        let here = Machine::current(&crate::model::default_device());
         assert_eq!(state.machines, std::slice::from_ref(&here));
         let elsewhere = Machine {
             cpu: "Another CPU".into(),
