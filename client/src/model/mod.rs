@@ -69,7 +69,7 @@ impl BaseModel {
         let tokenizer_error = |error: tokenizers::Error| {
             ClientError::Tokenizer(format!("{}: {error}", tokenizer_path.display()))
         };
-        let mut tokenizer = Tokenizer::from_file(&tokenizer_path).map_err(tokenizer_error)?;
+        let mut tokenizer = read_tokenizer(&tokenizer_path)?;
         // A saved tokenizer.json may carry the truncation and padding of the session that saved
         // it; transformers' `tokenizer(text)` ignores them, and so must training here (they
         // would cut documents short and make pad tokens targets).
@@ -384,6 +384,16 @@ fn for_each_tensor(
     Ok(())
 }
 
+/// A `tokenizer.json`, parsed as JSON first: the tokenizers crate panics on some syntax errors
+/// (its decoder's untagged deserializer `expect`s), which from a parsed value cannot occur.
+fn read_tokenizer(path: &Path) -> Result<Tokenizer> {
+    let text = std::fs::read_to_string(path).map_err(ClientError::io(path))?;
+    let error = |message: String| ClientError::Tokenizer(format!("{}: {message}", path.display()));
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|json| error(format!("not valid JSON: {json}")))?;
+    serde_json::from_value(value).map_err(|tokenizer| error(tokenizer.to_string()))
+}
+
 fn is_gguf(path: &Path) -> bool {
     path.is_file()
         && path
@@ -686,6 +696,87 @@ mod tests {
             }
         }
         eprintln!("{applied} applied, {refused} refused");
+    }
+
+    /// Random corruptions of a model directory's JSON files (config, tokenizer, tokenizer
+    /// config with its chat template) and of a site's data are refused or loaded, never a panic:
+    /// 100 cases per run, or `FEDLORA_MODEL_DIR_CASES`.
+    #[test]
+    fn corrupted_model_directories_and_data_never_panic() {
+        use crate::chat::PromptTemplate;
+        use crate::train::data::{SiteData, make_windows};
+        use rand::{Rng, SeedableRng};
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_model(dir.path(), &TinyModelSpec::default()).unwrap();
+        let template = "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] | trim }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            serde_json::json!({ "chat_template": template, "eos_token": "</s>", "bos_token": "<s>" })
+                .to_string(),
+        )
+        .unwrap();
+        let data = dir.path().join("data.jsonl");
+        let lines: Vec<String> = (0..30)
+            .map(|i| {
+                if i % 2 == 0 {
+                    serde_json::json!({ "text": format!("note {i}: stable, discharged") })
+                } else {
+                    serde_json::json!({ "instruction": "Summarise", "input": format!("case {i}"), "output": "ok" })
+                }
+                .to_string()
+            })
+            .collect();
+        std::fs::write(&data, lines.join("\n")).unwrap();
+        let files: Vec<(PathBuf, Vec<u8>)> = [
+            "config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "data.jsonl",
+        ]
+        .iter()
+        .map(|name| {
+            let path = dir.path().join(name);
+            let bytes = std::fs::read(&path).unwrap();
+            (path, bytes)
+        })
+        .collect();
+        let cases: usize = std::env::var("FEDLORA_MODEL_DIR_CASES")
+            .ok()
+            .and_then(|cases| cases.parse().ok())
+            .unwrap_or(100);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let (mut loaded, mut refused) = (0, 0);
+        for case in 0..cases {
+            let (path, bytes) = &files[rng.random_range(0..files.len())];
+            let mut corrupt = bytes.clone();
+            for _ in 0..rng.random_range(1..=3) {
+                let at = rng.random_range(0..corrupt.len());
+                corrupt[at] = match rng.random_range(0..5) {
+                    0 => b'9',
+                    1 => b'"',
+                    2 => b'{',
+                    3 => corrupt[at] ^ (1 << rng.random_range(0..8)),
+                    _ => rng.random(),
+                };
+            }
+            std::fs::write(path, &corrupt).unwrap();
+            let result = std::panic::catch_unwind(|| -> Result<()> {
+                let base = BaseModel::load(dir.path(), &Device::Cpu)?;
+                let template: PromptTemplate = base.prompt_template();
+                let site = SiteData::load(&data, &base.tokenizer, &template, "text")?;
+                site.check_vocab(&data, base.model.config().vocab_size)?;
+                let windows = make_windows(&site.train, base.eos_token_id, 16);
+                crate::train::evaluate_heldout(&base.model, &windows, 4, 2)?;
+                Ok(())
+            });
+            std::fs::write(path, bytes).unwrap();
+            match result {
+                Ok(Ok(())) => loaded += 1,
+                Ok(Err(_)) => refused += 1,
+                Err(_) => panic!("case {case} panicked ({})", path.display()),
+            }
+        }
+        eprintln!("{loaded} loaded, {refused} refused");
     }
 
     /// Generation stops on every end-of-sequence id of config.json and generation_config.json
