@@ -325,6 +325,7 @@ async fn session(
     summary.client_id = joined.client_id.clone();
     // Before taking a task, so that no round waits for a site that cannot train.
     if joined.seq_len > 0 {
+        fits_context(&site.model, joined.seq_len as usize)?;
         trainable_examples(site, joined.seq_len as usize)?;
     }
     *backoff = INITIAL_BACKOFF;
@@ -449,6 +450,7 @@ async fn run_task(
     site.hold(start);
 
     let seq_len = params.seq_len.max(2) as usize;
+    fits_context(&site.model, seq_len)?;
     let batch_size = params.batch_size.max(1) as usize;
     let heldout = Arc::new(make_windows(&site.data.heldout, site.eos, seq_len));
     let max_eval_windows = config.max_eval_windows;
@@ -618,6 +620,20 @@ async fn run_task(
     Ok(())
 }
 
+/// Refuses a federation's sequence length longer than this site's model runs: every window
+/// would fail at its first forward pass, after the task was taken.
+fn fits_context(model: &Llama, seq_len: usize) -> Result<()> {
+    let limit = model.max_sequence_len();
+    if seq_len > limit {
+        return Err(ClientError::Unsupported(format!(
+            "the federation's sequence length of {seq_len} tokens is longer than this site's \
+             model runs ({limit}: its max_position_embeddings, or sliding window); the \
+             federation's operator sets the length (`fedlora serve --seq-len`)"
+        )));
+    }
+    Ok(())
+}
+
 /// How many training examples the windows at `seq_len` teach ([`trained_examples`]: none
 /// exactly when there is no window), or the error that says why none does: every instruction
 /// prompt fills the window. The federation's settings or the site's data must then change, by
@@ -735,4 +751,26 @@ fn save_copy(
 /// Directory holding the copy of the adapter sent in `round_id`.
 pub fn sent_adapter_dir(state_dir: &Path, round_id: u64) -> PathBuf {
     state_dir.join(format!("round-{round_id}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+    use crate::tiny::{TinyModelSpec, write_tiny_model};
+
+    /// A federation's sequence length past what the site's model runs stops the daemon with an
+    /// error that says who sets it, before it takes a task.
+    #[test]
+    fn a_sequence_longer_than_the_model_runs_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_model(dir.path(), &TinyModelSpec::default()).unwrap();
+        let base = BaseModel::load(dir.path(), &candle_core::Device::Cpu).unwrap();
+        fits_context(&base.model, 256).unwrap();
+        let error = fits_context(&base.model, 257).unwrap_err().to_string();
+        assert!(
+            error.contains("257 tokens") && error.contains("(256") && error.contains("--seq-len"),
+            "{error}"
+        );
+    }
 }

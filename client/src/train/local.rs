@@ -408,6 +408,14 @@ fn run(
         machines.push(here.clone());
     }
     let mut base = BaseModel::load_as(&job.model, &device, job.base)?;
+    let limit = base.model.max_sequence_len();
+    if job.config.seq_len > limit {
+        return Err(ClientError::InvalidArgument(format!(
+            "--seq-len {} is longer than the model runs ({limit} tokens: its \
+             max_position_embeddings, or sliding window)",
+            job.config.seq_len
+        )));
+    }
     let template = base.prompt_template();
     let data = SiteData::load(&job.data, &base.tokenizer, &template, &job.text_column)?;
     data.check_split(&job.data)?;
@@ -1266,5 +1274,22 @@ mod tests {
         // With good settings, the missing model is what fails.
         let error = train_locally(&missing, &AtomicBool::new(false), &mut never).unwrap_err();
         assert!(error.to_string().contains("no-such-model"), "{error}");
+
+        // Once the model is loaded: a sequence longer than it runs (the tiny model: 256).
+        let long = job(dir.path());
+        let long = LocalTraining {
+            config: TrainConfig {
+                seq_len: 257,
+                ..long.config.clone()
+            },
+            ..long
+        };
+        let error = train_locally(&long, &AtomicBool::new(false), &mut never).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("--seq-len 257 is longer than the model runs (256"),
+            "{error}"
+        );
     }
 }
