@@ -352,10 +352,17 @@ fn without_generation_tags(source: &str) -> Result<String> {
         .into_owned())
 }
 
+/// What one render may spend (minijinja's fuel: about one per instruction, and one per 64 bytes
+/// it allocates, so at most about 300 MB).
+const TEMPLATE_FUEL: u64 = 5_000_000;
+
 /// The environment transformers renders chat templates in: blocks trimmed and left-stripped,
 /// Python's string methods, `raise_exception`, and `strftime_now`.
 fn environment() -> Environment<'static> {
     let mut environment = Environment::new();
+    // A render of one example costs thousands; a template that loops (or builds strings) far
+    // past that is refused with minijinja's out-of-fuel error instead of hanging the site.
+    environment.set_fuel(Some(TEMPLATE_FUEL));
     if let Ok(syntax) = minijinja::syntax::SyntaxConfig::builder()
         .trim_blocks(true)
         .lstrip_blocks(true)
@@ -673,6 +680,18 @@ mod tests {
         let (template, refused) = usable(ChatTemplate::from_model_dir(dir.path()));
         assert!(template.is_none());
         assert!(refused.unwrap().contains("plain user/assistant exchange"));
+
+        // A template that would run (or allocate) without end runs out of fuel instead.
+        for endless in [
+            "{% for i in range(10000) %}{% for j in range(10000) %}x{% endfor %}{% endfor %}",
+            "{{ 'x' * 100000000000 }}",
+        ] {
+            std::fs::write(dir.path().join("chat_template.jinja"), endless).unwrap();
+            let error = ChatTemplate::from_model_dir(dir.path())
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("fuel"), "{error}");
+        }
 
         std::fs::write(dir.path().join("chat_template.jinja"), "{% if %}").unwrap();
         let error = ChatTemplate::from_model_dir(dir.path())
