@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use fedlora_proto::CHUNK_BYTES;
 use fedlora_proto::adapter::{Adapter, Factor, LoraSpec, adapter_spec, sha256_hex};
+use fedlora_proto::tensor_bytes::max_update_len;
 use fedlora_proto::tls::ClientTls;
 use fedlora_proto::v1::federation_client::FederationClient;
 use fedlora_proto::v1::{self as pb, next_task_response, submit_update_request};
@@ -368,8 +369,9 @@ async fn session(
                 }
             }
             Some(next_task_response::Kind::Wait(wait)) => {
+                // Bounded: a coordinator's "retry after 49 days" would stall the site silently.
                 tokio::time::sleep(Duration::from_millis(u64::from(
-                    wait.retry_after_ms.max(50),
+                    wait.retry_after_ms.clamp(50, 60_000),
                 )))
                 .await;
             }
@@ -405,7 +407,17 @@ async fn run_task(
             config.max_rank
         )));
     }
-    let is_train = task.kind == pb::TaskKind::Train as i32;
+    let is_train = match pb::TaskKind::try_from(task.kind) {
+        Ok(pb::TaskKind::Train) => true,
+        Ok(pb::TaskKind::Evaluate) => false,
+        _ => {
+            return Err(ClientError::Protocol(format!(
+                "task of unknown kind {} (upgrade the client)",
+                task.kind
+            )));
+        }
+    };
+    check_training(&params, is_train)?;
     observer(&DaemonEvent::TaskStarted {
         round_id: task.round_id,
         kind: if is_train { "train" } else { "evaluate" },
@@ -414,8 +426,14 @@ async fn run_task(
     let spec = adapter_spec(&site.model.config().dims(), &lora)?;
     let global = if task.global_adapter_round > 0 {
         let held = site.held();
-        let download =
-            download(client, client_id, task.global_adapter_round, held.as_ref()).await?;
+        let download = download(
+            client,
+            client_id,
+            task.global_adapter_round,
+            held.as_ref(),
+            max_update_len(&spec),
+        )
+        .await?;
         download.adapter.validate(&spec)?;
         summary.downloaded_bytes += download.bytes as u64;
         summary.factors_reused += download.reused.len() as u32;
@@ -620,6 +638,26 @@ async fn run_task(
     Ok(())
 }
 
+/// Refuses training parameters no site should run with: a learning rate that is not a
+/// positive number (NaN would upload a NaN adapter, a negative one would train the wrong way),
+/// no steps for a training task, a gradient bound that is not a number.
+fn check_training(params: &pb::TrainingParams, is_train: bool) -> Result<()> {
+    let refuse = |what: String| Err(ClientError::Protocol(format!("task with {what}")));
+    if !is_train {
+        return Ok(());
+    }
+    if !(params.learning_rate.is_finite() && params.learning_rate > 0.0) {
+        return refuse(format!("learning rate {}", params.learning_rate));
+    }
+    if params.local_steps == 0 {
+        return refuse("0 local steps".into());
+    }
+    if !(params.max_grad_norm.is_finite() && params.max_grad_norm >= 0.0) {
+        return refuse(format!("gradient norm bound {}", params.max_grad_norm));
+    }
+    Ok(())
+}
+
 /// Refuses a federation's sequence length longer than this site's model runs: every window
 /// would fail at its first forward pass, after the task was taken.
 fn fits_context(model: &Llama, seq_len: usize) -> Result<()> {
@@ -672,11 +710,39 @@ struct Download {
 
 /// Streams a round's global adapter and checks its length and sha256. The digests of `held`'s
 /// factors go with the request; the factors the coordinator leaves out are filled from `held`.
+/// The longest a download of a global adapter may take: the coordinator's own limit on an
+/// upload (`upload_timeout`, 600 s by default).
+const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Downloads the global adapter of `round_id`, of at most `limit` bytes (the largest valid
+/// adapter for the task's spec) and within [`DOWNLOAD_TIMEOUT`]: a coordinator that streams
+/// more, or stalls, fails the download instead of filling memory or hanging the site.
 async fn download(
     client: &mut FederationClient<Channel>,
     client_id: &str,
     round_id: u64,
     held: Option<&Adapter>,
+    limit: u64,
+) -> Result<Download> {
+    tokio::time::timeout(
+        DOWNLOAD_TIMEOUT,
+        download_within(client, client_id, round_id, held, limit),
+    )
+    .await
+    .map_err(|_| {
+        ClientError::Protocol(format!(
+            "the global adapter of round {round_id} did not arrive within {} s",
+            DOWNLOAD_TIMEOUT.as_secs()
+        ))
+    })?
+}
+
+async fn download_within(
+    client: &mut FederationClient<Channel>,
+    client_id: &str,
+    round_id: u64,
+    held: Option<&Adapter>,
+    limit: u64,
 ) -> Result<Download> {
     let digest = |factor| {
         held.map(|held| held.factor_digest(factor))
@@ -693,9 +759,24 @@ async fn download(
         .into_inner();
     let mut bytes = Vec::new();
     let mut first: Option<pb::AdapterChunk> = None;
+    let oversized = |bytes: u64| {
+        ClientError::Protocol(format!(
+            "the global adapter of round {round_id} is larger ({bytes} bytes) than any adapter \
+             of this task's spec ({limit})"
+        ))
+    };
     while let Some(mut chunk) = stream.message().await? {
+        let total = first
+            .as_ref()
+            .map_or(chunk.total_bytes, |first| first.total_bytes);
+        if total > limit {
+            return Err(oversized(total));
+        }
+        if bytes.len() as u64 + chunk.data.len() as u64 > total {
+            return Err(oversized(bytes.len() as u64 + chunk.data.len() as u64));
+        }
         if first.is_none() {
-            bytes.reserve(chunk.total_bytes.min(1 << 30) as usize);
+            bytes.reserve(total as usize);
             bytes.append(&mut chunk.data);
             first = Some(chunk);
         } else {
@@ -758,6 +839,55 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
     use crate::tiny::{TinyModelSpec, write_tiny_model};
+
+    /// Training parameters no site should run with are refused: the learning rate must be a
+    /// positive number, a training task needs steps, the gradient bound must be a number.
+    #[test]
+    fn training_parameters_are_checked() {
+        let good = pb::TrainingParams {
+            local_steps: 5,
+            learning_rate: 1e-3,
+            batch_size: 4,
+            seq_len: 64,
+            ..Default::default()
+        };
+        check_training(&good, true).unwrap();
+        for (params, needle) in [
+            (
+                pb::TrainingParams {
+                    learning_rate: f32::NAN,
+                    ..good
+                },
+                "learning rate NaN",
+            ),
+            (
+                pb::TrainingParams {
+                    learning_rate: -1e-3,
+                    ..good
+                },
+                "learning rate -0.001",
+            ),
+            (
+                pb::TrainingParams {
+                    local_steps: 0,
+                    ..good
+                },
+                "0 local steps",
+            ),
+            (
+                pb::TrainingParams {
+                    max_grad_norm: f32::INFINITY,
+                    ..good
+                },
+                "gradient norm bound inf",
+            ),
+        ] {
+            let error = check_training(&params, true).unwrap_err().to_string();
+            assert!(error.contains(needle), "{error}");
+            // An evaluation task trains nothing: its training parameters do not matter.
+            check_training(&params, false).unwrap();
+        }
+    }
 
     /// A federation's sequence length past what the site's model runs stops the daemon with an
     /// error that says who sets it, before it takes a task.

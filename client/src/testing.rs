@@ -112,3 +112,60 @@ pub fn assert_same_as_composed(
         "a gradient to compare"
     );
 }
+
+/// One file the `corrupted_*_never_panic` tests corrupt: where, its good bytes, and how long a
+/// prefix of them to corrupt (a header, or the whole file).
+pub struct Corruptible {
+    pub path: std::path::PathBuf,
+    pub bytes: Vec<u8>,
+    pub prefix: usize,
+}
+
+/// Randomized corruption: `cases` times (the environment variable `variable`, else `default`),
+/// writes one of `files` with 1–3 bytes of its prefix replaced (by one of `specials`, a flipped
+/// bit or a random byte), calls `load`, and writes the file back. Panics, naming the case and
+/// the file, where `load` panics, and where (from 20 cases) none loaded or none was refused;
+/// returns how many cases loaded and how many were refused.
+pub fn corruption_never_panics<T>(
+    variable: &str,
+    default: usize,
+    seed: u64,
+    files: &[Corruptible],
+    specials: &[u8],
+    mut load: impl FnMut() -> crate::error::Result<T>,
+) -> (usize, usize) {
+    let cases = std::env::var(variable)
+        .ok()
+        .and_then(|cases| cases.parse().ok())
+        .unwrap_or(default);
+    let mut rng = seeded_rng(seed);
+    let (mut loaded, mut refused) = (0, 0);
+    for case in 0..cases {
+        let file = &files[rng.random_range(0..files.len())];
+        let mut corrupt = file.bytes.clone();
+        for _ in 0..rng.random_range(1..=3) {
+            let at = rng.random_range(0..file.prefix);
+            let choice = rng.random_range(0..specials.len() + 2);
+            corrupt[at] = match specials.get(choice) {
+                Some(&special) => special,
+                None if choice == specials.len() => corrupt[at] ^ (1 << rng.random_range(0..8)),
+                None => rng.random(),
+            };
+        }
+        std::fs::write(&file.path, &corrupt).unwrap();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&mut load));
+        std::fs::write(&file.path, &file.bytes).unwrap();
+        match result {
+            Ok(Ok(_)) => loaded += 1,
+            Ok(Err(_)) => refused += 1,
+            Err(_) => panic!("case {case} panicked ({})", file.path.display()),
+        }
+    }
+    eprintln!("{loaded} loaded, {refused} refused");
+    // Corruptions that were all refused, or all loaded, would test less than they seem to.
+    assert!(
+        cases < 20 || (loaded > 0 && refused > 0),
+        "{loaded} loaded, {refused} refused"
+    );
+    (loaded, refused)
+}

@@ -964,7 +964,7 @@ mod tests {
 
     use super::*;
     use crate::model::config::{RopeScaling, YarnRopeScaling};
-    use crate::testing::{flat, logits, max_abs_difference};
+    use crate::testing::{Corruptible, corruption_never_panics, flat, logits, max_abs_difference};
     use crate::tiny::{TinyModelSpec, write_tiny_model};
 
     /// Writes the tiny HF model in `dir` as a llama.cpp-style GGUF `tiny.gguf` (q/k permuted,
@@ -1158,42 +1158,27 @@ mod tests {
     /// misaligned view of the vendored `ggml_file::from_raw_data`, see vendor/README.md).
     #[test]
     fn corrupted_gguf_headers_never_panic() {
-        use rand::{Rng, SeedableRng};
         let dir = tempfile::tempdir().unwrap();
         let config = write_tiny_model(dir.path(), &TinyModelSpec::default()).unwrap();
         let hf = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
         let path = write_tiny_gguf(dir.path(), &config, &hf, GgmlDType::F32);
-        let bytes = std::fs::read(&path).unwrap();
         let header = Content::read(&mut std::fs::File::open(&path).unwrap())
             .unwrap()
             .tensor_data_offset as usize;
-        let cases: usize = std::env::var("FEDLORA_GGUF_CASES")
-            .ok()
-            .and_then(|cases| cases.parse().ok())
-            .unwrap_or(200);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-        let bad = dir.path().join("corrupt.gguf");
-        let (mut loaded, mut refused) = (0, 0);
-        for case in 0..cases {
-            let mut corrupt = bytes.clone();
-            for _ in 0..rng.random_range(1..=3) {
-                let at = rng.random_range(0..header);
-                corrupt[at] = match rng.random_range(0..4) {
-                    0 => 0,
-                    1 => 0xff,
-                    2 => corrupt[at] ^ (1 << rng.random_range(0..8)),
-                    _ => rng.random(),
-                };
-            }
-            std::fs::write(&bad, &corrupt).unwrap();
-            let result = std::panic::catch_unwind(|| BaseModel::load(&bad, &Device::Cpu));
-            match result {
-                Ok(Ok(_)) => loaded += 1,
-                Ok(Err(_)) => refused += 1,
-                Err(_) => panic!("case {case} panicked"),
-            }
-        }
-        eprintln!("{loaded} loaded, {refused} refused");
+        let file = Corruptible {
+            bytes: std::fs::read(&path).unwrap(),
+            path,
+            prefix: header,
+        };
+        let load = || BaseModel::load(&file.path, &Device::Cpu);
+        corruption_never_panics(
+            "FEDLORA_GGUF_CASES",
+            200,
+            11,
+            std::slice::from_ref(&file),
+            &[0, 0xff],
+            load,
+        );
     }
 
     #[test]

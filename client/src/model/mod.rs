@@ -489,7 +489,7 @@ pub fn default_device() -> Device {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
-    use crate::testing::logits;
+    use crate::testing::{Corruptible, corruption_never_panics, logits};
     use candle_core::Tensor;
 
     use super::*;
@@ -633,7 +633,6 @@ mod tests {
     /// refused or applied, never a panic: 200 cases per run, or `FEDLORA_ADAPTER_CASES`.
     #[test]
     fn corrupted_adapters_never_panic() {
-        use rand::{Rng, SeedableRng};
         let dir = tempfile::tempdir().unwrap();
         write_tiny_model(dir.path(), &TinyModelSpec::default()).unwrap();
         let mut base = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
@@ -655,47 +654,21 @@ mod tests {
         let files = ["adapter_config.json", "adapter_model.safetensors"].map(|name| {
             let path = adapter.join(name);
             let bytes = std::fs::read(&path).unwrap();
-            (path, bytes)
-        });
-        // The weights' JSON header: its length, then the header.
-        let weights_header = 8 + u64::from_le_bytes(files[1].1[..8].try_into().unwrap()) as usize;
-        let cases: usize = std::env::var("FEDLORA_ADAPTER_CASES")
-            .ok()
-            .and_then(|cases| cases.parse().ok())
-            .unwrap_or(200);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        let (mut applied, mut refused) = (0, 0);
-        for case in 0..cases {
-            let which = rng.random_range(0..2);
-            let (path, bytes) = &files[which];
-            let mut corrupt = bytes.clone();
-            let region = if which == 0 {
-                bytes.len()
-            } else {
-                weights_header
+            // The config whole; of the weights, the length of their JSON header and the header.
+            let prefix = match name {
+                "adapter_config.json" => bytes.len(),
+                _ => 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize,
             };
-            for _ in 0..rng.random_range(1..=3) {
-                let at = rng.random_range(0..region);
-                corrupt[at] = match rng.random_range(0..4) {
-                    0 => b'9',
-                    1 => b'-',
-                    2 => corrupt[at] ^ (1 << rng.random_range(0..8)),
-                    _ => rng.random(),
-                };
+            Corruptible {
+                path,
+                bytes,
+                prefix,
             }
-            std::fs::write(path, &corrupt).unwrap();
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let (spec, weights) = peft::read_peft_adapter(&adapter)?;
-                base.model.set_adapter(&spec, &weights)
-            }));
-            std::fs::write(path, bytes).unwrap();
-            match result {
-                Ok(Ok(())) => applied += 1,
-                Ok(Err(_)) => refused += 1,
-                Err(_) => panic!("case {case} panicked"),
-            }
-        }
-        eprintln!("{applied} applied, {refused} refused");
+        });
+        corruption_never_panics("FEDLORA_ADAPTER_CASES", 200, 5, &files, b"9-", || {
+            let (spec, weights) = peft::read_peft_adapter(&adapter)?;
+            base.model.set_adapter(&spec, &weights)
+        });
     }
 
     /// Random corruptions of a model directory's JSON files (config, tokenizer, tokenizer
@@ -705,7 +678,6 @@ mod tests {
     fn corrupted_model_directories_and_data_never_panic() {
         use crate::chat::PromptTemplate;
         use crate::train::data::{SiteData, make_windows};
-        use rand::{Rng, SeedableRng};
         let dir = tempfile::tempdir().unwrap();
         write_tiny_model(dir.path(), &TinyModelSpec::default()).unwrap();
         let template = "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] | trim }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
@@ -727,7 +699,7 @@ mod tests {
             })
             .collect();
         std::fs::write(&data, lines.join("\n")).unwrap();
-        let files: Vec<(PathBuf, Vec<u8>)> = [
+        let files: Vec<Corruptible> = [
             "config.json",
             "tokenizer.json",
             "tokenizer_config.json",
@@ -737,46 +709,21 @@ mod tests {
         .map(|name| {
             let path = dir.path().join(name);
             let bytes = std::fs::read(&path).unwrap();
-            (path, bytes)
+            Corruptible {
+                path,
+                prefix: bytes.len(),
+                bytes,
+            }
         })
         .collect();
-        let cases: usize = std::env::var("FEDLORA_MODEL_DIR_CASES")
-            .ok()
-            .and_then(|cases| cases.parse().ok())
-            .unwrap_or(100);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-        let (mut loaded, mut refused) = (0, 0);
-        for case in 0..cases {
-            let (path, bytes) = &files[rng.random_range(0..files.len())];
-            let mut corrupt = bytes.clone();
-            for _ in 0..rng.random_range(1..=3) {
-                let at = rng.random_range(0..corrupt.len());
-                corrupt[at] = match rng.random_range(0..5) {
-                    0 => b'9',
-                    1 => b'"',
-                    2 => b'{',
-                    3 => corrupt[at] ^ (1 << rng.random_range(0..8)),
-                    _ => rng.random(),
-                };
-            }
-            std::fs::write(path, &corrupt).unwrap();
-            let result = std::panic::catch_unwind(|| -> Result<()> {
-                let base = BaseModel::load(dir.path(), &Device::Cpu)?;
-                let template: PromptTemplate = base.prompt_template();
-                let site = SiteData::load(&data, &base.tokenizer, &template, "text")?;
-                site.check_vocab(&data, base.model.config().vocab_size)?;
-                let windows = make_windows(&site.train, base.eos_token_id, 16);
-                crate::train::evaluate_heldout(&base.model, &windows, 4, 2)?;
-                Ok(())
-            });
-            std::fs::write(path, bytes).unwrap();
-            match result {
-                Ok(Ok(())) => loaded += 1,
-                Ok(Err(_)) => refused += 1,
-                Err(_) => panic!("case {case} panicked ({})", path.display()),
-            }
-        }
-        eprintln!("{loaded} loaded, {refused} refused");
+        corruption_never_panics("FEDLORA_MODEL_DIR_CASES", 100, 3, &files, b"9\"{", || {
+            let base = BaseModel::load(dir.path(), &Device::Cpu)?;
+            let template: PromptTemplate = base.prompt_template();
+            let site = SiteData::load(&data, &base.tokenizer, &template, "text")?;
+            site.check_vocab(&data, base.model.config().vocab_size)?;
+            let windows = make_windows(&site.train, base.eos_token_id, 16);
+            crate::train::evaluate_heldout(&base.model, &windows, 4, 2)
+        });
     }
 
     /// Generation stops on every end-of-sequence id of config.json and generation_config.json
