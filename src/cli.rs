@@ -1481,10 +1481,25 @@ fn decimal_size(bytes: u64) -> String {
 }
 
 fn combine(args: &CombineArgs) -> Result<()> {
+    // Writing over one of the inputs would lose it (and a crash between the two files would
+    // leave neither adapter).
+    if let Ok(out) = args.out.canonicalize()
+        && let Some(input) = args
+            .adapters
+            .adapters
+            .iter()
+            .find(|input| input.canonicalize().is_ok_and(|input| input == out))
+    {
+        bail!(
+            "--out {} is the adapter {} being combined: choose a new directory",
+            args.out.display(),
+            input.display()
+        );
+    }
     let Some((lora, adapter)) = read_adapters(&args.adapters)? else {
         bail!("give the adapters to combine with --adapter");
     };
-    let bytes = adapter.to_safetensors(None)?;
+    let bytes = fedlora_client::model::peft::peft_weights(&adapter)?;
     fedlora_client::model::peft::write_peft_adapter(&args.out, &lora, "", &bytes)
         .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!(

@@ -14,6 +14,7 @@ use candle_core::{DType, Tensor};
 
 use super::BaseModel;
 use super::llama::MergedTensor;
+use super::peft::write_whole;
 use crate::error::{ClientError, Result};
 
 /// Largest shard by default: 5 GB, as most published checkpoints are split (transformers 5's
@@ -94,15 +95,23 @@ pub fn export_merged(
         ));
     }
     std::fs::create_dir_all(out_dir).map_err(ClientError::io_write(out_dir))?;
-    // Writing into the model's own directory would overwrite the base's weights and truncate
-    // the files copied below onto themselves.
+    // Writing into the model's own directory (a GGUF file's, too) would replace the base's
+    // weights and the files copied below.
     let canonical = |path: &Path| path.canonicalize().map_err(ClientError::io(path));
-    if base.dir.is_dir() && canonical(out_dir)? == canonical(&base.dir)? {
+    let model_dir = if base.dir.is_dir() {
+        Some(base.dir.clone())
+    } else {
+        base.dir.parent().map(Path::to_path_buf)
+    };
+    if let Some(model_dir) = model_dir.filter(|dir| !dir.as_os_str().is_empty())
+        && canonical(out_dir)? == canonical(&model_dir)?
+    {
         return Err(ClientError::Unsupported(format!(
             "merged export into the model's own directory {}: choose another output directory",
-            base.dir.display()
+            model_dir.display()
         )));
     }
+    claim_output(out_dir)?;
     remove_weight_files(out_dir)?;
     let config_path = out_dir.join("config.json");
     let mut config = base.model.config().clone();
@@ -111,7 +120,7 @@ pub fn export_merged(
     config.torch_dtype = config.dtype.clone();
     let config = serde_json::to_string_pretty(&config)
         .map_err(|error| ClientError::Unsupported(error.to_string()))?;
-    std::fs::write(&config_path, config).map_err(ClientError::io_write(&config_path))?;
+    write_whole(&config_path, config.as_bytes())?;
     let permissions = std::fs::metadata(&config_path)
         .map_err(ClientError::io(&config_path))?
         .permissions();
@@ -122,16 +131,21 @@ pub fn export_merged(
         out_dir,
         &permissions,
     )?;
-    base.tokenizer
-        .save(out_dir.join("tokenizer.json"), false)
+    let tokenizer = base
+        .tokenizer
+        .to_string(false)
         .map_err(|error| ClientError::Tokenizer(error.to_string()))?;
+    write_whole(&out_dir.join("tokenizer.json"), tokenizer.as_bytes())?;
     // What tells tools how to use the tokenizer and to generate (special tokens, the chat
     // template, sampling defaults) goes along as the model shipped it.
     let mut has_tokenizer_config = false;
     for name in TOKENIZER_SIDE_FILES {
         let (from, to) = (base.dir.join(name), out_dir.join(name));
         if base.dir.is_dir() && from.is_file() {
-            std::fs::copy(&from, &to).map_err(ClientError::io(&from))?;
+            // Read, then written under a new name and renamed: a link at `to` to the base's own
+            // file is replaced, never written through.
+            let bytes = std::fs::read(&from).map_err(ClientError::io(&from))?;
+            write_whole(&to, &bytes)?;
             has_tokenizer_config |= name == "tokenizer_config.json";
         } else if to.is_file() {
             // Left by an earlier export into the same directory: it may be another model's.
@@ -142,15 +156,14 @@ pub fn export_merged(
     // metadata): `chat_template.jinja` is what transformers 5 writes and reads first.
     if let Some(template) = &base.chat_template {
         let jinja = out_dir.join("chat_template.jinja");
-        std::fs::write(&jinja, template.source()).map_err(ClientError::io_write(&jinja))?;
+        write_whole(&jinja, template.source().as_bytes())?;
         let config_path = out_dir.join("tokenizer_config.json");
         if !has_tokenizer_config {
             let config = serde_json::json!({
                 "bos_token": template.bos_token(),
                 "eos_token": template.eos_token(),
             });
-            std::fs::write(&config_path, config.to_string())
-                .map_err(ClientError::io_write(&config_path))?;
+            write_whole(&config_path, config.to_string().as_bytes())?;
         }
     }
     Ok(export)
@@ -324,6 +337,27 @@ const INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// Removes the weight files an earlier export (or transformers) left in `dir`: a single file,
 /// an index and shards named as transformers names them. Nothing else is touched.
+/// Marks a directory as `fedlora merge`'s output: only such a directory (or an empty one) has
+/// its weight and tokenizer files replaced.
+const EXPORT_MARKER: &str = "fedlora_export.json";
+
+/// Refuses an output directory that holds files no export wrote (another model's checkpoint,
+/// whose weights the export would delete first), and marks it as an export's.
+fn claim_output(out_dir: &Path) -> Result<()> {
+    let marker = out_dir.join(EXPORT_MARKER);
+    let mut entries = std::fs::read_dir(out_dir).map_err(ClientError::io(out_dir))?;
+    if !marker.is_file() && entries.next().is_some() {
+        return Err(ClientError::InvalidArgument(format!(
+            "{} holds files that `fedlora merge` did not write (another model?), which the \
+             export would replace: choose a new or empty output directory",
+            out_dir.display()
+        )));
+    }
+    let json =
+        serde_json::json!({ "written_by": "fedlora merge", "version": env!("CARGO_PKG_VERSION") });
+    write_whole(&marker, format!("{json}\n").as_bytes())
+}
+
 fn remove_weight_files(dir: &Path) -> Result<()> {
     let entries = std::fs::read_dir(dir).map_err(ClientError::io(dir))?;
     for entry in entries {
@@ -447,6 +481,62 @@ mod tests {
             std::fs::read(base_dir.join("model.safetensors")).unwrap(),
             weights
         );
+    }
+
+    /// An export replaces files only in a directory that is new, empty or an earlier export's:
+    /// another checkpoint (the GGUF's own directory among them) keeps its weights, and a link
+    /// in an earlier export's directory to the base's own file is replaced, not written through.
+    #[test]
+    fn an_export_never_replaces_what_it_did_not_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let base_dir = dir.path().join("base");
+        write_tiny_model(&base_dir, &TinyModelSpec::default()).unwrap();
+        let side = r#"{"bos_token": "<s>", "eos_token": "</s>"}"#;
+        std::fs::write(base_dir.join("tokenizer_config.json"), side).unwrap();
+        let base = BaseModel::load(&base_dir, &Device::Cpu).unwrap();
+        let other = dir.path().join("other");
+        write_tiny_model(&other, &TinyModelSpec::default()).unwrap();
+        let weights = std::fs::read(other.join("model.safetensors")).unwrap();
+        let error = export_merged(&base, &other, &ExportOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("did not write"), "{error}");
+        assert_eq!(
+            std::fs::read(other.join("model.safetensors")).unwrap(),
+            weights
+        );
+
+        // A GGUF file beside the checkpoint it was converted from.
+        let gguf = base_dir.join("model.gguf");
+        std::fs::copy(fixtures().join("gguf").join("llama.gguf"), &gguf).unwrap();
+        let from_gguf = BaseModel::load(&gguf, &Device::Cpu).unwrap();
+        let weights = std::fs::read(base_dir.join("model.safetensors")).unwrap();
+        let error = export_merged(&from_gguf, &base_dir, &ExportOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("own directory"), "{error}");
+        assert_eq!(
+            std::fs::read(base_dir.join("model.safetensors")).unwrap(),
+            weights
+        );
+
+        let out = dir.path().join("merged");
+        export_merged(&base, &out, &ExportOptions::default()).unwrap();
+        #[cfg(unix)]
+        {
+            let copied = out.join("tokenizer_config.json");
+            std::fs::remove_file(&copied).unwrap();
+            std::os::unix::fs::symlink(base_dir.join("tokenizer_config.json"), &copied).unwrap();
+            export_merged(&base, &out, &ExportOptions::default()).unwrap();
+            assert!(!copied.symlink_metadata().unwrap().file_type().is_symlink());
+            assert_eq!(std::fs::read_to_string(&copied).unwrap(), side);
+            assert_eq!(
+                std::fs::read_to_string(base_dir.join("tokenizer_config.json")).unwrap(),
+                side
+            );
+        }
+        // An earlier export's directory takes another export.
+        export_merged(&base, &out, &ExportOptions::default()).unwrap();
     }
 
     /// A chat template fedlora cannot render is copied as it is, with a caveat naming the
