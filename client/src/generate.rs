@@ -119,19 +119,21 @@ pub fn nucleus_sample(probabilities: &[f32], top_p: f32, uniform: f32) -> u32 {
             .total_cmp(&probabilities[left])
             .then(left.cmp(&right))
     });
+    // Sums in f64: in f32, a large vocabulary's tail stops changing a sum near 1, so a top-p of
+    // 1 would cut the least likely tokens, or the draw would under-sample them.
     let mut kept = 0;
-    let mut mass = 0.0f32;
+    let mut mass = 0.0f64;
     for &index in &order {
         kept += 1;
-        mass += probabilities[index];
-        if mass >= top_p {
+        mass += f64::from(probabilities[index]);
+        if top_p < 1.0 && mass >= f64::from(top_p) {
             break;
         }
     }
     let nucleus = &order[..kept];
-    let mut draw = uniform.clamp(0.0, 1.0) * mass;
+    let mut draw = f64::from(uniform.clamp(0.0, 1.0)) * mass;
     for &index in nucleus {
-        draw -= probabilities[index];
+        draw -= f64::from(probabilities[index]);
         if draw < 0.0 {
             return index as u32;
         }
@@ -169,6 +171,17 @@ mod tests {
         assert_eq!(nucleus_sample(&[0.25; 4], 0.5, 0.9), 1);
         // A draw past the mass (rounding) never lands on a token of probability 0.
         assert_eq!(nucleus_sample(&[0.0, 0.6, 0.4], 1.0, 1.0), 2);
+        // A large vocabulary's tail, each token far below f32's resolution near 1, keeps its
+        // share: 1e-4 of the mass, so a draw of 0.99995 lands about halfway into it (summed in
+        // f32, the tail added nothing and the draw landed on the likeliest token).
+        let tail = 150_000;
+        let mut large = vec![1e-4 / tail as f32; tail + 1];
+        large[0] = 0.9999;
+        let drawn = nucleus_sample(&large, 1.0, 0.999_95) as usize;
+        assert!(
+            (tail / 2 - 2000..tail / 2 + 2000).contains(&drawn),
+            "{drawn}"
+        );
     }
 
     #[test]
