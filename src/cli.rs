@@ -173,7 +173,8 @@ pub struct MergeArgs {
     pub adapters: AdapterArgs,
     /// Output directory: config.json, the weights (model.safetensors, or shards with
     /// model.safetensors.index.json), tokenizer.json and the model's tokenizer and generation
-    /// configs and chat template. Weight files of an earlier export there are replaced.
+    /// configs and chat template. It must be new, empty or an earlier export's (marked by
+    /// fedlora_export.json), whose weight files are then replaced.
     #[arg(long)]
     pub out: PathBuf,
     /// Type of the written weights. `auto` keeps the checkpoint's own (a bf16 model stays bf16;
@@ -1774,5 +1775,40 @@ mod tests {
         };
         assert_eq!(eval_windows("2").unwrap(), 2);
         assert!(eval_windows("0").is_err());
+    }
+
+    /// `combine` refuses to write over one of its inputs; into a new directory it writes the
+    /// combination with PEFT's format metadata.
+    #[test]
+    fn combine_never_writes_over_an_input() {
+        let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("client/tests/fixtures/peft/lora");
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("lora");
+        std::fs::create_dir(&input).unwrap();
+        for name in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(fixture.join(name), input.join(name)).unwrap();
+        }
+        let before = std::fs::read(input.join("adapter_model.safetensors")).unwrap();
+        let args = |out: PathBuf| CombineArgs {
+            adapters: AdapterArgs {
+                adapters: vec![input.clone(), fixture.clone()],
+                weights: vec![0.5, 0.5],
+            },
+            out,
+        };
+        let error = combine(&args(dir.path().join("lora/.")))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("being combined"), "{error}");
+        assert_eq!(
+            std::fs::read(input.join("adapter_model.safetensors")).unwrap(),
+            before
+        );
+        let out = dir.path().join("combined");
+        combine(&args(out.clone())).unwrap();
+        let bytes = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+        let metadata = fedlora_proto::adapter::Adapter::safetensors_metadata(&bytes).unwrap();
+        assert_eq!(metadata.get("format").map(String::as_str), Some("pt"));
     }
 }

@@ -418,6 +418,7 @@ async fn run_task(
         }
     };
     check_training(&params, is_train)?;
+    fits_context(&site.model, params.seq_len.max(2) as usize)?;
     observer(&DaemonEvent::TaskStarted {
         round_id: task.round_id,
         kind: if is_train { "train" } else { "evaluate" },
@@ -468,7 +469,6 @@ async fn run_task(
     site.hold(start);
 
     let seq_len = params.seq_len.max(2) as usize;
-    fits_context(&site.model, seq_len)?;
     let batch_size = params.batch_size.max(1) as usize;
     let heldout = Arc::new(make_windows(&site.data.heldout, site.eos, seq_len));
     let max_eval_windows = config.max_eval_windows;
@@ -708,36 +708,16 @@ struct Download {
     reused: Vec<Factor>,
 }
 
-/// Streams a round's global adapter and checks its length and sha256. The digests of `held`'s
-/// factors go with the request; the factors the coordinator leaves out are filled from `held`.
-/// The longest a download of a global adapter may take: the coordinator's own limit on an
-/// upload (`upload_timeout`, 600 s by default).
-const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a download waits for its next chunk: a coordinator that stalls longer is treated as
+/// unreachable (a transient error: the daemon reconnects and asks again), never waited on
+/// forever; a slow but steady one finishes.
+const DOWNLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Downloads the global adapter of `round_id`, of at most `limit` bytes (the largest valid
-/// adapter for the task's spec) and within [`DOWNLOAD_TIMEOUT`]: a coordinator that streams
-/// more, or stalls, fails the download instead of filling memory or hanging the site.
+/// Streams a round's global adapter, of at most `limit` bytes (the largest valid adapter for the
+/// task's spec: a coordinator that announces or streams more fails the download instead of
+/// filling memory), and checks its length and sha256. The digests of `held`'s factors go with
+/// the request; the factors the coordinator leaves out are filled from `held`.
 async fn download(
-    client: &mut FederationClient<Channel>,
-    client_id: &str,
-    round_id: u64,
-    held: Option<&Adapter>,
-    limit: u64,
-) -> Result<Download> {
-    tokio::time::timeout(
-        DOWNLOAD_TIMEOUT,
-        download_within(client, client_id, round_id, held, limit),
-    )
-    .await
-    .map_err(|_| {
-        ClientError::Protocol(format!(
-            "the global adapter of round {round_id} did not arrive within {} s",
-            DOWNLOAD_TIMEOUT.as_secs()
-        ))
-    })?
-}
-
-async fn download_within(
     client: &mut FederationClient<Channel>,
     client_id: &str,
     round_id: u64,
@@ -765,7 +745,17 @@ async fn download_within(
              of this task's spec ({limit})"
         ))
     };
-    while let Some(mut chunk) = stream.message().await? {
+    loop {
+        let Ok(message) = tokio::time::timeout(DOWNLOAD_IDLE_TIMEOUT, stream.message()).await
+        else {
+            return Err(ClientError::Rpc(tonic::Status::deadline_exceeded(format!(
+                "no chunk of the global adapter of round {round_id} for {} s",
+                DOWNLOAD_IDLE_TIMEOUT.as_secs()
+            ))));
+        };
+        let Some(mut chunk) = message? else {
+            break;
+        };
         let total = first
             .as_ref()
             .map_or(chunk.total_bytes, |first| first.total_bytes);

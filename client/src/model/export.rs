@@ -82,7 +82,8 @@ pub struct MergedExport {
 /// directory (`config.json`, `model.safetensors` or shards with their index, `tokenizer.json`,
 /// and the model's tokenizer config, special tokens map, generation config and chat template
 /// where it has them) that loads and runs without any adapter, and renders prompts as training
-/// did. Weight files of an earlier export into the same directory are replaced.
+/// did. The output directory must be new, empty or an earlier export's (see `claim_output`):
+/// weight files of an earlier export there are replaced.
 pub fn export_merged(
     base: &BaseModel,
     out_dir: &Path,
@@ -101,9 +102,15 @@ pub fn export_merged(
     let model_dir = if base.dir.is_dir() {
         Some(base.dir.clone())
     } else {
-        base.dir.parent().map(Path::to_path_buf)
+        // A bare file name lies in the working directory.
+        base.dir
+            .parent()
+            .map(|dir| match dir.as_os_str().is_empty() {
+                true => PathBuf::from("."),
+                false => dir.to_path_buf(),
+            })
     };
-    if let Some(model_dir) = model_dir.filter(|dir| !dir.as_os_str().is_empty())
+    if let Some(model_dir) = model_dir
         && canonical(out_dir)? == canonical(&model_dir)?
     {
         return Err(ClientError::Unsupported(format!(
@@ -341,23 +348,32 @@ const INDEX_FILE: &str = "model.safetensors.index.json";
 /// its weight and tokenizer files replaced.
 const EXPORT_MARKER: &str = "fedlora_export.json";
 
-/// Refuses an output directory that holds files no export wrote (another model's checkpoint,
-/// whose weights the export would delete first), and marks it as an export's.
+/// Refuses an output directory that holds files the marker does not vouch for, and marks it as
+/// an export's. A Hugging Face checkpoint holds exactly the names an export writes, so names
+/// prove nothing: without the marker, only an empty directory (or one where writing the marker
+/// was interrupted) is taken. An export by a release before the marker is refused too.
 fn claim_output(out_dir: &Path) -> Result<()> {
     let marker = out_dir.join(EXPORT_MARKER);
-    let mut entries = std::fs::read_dir(out_dir).map_err(ClientError::io(out_dir))?;
-    if !marker.is_file() && entries.next().is_some() {
-        return Err(ClientError::InvalidArgument(format!(
-            "{} holds files that `fedlora merge` did not write (another model?), which the \
-             export would replace: choose a new or empty output directory",
-            out_dir.display()
-        )));
+    if !marker.is_file() {
+        let partial = format!("{EXPORT_MARKER}.partial");
+        for entry in std::fs::read_dir(out_dir).map_err(ClientError::io(out_dir))? {
+            let name = entry.map_err(ClientError::io(out_dir))?.file_name();
+            if name.to_string_lossy() != partial {
+                return Err(ClientError::InvalidArgument(format!(
+                    "{} holds files that no `fedlora merge` marked as its own ({EXPORT_MARKER} \
+                     is not there: another model?), and the export would replace its weights: \
+                     choose a new or empty output directory",
+                    out_dir.display()
+                )));
+            }
+        }
     }
     let json =
         serde_json::json!({ "written_by": "fedlora merge", "version": env!("CARGO_PKG_VERSION") });
     write_whole(&marker, format!("{json}\n").as_bytes())
 }
 
+/// Removes the weight files (single, shards, index) an earlier export left in `dir`.
 fn remove_weight_files(dir: &Path) -> Result<()> {
     let entries = std::fs::read_dir(dir).map_err(ClientError::io(dir))?;
     for entry in entries {
@@ -500,7 +516,7 @@ mod tests {
         let error = export_merged(&base, &other, &ExportOptions::default())
             .unwrap_err()
             .to_string();
-        assert!(error.contains("did not write"), "{error}");
+        assert!(error.contains("no `fedlora merge` marked"), "{error}");
         assert_eq!(
             std::fs::read(other.join("model.safetensors")).unwrap(),
             weights
@@ -535,8 +551,13 @@ mod tests {
                 side
             );
         }
-        // An earlier export's directory takes another export.
+        // An earlier export's directory takes another export, and so does a new directory
+        // where writing the marker was interrupted.
         export_merged(&base, &out, &ExportOptions::default()).unwrap();
+        let interrupted = dir.path().join("interrupted");
+        std::fs::create_dir(&interrupted).unwrap();
+        std::fs::write(interrupted.join("fedlora_export.json.partial"), b"{").unwrap();
+        export_merged(&base, &interrupted, &ExportOptions::default()).unwrap();
     }
 
     /// A chat template fedlora cannot render is copied as it is, with a caveat naming the
