@@ -510,31 +510,27 @@ mod tests {
         let side = r#"{"bos_token": "<s>", "eos_token": "</s>"}"#;
         std::fs::write(base_dir.join("tokenizer_config.json"), side).unwrap();
         let base = BaseModel::load(&base_dir, &Device::Cpu).unwrap();
+        // Refused, naming `reason`, with the weights in `target` as they were.
+        let refused = |base: &BaseModel, target: &Path, reason: &str| {
+            let weights = std::fs::read(target.join("model.safetensors")).unwrap();
+            let error = export_merged(base, target, &ExportOptions::default())
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(reason), "{error}");
+            assert_eq!(
+                std::fs::read(target.join("model.safetensors")).unwrap(),
+                weights
+            );
+        };
         let other = dir.path().join("other");
         write_tiny_model(&other, &TinyModelSpec::default()).unwrap();
-        let weights = std::fs::read(other.join("model.safetensors")).unwrap();
-        let error = export_merged(&base, &other, &ExportOptions::default())
-            .unwrap_err()
-            .to_string();
-        assert!(error.contains("no `fedlora merge` marked"), "{error}");
-        assert_eq!(
-            std::fs::read(other.join("model.safetensors")).unwrap(),
-            weights
-        );
+        refused(&base, &other, "no `fedlora merge` marked");
 
         // A GGUF file beside the checkpoint it was converted from.
         let gguf = base_dir.join("model.gguf");
         std::fs::copy(fixtures().join("gguf").join("llama.gguf"), &gguf).unwrap();
         let from_gguf = BaseModel::load(&gguf, &Device::Cpu).unwrap();
-        let weights = std::fs::read(base_dir.join("model.safetensors")).unwrap();
-        let error = export_merged(&from_gguf, &base_dir, &ExportOptions::default())
-            .unwrap_err()
-            .to_string();
-        assert!(error.contains("own directory"), "{error}");
-        assert_eq!(
-            std::fs::read(base_dir.join("model.safetensors")).unwrap(),
-            weights
-        );
+        refused(&from_gguf, &base_dir, "own directory");
 
         let out = dir.path().join("merged");
         export_merged(&base, &out, &ExportOptions::default()).unwrap();

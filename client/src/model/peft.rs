@@ -12,35 +12,47 @@ use crate::error::{ClientError, Result};
 /// The LoRA spec and tensors of a PEFT adapter directory. Options this engine cannot apply are
 /// refused by name (see `parse_peft_adapter_config`) rather than silently mis-applied.
 pub fn read_peft_adapter(dir: &Path) -> Result<(LoraSpec, Adapter)> {
-    let (lora, adapter, _) = read_peft_adapter_fingerprinted(dir)?;
-    Ok((lora, adapter))
+    let (text, bytes) = read_adapter_files(dir)?;
+    parse_adapter_files(dir, &text, &bytes)
 }
 
 /// As [`read_peft_adapter`], with a sha256 over the two files as they were read (each after its
 /// length): what was checked is what is used.
 pub(crate) fn read_peft_adapter_fingerprinted(dir: &Path) -> Result<(LoraSpec, Adapter, String)> {
-    let config_path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&config_path).map_err(ClientError::io(&config_path))?;
-    let weights_path = dir.join("adapter_model.safetensors");
-    let bytes = std::fs::read(&weights_path).map_err(ClientError::io(&weights_path))?;
+    let (text, bytes) = read_adapter_files(dir)?;
     let mut hasher = Sha256::new();
     for file in [text.as_bytes(), &bytes] {
         hasher.update((file.len() as u64).to_le_bytes());
         hasher.update(file);
     }
+    let (lora, adapter) = parse_adapter_files(dir, &text, &bytes)?;
+    Ok((lora, adapter, hex::encode(hasher.finalize())))
+}
+
+/// An adapter directory's config text and weight bytes.
+fn read_adapter_files(dir: &Path) -> Result<(String, Vec<u8>)> {
+    let config_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(ClientError::io(&config_path))?;
+    let weights_path = dir.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&weights_path).map_err(ClientError::io(&weights_path))?;
+    Ok((text, bytes))
+}
+
+/// The spec and tensors of an adapter directory's files as read; errors name the file.
+fn parse_adapter_files(dir: &Path, text: &str, bytes: &[u8]) -> Result<(LoraSpec, Adapter)> {
     let config_error = |message: String| ClientError::Config {
-        path: config_path.clone(),
+        path: dir.join("adapter_config.json"),
         message,
     };
     let config: serde_json::Value =
-        serde_json::from_str(&text).map_err(|error| config_error(error.to_string()))?;
+        serde_json::from_str(text).map_err(|error| config_error(error.to_string()))?;
     let lora =
         parse_peft_adapter_config(&config).map_err(|error| config_error(error.to_string()))?;
-    let adapter = Adapter::from_safetensors(&bytes).map_err(|error| ClientError::Weights {
-        path: weights_path.clone(),
+    let adapter = Adapter::from_safetensors(bytes).map_err(|error| ClientError::Weights {
+        path: dir.join("adapter_model.safetensors"),
         message: error.to_string(),
     })?;
-    Ok((lora, adapter, hex::encode(hasher.finalize())))
+    Ok((lora, adapter))
 }
 
 /// `adapter` as PEFT saves its weights: safetensors with `{"format": "pt"}` in the metadata.
