@@ -117,11 +117,12 @@ impl TrainBench {
         let backward =
             layers * (rest_of_layer + 2.0 * attention) + (layers - 1.0) * attention_inputs;
         let head = 2.0 * dims.hidden_size as f64 * self.config.vocab_size as f64;
+        let patterns = self.lora.patterns()?;
         let mut lora = 0.0;
         for layer in 0..dims.num_layers {
             for module in &self.lora.target_modules {
                 let (inputs, outputs) = dims.module_in_out(module)?;
-                let rank = self.lora.rank_for(layer, module) as f64;
+                let rank = patterns.rank_for(layer, module) as f64;
                 lora += 6.0 * rank * (inputs + outputs) as f64;
             }
         }

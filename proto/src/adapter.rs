@@ -166,13 +166,14 @@ impl LoraSpec {
         f64::from(alpha) / if self.use_rslora { rank.sqrt() } else { rank }
     }
 
-    /// The rank of `module` in `layer` after `rank_pattern`.
+    /// The rank of `module` in `layer` after `rank_pattern`. Compiles the patterns tried: for
+    /// every module of a model, use [`LoraSpec::patterns`] once.
     pub fn rank_for(&self, layer: usize, module: &str) -> usize {
         let name = module_path(layer, module);
         first_match(&self.rank_pattern, &name).unwrap_or(self.rank)
     }
 
-    /// The alpha of `module` in `layer` after `alpha_pattern`.
+    /// The alpha of `module` in `layer` after `alpha_pattern` (see [`LoraSpec::rank_for`]).
     pub fn alpha_for(&self, layer: usize, module: &str) -> f32 {
         let name = module_path(layer, module);
         first_match(&self.alpha_pattern, &name).unwrap_or(self.alpha)
@@ -181,6 +182,27 @@ impl LoraSpec {
     /// The scale of `module` in `layer`, from its own rank and alpha.
     pub fn scale_for(&self, layer: usize, module: &str) -> f64 {
         self.scale_of(self.rank_for(layer, module), self.alpha_for(layer, module))
+    }
+
+    /// Validates the spec and compiles `rank_pattern` and `alpha_pattern` once, for looking up
+    /// many modules: an adapter converted from AdaLoRA can carry a pattern per module, and
+    /// compiling each at every lookup made a model's layout cost modules × patterns compilations.
+    pub fn patterns(&self) -> Result<ModulePatterns<'_>, AdapterError> {
+        self.validate()?;
+        let compile = |pattern: &String| pattern_regex(pattern);
+        Ok(ModulePatterns {
+            lora: self,
+            ranks: self
+                .rank_pattern
+                .iter()
+                .map(|(pattern, rank)| Ok((compile(pattern)?, *rank)))
+                .collect::<Result<_, AdapterError>>()?,
+            alphas: self
+                .alpha_pattern
+                .iter()
+                .map(|(pattern, alpha)| Ok((compile(pattern)?, *alpha)))
+                .collect::<Result<_, AdapterError>>()?,
+        })
     }
 
     /// The LoRA options this spec uses beyond plain LoRA, by the names clients announce at join
@@ -277,6 +299,39 @@ fn pattern_regex(pattern: &str) -> Result<regex::Regex, AdapterError> {
     })
 }
 
+/// A validated [`LoraSpec`] with its per-module patterns compiled ([`LoraSpec::patterns`]).
+#[derive(Debug, Clone)]
+pub struct ModulePatterns<'a> {
+    lora: &'a LoraSpec,
+    ranks: Vec<(regex::Regex, usize)>,
+    alphas: Vec<(regex::Regex, f32)>,
+}
+
+impl ModulePatterns<'_> {
+    /// [`LoraSpec::rank_for`], without compiling.
+    pub fn rank_for(&self, layer: usize, module: &str) -> usize {
+        compiled_match(&self.ranks, &module_path(layer, module)).unwrap_or(self.lora.rank)
+    }
+
+    /// [`LoraSpec::alpha_for`], without compiling.
+    pub fn alpha_for(&self, layer: usize, module: &str) -> f32 {
+        compiled_match(&self.alphas, &module_path(layer, module)).unwrap_or(self.lora.alpha)
+    }
+
+    /// [`LoraSpec::scale_for`], without compiling.
+    pub fn scale_for(&self, layer: usize, module: &str) -> f64 {
+        self.lora
+            .scale_of(self.rank_for(layer, module), self.alpha_for(layer, module))
+    }
+}
+
+fn compiled_match<T: Copy>(patterns: &[(regex::Regex, T)], name: &str) -> Option<T> {
+    patterns
+        .iter()
+        .find(|(regex, _)| regex.is_match(name))
+        .map(|(_, value)| *value)
+}
+
 fn first_match<T: Copy>(patterns: &[(String, T)], name: &str) -> Option<T> {
     patterns
         .iter()
@@ -323,12 +378,12 @@ pub struct TensorSpec {
 /// A `[r, in]` and B `[out, r]` per adapted layer, with each layer's rank after `rank_pattern`,
 /// and DoRA's magnitude `[out]`.
 pub fn adapter_spec(dims: &ModelDims, lora: &LoraSpec) -> Result<Vec<TensorSpec>, AdapterError> {
-    lora.validate()?;
+    let patterns = lora.patterns()?;
     let mut spec = Vec::with_capacity(dims.num_layers * lora.target_modules.len() * 3);
     for layer in 0..dims.num_layers {
         for module in &lora.target_modules {
             let (in_features, out_features) = dims.module_in_out(module)?;
-            let rank = lora.rank_for(layer, module);
+            let rank = patterns.rank_for(layer, module);
             spec.push(TensorSpec {
                 name: peft_key(layer, module, Factor::A)?,
                 shape: vec![rank, in_features],
@@ -886,6 +941,34 @@ mod tests {
         assert_eq!(spec.alpha_for(0, "v_proj"), 1.5);
         assert_eq!(spec.scale_for(0, "v_proj"), 0.75);
         assert_eq!(spec.scale_for(0, "q_proj"), 4.0 / 3.0);
+        // Compiled once, the patterns give every module the same rank, alpha and scale.
+        let patterns = spec.patterns().unwrap();
+        for layer in 0..3 {
+            for module in LORA_MODULES {
+                assert_eq!(
+                    patterns.rank_for(layer, module),
+                    spec.rank_for(layer, module)
+                );
+                assert_eq!(
+                    patterns.alpha_for(layer, module),
+                    spec.alpha_for(layer, module)
+                );
+                assert_eq!(
+                    patterns.scale_for(layer, module),
+                    spec.scale_for(layer, module)
+                );
+            }
+        }
+        assert_eq!(patterns.rank_for(1, "q_proj"), 6);
+        assert_eq!(patterns.alpha_for(1, "v_proj"), 1.5);
+        let broken = LoraSpec {
+            alpha_pattern: vec![("v_proj(".into(), 1.5)],
+            ..spec.clone()
+        };
+        assert!(matches!(
+            broken.patterns(),
+            Err(AdapterError::InvalidConfig(message)) if message.contains("not a valid regex")
+        ));
         // "proj" is not a whole suffix of "q_proj".
         let partial = LoraSpec {
             rank_pattern: vec![("proj".into(), 7)],

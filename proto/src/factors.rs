@@ -157,11 +157,12 @@ pub fn initial_factors(
     lora: &LoraSpec,
     seed: u64,
 ) -> Result<Adapter, AdapterError> {
+    let patterns = lora.patterns()?;
     let mut adapter = Adapter::default();
     for layer in 0..dims.num_layers {
         for module in &lora.target_modules {
             let (in_features, out_features) = dims.module_in_out(module)?;
-            let rank = lora.rank_for(layer, module);
+            let rank = patterns.rank_for(layer, module);
             adapter.tensors.insert(
                 peft_key(layer, module, Factor::A)?,
                 AdapterTensor {

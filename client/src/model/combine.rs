@@ -38,6 +38,7 @@ pub fn combine_adapters(parts: &[(&LoraSpec, &Adapter, f64)]) -> Result<(LoraSpe
     // Every (layer, module) adapted by any part, with the concatenated factors.
     let mut modules: BTreeMap<ModuleKey, Factors> = BTreeMap::new();
     for (spec, adapter, weight) in parts {
+        let patterns = spec.patterns()?;
         let adapted = adapted_modules(adapter)?;
         // Only factor pairs: a lora_B without its lora_A, or a DoRA magnitude in a file whose
         // config says LoRA, would otherwise be dropped without a word.
@@ -60,7 +61,7 @@ pub fn combine_adapters(parts: &[(&LoraSpec, &Adapter, f64)]) -> Result<(LoraSpe
                     module_path(layer, module)
                 )));
             }
-            let config_rank = spec.rank_for(layer, module);
+            let config_rank = patterns.rank_for(layer, module);
             if a.shape[0] != config_rank {
                 return Err(ClientError::Unsupported(format!(
                     "{} has factors of rank {} but its adapter_config.json says rank {config_rank}: \
@@ -77,7 +78,7 @@ pub fn combine_adapters(parts: &[(&LoraSpec, &Adapter, f64)]) -> Result<(LoraSpe
                     b.shape
                 )));
             }
-            let scale = (weight * spec.scale_for(layer, module)) as f32;
+            let scale = (weight * patterns.scale_for(layer, module)) as f32;
             let scaled_b = AdapterTensor {
                 shape: b.shape.clone(),
                 data: b.data.iter().map(|value| value * scale).collect(),

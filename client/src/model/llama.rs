@@ -317,7 +317,7 @@ impl Llama {
     /// replacing any attached before: each module's rank and alpha after `rank_pattern` and
     /// `alpha_pattern`, with DoRA magnitudes and dropout as `lora` asks.
     pub fn attach_lora(&mut self, lora: &LoraSpec, seed: u64) -> Result<()> {
-        lora.validate()?;
+        let patterns = lora.patterns()?;
         let device = self.device.clone();
         for (layer, block) in self.blocks.iter_mut().enumerate() {
             for (name, linear) in block.linears_mut() {
@@ -328,8 +328,8 @@ impl Llama {
                         seed,
                         layer,
                         name,
-                        (lora.rank_for(layer, name), in_features, out_features),
-                        lora.scale_for(layer, name),
+                        (patterns.rank_for(layer, name), in_features, out_features),
+                        patterns.scale_for(layer, name),
                         &device,
                     )?;
                     factors.dropout = lora.dropout;
