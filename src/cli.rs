@@ -1500,8 +1500,31 @@ fn combine(args: &CombineArgs) -> Result<()> {
     let Some((lora, adapter)) = read_adapters(&args.adapters)? else {
         bail!("give the adapters to combine with --adapter");
     };
+    // The base the inputs were trained on, where they agree: PEFT's `from_pretrained` and
+    // `merge` users read it. Inputs naming different bases leave it empty, with a warning.
+    let mut bases = Vec::new();
+    for dir in &args.adapters.adapters {
+        bases.push(fedlora_client::model::peft::base_model_of(dir)?);
+    }
+    let base_model = match bases.split_first() {
+        Some((Some(first), rest)) if rest.iter().all(|base| base.as_ref() == Some(first)) => {
+            first.clone()
+        }
+        _ => {
+            eprintln!(
+                "warning: the adapters do not all name one base model ({}); the combined \
+                 adapter names none",
+                bases
+                    .iter()
+                    .map(|base| base.as_deref().unwrap_or("none"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            String::new()
+        }
+    };
     let bytes = fedlora_client::model::peft::peft_weights(&adapter)?;
-    fedlora_client::model::peft::write_peft_adapter(&args.out, &lora, "", &bytes)
+    fedlora_client::model::peft::write_peft_adapter(&args.out, &lora, &base_model, &bytes)
         .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!(
         "wrote {} (rank {}, {} parameters)",
@@ -1810,5 +1833,24 @@ mod tests {
         let bytes = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
         let metadata = fedlora_proto::adapter::Adapter::safetensors_metadata(&bytes).unwrap();
         assert_eq!(metadata.get("format").map(String::as_str), Some("pt"));
+        // Both inputs name the fixture's base: so does the combination. Where they differ, it
+        // names none.
+        let base = fedlora_client::model::peft::base_model_of(&fixture).unwrap();
+        assert!(base.is_some());
+        assert_eq!(
+            fedlora_client::model::peft::base_model_of(&out).unwrap(),
+            base
+        );
+        let config = input.join("adapter_config.json");
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+        json["base_model_name_or_path"] = "another/model".into();
+        std::fs::write(&config, json.to_string()).unwrap();
+        let mixed = dir.path().join("mixed");
+        combine(&args(mixed.clone())).unwrap();
+        assert_eq!(
+            fedlora_client::model::peft::base_model_of(&mixed).unwrap(),
+            None
+        );
     }
 }

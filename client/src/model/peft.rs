@@ -55,6 +55,23 @@ fn parse_adapter_files(dir: &Path, text: &str, bytes: &[u8]) -> Result<(LoraSpec
     Ok((lora, adapter))
 }
 
+/// The base model an adapter directory's `adapter_config.json` names
+/// (`base_model_name_or_path`), or `None` where it names none.
+pub fn base_model_of(dir: &Path) -> Result<Option<String>> {
+    let path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&path).map_err(ClientError::io(&path))?;
+    let config: serde_json::Value =
+        serde_json::from_str(&text).map_err(|error| ClientError::Config {
+            path: path.clone(),
+            message: error.to_string(),
+        })?;
+    Ok(config
+        .get("base_model_name_or_path")
+        .and_then(serde_json::Value::as_str)
+        .filter(|name| !name.is_empty())
+        .map(str::to_string))
+}
+
 /// `adapter` as PEFT saves its weights: safetensors with `{"format": "pt"}` in the metadata.
 pub fn peft_weights(adapter: &Adapter) -> Result<Vec<u8>> {
     let format = [("format".to_string(), "pt".to_string())];

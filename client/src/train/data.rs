@@ -52,6 +52,10 @@ pub enum Example {
 pub struct SiteData {
     pub train: Vec<Example>,
     pub heldout: Vec<Example>,
+    /// The line of the file each example starts on, in the file's order (train and held-out
+    /// examples as they were read): errors about an example name its line, not its position
+    /// among the non-blank records.
+    pub lines: Vec<usize>,
 }
 
 /// One row of a batch: inputs are `tokens[..n-1]`, targets `tokens[1..]`, and only targets at
@@ -213,9 +217,9 @@ impl SiteData {
                     ));
                 }
             };
-            examples.push(example);
+            examples.push((index + 1, example));
         }
-        Ok(Self::split(examples))
+        Ok(Self::split_lines(examples))
     }
 
     /// Reads CSV with a header row; each non-empty value of `column` is a document.
@@ -264,23 +268,41 @@ impl SiteData {
                     line,
                     message: format!("tokenizer: {error}"),
                 })?;
-            examples.push(Example::Text(encoding.get_ids().to_vec()));
+            examples.push((line, Example::Text(encoding.get_ids().to_vec())));
         }
-        Ok(Self::split(examples))
+        Ok(Self::split_lines(examples))
     }
 
-    /// Splits examples into train and held-out parts (every tenth example is held out).
+    /// Splits examples into train and held-out parts (every tenth example is held out),
+    /// numbering them as lines 1, 2, … (examples that come from no file).
     pub fn split(examples: Vec<Example>) -> Self {
+        Self::split_lines(
+            examples
+                .into_iter()
+                .enumerate()
+                .map(|(index, example)| (index + 1, example))
+                .collect(),
+        )
+    }
+
+    /// [`SiteData::split`] of `(line, example)` pairs in the file's order.
+    pub fn split_lines(examples: Vec<(usize, Example)>) -> Self {
         let mut train = Vec::new();
         let mut heldout = Vec::new();
-        for (index, example) in examples.into_iter().enumerate() {
+        let mut lines = Vec::with_capacity(examples.len());
+        for (index, (line, example)) in examples.into_iter().enumerate() {
+            lines.push(line);
             if index % HELDOUT_EVERY == HELDOUT_EVERY - 1 {
                 heldout.push(example);
             } else {
                 train.push(example);
             }
         }
-        Self { train, heldout }
+        Self {
+            train,
+            heldout,
+            lines,
+        }
     }
 
     /// Refuses data too small to split: at least 10 examples are needed (every tenth is held
@@ -300,8 +322,8 @@ impl SiteData {
     /// Refuses token ids the model has no embedding for (`vocab` rows): a tokenizer with tokens
     /// added after the checkpoint's embeddings were sized. Caught here, when the data is read,
     /// and not by the first step's embedding lookup, whose error names neither file. The error
-    /// counts them and names the first example (in the file's order, blank records not counted);
-    /// no id or text is printed.
+    /// counts them and names the line of the first (in the file's order); no id or text is
+    /// printed.
     pub fn check_vocab(&self, path: &Path, vocab: usize) -> Result<()> {
         let outside = |ids: &[u32]| ids.iter().filter(|&&id| id as usize >= vocab).count();
         let tokens = |example: &Example| match example {
@@ -334,11 +356,11 @@ impl SiteData {
             return Ok(());
         }
         Err(ClientError::Tokenizer(format!(
-            "{}: {count} tokens in {examples} examples (the first is example {}) have ids beyond \
+            "{}: {count} tokens in {examples} examples (the first on line {}) have ids beyond \
              the model's {vocab} embeddings: the tokenizer has tokens the checkpoint has no \
              embedding for (tokens added to tokenizer.json without resizing the model?)",
             path.display(),
-            first + 1
+            self.lines.get(first).copied().unwrap_or(first + 1)
         )))
     }
 
@@ -783,10 +805,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            error.contains("notes.jsonl: 3 tokens in 2 examples (the first is example 13)")
+            error.contains("notes.jsonl: 3 tokens in 2 examples (the first on line 13)")
                 && error.contains("20 embeddings"),
             "{error}"
         );
+
+        // Read from files, the error names the line the example is on: blank lines and blank
+        // records do not shift it, nor does a CSV record spanning lines. The byte-level
+        // tokenizer gives 3 + byte: '~' (129) is beyond 120 embeddings, letters are not.
+        let tokenizer = crate::tiny::byte_level_tokenizer().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let jsonl = dir.path().join("notes.jsonl");
+        std::fs::write(
+            &jsonl,
+            "{\"text\": \"a\"}\n\n{\"text\": \"b\"}\n{\"text\": \" \"}\n\n{\"text\": \"c~\"}\n{\"text\": \"d\"}\n",
+        )
+        .unwrap();
+        let csv = dir.path().join("notes.csv");
+        std::fs::write(&csv, "text,site\n\"a\nb\",x\n,y\nc,z\n~d,w\n").unwrap();
+        for (path, line) in [(&jsonl, 6), (&csv, 6)] {
+            let data = SiteData::load(path, &tokenizer, &PromptTemplate::Alpaca, "text").unwrap();
+            let error = data.check_vocab(path, 120).unwrap_err().to_string();
+            assert!(
+                error.contains(&format!(
+                    "1 tokens in 1 examples (the first on line {line})"
+                )),
+                "{}: {error}",
+                path.display()
+            );
+        }
     }
 
     /// An instruction example is counted as cut exactly where its window holds fewer tokens
