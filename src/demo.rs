@@ -222,6 +222,9 @@ pub fn show(bar: &ProgressBar, event: &DaemonEvent) {
         DaemonEvent::NotEvaluated { round_id, seq_len } => bar.set_message(format!(
             "round {round_id}: no held-out window at sequence length {seq_len}"
         )),
+        DaemonEvent::NotFinite { round_id, loss, .. } => bar.set_message(format!(
+            "round {round_id}: global adapter held-out loss {loss}: the model overflows"
+        )),
         DaemonEvent::Step {
             round_id,
             step,

@@ -29,7 +29,7 @@ pub use crate::model::BasePrecision;
 use crate::model::peft::{peft_weights, write_peft_adapter};
 use crate::model::{BaseModel, Llama, fingerprint};
 use crate::train::data::{SiteData, cut_examples, make_windows, trained_examples};
-use crate::train::{TrainConfig, TrainedFactors, evaluate_heldout, train};
+use crate::train::{EvalReport, TrainConfig, TrainedFactors, evaluate_heldout, train};
 
 /// How the daemon reaches the coordinator.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,6 +85,14 @@ pub enum DaemonEvent {
     NotEvaluated {
         round_id: u64,
         seq_len: usize,
+    },
+    /// The held-out loss of the global adapter of `adapter_round` came out infinite or NaN: the
+    /// model overflows on this site's data. The coordinator is told that no loss was measured
+    /// (it refuses non-finite numbers), and the task goes on.
+    NotFinite {
+        round_id: u64,
+        adapter_round: u64,
+        loss: f32,
     },
     Step {
         round_id: u64,
@@ -369,16 +377,18 @@ async fn session(
                 }
             }
             Some(next_task_response::Kind::Wait(wait)) => {
-                // Bounded: a coordinator's "retry after 49 days" would stall the site silently.
-                tokio::time::sleep(Duration::from_millis(u64::from(
-                    wait.retry_after_ms.clamp(50, 60_000),
-                )))
-                .await;
+                tokio::time::sleep(retry_delay(&wait)).await;
             }
             Some(next_task_response::Kind::Finished(finished)) => return Ok(finished.reason),
             None => return Err(ClientError::Protocol("empty next_task response".into())),
         }
     }
+}
+
+/// How long to wait before asking for work again: what the coordinator says, within 50 ms and
+/// 60 s (a coordinator's "retry after 49 days" would stall the site silently, and 0 would spin).
+fn retry_delay(wait: &pb::Wait) -> Duration {
+    Duration::from_millis(u64::from(wait.retry_after_ms.clamp(50, 60_000)))
 }
 
 #[instrument(skip_all, fields(round_id = task.round_id, client_id = %client_id))]
@@ -433,6 +443,7 @@ async fn run_task(
             task.global_adapter_round,
             held.as_ref(),
             max_update_len(&spec),
+            DOWNLOAD_IDLE_TIMEOUT,
         )
         .await?;
         download.adapter.validate(&spec)?;
@@ -479,6 +490,19 @@ async fn run_task(
             .await??
     };
     match &eval {
+        Some(eval) if !eval.loss.is_finite() => {
+            warn!(
+                loss = eval.loss,
+                adapter_round = task.global_adapter_round,
+                "the global adapter's held-out loss is not a finite number: the model overflows \
+                 on this site's data; reported to the coordinator as not measured"
+            );
+            observer(&DaemonEvent::NotFinite {
+                round_id: task.round_id,
+                adapter_round: task.global_adapter_round,
+                loss: eval.loss,
+            });
+        }
         Some(eval) => {
             summary.last_eval_loss = Some(eval.loss);
             observer(&DaemonEvent::Evaluated {
@@ -501,7 +525,8 @@ async fn run_task(
             });
         }
     }
-    let (eval_loss, num_eval_tokens) = eval.map_or((0.0, 0), |eval| (eval.loss, eval.tokens));
+    let (eval_loss, num_eval_tokens) =
+        measured(eval).map_or((0.0, 0), |eval| (eval.loss, eval.tokens));
     client
         .submit_evaluation(pb::SubmitEvaluationRequest {
             client_id: client_id.to_string(),
@@ -583,6 +608,14 @@ async fn run_task(
         Ok::<_, ClientError>((model.export_adapter()?, local_eval))
     })
     .await??;
+    if let Some(eval) = local_eval.filter(|eval| !eval.loss.is_finite()) {
+        warn!(
+            loss = eval.loss,
+            "the trained adapter's held-out loss is not a finite number: the model overflows on \
+             this site's data; the update goes with no held-out loss"
+        );
+    }
+    let local_eval = measured(local_eval);
 
     let bytes = peft_weights(&adapter)?;
     save_copy(
@@ -636,6 +669,12 @@ async fn run_task(
         sha256,
     });
     Ok(())
+}
+
+/// A held-out loss the coordinator can record: a non-finite one (logged where it arises) is
+/// reported as no measurement.
+fn measured(eval: Option<EvalReport>) -> Option<EvalReport> {
+    eval.filter(|eval| eval.loss.is_finite())
 }
 
 /// Refuses training parameters no site should run with: a learning rate that is not a
@@ -715,14 +754,16 @@ const DOWNLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Streams a round's global adapter, of at most `limit` bytes (the largest valid adapter for the
 /// task's spec: a coordinator that announces or streams more fails the download instead of
-/// filling memory), and checks its length and sha256. The digests of `held`'s factors go with
-/// the request; the factors the coordinator leaves out are filled from `held`.
+/// filling memory), waiting at most `idle` for each chunk, and checks its length and sha256.
+/// The digests of `held`'s factors go with the request; the factors the coordinator leaves out
+/// are filled from `held`.
 async fn download(
     client: &mut FederationClient<Channel>,
     client_id: &str,
     round_id: u64,
     held: Option<&Adapter>,
     limit: u64,
+    idle: Duration,
 ) -> Result<Download> {
     let digest = |factor| {
         held.map(|held| held.factor_digest(factor))
@@ -746,11 +787,10 @@ async fn download(
         ))
     };
     loop {
-        let Ok(message) = tokio::time::timeout(DOWNLOAD_IDLE_TIMEOUT, stream.message()).await
-        else {
+        let Ok(message) = tokio::time::timeout(idle, stream.message()).await else {
             return Err(ClientError::Rpc(tonic::Status::deadline_exceeded(format!(
                 "no chunk of the global adapter of round {round_id} for {} s",
-                DOWNLOAD_IDLE_TIMEOUT.as_secs()
+                idle.as_secs_f64()
             ))));
         };
         let Some(mut chunk) = message? else {
@@ -823,6 +863,9 @@ fn save_copy(
 pub fn sent_adapter_dir(state_dir: &Path, round_id: u64) -> PathBuf {
     state_dir.join(format!("round-{round_id}"))
 }
+
+#[cfg(test)]
+mod misbehaving;
 
 #[cfg(test)]
 mod tests {
