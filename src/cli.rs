@@ -1500,25 +1500,21 @@ fn combine(args: &CombineArgs) -> Result<()> {
     let Some((lora, adapter)) = read_adapters(&args.adapters)? else {
         bail!("give the adapters to combine with --adapter");
     };
-    // The base the inputs were trained on, where they agree: PEFT's `from_pretrained` and
-    // `merge` users read it. Inputs naming different bases leave it empty, with a warning.
-    let mut bases = Vec::new();
+    // The base the inputs were trained on (PEFT's `from_pretrained` reads it): the one they
+    // name, where those naming one agree. Inputs naming different bases leave it empty, with a
+    // warning.
+    let mut bases = std::collections::BTreeSet::new();
     for dir in &args.adapters.adapters {
-        bases.push(fedlora_client::model::peft::base_model_of(dir)?);
+        bases.extend(fedlora_client::model::peft::base_model_of(dir)?);
     }
-    let base_model = match bases.split_first() {
-        Some((Some(first), rest)) if rest.iter().all(|base| base.as_ref() == Some(first)) => {
-            first.clone()
-        }
+    let base_model = match bases.len() {
+        0 => String::new(),
+        1 => bases.pop_first().unwrap_or_default(),
         _ => {
             eprintln!(
-                "warning: the adapters do not all name one base model ({}); the combined \
-                 adapter names none",
-                bases
-                    .iter()
-                    .map(|base| base.as_deref().unwrap_or("none"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                "warning: the adapters name different base models ({}); the combined adapter \
+                 names none",
+                bases.into_iter().collect::<Vec<_>>().join(", ")
             );
             String::new()
         }

@@ -88,7 +88,8 @@ pub enum DaemonEvent {
     },
     /// The held-out loss of the global adapter of `adapter_round` came out infinite or NaN: the
     /// model overflows on this site's data. The coordinator is told that no loss was measured
-    /// (it refuses non-finite numbers), and the task goes on.
+    /// (it refuses non-finite numbers); an evaluation task is then done, and a training task
+    /// fails with [`ClientError::Diverged`] before its first step (which would fail alike).
     NotFinite {
         round_id: u64,
         adapter_round: u64,
@@ -538,6 +539,14 @@ async fn run_task(
     if !is_train {
         return Ok(());
     }
+    if let Some(eval) = eval.filter(|eval| !eval.loss.is_finite()) {
+        // Every step would fail the same way: say why, before the first.
+        return Err(ClientError::Diverged(format!(
+            "the global adapter of round {} makes the model overflow on this site's data \
+             (held-out loss {}): not training from it",
+            task.global_adapter_round, eval.loss
+        )));
+    }
 
     let train_config = TrainConfig {
         local_steps: params.local_steps as usize,
@@ -608,6 +617,8 @@ async fn run_task(
         Ok::<_, ClientError>((model.export_adapter()?, local_eval))
     })
     .await??;
+    // Logged only: the steps' losses were finite, so the update goes (the coordinator's checks
+    // decide on its values).
     if let Some(eval) = local_eval.filter(|eval| !eval.loss.is_finite()) {
         warn!(
             loss = eval.loss,
@@ -802,8 +813,12 @@ async fn download(
         if total > limit {
             return Err(oversized(total));
         }
-        if bytes.len() as u64 + chunk.data.len() as u64 > total {
-            return Err(oversized(bytes.len() as u64 + chunk.data.len() as u64));
+        let received = bytes.len() as u64 + chunk.data.len() as u64;
+        if received > total {
+            return Err(ClientError::Protocol(format!(
+                "the global adapter of round {round_id} streams more bytes ({received}) than the \
+                 {total} it announced"
+            )));
         }
         if first.is_none() {
             bytes.reserve(total as usize);

@@ -63,6 +63,10 @@ pub enum ClientError {
     InvalidArgument(String),
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The model's loss is not a finite number: training diverged (a learning rate too high for
+    /// the model and data), or the adapter it starts from makes the model overflow.
+    #[error("diverged: {0}")]
+    Diverged(String),
     /// A run stopped on request (Ctrl-C, SIGTERM); the message says what it saved, if anything.
     #[error("interrupted: {0}")]
     Interrupted(String),

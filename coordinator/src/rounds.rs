@@ -145,9 +145,10 @@ pub struct UpdateMetrics {
     pub steps: u32,
     pub tokens: u64,
     pub train_loss: f32,
-    /// Held-out loss of the locally trained adapter, over `eval_tokens` target tokens (0: the
-    /// site had no held-out window at the task's sequence length, and the loss is no
-    /// measurement; `None`: a client that predates the count, whose loss stands).
+    /// Held-out loss of the locally trained adapter, over `eval_tokens` target tokens (0: no
+    /// loss was measured, since the site had no held-out window at the task's sequence length
+    /// or its loss was not a finite number; `None`: a client that predates the count, whose
+    /// loss stands).
     pub eval_loss: f32,
     pub seconds: f32,
     pub eval_tokens: Option<u64>,
@@ -186,7 +187,8 @@ pub struct Status {
 pub struct ClientRoundMetric {
     pub client_name: String,
     /// Held-out loss of the global adapter the round started from; NaN if not reported, or
-    /// reported over no tokens (no held-out window at the task's sequence length).
+    /// reported over no tokens (no held-out window at the task's sequence length, or a loss
+    /// that was not a finite number).
     pub eval_loss: f64,
     /// Mean local training loss; NaN if no update.
     pub train_loss: f64,
@@ -796,8 +798,9 @@ impl Coordinator {
     }
 
     /// Records the held-out loss a client measured for the global adapter its task started from.
-    /// A report of 0 tokens (the site has no held-out window at the task's sequence length) is
-    /// recorded as the site's report, with a loss of 0 that counts in no mean and shows as none.
+    /// A report of 0 tokens (the site has no held-out window at the task's sequence length, or
+    /// its loss came out infinite or NaN: the model overflows on its data) is recorded as the
+    /// site's report, with a loss of 0 that counts in no mean and shows as none.
     #[instrument(skip(self))]
     pub async fn submit_evaluation(
         &self,
@@ -825,7 +828,8 @@ impl Coordinator {
             info!(
                 round_id = round.id,
                 client_id,
-                "the site has no held-out window at the task's sequence length: no loss measured"
+                "the site measured no held-out loss (no held-out window at the task's sequence \
+                 length, or a loss that was not a finite number; the site's log says which)"
             );
         }
         let evaluation = EvaluationRow {

@@ -184,27 +184,6 @@ impl LoraSpec {
         self.scale_of(self.rank_for(layer, module), self.alpha_for(layer, module))
     }
 
-    /// Validates the spec and compiles `rank_pattern` and `alpha_pattern` once, for looking up
-    /// many modules: an adapter converted from AdaLoRA can carry a pattern per module, and
-    /// compiling each at every lookup made a model's layout cost modules × patterns compilations.
-    pub fn patterns(&self) -> Result<ModulePatterns<'_>, AdapterError> {
-        self.validate()?;
-        let compile = |pattern: &String| pattern_regex(pattern);
-        Ok(ModulePatterns {
-            lora: self,
-            ranks: self
-                .rank_pattern
-                .iter()
-                .map(|(pattern, rank)| Ok((compile(pattern)?, *rank)))
-                .collect::<Result<_, AdapterError>>()?,
-            alphas: self
-                .alpha_pattern
-                .iter()
-                .map(|(pattern, alpha)| Ok((compile(pattern)?, *alpha)))
-                .collect::<Result<_, AdapterError>>()?,
-        })
-    }
-
     /// The LoRA options this spec uses beyond plain LoRA, by the names clients announce at join
     /// (see [`LORA_FEATURES`]).
     pub fn features(&self) -> Vec<&'static str> {
@@ -233,6 +212,14 @@ impl LoraSpec {
     /// Checks ranks are positive, alphas finite and positive, the dropout in [0, 1), every
     /// pattern a valid regex, and every target known and listed once.
     pub fn validate(&self) -> Result<(), AdapterError> {
+        self.patterns().map(drop)
+    }
+
+    /// Validates the spec (as [`LoraSpec::validate`]) and compiles `rank_pattern` and
+    /// `alpha_pattern` once, for looking up many modules: an adapter converted from AdaLoRA can
+    /// carry a pattern per module, and compiling each at every lookup made a model's layout cost
+    /// modules × patterns compilations.
+    pub fn patterns(&self) -> Result<ModulePatterns<'_>, AdapterError> {
         let invalid = |message: String| Err(AdapterError::InvalidConfig(message));
         if self.rank == 0 {
             return invalid("rank must be at least 1".into());
@@ -256,22 +243,21 @@ impl LoraSpec {
                 .map(|(pattern, _)| pattern)
                 .collect(),
         ] {
-            if let Some(duplicate) = patterns
-                .iter()
-                .enumerate()
-                .find_map(|(index, pattern)| patterns[..index].contains(pattern).then_some(pattern))
-            {
+            let mut seen = std::collections::HashSet::with_capacity(patterns.len());
+            if let Some(duplicate) = patterns.into_iter().find(|pattern| !seen.insert(*pattern)) {
                 return invalid(format!("pattern {duplicate:?} is listed twice"));
             }
         }
+        let mut ranks = Vec::with_capacity(self.rank_pattern.len());
         for (pattern, rank) in &self.rank_pattern {
-            pattern_regex(pattern)?;
+            ranks.push((pattern_regex(pattern)?, *rank));
             if *rank == 0 {
                 return invalid(format!("rank_pattern {pattern:?} gives rank 0"));
             }
         }
+        let mut alphas = Vec::with_capacity(self.alpha_pattern.len());
         for (pattern, alpha) in &self.alpha_pattern {
-            pattern_regex(pattern)?;
+            alphas.push((pattern_regex(pattern)?, *alpha));
             if !(alpha.is_finite() && *alpha > 0.0) {
                 return invalid(format!("alpha_pattern {pattern:?} gives alpha {alpha}"));
             }
@@ -287,7 +273,11 @@ impl LoraSpec {
                 return invalid(format!("target module {module:?} listed twice"));
             }
         }
-        Ok(())
+        Ok(ModulePatterns {
+            lora: self,
+            ranks,
+            alphas,
+        })
     }
 }
 
@@ -968,6 +958,18 @@ mod tests {
         assert!(matches!(
             broken.patterns(),
             Err(AdapterError::InvalidConfig(message)) if message.contains("not a valid regex")
+        ));
+        let twice = LoraSpec {
+            rank_pattern: vec![
+                ("q_proj".into(), 3),
+                ("v_proj".into(), 2),
+                ("q_proj".into(), 4),
+            ],
+            ..spec.clone()
+        };
+        assert!(matches!(
+            twice.validate(),
+            Err(AdapterError::InvalidConfig(message)) if message == "pattern \"q_proj\" is listed twice"
         ));
         // "proj" is not a whole suffix of "q_proj".
         let partial = LoraSpec {

@@ -239,6 +239,32 @@ async fn a_task_of_unknown_kind_is_refused() {
     assert_eq!(script.evaluations.lock().unwrap().len(), 1);
 }
 
+/// A task asking for a rank above the site's `--max-rank` (a pattern's rank counts) is refused
+/// before anything is downloaded or trained.
+#[tokio::test]
+async fn a_rank_above_the_sites_max_is_refused() {
+    let site = Site::new();
+    let next_task_response::Kind::Task(mut wide) = task(pb::TaskKind::Train as i32, 1) else {
+        unreachable!("task() makes a task");
+    };
+    let spec = LoraSpec {
+        rank_pattern: vec![("v_proj".into(), 16)],
+        ..lora()
+    };
+    wide.lora = Some((&spec).into());
+    let script = Arc::new(Script {
+        tasks: Mutex::new([next_task_response::Kind::Task(wide)].into()),
+        ..Default::default()
+    });
+    let (outcome, _) = run_against(&site, script.clone()).await;
+    let error = outcome.unwrap_err().to_string();
+    assert!(
+        error.contains("task asks for rank 16 above this site's max rank 8"),
+        "{error}"
+    );
+    assert_eq!(*script.calls.lock().unwrap(), ["join", "next_task"]);
+}
+
 /// A federation whose sequence length the site's model cannot run is refused at join, before
 /// the site asks for a task that it would take and fail.
 #[tokio::test]
@@ -259,8 +285,10 @@ async fn a_sequence_longer_than_the_model_runs_is_refused_at_join() {
 
 /// A global adapter that makes the model overflow on the site's data (finite factors of 1e38)
 /// gives a non-finite held-out loss: the coordinator is told that no loss was measured (it
-/// would refuse the number, and the daemon with it), the event says what happened, and the
-/// daemon goes on to the federation's end.
+/// would refuse the number, and the daemon with it), and the event says what happened. An
+/// evaluation task is then done and the daemon goes on to the federation's end; a training
+/// task stops with an error that names the adapter, before a step that would diverge, and
+/// uploads nothing.
 #[tokio::test]
 async fn a_non_finite_held_out_loss_is_reported_as_not_measured() {
     let site = Site::new();
@@ -280,32 +308,52 @@ async fn a_non_finite_held_out_loss_is_reported_as_not_measured() {
         data: bytes,
         ..Default::default()
     };
-    let script = Arc::new(Script {
-        tasks: Mutex::new([task(pb::TaskKind::Evaluate as i32, 1)].into()),
-        downloads: Mutex::new([Serve::Chunks(vec![chunk])].into()),
-        ..Default::default()
-    });
-    let (outcome, events) = run_against(&site, script.clone()).await;
-    outcome.unwrap();
-    let evaluations = script.evaluations.lock().unwrap();
-    assert_eq!(evaluations.len(), 1);
-    assert_eq!(
-        (evaluations[0].eval_loss, evaluations[0].num_eval_tokens),
-        (0.0, 0)
-    );
-    assert!(
-        events.iter().any(|event| matches!(
-            event,
-            DaemonEvent::NotFinite { round_id: 1, adapter_round: 1, loss } if !loss.is_finite()
-        )),
-        "{events:?}"
-    );
-    assert!(
-        !events
-            .iter()
-            .any(|event| matches!(event, DaemonEvent::Evaluated { .. })),
-        "{events:?}"
-    );
+    for kind in [pb::TaskKind::Evaluate, pb::TaskKind::Train] {
+        let script = Arc::new(Script {
+            tasks: Mutex::new([task(kind as i32, 1)].into()),
+            downloads: Mutex::new([Serve::Chunks(vec![chunk.clone()])].into()),
+            ..Default::default()
+        });
+        let (outcome, events) = run_against(&site, script.clone()).await;
+        match kind {
+            pb::TaskKind::Evaluate => {
+                outcome.unwrap();
+            }
+            _ => {
+                let error = outcome.unwrap_err();
+                assert!(
+                    matches!(&error, ClientError::Diverged(message)
+                        if message.contains("the global adapter of round 1 makes the model overflow")),
+                    "{error}"
+                );
+            }
+        }
+        let evaluations = script.evaluations.lock().unwrap();
+        assert_eq!(evaluations.len(), 1, "{kind:?}");
+        assert_eq!(
+            (evaluations[0].eval_loss, evaluations[0].num_eval_tokens),
+            (0.0, 0),
+            "{kind:?}"
+        );
+        assert!(
+            !script.calls.lock().unwrap().contains(&"submit_update"),
+            "{kind:?}"
+        );
+        assert!(
+            events.iter().any(|event| matches!(
+                event,
+                DaemonEvent::NotFinite { round_id: 1, adapter_round: 1, loss } if !loss.is_finite()
+            )),
+            "{kind:?}: {events:?}"
+        );
+        assert!(
+            !events.iter().any(|event| matches!(
+                event,
+                DaemonEvent::Evaluated { .. } | DaemonEvent::Step { .. }
+            )),
+            "{kind:?}: {events:?}"
+        );
+    }
 }
 
 /// Downloads are bounded: an announced or streamed length past the largest adapter of the
@@ -368,7 +416,7 @@ async fn downloads_are_bounded_in_size_and_time() {
     });
     let url = serve(script).await;
     let mut client = FederationClient::connect(url).await.unwrap();
-    let idle = Duration::from_millis(300);
+    let idle = Duration::from_secs(2);
     let mut fetch = async || download(&mut client, "site-1", 1, None, limit, idle).await;
 
     let honest = fetch().await.unwrap();
@@ -384,7 +432,11 @@ async fn downloads_are_bounded_in_size_and_time() {
     );
     let error = fetch().await.err().unwrap().to_string();
     assert!(
-        error.contains(&format!("larger ({} bytes)", bytes.len())),
+        error.contains(&format!(
+            "streams more bytes ({}) than the {} it announced",
+            bytes.len(),
+            head.len()
+        )),
         "{error}"
     );
     let error = fetch().await.err().unwrap().to_string();

@@ -275,7 +275,8 @@ impl SiteData {
 
     /// Splits examples into train and held-out parts (every tenth example is held out),
     /// numbering them as lines 1, 2, … (examples that come from no file).
-    pub fn split(examples: Vec<Example>) -> Self {
+    #[cfg(test)]
+    pub(crate) fn split(examples: Vec<Example>) -> Self {
         Self::split_lines(
             examples
                 .into_iter()

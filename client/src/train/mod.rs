@@ -349,8 +349,9 @@ fn accumulate_gradients(
         let loss = batch_loss_train(model, batch, Some(dropout_seed(micro_batch)))?;
         let value = loss.to_scalar::<f32>()?;
         if !value.is_finite() {
-            return Err(ClientError::Protocol(format!(
-                "training diverged at step {step}: loss is {value}"
+            return Err(ClientError::Diverged(format!(
+                "the training loss at step {step} is {value} (try a lower learning rate, or \
+                 --max-grad-norm)"
             )));
         }
         step_loss += f64::from(value) * share;

@@ -163,8 +163,9 @@ pub struct EvaluationRow {
     /// The round whose global adapter was evaluated (the task round's `base_round_id`); `None` = base model.
     pub adapter_round_id: Option<i64>,
     pub eval_loss: f64,
-    /// 0: the site had no held-out window at the task's sequence length; `eval_loss` is then
-    /// no measurement and counts in no mean.
+    /// 0: the site measured no loss (no held-out window at the task's sequence length, or a
+    /// loss that was not a finite number); `eval_loss` is then no measurement and counts in no
+    /// mean.
     pub num_tokens: i64,
     pub created_ms: i64,
 }
