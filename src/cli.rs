@@ -1848,5 +1848,14 @@ mod tests {
             fedlora_client::model::peft::base_model_of(&mixed).unwrap(),
             None
         );
+        // An input that names no base does not contradict one that does.
+        json["base_model_name_or_path"] = "".into();
+        std::fs::write(&config, json.to_string()).unwrap();
+        let named = dir.path().join("named");
+        combine(&args(named.clone())).unwrap();
+        assert_eq!(
+            fedlora_client::model::peft::base_model_of(&named).unwrap(),
+            base
+        );
     }
 }

@@ -541,10 +541,13 @@ async fn run_task(
     }
     if let Some(eval) = eval.filter(|eval| !eval.loss.is_finite()) {
         // Every step would fail the same way: say why, before the first.
+        let start = match task.global_adapter_round {
+            0 => "the base model".to_string(),
+            round => format!("the global adapter of round {round}"),
+        };
         return Err(ClientError::Diverged(format!(
-            "the global adapter of round {} makes the model overflow on this site's data \
-             (held-out loss {}): not training from it",
-            task.global_adapter_round, eval.loss
+            "{start} overflows on this site's data (held-out loss {}): not training from it",
+            eval.loss
         )));
     }
 

@@ -323,7 +323,7 @@ async fn a_non_finite_held_out_loss_is_reported_as_not_measured() {
                 let error = outcome.unwrap_err();
                 assert!(
                     matches!(&error, ClientError::Diverged(message)
-                        if message.contains("the global adapter of round 1 makes the model overflow")),
+                        if message.contains("the global adapter of round 1 overflows on this site")),
                     "{error}"
                 );
             }

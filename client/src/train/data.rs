@@ -286,7 +286,8 @@ impl SiteData {
         )
     }
 
-    /// [`SiteData::split`] of `(line, example)` pairs in the file's order.
+    /// Splits `(line, example)` pairs, in the file's order, into train and held-out parts
+    /// (every tenth example is held out), keeping each example's line.
     pub fn split_lines(examples: Vec<(usize, Example)>) -> Self {
         let mut train = Vec::new();
         let mut heldout = Vec::new();
