@@ -89,7 +89,8 @@ pub enum DaemonEvent {
     /// The held-out loss of the global adapter of `adapter_round` came out infinite or NaN: the
     /// model overflows on this site's data. The coordinator is told that no loss was measured
     /// (it refuses non-finite numbers); an evaluation task is then done, and a training task
-    /// fails with [`ClientError::Diverged`] before its first step (which would fail alike).
+    /// fails with [`ClientError::Diverged`] before its first step (which would fail alike). An
+    /// adapter trained here whose held-out loss is not finite is not sent (`Diverged` too).
     NotFinite {
         round_id: u64,
         adapter_round: u64,
@@ -620,16 +621,16 @@ async fn run_task(
         Ok::<_, ClientError>((model.export_adapter()?, local_eval))
     })
     .await??;
-    // Logged only: the steps' losses were finite, so the update goes (the coordinator's checks
-    // decide on its values).
+    // The steps' losses were finite, but the last step's update makes the model overflow: its
+    // factors are finite (the coordinator would take them) and would spoil the global adapter.
     if let Some(eval) = local_eval.filter(|eval| !eval.loss.is_finite()) {
-        warn!(
-            loss = eval.loss,
-            "the trained adapter's held-out loss is not a finite number: the model overflows on \
-             this site's data; the update goes with no held-out loss"
-        );
+        return Err(ClientError::Diverged(format!(
+            "the adapter trained in round {} overflows on this site's held-out data (held-out \
+             loss {}): not sending it (the federation's learning rate, `fedlora serve \
+             --learning-rate`, is too high for this site)",
+            task.round_id, eval.loss
+        )));
     }
-    let local_eval = measured(local_eval);
 
     let bytes = peft_weights(&adapter)?;
     save_copy(

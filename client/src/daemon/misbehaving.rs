@@ -356,6 +356,47 @@ async fn a_non_finite_held_out_loss_is_reported_as_not_measured() {
     }
 }
 
+/// An update whose last step makes the model overflow (a learning rate of 1e38: the step's
+/// loss, computed before the update, is finite, and so are the factors) is not sent: it would
+/// spoil the global adapter. The daemon stops with an error that says why, and uploads nothing.
+/// (At 1e30 the activations stay finite and RMSNorm zeroes them: the held-out loss is then
+/// ln(vocabulary), a finite number, and the update goes; only the coordinator's view of the
+/// loss can tell.)
+#[tokio::test]
+async fn an_update_that_overflows_is_not_sent() {
+    let site = Site::new();
+    let next_task_response::Kind::Task(mut wild) = task(pb::TaskKind::Train as i32, 0) else {
+        unreachable!("task() makes a task");
+    };
+    if let Some(training) = wild.training.as_mut() {
+        training.learning_rate = 1e38;
+    }
+    let script = Arc::new(Script {
+        tasks: Mutex::new([next_task_response::Kind::Task(wild)].into()),
+        ..Default::default()
+    });
+    let (outcome, events) = run_against(&site, script.clone()).await;
+    let error = outcome.unwrap_err();
+    assert!(
+        matches!(&error, ClientError::Diverged(message)
+            if message.contains("the adapter trained in round 1 overflows")),
+        "{error}"
+    );
+    // It trained (a finite step), and sent nothing.
+    assert!(
+        events.iter().any(|event| matches!(
+            event,
+            DaemonEvent::Step { step: 1, loss, .. } if loss.is_finite()
+        )),
+        "{events:?}"
+    );
+    assert_eq!(
+        *script.calls.lock().unwrap(),
+        ["join", "next_task", "submit_evaluation"]
+    );
+    assert!(!site.dir.path().join("state/round-1").exists());
+}
+
 /// Downloads are bounded: an announced or streamed length past the largest adapter of the
 /// task's spec fails (before the bytes are held), so does a length or digest that does not
 /// match, and a coordinator that stops sending times out as a transient error (the daemon
