@@ -89,8 +89,9 @@ pub enum DaemonEvent {
     /// The held-out loss of the global adapter of `adapter_round` came out infinite or NaN: the
     /// model overflows on this site's data. The coordinator is told that no loss was measured
     /// (it refuses non-finite numbers); an evaluation task is then done, and a training task
-    /// fails with [`ClientError::Diverged`] before its first step (which would fail alike). An
-    /// adapter trained here whose held-out loss is not finite is not sent (`Diverged` too).
+    /// fails with [`ClientError::Diverged`] before its first step (which would fail alike). (An
+    /// adapter trained here whose held-out loss is not finite is not sent: `Diverged` too, with
+    /// no `NotFinite` event; the error says it.)
     NotFinite {
         round_id: u64,
         adapter_round: u64,
